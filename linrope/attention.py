@@ -1,0 +1,179 @@
+"""Attention layers: input and output (B, N, dim). Both take the same keywords where they apply, so a model
+switches between linear and softmax attention with one argument.
+
+* ``LinearRotaryAttention``: linear attention on a feature map with RoPE placed on the features (RoFormer
+  eq. 19, the default), on the inputs (before the feature map, as performer-pytorch does) or nowhere.
+* ``SoftmaxAttention``: the softmax baseline (SDPA), RoPE on q and k or none, with a KV cache for decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from .features import FavorPlus, make_feature_map
+from .functional import AttentionState, favor_attention, linear_attention, softmax_attention
+from .rotary import RotaryEmbedding
+
+__all__ = ["LinearRotaryAttention", "SoftmaxAttention", "KVCache", "ROPE_PLACEMENTS"]
+
+ROPE_PLACEMENTS = ("features", "inputs", None)
+
+
+@dataclass
+class KVCache:
+    """Decoding state of ``SoftmaxAttention``: rotated keys (B, H, T, d), values (B, H, T, dv), their padding mask
+    (B, T) or None, and the number of positions seen."""
+
+    k: Tensor
+    v: Tensor
+    mask: Tensor | None
+    offset: int
+
+
+class _Heads(nn.Module):
+    """q/k/v and output projections shared by both layers; checks x and the streaming arguments."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, causal: bool, qkv_bias: bool):
+        super().__init__()
+        for name, value in (("dim", dim), ("heads", heads), ("dim_head", dim_head)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        self.dim, self.heads, self.dim_head, self.causal = dim, heads, dim_head, bool(causal)
+        self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=qkv_bias)
+        self.to_out = nn.Linear(heads * dim_head, dim)
+
+    def split(self, x: Tensor, state, return_state: bool) -> tuple[Tensor, Tensor, Tensor]:
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x: expected shape (B, N, {self.dim}), got {shape}")
+        if (state is not None or return_state) and not self.causal:
+            raise ValueError("state/return_state: incremental decoding needs causal=True")
+        qkv = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        return qkv[0], qkv[1], qkv[2]
+
+    def merge(self, out: Tensor) -> Tensor:
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+def _check_rope(rope, allowed) -> None:
+    if rope not in allowed:
+        raise ValueError(f"rope: expected one of {allowed}, got {rope!r}")
+
+
+class LinearRotaryAttention(_Heads):
+    """Multi-head linear attention with rotary position embeddings.
+
+    Args:
+        dim: model width; x is (B, N, dim).
+        heads, dim_head: number and size of heads.
+        nb_features: r, random features per head (even when ``rope='features'``).
+        causal: attend to positions n <= m only (chunked, O(N) memory; supports streaming).
+        feature_map: 'favor+' (default; fused path ``favor_attention``), 'trig', 'relu' or 'elu'.
+        rope: 'features' (eq. 19: rotate phi(q), phi(k) by R_m in feature space, normalizer unrotated),
+            'inputs' (rotate q, k before phi: relative only in expectation over the random draw) or None.
+        rope_base, interleaved, rope_scale: the ``RotaryEmbedding``'s base, pairing and position interpolation.
+        rotate_normalizer: ablation only (rope='features'): rotate the normalizer too; it can then vanish or turn
+            negative, which is why eq. 19 keeps it unrotated.
+        redraw_interval: redraw the random projection every this many training forwards (None: never).
+        seed: seed of the random projection (None: from torch's global generator).
+        orthogonal: orthogonal random features.
+        chunk_size: chunk of the causal path. eps: lower bound on the normalizer.
+        qkv_bias: bias in the q/k/v projection.
+
+    ``forward(x, key_padding_mask=None, positions=None, state=None, return_state=False)``: x (B, N, dim),
+    key_padding_mask (B, N) bool with True = keep, positions as in ``RotaryEmbedding.rotate`` (default: continue
+    from ``state.offset``). Returns (B, N, dim), and the ``AttentionState`` with ``return_state=True`` (causal).
+    """
+
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, nb_features: int = 256, causal: bool = False,
+                 feature_map: str = "favor+", rope: str | None = "features", rope_base: float = 10000.0,
+                 interleaved: bool = True, rope_scale: float = 1.0, rotate_normalizer: bool = False,
+                 redraw_interval: int | None = None, seed: int | None = None, orthogonal: bool = True,
+                 chunk_size: int = 64, eps: float = 1e-6, qkv_bias: bool = False):
+        super().__init__(dim, heads, dim_head, causal, qkv_bias)
+        _check_rope(rope, ROPE_PLACEMENTS)
+        kwargs = {} if feature_map == "elu" else dict(orthogonal=orthogonal, seed=seed, redraw_interval=redraw_interval)
+        self.feature_map = make_feature_map(feature_map, dim_head, nb_features, **kwargs)
+        self.feature_map_name, self.rope = feature_map, rope
+        if rotate_normalizer and rope != "features":
+            raise ValueError("rotate_normalizer: only meaningful with rope='features'")
+        self.rotate_normalizer = bool(rotate_normalizer)
+        self.rotary = None
+        if rope is not None:
+            rdim = self.feature_map.nb_features if rope == "features" else dim_head
+            if rdim % 2:
+                what = "nb_features" if rope == "features" else "dim_head"
+                raise ValueError(f"{what}: must be even to be rotated with rope={rope!r}, got {rdim}")
+            self.rotary = RotaryEmbedding(rdim, base=rope_base, interleaved=interleaved, scale=rope_scale)
+        self.chunk_size, self.eps = chunk_size, eps
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, positions: int | Tensor | None = None,
+                state: AttentionState | None = None, return_state: bool = False):
+        q, k, v = self.split(x, state, return_state)
+        if self.training:
+            self.feature_map.training_step()
+        if positions is None and state is not None:
+            positions = state.offset
+        feature_rotary = self.rotary if self.rope == "features" else None
+        if self.rope == "inputs":
+            q, k = self.rotary.rotate(q, positions), self.rotary.rotate(k, positions)
+        kwargs = dict(causal=self.causal, positions=positions, eps=self.eps, chunk_size=self.chunk_size,
+                      initial_state=state, return_state=return_state, key_padding_mask=key_padding_mask)
+        if isinstance(self.feature_map, FavorPlus) and not self.rotate_normalizer:
+            out = favor_attention(q, k, v, self.feature_map.projection, rotary=feature_rotary, **kwargs)
+        else:
+            qf, _ = self.feature_map(q, is_query=True)
+            kf, ks = self.feature_map(k, is_query=False)
+            if self.rotate_normalizer:
+                qf, kf = self.rotary.rotate(qf, positions), self.rotary.rotate(kf, positions)
+                feature_rotary = None
+            out = linear_attention(qf, kf, v, rotary=feature_rotary, k_logscale=ks, **kwargs)
+        if return_state:
+            out, new_state = out
+            return self.merge(out.to(x.dtype)), new_state
+        return self.merge(out.to(x.dtype))
+
+
+class SoftmaxAttention(_Heads):
+    """Multi-head softmax attention (``scaled_dot_product_attention``) with RoPE on q and k.
+
+    Takes the keywords of ``LinearRotaryAttention`` that apply: dim, heads, dim_head, causal, rope ('inputs' or
+    None), rope_base, interleaved, rope_scale, qkv_bias. ``forward`` is the same; its state is a ``KVCache``.
+    """
+
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, causal: bool = False,
+                 rope: str | None = "inputs", rope_base: float = 10000.0, interleaved: bool = True,
+                 rope_scale: float = 1.0, qkv_bias: bool = False):
+        super().__init__(dim, heads, dim_head, causal, qkv_bias)
+        _check_rope(rope, ("inputs", None))
+        if rope is not None and dim_head % 2:
+            raise ValueError(f"dim_head: must be even to be rotated, got {dim_head}")
+        self.rope = rope
+        self.rotary = RotaryEmbedding(dim_head, rope_base, interleaved, rope_scale) if rope else None
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, positions: int | Tensor | None = None,
+                state: KVCache | None = None, return_state: bool = False):
+        q, k, v = self.split(x, state, return_state)
+        if state is not None and not isinstance(state, KVCache):
+            raise TypeError(f"state: expected a KVCache, got {type(state).__name__}")
+        offset = 0 if state is None else state.offset
+        if positions is None:
+            positions = offset
+        if self.rotary is not None:
+            q, k = self.rotary.rotate(q, positions), self.rotary.rotate(k, positions)
+        mask = key_padding_mask
+        if state is not None:
+            k, v = torch.cat((state.k, k), dim=2), torch.cat((state.v, v), dim=2)
+            if mask is not None or state.mask is not None:
+                B, N = x.shape[:2]
+                old = state.mask if state.mask is not None else x.new_ones(B, state.k.shape[2], dtype=torch.bool)
+                new = mask if mask is not None else x.new_ones(B, N, dtype=torch.bool)
+                mask = torch.cat((old, new), dim=1)
+        out = self.merge(softmax_attention(q, k, v, causal=self.causal, key_padding_mask=mask))
+        if return_state:
+            return out, KVCache(k, v, mask, offset + x.shape[1])
+        return out

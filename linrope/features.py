@@ -1,0 +1,232 @@
+"""Feature maps phi: (B, H, N, d) -> (B, H, N, r) for linear attention.
+
+Every map returns ``(features, log_scale)``. For queries ``features`` is phi(q) up to a positive factor per row,
+which cancels between the numerator and the denominator of attention, and ``log_scale`` is None. For keys,
+``features * exp(log_scale)[..., None]`` is phi(k) up to one constant factor for all keys; exp-type maps carry
+the magnitude in ``log_scale`` so that nothing overflows before attention can pick a safe reference
+(``linrope.functional.linear_attention(..., k_logscale=...)``). Bounded maps return ``log_scale=None``.
+
+Maps:
+  * ``FavorPlus``: positive random features for exp(q.k / sqrt(d)) (Performer's FAVOR+, Choromanski et al. 2021)
+  * ``FavorTrig``: the original sin/cos random Fourier features (signed; shown for ablations: their normalizer
+    can be zero or negative, the reason FAVOR+ exists)
+  * ``ReLUFeatures``: relu(W x~) + kernel_eps (Performer's "generalized attention")
+  * ``EluFeatures``: elu(x) + 1 (Katharopoulos et al. 2020), r = d, no projection
+
+Random maps hold their projection as a buffer (saved with the state dict) drawn reproducibly from ``seed``;
+``redraw()`` draws the next one and ``training_step()`` (called by the layers once per training forward) redraws
+every ``redraw_interval`` calls. Features are computed in float32 (float64 for float64 input).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "FeatureMap", "FavorPlus", "FavorTrig", "ReLUFeatures", "EluFeatures", "FEATURE_MAPS", "make_feature_map",
+    "gaussian_orthogonal_matrix", "favor_plus", "compute_dtype",
+]
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (half inputs are computed in float32)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def gaussian_orthogonal_matrix(nb_rows: int, dim: int, *, orthogonal: bool = True,
+                               generator: torch.Generator | None = None) -> Tensor:
+    """A (nb_rows, dim) float64 matrix whose rows are marginally N(0, I_dim).
+
+    Orthogonal: stacked blocks of ``dim`` orthonormal rows (QR of a Gaussian, sign-corrected so the rows are
+    uniform on the sphere), each row rescaled by the norm of an independent Gaussian vector (chi-distributed),
+    which keeps FAVOR+ unbiased while lowering its variance (Performer, Theorem 2).
+    """
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    if not orthogonal:
+        return randn(nb_rows, dim)
+    blocks = []
+    for _ in range(math.ceil(nb_rows / dim)):
+        q, r = torch.linalg.qr(randn(dim, dim))
+        blocks.append((q * torch.sign(torch.diagonal(r))).t())
+    directions = torch.cat(blocks)[:nb_rows]
+    return directions * randn(nb_rows, dim).norm(dim=1, keepdim=True)
+
+
+def favor_plus(x: Tensor, projection: Tensor, *, is_query: bool) -> tuple[Tensor, Tensor | None]:
+    """FAVOR+ features of x (..., N, d) for the projection W (r, d).
+
+    With x~ = x d^(-1/4) and u = x~ W^T, phi(x) = exp(u - |x~|^2/2) / sqrt(r). Returned: f = exp(u - max_i u)
+    (entries in (0, 1], largest exactly 1) and, for keys, log_scale = max_i u - |x~|^2/2; the constant
+    1/sqrt(r) and, for queries, the whole per-row factor are dropped because they cancel.
+    Shapes: f (..., N, r), log_scale (..., N) or None. Computed in float32 (float64 for float64 input).
+    """
+    dt = compute_dtype(x)
+    xs = x.to(dt) * x.shape[-1] ** -0.25
+    u = xs @ projection.to(dt).t()
+    m = u.amax(-1, keepdim=True)
+    f = torch.exp(u - m)
+    if is_query:
+        return f, None
+    return f, m.squeeze(-1) - 0.5 * (xs * xs).sum(-1)
+
+
+class FeatureMap(nn.Module):
+    """Base class: ``forward(x, *, is_query)`` -> (features (B, H, N, r), log_scale (B, H, N) or None)."""
+
+    nb_features: int
+    positive: bool = True  # features >= 0, so the unrotated normalizer is > 0
+
+    def training_step(self) -> None:
+        """Called by the layers once per training forward; random maps may redraw here."""
+
+    def forward(self, x: Tensor, *, is_query: bool) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+
+def _check_dim(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class _RandomProjection(FeatureMap):
+    """Holds W (nb_projections, dim) as a buffer, its seed and how many redraws happened."""
+
+    def __init__(self, dim: int, nb_projections: int, nb_features: int, orthogonal: bool, seed: int | None,
+                 redraw_interval: int | None):
+        super().__init__()
+        self.dim = _check_dim("dim", dim)
+        self.nb_features = nb_features
+        self.orthogonal = bool(orthogonal)
+        if redraw_interval is not None:
+            _check_dim("redraw_interval", redraw_interval)
+        self.redraw_interval = redraw_interval
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)))
+        elif isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+        self.register_buffer("seed", torch.tensor(seed, dtype=torch.long))
+        self.register_buffer("redraws", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("projection", self._draw(nb_projections, torch.Generator().manual_seed(seed)))
+
+    def _draw(self, rows: int, generator: torch.Generator) -> Tensor:
+        return gaussian_orthogonal_matrix(rows, self.dim, orthogonal=self.orthogonal, generator=generator).float()
+
+    @torch.no_grad()
+    def redraw(self, generator: torch.Generator | None = None) -> None:
+        """Draw a new projection in place. Without a generator the k-th redraw is a pure function of (seed, k),
+        so replicas that share a seed (e.g. DDP ranks) redraw identically."""
+        self.redraws += 1
+        if generator is None:
+            generator = torch.Generator().manual_seed((int(self.seed) * 1_000_003 + int(self.redraws)) % 2**63)
+        new = self._draw(self.projection.shape[0], generator)
+        self.projection.copy_(new.to(self.projection.device, self.projection.dtype))
+
+    def training_step(self) -> None:
+        if self.training and self.redraw_interval:
+            self.steps += 1
+            if int(self.steps) % self.redraw_interval == 0:
+                self.redraw()
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, nb_features={self.nb_features}, orthogonal={self.orthogonal}, "
+                f"redraw_interval={self.redraw_interval}")
+
+    def _check(self, x: Tensor) -> None:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x: expected last dimension {self.dim} (the feature map's dim), got {tuple(x.shape)}")
+
+
+class FavorPlus(_RandomProjection):
+    """FAVOR+ positive random features for the softmax kernel exp(q.k / sqrt(d)); see ``favor_plus``.
+
+    Args:
+        dim: input size d (the head dim).
+        nb_features: r, number of random features (the projection has r rows).
+        orthogonal: orthogonal random features (lower variance) or iid Gaussian rows.
+        seed: seed of the projection; None draws one from torch's global generator (so ``torch.manual_seed``
+            makes it reproducible). Stored in the state dict.
+        redraw_interval: redraw every this many training forwards (None: never).
+    """
+
+    def __init__(self, dim: int, nb_features: int = 256, orthogonal: bool = True, seed: int | None = None,
+                 redraw_interval: int | None = None):
+        _check_dim("nb_features", nb_features)
+        super().__init__(dim, nb_features, nb_features, orthogonal, seed, redraw_interval)
+
+    def forward(self, x, *, is_query):
+        self._check(x)
+        return favor_plus(x, self.projection, is_query=is_query)
+
+
+class FavorTrig(_RandomProjection):
+    """Random Fourier features phi(x) = exp(|x~|^2/2) / sqrt(r) [sin(W x~), cos(W x~)] (r even, r/2 projections).
+
+    Unbiased for exp(q.k/sqrt(d)) but signed: the normalizer can vanish or turn negative (Performer, sec. 2.3).
+    The sin half comes first, the cos half second; the key magnitude exp(|x~|^2/2) is returned as log_scale.
+    """
+
+    positive = False
+
+    def __init__(self, dim: int, nb_features: int = 256, orthogonal: bool = True, seed: int | None = None,
+                 redraw_interval: int | None = None):
+        _check_dim("nb_features", nb_features, 2)
+        if nb_features % 2:
+            raise ValueError(f"nb_features: FavorTrig needs an even number (sin and cos halves), got {nb_features}")
+        super().__init__(dim, nb_features // 2, nb_features, orthogonal, seed, redraw_interval)
+
+    def forward(self, x, *, is_query):
+        self._check(x)
+        xs = x.to(compute_dtype(x)) * self.dim ** -0.25
+        u = xs @ self.projection.to(xs.dtype).t()
+        f = torch.cat((torch.sin(u), torch.cos(u)), dim=-1)
+        return f, (None if is_query else 0.5 * (xs * xs).sum(-1))
+
+
+class ReLUFeatures(_RandomProjection):
+    """Performer's generalized attention features relu(W x~) + kernel_eps (positive, bounded growth)."""
+
+    def __init__(self, dim: int, nb_features: int = 256, orthogonal: bool = True, seed: int | None = None,
+                 redraw_interval: int | None = None, kernel_eps: float = 1e-3):
+        _check_dim("nb_features", nb_features)
+        if not kernel_eps > 0:
+            raise ValueError(f"kernel_eps: expected a number > 0, got {kernel_eps!r}")
+        super().__init__(dim, nb_features, nb_features, orthogonal, seed, redraw_interval)
+        self.kernel_eps = float(kernel_eps)
+
+    def forward(self, x, *, is_query):
+        self._check(x)
+        xs = x.to(compute_dtype(x)) * self.dim ** -0.25
+        return F.relu(xs @ self.projection.to(xs.dtype).t()) + self.kernel_eps, None
+
+
+class EluFeatures(FeatureMap):
+    """elu(x) + 1 (Katharopoulos et al. 2020): r = d features, no projection, nothing random."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = self.nb_features = _check_dim("dim", dim)
+
+    def forward(self, x, *, is_query):
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x: expected last dimension {self.dim} (the feature map's dim), got {tuple(x.shape)}")
+        return F.elu(x.to(compute_dtype(x))) + 1, None
+
+
+FEATURE_MAPS = {"favor+": FavorPlus, "trig": FavorTrig, "relu": ReLUFeatures, "elu": EluFeatures}
+
+
+def make_feature_map(name: str, dim: int, nb_features: int = 256, **kwargs) -> FeatureMap:
+    """Build a feature map by name: one of ``FEATURE_MAPS`` ('favor+', 'trig', 'relu', 'elu')."""
+    if name not in FEATURE_MAPS:
+        raise ValueError(f"feature_map: expected one of {sorted(FEATURE_MAPS)}, got {name!r}")
+    if name == "elu":
+        return EluFeatures(dim)
+    return FEATURE_MAPS[name](dim, nb_features, **kwargs)

@@ -1,0 +1,297 @@
+"""Pure attention functions. Layout is that of ``torch.nn.functional.scaled_dot_product_attention``.
+
+Shape legend: B batch, H heads, N sequence length, d query/key size, dv value size, r number of features.
+
+* ``linear_attention``: normalized linear attention on given features, with RoFormer's eq. 19 when ``rotary``
+  is given: out_m = sum_n (R_m qf_m).(R_n kf_n) v_n / sum_n qf_m.kf_n (n <= m when causal).
+* ``favor_attention``: the same with FAVOR+ features computed inside from raw q, k and a projection, and
+  recomputed in the backward instead of stored (O(N d) memory, like a flash kernel).
+* ``softmax_attention``: the softmax baseline through ``scaled_dot_product_attention``, RoPE on q and k.
+* ``linear_attention_naive``: the quadratic reference the fast paths are tested against.
+
+Causal linear attention is chunked (``chunk_size``) and never builds an N x N or N x r x dv tensor. Streaming
+passes an ``AttentionState`` in and out: a sequence fed in pieces of any sizes gives the output of one pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import kernels
+from .features import compute_dtype, favor_plus
+from .rotary import RotaryEmbedding, apply_rotary, resolve_positions
+
+__all__ = ["AttentionState", "linear_attention", "favor_attention", "softmax_attention", "linear_attention_naive"]
+
+
+@dataclass
+class AttentionState:
+    """Running state of causal linear attention after ``offset`` positions (for streaming and decoding).
+
+    Attributes:
+        numerator: (B, H, r, dv) sum over past keys of exp(s_n - log_ref) (R_n kf_n) v_n^T (rotated if RoPE).
+        key_sum: (B, H, r) sum over past keys of exp(s_n - log_ref) kf_n (never rotated: the normalizer).
+        log_ref: (B, H) reference log-scale of both sums (the largest key log-scale seen so far).
+        offset: number of positions consumed; the default position of the next token.
+    """
+
+    numerator: Tensor
+    key_sum: Tensor
+    log_ref: Tensor
+    offset: int
+
+    def detach(self) -> "AttentionState":
+        return AttentionState(self.numerator.detach(), self.key_sum.detach(), self.log_ref, self.offset)
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def _check_tensor(name: str, x, dims: int = 4) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
+    if x.dim() != dims:
+        raise ValueError(f"{name}: expected a {dims}-D tensor (B, H, N, dim), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+def _check_qkv(names: tuple[str, str], q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, x in zip((*names, "v"), (q, k, v)):
+        _check_tensor(name, x)
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{names[0]}, {names[1]}: last dimensions differ: {tuple(q.shape)} vs {tuple(k.shape)}")
+    for name, x in ((names[1], k), ("v", v)):
+        if x.shape[:3] != q.shape[:3]:
+            raise ValueError(f"{name}: expected (B, H, N) = {tuple(q.shape[:3])} like {names[0]}, got {tuple(x.shape)}")
+
+
+def _check_mask(mask, B: int, N: int) -> Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"key_padding_mask: expected a bool tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask: expected dtype torch.bool (True = keep), got {mask.dtype}")
+    if tuple(mask.shape) != (B, N):
+        raise ValueError(f"key_padding_mask: expected shape (B, N) = ({B}, {N}), got {tuple(mask.shape)}")
+    return mask
+
+
+def _check_rotary(rotary, dim: int, what: str) -> None:
+    if rotary is None:
+        return
+    if not isinstance(rotary, RotaryEmbedding):
+        raise TypeError(f"rotary: expected a linrope.RotaryEmbedding or None, got {type(rotary).__name__}")
+    if rotary.dim != dim:
+        raise ValueError(f"rotary: its dim ({rotary.dim}) must equal {what} ({dim})")
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return value
+
+
+def _check_eps(eps) -> float:
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps: expected a finite number > 0, got {eps!r}")
+    return float(eps)
+
+
+# ---------------------------------------------------------------------------------------------- linear attention
+def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, eps, chunk_size, group_size, initial_state,
+         return_state, key_padding_mask):
+    B, H, N, dv = v.shape
+    eps = _check_eps(eps)
+    chunk_size = _positive_int("chunk_size", chunk_size)
+    group_size = -(-_positive_int("group_size", group_size) // chunk_size) * chunk_size
+    mask = _check_mask(key_padding_mask, B, N)
+    if not causal and (initial_state is not None or return_state):
+        raise ValueError("initial_state/return_state: streaming needs causal=True")
+    dt = compute_dtype(q, k, v)
+    if initial_state is not None:
+        if not isinstance(initial_state, AttentionState):
+            raise TypeError(f"initial_state: expected an AttentionState, got {type(initial_state).__name__}")
+        S0, z0, M0 = initial_state.numerator, initial_state.key_sum, initial_state.log_ref
+        if tuple(S0.shape) != (B, H, r, dv) or tuple(z0.shape) != (B, H, r) or tuple(M0.shape) != (B, H):
+            raise ValueError(f"initial_state: expected numerator (B, H, r, dv) = {(B, H, r, dv)}, key_sum "
+                             f"{(B, H, r)} and log_ref {(B, H)}, got {tuple(S0.shape)}, {tuple(z0.shape)}, "
+                             f"{tuple(M0.shape)}")
+        offset = initial_state.offset
+        S0, z0, M0 = S0.to(dt), z0.to(dt), M0.to(dt)
+    else:
+        offset = 0
+        S0, z0 = v.new_zeros(B, H, r, dv, dtype=dt), v.new_zeros(B, H, r, dtype=dt)
+        M0 = v.new_full((B, H), kernels.NEG, dtype=dt)
+    if positions is None:
+        positions = offset
+    cos = sin = None
+    if rotary is not None:
+        cos, sin = rotary.cos_sin(positions, N, v.device, dt)
+    else:
+        resolve_positions(positions, N, v.device)  # still validate what the caller passed
+    cfg = kernels.Config(causal=bool(causal), chunk_size=chunk_size, group_size=group_size, eps=eps,
+                         interleaved=rotary.interleaved if rotary is not None else True)
+    cast = (lambda t: None if t is None else t.to(dt))
+    out, S, z, M = kernels.LinearAttentionFunction.apply(
+        kind, cfg, cast(q), cast(k), cast(ks), cast(v), cast(W), mask, cos, sin, S0, z0, M0)
+    out = out.to(v.dtype)
+    if return_state:
+        return out, AttentionState(S, z, M, offset + N)
+    return out
+
+
+def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False, rotary: RotaryEmbedding | None = None,
+                     positions: int | Tensor | None = None, eps: float = 1e-6, chunk_size: int = 64,
+                     initial_state: AttentionState | None = None, return_state: bool = False,
+                     key_padding_mask: Tensor | None = None, k_logscale: Tensor | None = None,
+                     group_size: int = 1024):
+    """Normalized linear attention on features; RoFormer eq. 19 when ``rotary`` is given.
+
+    out_m = sum_n (R_m qf_m).(R_n kf'_n) v_n / max(sum_n qf_m.kf'_n, eps), with kf'_n = kf_n exp(k_logscale_n),
+    n over all positions (``causal=False``) or n <= m (``causal=True``). The normalizer is never rotated.
+
+    Args:
+        qf: (B, H, N, r) query features (non-negative for a positive normalizer).
+        kf: (B, H, N, r) key features.
+        v: (B, H, N, dv) values.
+        causal: restrict to n <= m; computed in chunks of ``chunk_size`` with a running state.
+        rotary: a ``RotaryEmbedding`` of dim r rotating the features (eq. 19), or None.
+        positions: positions of the N rows (None: 0..N-1, or continuing ``initial_state.offset``; an int
+            offset; or a 1-D integer tensor of length N).
+        eps: lower bound on the normalizer, only reached by rows that see no key (e.g. all keys padded).
+        chunk_size: positions per chunk of the causal path.
+        initial_state / return_state: streaming (causal only): start from and/or return an ``AttentionState``.
+        key_padding_mask: (B, N) bool, True = keep; padded keys leave numerator and normalizer alike.
+        k_logscale: (B, H, N) optional log-magnitudes of the keys (as returned by exp-type feature maps), so
+            that exp-type features never overflow; None means 0.
+        group_size: positions whose features are processed at once (memory/speed trade-off).
+
+    Returns:
+        (B, H, N, dv) in v's dtype; with ``return_state``, also the ``AttentionState`` after the last row.
+        Features, states and the normalizer are computed in float32 (float64 for float64 inputs).
+    """
+    _check_qkv(("qf", "kf"), qf, kf, v)
+    r = qf.shape[-1]
+    _check_rotary(rotary, r, "the number of features r")
+    if k_logscale is not None:
+        _check_tensor("k_logscale", k_logscale, dims=3)
+        if k_logscale.shape != kf.shape[:3]:
+            raise ValueError(f"k_logscale: expected shape (B, H, N) = {tuple(kf.shape[:3])}, got {tuple(k_logscale.shape)}")
+    return _run("features", qf, kf, k_logscale, v, None, r, causal=causal, rotary=rotary, positions=positions,
+                eps=eps, chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,
+                return_state=return_state, key_padding_mask=key_padding_mask)
+
+
+def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, causal: bool = False,
+                    rotary: RotaryEmbedding | None = None, positions: int | Tensor | None = None, eps: float = 1e-6,
+                    chunk_size: int = 64, initial_state: AttentionState | None = None, return_state: bool = False,
+                    key_padding_mask: Tensor | None = None, group_size: int = 1024):
+    """FAVOR+ attention from raw q, k, v; eq. 19 with ``rotary``. Features are recomputed in the backward.
+
+    Equal to ``linear_attention(*favor features of q and k*, v, ...)`` with features ``favor_plus(x, projection)``
+    (exp(W x~ - |x~|^2/2), x~ = x d^(-1/4)): an estimate of softmax attention with scale 1/sqrt(d).
+
+    Args:
+        q, k: (B, H, N, d); v: (B, H, N, dv).
+        projection: (r, d) random projection, e.g. ``FavorPlus.projection``; it receives no gradient.
+        rotary: a ``RotaryEmbedding`` of dim r (it rotates the features), or None.
+        Other arguments as in ``linear_attention``.
+
+    Returns:
+        (B, H, N, dv) in v's dtype (and the ``AttentionState`` with ``return_state``).
+    """
+    _check_qkv(("q", "k"), q, k, v)
+    _check_tensor("projection", projection, dims=2)
+    if projection.shape[1] != q.shape[-1]:
+        raise ValueError(f"projection: expected shape (r, d) with d = {q.shape[-1]}, got {tuple(projection.shape)}")
+    r = projection.shape[0]
+    _check_rotary(rotary, r, "the number of features r (projection rows)")
+    return _run("favor", q, k, None, v, projection.detach(), r, causal=causal, rotary=rotary, positions=positions,
+                eps=eps, chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,
+                return_state=return_state, key_padding_mask=key_padding_mask)
+
+
+def linear_attention_naive(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
+                           rotary: RotaryEmbedding | None = None, positions: int | Tensor | None = None,
+                           eps: float = 1e-6, key_padding_mask: Tensor | None = None,
+                           k_logscale: Tensor | None = None) -> Tensor:
+    """The quadratic reference of ``linear_attention`` (builds the N x N weights; for tests and small N)."""
+    _check_qkv(("qf", "kf"), qf, kf, v)
+    B, H, N, r = qf.shape
+    dt = compute_dtype(qf, kf, v)
+    qf, kf, vv = qf.to(dt), kf.to(dt), v.to(dt)
+    keep = torch.ones(B, 1, N, N, dtype=torch.bool, device=qf.device)
+    if causal:
+        keep = keep & torch.ones(N, N, dtype=torch.bool, device=qf.device).tril()
+    if key_padding_mask is not None:
+        keep = keep & _check_mask(key_padding_mask, B, N)[:, None, None, :]
+    weight = keep.to(dt)  # (B, 1 or H, N, N): exp(s_n - M_m) on visible keys, M_m the row's largest visible s
+    if k_logscale is not None:
+        s = k_logscale.to(dt)[:, :, None, :].masked_fill(~keep, -math.inf)  # (B, H, N, N)
+        weight = torch.exp(s - s.amax(-1, keepdim=True).clamp_min(kernels.NEG))
+    den = (qf @ kf.transpose(-1, -2)) * weight
+    num = den
+    if rotary is not None:
+        _check_rotary(rotary, r, "the number of features r")
+        cos, sin = rotary.cos_sin(positions, N, qf.device, dt)
+        rot = lambda x: apply_rotary(x, cos, sin, interleaved=rotary.interleaved)  # noqa: E731
+        num = (rot(qf) @ rot(kf).transpose(-1, -2)) * weight
+    out = (num @ vv) / den.sum(-1, keepdim=True).clamp_min(eps)
+    return out.to(v.dtype)
+
+
+def favor_attention_naive(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, **kwargs) -> Tensor:
+    """The quadratic reference of ``favor_attention`` (``linear_attention_naive`` on FAVOR+ features)."""
+    qf, _ = favor_plus(q, projection, is_query=True)
+    kf, ks = favor_plus(k, projection, is_query=False)
+    return linear_attention_naive(qf, kf, v, k_logscale=ks, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- softmax baseline
+def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+                      rotary: RotaryEmbedding | None = None, positions: int | Tensor | None = None,
+                      key_padding_mask: Tensor | None = None) -> Tensor:
+    """Softmax attention softmax(q k^T / sqrt(d)) v through ``scaled_dot_product_attention``.
+
+    Args:
+        q: (B, H, Nq, d); k: (B, H, Nk, d); v: (B, H, Nk, dv).
+        causal: query i attends keys j <= i + Nk - Nq (aligned at the end, as when decoding with a cache).
+        rotary: a ``RotaryEmbedding`` of dim d applied to q and k at ``positions`` (needs Nq == Nk).
+        key_padding_mask: (B, Nk) bool, True = keep. Rows that see no key return 0 (SDPA would give NaN).
+
+    Returns:
+        (B, H, Nq, dv) in q's dtype.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x)
+    B, H, Nq, d = q.shape
+    Nk = k.shape[2]
+    if k.shape[:2] != q.shape[:2] or k.shape[-1] != d:
+        raise ValueError(f"k: expected (B, H, Nk, d) with (B, H, d) = {(B, H, d)} like q, got {tuple(k.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v: expected (B, H, Nk) = {tuple(k.shape[:3])} like k, got {tuple(v.shape)}")
+    if Nq > Nk:
+        raise ValueError(f"q: more queries ({Nq}) than keys ({Nk})")
+    mask = _check_mask(key_padding_mask, B, Nk)
+    if rotary is not None:
+        _check_rotary(rotary, d, "the head dim d")
+        if Nq != Nk:
+            raise ValueError("rotary: needs as many queries as keys; rotate cached keys when caching them")
+        q, k = rotary.rotate(q, positions), rotary.rotate(k, positions)
+    elif positions is not None:
+        resolve_positions(positions, Nq, q.device)
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    if mask is None and (not causal or Nq == Nk):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Nq > 1)
+    keep = torch.ones(B, 1, 1, Nk, dtype=torch.bool, device=q.device) if mask is None else mask[:, None, None, :]
+    if causal:
+        keep = keep & torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril(Nk - Nq)
+    has_key = keep.any(-1, keepdim=True)  # (B, 1, Nq or 1, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep | ~has_key)
+    return out.masked_fill(~has_key, 0)

@@ -1,0 +1,134 @@
+"""Rotary position embeddings (RoPE, Su et al. 2021, arXiv 2104.09864).
+
+A rotation R_m acts on pairs of coordinates of a ``dim``-vector at position m, pair i turning by the angle
+``m * theta_i / scale`` with ``theta_i = base ** (-2 i / dim)``. Two pairings exist in the wild:
+
+* ``interleaved=True``: pairs (2i, 2i+1), as in the RoFormer paper, rotary-embedding-torch and HF RoFormer;
+* ``interleaved=False``: pairs (i, i + dim/2), the "rotate_half" layout of GPT-NeoX and LLaMA.
+
+Angles are computed in float64 and cos/sin stored in float32 (float64 for float64 input), whatever the input
+dtype: at position 16384 a float16 angle would be off by whole radians.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["RotaryEmbedding", "apply_rotary", "resolve_positions"]
+
+
+def resolve_positions(positions: int | Tensor | None, n: int, device: torch.device) -> Tensor:
+    """Turn the ``positions`` argument accepted across linrope into a 1-D int64 tensor of length ``n``.
+
+    ``None`` means 0..n-1, an int ``p`` means p..p+n-1 (decoding, shifted windows), a tensor must be 1-D,
+    integer and of length ``n``.
+    """
+    if positions is None:
+        return torch.arange(n, device=device)
+    if isinstance(positions, bool) or not isinstance(positions, (int, Tensor)):
+        raise TypeError(f"positions: expected None, an int offset or a 1-D integer tensor, got {type(positions).__name__}")
+    if isinstance(positions, int):
+        return torch.arange(positions, positions + n, device=device)
+    if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+        raise TypeError(f"positions: expected an integer tensor, got dtype {positions.dtype}")
+    if positions.dim() != 1 or positions.shape[0] != n:
+        raise ValueError(f"positions: expected shape ({n},) to match the sequence length, got {tuple(positions.shape)}")
+    return positions.to(device=device, dtype=torch.long)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool, inverse: bool = False) -> Tensor:
+    """Rotate the last dimension of ``x`` (..., N, D) by angles given as ``cos``, ``sin`` of shape (N, D/2).
+
+    ``inverse=True`` applies R^T (the rotation by minus the angle): the backward of a rotation.
+    The arithmetic runs in ``cos.dtype``; the result has ``x.dtype``.
+    """
+    xc = x.to(cos.dtype)
+    if inverse:
+        sin = -sin
+    if interleaved:
+        x0, x1 = xc.unflatten(-1, (-1, 2)).unbind(-1)  # (..., N, D/2) each
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    else:
+        x0, x1 = xc.chunk(2, dim=-1)
+        out = torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE for vectors of size ``dim`` (even): ``rotate(x, positions)`` applies R_m to x[..., m, :].
+
+    Args:
+        dim: size of the rotated vectors (the head dim for softmax attention, the number of random
+            features ``r`` for eq. 19).
+        base: frequency base, ``theta_i = base ** (-2 i / dim)``.
+        interleaved: pair (2i, 2i+1) if True (RoFormer), (i, i + dim/2) if False (GPT-NeoX / LLaMA).
+        scale: linear position interpolation: positions are multiplied by ``1 / scale``; use ``scale = s``
+            to run at ``s`` times the trained length.
+
+    Cos/sin tables are cached per device and dtype and grown (to the next power of two) on demand. The cache is
+    not part of the state dict: it is a pure function of the constructor arguments.
+    """
+
+    def __init__(self, dim: int, base: float = 10000.0, interleaved: bool = True, scale: float = 1.0):
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0 or dim % 2:
+            raise ValueError(f"dim: expected a positive even integer, got {dim!r}")
+        if not (isinstance(base, (int, float)) and math.isfinite(base) and base > 1):
+            raise ValueError(f"base: expected a finite number > 1, got {base!r}")
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale: expected a finite number > 0, got {scale!r}")
+        self.dim, self.base, self.interleaved, self.scale = dim, float(base), bool(interleaved), float(scale)
+        self._cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, base={self.base:g}, interleaved={self.interleaved}, scale={self.scale:g}"
+
+    def _angles(self, positions: Tensor) -> Tensor:
+        inv_freq = self.base ** (-torch.arange(0, self.dim, 2, dtype=torch.float64, device=positions.device) / self.dim)
+        return positions.to(torch.float64)[:, None] * (inv_freq / self.scale)  # (N, dim/2)
+
+    def cos_sin(self, positions: int | Tensor | None, n: int, device: torch.device, dtype: torch.dtype = torch.float32
+                ) -> tuple[Tensor, Tensor]:
+        """cos and sin of the angles at ``positions`` (see ``resolve_positions``), each of shape (n, dim/2).
+
+        ``dtype`` is the compute dtype: float64 gives float64 tables, anything else float32.
+        """
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        device = torch.device(device)
+        if positions is None or isinstance(positions, int) and not isinstance(positions, bool):
+            start = 0 if positions is None else positions
+            if start >= 0:
+                cos, sin = self._table(start + n, device, dtype)
+                return cos[start:start + n], sin[start:start + n]
+        pos = resolve_positions(positions, n, device)
+        if n and int(pos.min()) >= 0:
+            cos, sin = self._table(int(pos.max()) + 1, device, dtype)
+            return cos[pos], sin[pos]
+        angles = self._angles(pos)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def _table(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        key = (device, dtype)
+        cached = self._cache.get(key)
+        if cached is None or cached[0].shape[0] < length:
+            size = max(1 << max(length - 1, 0).bit_length(), 256)
+            angles = self._angles(torch.arange(size, device=device))
+            cached = self._cache[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
+        return cached
+
+    def rotate(self, x: Tensor, positions: int | Tensor | None = None, *, inverse: bool = False) -> Tensor:
+        """Apply R_m to ``x`` of shape (..., N, dim); positions as in ``resolve_positions``. Same dtype out."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
+        if x.dim() < 2 or x.shape[-1] != self.dim:
+            raise ValueError(f"x: expected shape (..., N, {self.dim}), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
+        cos, sin = self.cos_sin(positions, x.shape[-2], x.device, x.dtype)
+        return apply_rotary(x, cos, sin, interleaved=self.interleaved, inverse=inverse)
+
+    def forward(self, x: Tensor, positions: int | Tensor | None = None) -> Tensor:
+        return self.rotate(x, positions)

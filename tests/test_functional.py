@@ -1,0 +1,295 @@
+import math
+import random
+
+import pytest
+import torch
+
+from linrope import AttentionState, RotaryEmbedding, favor_attention, linear_attention, softmax_attention
+from linrope.features import FavorPlus
+from linrope.functional import favor_attention_naive, linear_attention_naive
+from reference import assert_close, eq19, favor_features, rotation_matrices, softmax_ref
+
+F64 = torch.float64
+
+
+def qkv(B=2, H=3, N=37, d=8, dv=5, dtype=F64, scale=1.0):
+    return [scale * torch.randn(B, H, N, x, dtype=dtype) for x in (d, d, dv)]
+
+
+def features(B=2, H=3, N=37, r=12, dv=5):
+    return torch.rand(B, H, N, r, dtype=F64) + 0.05, torch.rand(B, H, N, r, dtype=F64) + 0.05, torch.randn(B, H, N, dv, dtype=F64)
+
+
+# ---------------------------------------------------------------------------------------------- eq. 19
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half"])
+@pytest.mark.parametrize("N, chunk", [(1, 64), (37, 1), (37, 16), (130, 64), (64, 16)])
+def test_eq19_matches_quadratic_reference(causal, interleaved, N, chunk):
+    qf, kf, v = features(N=N)
+    rot = RotaryEmbedding(12, interleaved=interleaved)
+    R = rotation_matrices(torch.arange(N), 12, interleaved=interleaved)
+    got = linear_attention(qf, kf, v, causal=causal, rotary=rot, chunk_size=chunk, group_size=2 * chunk)
+    assert_close("eq19", eq19(qf, kf, v, causal=causal, R=R), got, rtol=1e-10)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_explicit_positions_with_offset(causal):
+    qf, kf, v = features(N=20)
+    pos = torch.arange(1000, 1020)
+    rot = RotaryEmbedding(12)
+    ref = eq19(qf, kf, v, causal=causal, R=rotation_matrices(pos, 12))
+    assert_close("tensor positions", ref, linear_attention(qf, kf, v, causal=causal, rotary=rot, positions=pos), rtol=1e-10)
+    assert_close("int offset", ref, linear_attention(qf, kf, v, causal=causal, rotary=rot, positions=1000), rtol=1e-10)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("rope", [False, True])
+def test_favor_attention_matches_reference_outputs_and_gradients(causal, rope):
+    q, k, v = qkv(N=70)
+    for t in (q, k, v):
+        t.requires_grad_()
+    W = FavorPlus(8, 16, seed=2).double().projection
+    rot = RotaryEmbedding(16) if rope else None
+    R = rotation_matrices(torch.arange(70), 16) if rope else None
+    ref = eq19(favor_features(q, W), favor_features(k, W), v, causal=causal, R=R)
+    got = favor_attention(q, k, v, W, causal=causal, rotary=rot, chunk_size=16, group_size=32)
+    assert_close("out", ref, got, rtol=1e-10)
+    g = torch.randn_like(ref)
+    d_ref = torch.autograd.grad(ref, (q, k, v), g)
+    d_got = torch.autograd.grad(got, (q, k, v), g)
+    for name, a, b in zip("qkv", d_ref, d_got):
+        assert_close(f"d{name}", a, b, rtol=1e-9)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("rope", [False, True], ids=["norope", "rope"])
+def test_gradcheck(causal, rope):
+    q, k, v = qkv(B=1, H=2, N=11, d=4, dv=3)
+    W = FavorPlus(4, 6, seed=1).double().projection
+    rot = RotaryEmbedding(6) if rope else None
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: favor_attention(q, k, v, W, causal=causal, rotary=rot, chunk_size=4, group_size=8), inputs)
+    qf, kf, v2 = features(B=1, H=2, N=11, r=6, dv=3)
+    ks = torch.randn(1, 2, 11, dtype=F64)
+    inputs = [t.requires_grad_() for t in (qf, kf, v2, ks)]
+    assert torch.autograd.gradcheck(
+        lambda a, b, c, s: linear_attention(a, b, c, causal=causal, rotary=rot, chunk_size=3, group_size=6,
+                                            k_logscale=s), inputs)
+
+
+def test_gradcheck_through_streaming_state():
+    q, k, v = qkv(B=1, H=1, N=6, d=4, dv=2)
+    W = FavorPlus(4, 6, seed=1).double().projection
+    rot = RotaryEmbedding(6)
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+
+    def two_pieces(q, k, v):
+        o1, st = favor_attention(q[:, :, :4], k[:, :, :4], v[:, :, :4], W, causal=True, rotary=rot, return_state=True,
+                                 chunk_size=2)
+        o2, st = favor_attention(q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], W, causal=True, rotary=rot, initial_state=st,
+                                 return_state=True)
+        return torch.cat((o1, o2), 2)  # the state itself is relative to a detached reference (log_ref)
+
+    assert torch.autograd.gradcheck(two_pieces, inputs)
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+@pytest.mark.parametrize("rope", [None, "features", "inputs"])
+def test_streaming_in_random_pieces_and_token_by_token_equals_one_pass(rope):
+    q, k, v = qkv(N=75)
+    W = FavorPlus(8, 16, seed=4).double().projection
+    feat_rot = RotaryEmbedding(16) if rope == "features" else None
+    in_rot = RotaryEmbedding(8) if rope == "inputs" else None
+    if in_rot is not None:
+        q, k = in_rot.rotate(q), in_rot.rotate(k)
+    full = favor_attention(q, k, v, W, causal=True, rotary=feat_rot)
+    rng = random.Random(0)
+    for sizes in ("random", "tokens"):
+        state, outs, i = None, [], 0
+        while i < 75:
+            n = 1 if sizes == "tokens" else min(rng.randint(1, 20), 75 - i)
+            out, state = favor_attention(q[:, :, i:i + n], k[:, :, i:i + n], v[:, :, i:i + n], W, causal=True,
+                                         rotary=feat_rot, initial_state=state, return_state=True, chunk_size=8)
+            outs.append(out)
+            i += n
+        assert state.offset == 75
+        assert_close(f"stream {sizes}", full.double(), torch.cat(outs, 2), rtol=1e-10)
+
+
+def test_streaming_state_of_generic_features_continues_from_offset():
+    qf, kf, v = features(N=30)
+    rot = RotaryEmbedding(12)
+    full = linear_attention(qf, kf, v, causal=True, rotary=rot)
+    o1, st = linear_attention(qf[:, :, :13], kf[:, :, :13], v[:, :, :13], causal=True, rotary=rot, return_state=True)
+    o2 = linear_attention(qf[:, :, 13:], kf[:, :, 13:], v[:, :, 13:], causal=True, rotary=rot, initial_state=st)
+    assert_close("continue", full, torch.cat((o1, o2), 2), rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------- RoPE properties
+def test_relative_property_shift_invariance():
+    q, k, v = qkv(N=40)
+    W = FavorPlus(8, 16, seed=5).double().projection
+    rot_f, rot_d = RotaryEmbedding(16), RotaryEmbedding(8)
+    for causal in (False, True):
+        a = favor_attention(q, k, v, W, causal=causal, rotary=rot_f)
+        b = favor_attention(q, k, v, W, causal=causal, rotary=rot_f, positions=12345)
+        assert_close("eq19 shift", a, b, rtol=1e-9)
+        a = softmax_attention(q, k, v, causal=causal, rotary=rot_d)
+        b = softmax_attention(q, k, v, causal=causal, rotary=rot_d, positions=777)
+        assert_close("softmax shift", a, b, rtol=1e-9)
+
+
+def test_rope_before_features_is_not_shift_invariant_for_a_fixed_draw():
+    """Rotating q, k before phi is relative only in expectation: a fixed draw sees absolute positions."""
+    q, k, v = qkv(N=40)
+    W = FavorPlus(8, 16, seed=5).double().projection
+    rot = RotaryEmbedding(8)
+    a = favor_attention(rot.rotate(q), rot.rotate(k), v, W, causal=True)
+    b = favor_attention(rot.rotate(q, 500), rot.rotate(k, 500), v, W, causal=True)
+    assert (a - b).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- causality
+def test_causal_prefix_is_untouched_by_later_tokens_even_extreme_ones():
+    """performer-pytorch's global key max leaks the future (its issue #82); our reference P looks back only."""
+    q, k, v = qkv(N=200, dtype=torch.float32)
+    W = FavorPlus(8, 32, seed=6).projection
+    rot = RotaryEmbedding(32)
+    m = 90
+    base = favor_attention(q, k, v, W, causal=True, rotary=rot)
+    for scale in (1.0, 30.0):  # 30: later keys of norm ~85 whose features would swamp a global max
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        q2[:, :, m + 1:] = scale * torch.randn_like(q2[:, :, m + 1:])
+        k2[:, :, m + 1:] = scale * torch.randn_like(k2[:, :, m + 1:])
+        v2[:, :, m + 1:] = torch.randn_like(v2[:, :, m + 1:])
+        out = favor_attention(q2, k2, v2, W, causal=True, rotary=rot)
+        assert torch.equal(base[:, :, :m + 1], out[:, :, :m + 1])
+        assert torch.isfinite(out).all()
+
+
+def test_key_whose_log_scale_jumps_is_handled_exactly():
+    """A key far above every earlier one (> JUMP_LIMIT nats) triggers the per-position fallback."""
+    from linrope import kernels
+    from linrope.features import favor_plus
+
+    q, k, v = qkv(N=50, d=8, scale=0.5)
+    W = FavorPlus(8, 16, seed=2).double().projection.clone()
+    W[1] *= 11.0 / W[1].norm()  # a row with |w|^2/2 = 60.5: the key x~ = w reaches that log-scale
+    k[:, :, 30] = W[1] * 8 ** 0.25
+    k[:, :, 41] = 0.7 * W[1] * 8 ** 0.25
+    _, s = favor_plus(k, W, is_query=False)
+    assert (s[..., 30] - s[..., :30].amax(-1)).min() > kernels.JUMP_LIMIT
+    for t in (q, k, v):
+        t.requires_grad_()
+    ref = eq19(favor_features(q, W), favor_features(k, W), v, causal=True)
+    g = torch.randn_like(ref)
+    d_ref = torch.autograd.grad(ref, (q, k, v), g)
+    for rot in (None, RotaryEmbedding(16)):
+        R = None if rot is None else rotation_matrices(torch.arange(50), 16)
+        ref = eq19(favor_features(q, W), favor_features(k, W), v, causal=True, R=R)
+        got = favor_attention(q, k, v, W, causal=True, rotary=rot, chunk_size=8, group_size=16)
+        assert_close("jump out", ref, got, rtol=1e-9)
+        assert_close("naive", ref, favor_attention_naive(q, k, v, W, causal=True, rotary=rot), rtol=1e-9)
+        if rot is None:
+            for name, a, b in zip("qkv", d_ref, torch.autograd.grad(got, (q, k, v), g)):
+                assert_close(f"jump d{name}", a, b, rtol=1e-8)
+
+
+def test_large_norm_keys_stay_accurate_in_float32():
+    """Keys of norm ~25 at d=64: exp features span ~1e40; the log-scale bookkeeping keeps float32 exact."""
+    q, k, v = qkv(B=1, H=2, N=300, d=64, dv=8, dtype=torch.float32)
+    k = 3.0 * k
+    W = FavorPlus(64, 128, seed=0).projection
+    rot = RotaryEmbedding(128)
+    for causal in (False, True):
+        got = favor_attention(q, k, v, W, causal=causal, rotary=rot)
+        ref = eq19(favor_features(q, W), favor_features(k, W), v, causal=causal, R=rotation_matrices(torch.arange(300), 128))
+        assert_close("large keys", ref, got, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- masks, dtypes
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_padding_mask_removes_keys_from_numerator_and_normalizer(causal):
+    q, k, v = qkv(N=30)
+    W = FavorPlus(8, 16, seed=2).double().projection
+    mask = torch.rand(2, 30) > 0.3
+    mask[0, 0] = True
+    mask[1, :5] = False  # causal rows 0..4 of batch 1 see no key: output 0, not NaN
+    rot = RotaryEmbedding(16)
+    got = favor_attention(q, k, v, W, causal=causal, rotary=rot, key_padding_mask=mask, chunk_size=8)
+    R = rotation_matrices(torch.arange(30), 16)
+    ref = eq19(favor_features(q, W), favor_features(k, W), v, causal=causal, R=R, mask=mask, eps=1e-300)
+    assert_close("masked", ref, got, rtol=1e-9)
+    if causal:
+        assert got[1, :, :5].abs().max() == 0
+    sm = softmax_attention(q, k, v, causal=causal, key_padding_mask=mask)
+    ref = softmax_ref(q, k, v, causal=causal, mask=mask).nan_to_num(0.0)  # rows that see no key: 0
+    assert_close("softmax masked", ref, sm, rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_at_8192(dtype):
+    q, k, v = qkv(B=1, H=2, N=8192, d=32, dv=32, dtype=torch.float32)
+    W = FavorPlus(32, 64, seed=0).projection
+    rot = RotaryEmbedding(64)
+    for causal in (False, True):
+        ref = favor_attention(q.to(dtype).float(), k.to(dtype).float(), v.to(dtype).float(), W, causal=causal, rotary=rot)
+        got = favor_attention(q.to(dtype), k.to(dtype), v.to(dtype), W, causal=causal, rotary=rot)
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+        assert (got.float() - ref).abs().max() < tol * ref.abs().max()
+
+
+def test_softmax_attention_matches_reference_with_rope():
+    q, k, v = qkv(N=33)
+    rot = RotaryEmbedding(8, interleaved=False)
+    R = rotation_matrices(torch.arange(33), 8, interleaved=False)
+    for causal in (False, True):
+        assert_close("softmax", softmax_ref(q, k, v, causal=causal, R=R),
+                     softmax_attention(q, k, v, causal=causal, rotary=rot), rtol=1e-10)
+
+
+def test_library_reference_agrees_with_test_reference():
+    qf, kf, v = features(N=25)
+    rot = RotaryEmbedding(12)
+    R = rotation_matrices(torch.arange(25), 12)
+    for causal in (False, True):
+        assert_close("naive", eq19(qf, kf, v, causal=causal, R=R),
+                     linear_attention_naive(qf, kf, v, causal=causal, rotary=rot), rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------- invalid input
+def _bad_calls():
+    qf, kf, v = features(N=10)
+    W = torch.randn(12, 8)
+    q, k, _ = qkv(N=10)
+    st = AttentionState(torch.zeros(2, 3, 12, 4), torch.zeros(2, 3, 12), torch.zeros(2, 3), 0)  # dv is 5
+    yield lambda: linear_attention(qf, kf, v, rotary=RotaryEmbedding(10)), "rotary"
+    yield lambda: linear_attention(qf[..., :11], kf[..., :11], v, rotary=RotaryEmbedding(11)), "dim"
+    yield lambda: linear_attention(qf, kf[..., :11], v), "kf"
+    yield lambda: linear_attention(qf, kf[:1], v), "kf"
+    yield lambda: linear_attention(qf, kf[:, :2], v), "kf"
+    yield lambda: linear_attention(qf, kf, v[:, :, :9]), "v"
+    yield lambda: linear_attention(qf[0], kf, v), "qf"
+    yield lambda: linear_attention(qf.long(), kf, v), "qf"
+    yield lambda: linear_attention(qf, kf, v, key_padding_mask=torch.ones(2, 9, dtype=torch.bool)), "key_padding_mask"
+    yield lambda: linear_attention(qf, kf, v, key_padding_mask=torch.ones(2, 10)), "key_padding_mask"
+    yield lambda: linear_attention(qf, kf, v, rotary=RotaryEmbedding(12), positions=torch.arange(10.0)), "positions"
+    yield lambda: linear_attention(qf, kf, v, positions=torch.arange(9)), "positions"
+    yield lambda: linear_attention(qf, kf, v, chunk_size=0, causal=True), "chunk_size"
+    yield lambda: linear_attention(qf, kf, v, eps=0.0), "eps"
+    yield lambda: linear_attention(qf, kf, v, initial_state=st), "initial_state"
+    yield lambda: linear_attention(qf, kf, v, causal=True, initial_state=st), "initial_state"
+    yield lambda: linear_attention(qf, kf, v, k_logscale=torch.zeros(2, 3, 9, dtype=F64)), "k_logscale"
+    yield lambda: favor_attention(q, k, v, W[:, :7]), "projection"
+    yield lambda: favor_attention(q, k, v, W, rotary=RotaryEmbedding(8)), "rotary"
+    yield lambda: softmax_attention(q, k[:, :, :, :7], v), "k"
+    yield lambda: softmax_attention(q, k, v, rotary=RotaryEmbedding(12)), "rotary"
+
+
+@pytest.mark.parametrize("i", range(21))
+def test_invalid_input_raises_naming_the_argument(i):
+    call, match = list(_bad_calls())[i]
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
