@@ -26,6 +26,8 @@ from . import kernels
 from .features import compute_dtype, favor_plus
 from .rotary import RotaryEmbedding, apply_rotary, resolve_positions
 
+GROUP_ELEMENTS = 2**19  # float32 elements per (B*H, group, r) work buffer when group_size is None
+
 __all__ = ["AttentionState", "linear_attention", "favor_attention", "softmax_attention", "linear_attention_naive"]
 
 
@@ -107,8 +109,12 @@ def _check_eps(eps) -> float:
 def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, eps, chunk_size, group_size, initial_state,
          return_state, key_padding_mask):
     B, H, N, dv = v.shape
+    if N < 1:
+        raise ValueError("v: the sequence length N must be at least 1")
     eps = _check_eps(eps)
     chunk_size = _positive_int("chunk_size", chunk_size)
+    if group_size is None:  # bound each (B*H, G, r) work buffer to ~2 MiB of float32: cache-sized, lean
+        group_size = max(1, GROUP_ELEMENTS // (B * H * r * chunk_size)) * chunk_size
     group_size = -(-_positive_int("group_size", group_size) // chunk_size) * chunk_size
     mask = _check_mask(key_padding_mask, B, N)
     if not causal and (initial_state is not None or return_state):
@@ -135,11 +141,11 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, eps, chunk_size,
         cos, sin = rotary.cos_sin(positions, N, v.device, dt)
     else:
         resolve_positions(positions, N, v.device)  # still validate what the caller passed
-    cfg = kernels.Config(causal=bool(causal), chunk_size=chunk_size, group_size=group_size, eps=eps,
-                         interleaved=rotary.interleaved if rotary is not None else True)
+    cfg = kernels.Config(causal=bool(causal), chunk_size=chunk_size, group_size=group_size, eps=eps)
     cast = (lambda t: None if t is None else t.to(dt))
     out, S, z, M = kernels.LinearAttentionFunction.apply(
-        kind, cfg, cast(q), cast(k), cast(ks), cast(v), cast(W), mask, cos, sin, S0, z0, M0)
+        kind, cfg, rotary is not None and rotary.interleaved, cast(q), cast(k), cast(ks), cast(v), cast(W), mask,
+        cos, sin, S0, z0, M0)
     out = out.to(v.dtype)
     if return_state:
         return out, AttentionState(S, z, M, offset + N)
@@ -150,7 +156,7 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
                      positions: int | Tensor | None = None, eps: float = 1e-6, chunk_size: int = 64,
                      initial_state: AttentionState | None = None, return_state: bool = False,
                      key_padding_mask: Tensor | None = None, k_logscale: Tensor | None = None,
-                     group_size: int = 1024):
+                     group_size: int | None = None):
     """Normalized linear attention on features; RoFormer eq. 19 when ``rotary`` is given.
 
     out_m = sum_n (R_m qf_m).(R_n kf'_n) v_n / max(sum_n qf_m.kf'_n, eps), with kf'_n = kf_n exp(k_logscale_n),
@@ -170,7 +176,8 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
         key_padding_mask: (B, N) bool, True = keep; padded keys leave numerator and normalizer alike.
         k_logscale: (B, H, N) optional log-magnitudes of the keys (as returned by exp-type feature maps), so
             that exp-type features never overflow; None means 0.
-        group_size: positions whose features are processed at once (memory/speed trade-off).
+        group_size: positions whose features are processed at once (rounded up to whole chunks); None sizes
+            each (B*H, group, r) work buffer to about 2 MiB.
 
     Returns:
         (B, H, N, dv) in v's dtype; with ``return_state``, also the ``AttentionState`` after the last row.
@@ -191,7 +198,7 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
 def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, causal: bool = False,
                     rotary: RotaryEmbedding | None = None, positions: int | Tensor | None = None, eps: float = 1e-6,
                     chunk_size: int = 64, initial_state: AttentionState | None = None, return_state: bool = False,
-                    key_padding_mask: Tensor | None = None, group_size: int = 1024):
+                    key_padding_mask: Tensor | None = None, group_size: int | None = None):
     """FAVOR+ attention from raw q, k, v; eq. 19 with ``rotary``. Features are recomputed in the backward.
 
     Equal to ``linear_attention(*favor features of q and k*, v, ...)`` with features ``favor_plus(x, projection)``

@@ -1,26 +1,30 @@
 """The chunked engine behind ``linear_attention`` and ``favor_attention`` (private; use ``linrope.functional``).
 
-Shapes: B batch, H heads, N positions, r features, dv value dim, C chunk size, G positions per group.
+Shapes: B batch, H heads (flattened here to BH), N positions, r features, dv value dim, C chunk size, G
+positions per group.
 
-What is computed (eq. 19 of RoFormer, keys carried as ``f_n * exp(s_n)``, ``f`` bounded, ``s`` a log-scale)::
+What is computed (RoFormer eq. 19 with keys carried as a bounded feature times exp(log-scale))::
 
-    num_t = sum_{n<=t} exp(s_n) (R_t fq_t) . (R_n fk_n) v_n        den_t = sum_{n<=t} exp(s_n) fq_t . fk_n
-    out_t = num_t / max(den_t, eps)
+    num_t = sum_{n<=t} (R_t fq_t) . (R_n k0_n) v_n      den_t = sum_{n<=t} fq_t . k0_n      out_t = num_t / max(den_t, eps)
 
-Why it is organised this way:
+How, and why:
 
-* Positions are processed in *groups* of G (a multiple of C). A group's features are computed, used and
-  dropped; the backward recomputes them group by group, newest first, from the state saved at each group start.
-  Memory is O(N (d + dv) + N/G r dv) instead of O(N r) for saved features.
-* Inside a group the C-sized chunks are batched: intra-chunk masked products plus the state entering each
-  chunk (an exclusive cumsum over chunks). The unrotated denominator is a running sum of key features (a
-  cumsum), not a second C x C product, so RoPE adds rotations, not matmuls.
-* Key log-scales are referred to P, the running max of s over keys seen *up to the group's first position*
-  (causal: nothing later than any output position is looked at). exp(s_n - P) is then <= 1 for old keys;
-  a key inside the group may exceed P, and if one exceeds it by more than JUMP_LIMIT the group is split there:
-  the rows before it keep P, the key is a group of its own (whose P includes it) and a new group follows. The running state is kept relative to the running max
-  M and rescaled by exp(M - P) <= 1 when a group starts. Per-row factors cancel between num and den, so this
-  changes nothing but the range of the numbers.
+* Positions go through in *groups* (G a multiple of C, or one chunk shorter than C). A group's features are
+  computed into reused buffers, used and dropped; the backward recomputes them group by group, newest first,
+  from the state saved at each group start: O(N (d + dv) + N/G r dv) memory, never N x r.
+* Inside a group the chunks are batched: intra-chunk masked products, the state entering each chunk (a short
+  scan over chunks), ``baddbmm`` for the inter-chunk term. torch.cumsum is avoided: along a non-innermost dim
+  it runs 30-80x slower than an elementwise pass on CPU; short Python scans over slices are cheaper.
+* The normalizer is never rotated. Without RoPE it is the row sum of the masked score matrix (free); with RoPE
+  it is fq . (running key sum), the key sum scanned within chunks (no second C x C product).
+* The rotation runs in the half-split layout on contiguous halves. With the interleaved pairing the feature
+  order is permuted on the way in (projection rows, or feature columns) and states on the way out: dot products,
+  hence outputs, do not depend on the order of features.
+* Key magnitudes: keys arrive as (u, s) with k0 = exp(u - h - P) (FAVOR+) or f exp(s - P), s a per-key
+  log-scale. P, the reference of a group, is the running max of s over keys up to the group's first position:
+  causal, so an output never looks at a later key. A key exceeding P by more than JUMP_LIMIT splits the group
+  (the key gets a group whose P includes it). The running state is kept relative to the running max M and
+  rescaled by exp(M - P) <= 1 at each group start. Factors shared by a row's numerator and normalizer cancel.
 """
 
 from __future__ import annotations
@@ -29,9 +33,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-from .features import favor_plus
-from .rotary import apply_rotary
 
 NEG = -1e30  # "no key seen yet": exp(NEG - P) == 0 without the NaNs of -inf - -inf
 JUMP_LIMIT = 40.0  # exp(40) ~ 2e17 leaves ~1e21 of float32 headroom for sums over keys, features and values
@@ -43,248 +44,380 @@ class Config:
     chunk_size: int
     group_size: int
     eps: float
-    interleaved: bool  # pairing of the rotation applied to the features
+
+
+def half_split_order(r: int, device=None) -> Tensor:
+    """Feature order that turns interleaved pairs (2i, 2i+1) into half-split pairs (i, i + r/2)."""
+    return torch.cat((torch.arange(0, r, 2, device=device), torch.arange(1, r, 2, device=device)))
+
+
+class Workspace:
+    """Named flat buffers reused across groups; ``get`` returns a contiguous view of the requested shape."""
+
+    def __init__(self, like: Tensor):
+        self.like, self.store = like, {}
+
+    def get(self, name: str, *shape: int) -> Tensor:
+        n = 1
+        for s in shape:
+            n *= s
+        buf = self.store.get(name)
+        if buf is None or buf.numel() < n:
+            buf = self.store[name] = self.like.new_empty(n)
+        return buf[:n].view(shape)
+
+
+class Rotation:
+    """R_n in the half-split layout, applied to (BH, G, r) into a separate buffer."""
+
+    def __init__(self, cos: Tensor, sin: Tensor):
+        self.cos, self.sin = cos, sin  # (N, r/2)
+
+    def __call__(self, x: Tensor, a: int, b: int, out: Tensor, inverse: bool = False) -> Tensor:
+        h = x.shape[-1] // 2
+        c, s = self.cos[a:b], self.sin[a:b]
+        x1, x2, o1, o2 = x[..., :h], x[..., h:], out[..., :h], out[..., h:]
+        sign = 1.0 if inverse else -1.0
+        torch.mul(x1, c, out=o1).addcmul_(x2, s, value=sign)  # x1 cos - x2 sin
+        torch.mul(x2, c, out=o2).addcmul_(x1, s, value=-sign)  # x2 cos + x1 sin
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- feature sources
-class _Source:
-    """Where a group's features come from, and where their gradients go.
+def _flat_mask(mask: Tensor | None, H: int) -> Tensor | None:
+    return None if mask is None else mask[:, None].expand(-1, H, -1).reshape(-1, mask.shape[-1])
 
-    ``query(a, b)`` -> (fq, R fq, ctx); ``key(a, b)`` -> (fk, s, ctx) with s the per-key log-scale or None;
-    ``query_grad``/``key_grad`` take the gradients w.r.t. the unrotated features (rotation already undone).
+
+class FavorFeatures:
+    """FAVOR+ features computed on the fly from q, k (BH, N, d) and W (r, d).
+
+    With x~ = x d^(-1/4) and u = x~ W^T: fq = exp(u - max_i u) (a per-row factor that cancels); keys have
+    log-scale s = max_i u - |x~|^2/2 and k0 = exp(u - |x~|^2/2 - P): Performer's exp(u - |x~|^2/2) times the
+    group constant exp(-P). The 1/sqrt(r) of Performer cancels and is dropped.
     """
 
-    def __init__(self, cos: Tensor | None, sin: Tensor | None, interleaved: bool):
-        self.cos, self.sin, self.interleaved = cos, sin, interleaved
+    def __init__(self, q, k, W, mask, H):
+        d = q.shape[-1]
+        self.q, self.k, self.mask = q, k, _flat_mask(mask, H)
+        self.BH, self.r = q.shape[0], W.shape[0]
+        self.Ws = W * d ** -0.25  # u = x @ Ws^T
+        self.scale2 = d ** -0.5
+        self.h = 0.5 * self.scale2 * (k * k).sum(-1)  # (BH, N): |k~|^2 / 2
+        self.dq, self.dk, self.dks = torch.empty_like(q), torch.empty_like(k), None
 
-    def rotate(self, x: Tensor, a: int, b: int, inverse: bool = False) -> Tensor:
-        if self.cos is None:
-            return x
-        return apply_rotary(x, self.cos[a:b], self.sin[a:b], interleaved=self.interleaved, inverse=inverse)
+    def query(self, a, b, buf):
+        torch.matmul(self.q[:, a:b], self.Ws.t(), out=buf)
+        return buf.sub_(buf.amax(-1, keepdim=True)).exp_()
 
-
-def _masked(f: Tensor, s: Tensor | None, mask: Tensor | None, a: int, b: int) -> tuple[Tensor, Tensor | None]:
-    if mask is None:
-        return f, s
-    m = mask[:, None, a:b]  # (B, 1, G)
-    f = f * m[..., None]
-    return f, (None if s is None else s.masked_fill(~m, NEG))
-
-
-class GivenFeatures(_Source):
-    """Precomputed features qf, kf (B, H, N, r), optional key log-scales ks (B, H, N)."""
-
-    def __init__(self, qf, kf, ks, mask, cos, sin, interleaved):
-        super().__init__(cos, sin, interleaved)
-        self.qf, self.kf, self.ks, self.mask = qf, kf, ks, mask
-        self.dq = torch.zeros_like(qf)
-        self.dk = torch.zeros_like(kf)
-        self.dks = None if ks is None else torch.zeros_like(ks)
-
-    def query(self, a, b):
-        fq = self.qf[:, :, a:b]
-        return fq, self.rotate(fq, a, b), None
-
-    def key(self, a, b):
-        fk, s = _masked(self.kf[:, :, a:b], None if self.ks is None else self.ks[:, :, a:b], self.mask, a, b)
-        return fk, s, None
-
-    def query_grad(self, a, b, ctx, dfq):
-        self.dq[:, :, a:b] = dfq
-
-    def key_grad(self, a, b, ctx, s, P, k0, dk0):
-        # k0 = fk * exp(s - P): d fk = dk0 * exp(s - P), d s = sum_r dk0 * k0
-        if s is None:
-            dfk = dk0
-        else:
-            dfk = dk0 * torch.exp(s - P[..., None])[..., None]
-            self.dks[:, :, a:b] = (dk0 * k0).sum(-1)
+    def key_logscale(self, a, b, buf):
+        """Writes u into ``buf``; returns (buf, s) with s (BH, G), NEG for padded keys."""
+        torch.matmul(self.k[:, a:b], self.Ws.t(), out=buf)
+        s = buf.amax(-1).sub_(self.h[:, a:b])
         if self.mask is not None:
-            dfk = dfk * self.mask[:, None, a:b, None]
-        self.dk[:, :, a:b] = dfk
+            s.masked_fill_(~self.mask[:, a:b], NEG)
+        return buf, s
 
-
-class FavorFeatures(_Source):
-    """FAVOR+ features computed on the fly from raw q, k (B, H, N, d) and a projection W (r, d).
-
-    With x~ = x d^(-1/4) and u = x~ W^T: fq = exp(u - max_i u) (a per-row factor, it cancels);
-    fk = exp(u - max_i u) and s = max_i u - |x~|^2 / 2, so fk exp(s) = exp(u - |x~|^2/2), the positive
-    random feature of Performer up to the constant 1/sqrt(r).
-    """
-
-    def __init__(self, q, k, W, mask, cos, sin, interleaved):
-        super().__init__(cos, sin, interleaved)
-        self.q, self.k, self.W, self.mask = q, k, W, mask
-        self.scale = q.shape[-1] ** -0.25
-        self.dq = torch.zeros_like(q)
-        self.dk = torch.zeros_like(k)
-
-    def query(self, a, b):
-        fq, _ = favor_plus(self.q[:, :, a:b], self.W, is_query=True)
-        return fq, self.rotate(fq, a, b), fq
-
-    def key(self, a, b):
-        fk, s = _masked(*favor_plus(self.k[:, :, a:b], self.W, is_query=False), self.mask, a, b)
-        return fk, s, None
+    def key_finish(self, a, b, u, s, P, buf):
+        u.sub_((self.h[:, a:b] + P[:, None]).unsqueeze(-1)).exp_()
+        if self.mask is not None:
+            u.mul_(self.mask[:, a:b, None])
+        return u
 
     def query_grad(self, a, b, fq, dfq):
-        self.dq[:, :, a:b] = (dfq * fq) @ self.W * self.scale
+        self.dq[:, a:b] = dfq.mul_(fq) @ self.Ws
 
-    def key_grad(self, a, b, ctx, s, P, k0, dk0):
-        du = dk0 * k0  # k0 = exp(u - |x~|^2/2 - P), u = x~ W^T
-        xs = self.k[:, :, a:b] * self.scale
-        self.dk[:, :, a:b] = (du @ self.W - du.sum(-1, keepdim=True) * xs) * self.scale
+    def key_grad(self, a, b, k0, dk0, s, P):
+        du = dk0.mul_(k0)  # d/du of exp(u - h - P)
+        g = du @ self.Ws
+        g.sub_(du.sum(-1, keepdim=True) * self.k[:, a:b], alpha=self.scale2)  # d/dk of -h = -scale2 k
+        self.dk[:, a:b] = g
+
+
+class GivenFeatures:
+    """Precomputed features qf, kf (BH, N, r) and optional key log-scales ks (BH, N); ``perm`` reorders features."""
+
+    def __init__(self, qf, kf, ks, mask, H, perm):
+        self.qf, self.kf, self.ks, self.mask, self.perm = qf, kf, ks, _flat_mask(mask, H), perm
+        self.BH, self.r = qf.shape[0], qf.shape[-1]
+        self.inv = None if perm is None else torch.argsort(perm)
+        self.dq, self.dk = torch.empty_like(qf), torch.empty_like(kf)
+        self.dks = None if ks is None else torch.empty_like(ks)
+
+    def _take(self, x, a, b, buf):
+        if self.perm is not None:
+            return torch.index_select(x[:, a:b], -1, self.perm, out=buf)
+        view = x[:, a:b]
+        return view if view.is_contiguous() else buf.copy_(view)  # the chunked bmm needs (BH, G, r) contiguous
+
+    def _put(self, dst, a, b, g):
+        dst[:, a:b] = g if self.inv is None else g.index_select(-1, self.inv)
+
+    def query(self, a, b, buf):
+        return self._take(self.qf, a, b, buf)
+
+    def key_logscale(self, a, b, buf):
+        fk = self._take(self.kf, a, b, buf)
+        if self.ks is None:
+            return fk, None
+        s = self.ks[:, a:b].clone()
+        if self.mask is not None:
+            s.masked_fill_(~self.mask[:, a:b], NEG)
+        return fk, s
+
+    def _weight(self, a, b, s, P):
+        w = None if s is None else torch.exp(s - P[:, None])
+        if self.mask is not None:
+            m = self.mask[:, a:b].to(self.kf.dtype)
+            w = m if w is None else w * m
+        return w
+
+    def key_finish(self, a, b, fk, s, P, buf):
+        w = self._weight(a, b, s, P)
+        return fk if w is None else torch.mul(fk, w.unsqueeze(-1), out=buf)
+
+    def query_grad(self, a, b, fq, dfq):
+        self._put(self.dq, a, b, dfq)
+
+    def key_grad(self, a, b, k0, dk0, s, P):
+        if s is not None:
+            self.dks[:, a:b] = (dk0 * k0).sum(-1)
+        w = self._weight(a, b, s, P)
+        self._put(self.dk, a, b, dk0 if w is None else dk0.mul_(w.unsqueeze(-1)))
 
 
 # ---------------------------------------------------------------------------------------------- one group
 _TRIL: dict = {}
 
 
-def _tril(C: int, device) -> Tensor:
-    key = (C, str(device))
+def _tril(C: int, like: Tensor) -> Tensor:
+    key = (C, like.dtype, like.device)
     if key not in _TRIL:
-        _TRIL[key] = torch.ones(C, C, dtype=torch.bool, device=device).tril()
+        _TRIL[key] = torch.ones(C, C, dtype=like.dtype, device=like.device).tril()
     return _TRIL[key]
 
 
-def _chunked(x: Tensor, C: int) -> Tensor:
-    return x.unflatten(2, (-1, C))  # (B, H, G, D) -> (B, H, nc, C, D)
+def _exclusive_scan(X: Tensor, init: Tensor, out: Tensor) -> Tensor:
+    """out[:, c] = init + sum_{c' < c} X[:, c'] along dim 1; returns init + sum of all X."""
+    out[:, 0] = init
+    for c in range(1, X.shape[1]):
+        torch.add(out[:, c - 1], X[:, c - 1], out=out[:, c])
+    return out[:, -1] + X[:, -1]
 
 
-def _states(Kr: Tensor, V: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-chunk K^T V (B, H, nc, r, dv) and the state entering each chunk (exclusive cumsum, plus S)."""
-    KV = Kr.transpose(-1, -2) @ V
-    Sst = torch.cumsum(KV, dim=2)
-    Sst = torch.cat((S[:, :, None], Sst[:, :, :-1].add_(S[:, :, None])), dim=2)
-    return KV, Sst
+def _reverse_scan(X: Tensor, init: Tensor, out: Tensor) -> Tensor:
+    """out[:, c] = init + sum_{c' > c} X[:, c'] along dim 1; returns init + sum of all X."""
+    n = X.shape[1]
+    out[:, n - 1] = init
+    for c in range(n - 2, -1, -1):
+        torch.add(out[:, c + 1], X[:, c + 1], out=out[:, c])
+    return out[:, 0] + X[:, 0]
 
 
-def group_forward(qr, q0, kr, k0, v, S, z, C: int, eps: float):
-    """Causal eq. 19 over one group of G = nc*C positions. Returns out (B,H,G,dv), den (B,H,G), S, z at the end."""
-    Qr, Kr, V = _chunked(qr, C), _chunked(kr, C), _chunked(v, C)
-    KV, Sst = _states(Kr, V, S)
-    A = (Qr @ Kr.transpose(-1, -2)).masked_fill_(~_tril(C, qr.device), 0)  # (B, H, nc, C, C)
-    num = (A @ V).add_(Qr @ Sst).flatten(2, 3)  # (B, H, G, dv)
-    Z = torch.cumsum(k0, dim=2).add_(z[:, :, None])  # running unrotated key sum, (B, H, G, r)
-    den = torch.linalg.vecdot(q0, Z)
-    out = num.div_(den.clamp_min(eps)[..., None])
-    return out, den, Sst[:, :, -1] + KV[:, :, -1], Z[:, :, -1]
+def _prefix_keys(ws, k0, zst, nc, C):
+    """Z[i] = z at the chunk start + keys 0..i of the chunk, in C-major layout (C, BH*nc, r).
+
+    C-major makes every step one contiguous add; scanning rows of (BH, nc, C, r) in place is ~10x slower.
+    """
+    BH, G, r = k0.shape
+    kt = k0.view(BH * nc, C, r).transpose(0, 1)
+    Z = ws.get("Z", C, BH * nc, r)
+    torch.add(zst.view(BH * nc, r), kt[0], out=Z[0])
+    for i in range(1, C):
+        torch.add(Z[i - 1], kt[i], out=Z[i])
+    return Z
 
 
-def group_backward(qr, q0, kr, k0, v, S, z, out, den, dout, dS, dz, C: int, eps: float):
-    """Gradients of ``group_forward`` w.r.t. (qr, q0, kr, k0, v, S, z) given those of (out, S_end, z_end)."""
-    Qr, Kr, V = _chunked(qr, C), _chunked(kr, C), _chunked(v, C)
-    KV, Sst = _states(Kr, V, S)
-    tril = _tril(C, qr.device)
-    A = (Qr @ Kr.transpose(-1, -2)).masked_fill_(~tril, 0)
-    denc = den.clamp_min(eps)
-    g = dout / denc[..., None]  # d num
-    dden = (dout * out).sum(-1).div_(denc).neg_().masked_fill_(den <= eps, 0)  # (B, H, G)
-    Gc = _chunked(g, C)
-    dA = (Gc @ V.transpose(-1, -2)).masked_fill_(~tril, 0)
-    dqr = (dA @ Kr).add_(Gc @ Sst.transpose(-1, -2)).flatten(2, 3)
-    dSst = Qr.transpose(-1, -2) @ Gc  # gradient w.r.t. the state entering each chunk
-    # the state leaving chunk c feeds every later chunk start and the group's end state
-    dKV = torch.cumsum(dSst.flip(2), dim=2).flip(2)
-    dS_in = dKV[:, :, 0] + dS
-    dKV = torch.cat((dKV[:, :, 1:], torch.zeros_like(dKV[:, :, :1])), dim=2).add_(dS[:, :, None])
-    dkr = (dA.transpose(-1, -2) @ Qr).add_(V @ dKV.transpose(-1, -2)).flatten(2, 3)
-    dv = (A.transpose(-1, -2) @ Gc).add_(Kr @ dKV).flatten(2, 3)
-    Z = torch.cumsum(k0, dim=2).add_(z[:, :, None])
-    dq0 = Z.mul_(dden[..., None])
-    dk0 = torch.cumsum((q0 * dden[..., None]).flip(2), dim=2).flip(2).add_(dz[:, :, None])
-    return dqr, dq0, dkr, dk0, dv, dS_in, dk0[:, :, 0].clone() if dk0.shape[2] else dz
+def _key_sums(ws, K0, z, nc, C):
+    """Running unrotated key sum: (Z within chunks (BH, nc, C, r) or None, z at chunk starts, z at the end)."""
+    BH, G, r = K0.shape
+    ksum = ws.get("ksum", BH, nc, r)
+    torch.sum(K0.view(BH, nc, C, r), 2, out=ksum)
+    zst = ws.get("zst", BH, nc, r)
+    return zst, _exclusive_scan(ksum, z, zst)
 
 
-def _bulk_and_tail(a: int, b: int, C: int):
-    """Split [a, b) into a part of whole chunks and a tail shorter than C (each with its chunk size)."""
-    bulk = a + (b - a) // C * C
-    parts = [(a, bulk, C)] if bulk > a else []
-    if b > bulk:
-        parts.append((bulk, b, b - bulk))
-    return parts
+def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int):
+    """Causal eq. 19 over one group. qr/kr None without RoPE. Returns num (BH, G, dv), den (BH, G), S, z after."""
+    BH, G, r = fq.shape
+    nc, dv = G // C, V.shape[-1]
+    rope = qr is not None
+    Qc = (qr if rope else fq).view(BH * nc, C, r)
+    Kc = (kr if rope else k0).view(BH * nc, C, r)
+    Vc = V.view(BH * nc, C, dv)
+    KV = ws.get("KV", BH, nc, r, dv)
+    torch.bmm(Kc.transpose(1, 2), Vc, out=KV.view(BH * nc, r, dv))
+    Sst = ws.get("Sst", BH, nc, r, dv)
+    S_end = _exclusive_scan(KV, S, Sst)
+    A = ws.get("A", BH * nc, C, C)
+    torch.bmm(Qc, Kc.transpose(1, 2), out=A).mul_(_tril(C, A))
+    num = ws.get("num", BH * nc, C, dv)
+    torch.bmm(A, Vc, out=num).baddbmm_(Qc, Sst.view(BH * nc, r, dv))
+    zst, z_end = _key_sums(ws, k0, z, nc, C)
+    if rope:  # den_t = fq_t . (z at chunk start + keys of the chunk up to t)
+        Z = _prefix_keys(ws, k0, zst, nc, C)
+        den = Z.mul_(fq.view(BH * nc, C, r).transpose(0, 1)).sum(-1).t()  # (BH*nc, C)
+    else:  # the masked score matrix already holds fq . k0
+        den = A.sum(-1).view(BH, nc, C) + torch.bmm(fq.view(BH * nc, C, r), zst.view(BH * nc, r, 1)).view(BH, nc, C)
+    return num.view(BH, G, dv), den.reshape(BH, G), S_end, z_end
+
+
+def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, unrotate=None):
+    """Gradients of ``group_forward`` given g = d num (BH, G, dv), dden (BH, G) and those of (S, z) after.
+
+    Returns (d fq, d k0, d V, dS, dz before): the feature gradients w.r.t. the *unrotated* features (the
+    rotated parts pass through ``unrotate(x, out)``, R^T). They live in workspace buffers.
+    """
+    BH, G, r = fq.shape
+    nc, dv = G // C, V.shape[-1]
+    rope = qr is not None
+    Qc = (qr if rope else fq).view(BH * nc, C, r)
+    Kc = (kr if rope else k0).view(BH * nc, C, r)
+    Vc, Gc = V.view(BH * nc, C, dv), g.view(BH * nc, C, dv)
+    tril = _tril(C, fq)
+    KV = ws.get("KV", BH, nc, r, dv)
+    torch.bmm(Kc.transpose(1, 2), Vc, out=KV.view(BH * nc, r, dv))
+    Sst = ws.get("Sst", BH, nc, r, dv)
+    _exclusive_scan(KV, S, Sst)
+    A = ws.get("A", BH * nc, C, C)
+    torch.bmm(Qc, Kc.transpose(1, 2), out=A).mul_(tril)
+    dA = ws.get("dA", BH * nc, C, C)
+    torch.bmm(Gc, Vc.transpose(1, 2), out=dA)
+    if not rope:
+        dA.add_(dden.view(BH * nc, C, 1))  # den_t = sum_{n<=t} A_tn + ...
+    dA.mul_(tril)
+    dQ = ws.get("dQ", BH, G, r)
+    torch.bmm(dA, Kc, out=dQ.view(BH * nc, C, r)).baddbmm_(Gc, Sst.view(BH * nc, r, dv).transpose(1, 2))
+    dSst = ws.get("dSst", BH, nc, r, dv)
+    torch.bmm(Qc.transpose(1, 2), Gc, out=dSst.view(BH * nc, r, dv))
+    dKV = ws.get("dKV", BH, nc, r, dv)
+    dS_in = _reverse_scan(dSst, dS, dKV)
+    dK = ws.get("dK", BH, G, r)
+    torch.bmm(dA.transpose(1, 2), Qc, out=dK.view(BH * nc, C, r)).baddbmm_(Vc, dKV.view(BH * nc, r, dv).transpose(1, 2))
+    dVg = ws.get("dV", BH, G, dv)
+    torch.bmm(A.transpose(1, 2), Gc, out=dVg.view(BH * nc, C, dv)).baddbmm_(Kc, dKV.view(BH * nc, r, dv))
+    # normalizer: z at chunk c's start feeds den of chunk c; the keys of chunk c feed every later chunk and z after
+    zst, _ = _key_sums(ws, k0, z, nc, C)
+    wsum = torch.bmm(dden.view(BH * nc, 1, C), fq.view(BH * nc, C, r)).view(BH, nc, r)  # d zst
+    dks = ws.get("dks", BH, nc, r)
+    dz_in = _reverse_scan(wsum, dz, dks)
+    if rope:
+        ddt = dden.view(BH * nc, C).t().unsqueeze(-1)  # (C, BH*nc, 1)
+        dfq = unrotate(dQ, ws.get("dfq", BH, G, r))
+        dfq.view(BH * nc, C, r).transpose(0, 1).addcmul_(_prefix_keys(ws, k0, zst, nc, C), ddt)
+        # d k0_n = sum_{t >= n in the chunk} dden_t fq_t + (later chunks' share): a reverse scan, C-major
+        fqt = fq.view(BH * nc, C, r).transpose(0, 1)
+        W = ws.get("Z", C, BH * nc, r)
+        torch.addcmul(dks.view(BH * nc, r), fqt[C - 1], ddt[C - 1], out=W[C - 1])
+        for i in range(C - 2, -1, -1):
+            torch.addcmul(W[i + 1], fqt[i], ddt[i], out=W[i])
+        dk0 = unrotate(dK, ws.get("dk0", BH, G, r))
+        dk0.view(BH * nc, C, r).transpose(0, 1).add_(W)
+        return dfq, dk0, dVg, dS_in, dz_in
+    dQ.view(BH * nc, C, r).baddbmm_(dden.view(BH * nc, C, 1), zst.view(BH * nc, 1, r))
+    dK.view(BH, nc, C, r).add_(dks.unsqueeze(2))
+    return dQ, dK, dVg, dS_in, dz_in
 
 
 # ---------------------------------------------------------------------------------------------- causal driver
 def _first_valid(s: Tensor) -> Tensor:
-    """The log-scale of the first valid (not NEG) key of each row of s (B, H, G); NEG if none."""
+    """The log-scale of the first valid (not NEG) key of each row of s (BH, G); NEG if none."""
     idx = (s > NEG / 2).to(torch.uint8).argmax(-1, keepdim=True)
     return s.gather(-1, idx).squeeze(-1)
 
 
-def _scaled(fk: Tensor, s: Tensor | None, P: Tensor | None) -> Tensor:
-    return fk if s is None else fk * torch.exp(s - P[..., None])[..., None]
+def _rotated(rot, x, a, b, ws, name):
+    return None if rot is None else rot(x, a, b, ws.get(name, *x.shape))
 
 
-def causal_forward(src: _Source, v, S, z, M, cfg: Config):
-    """Run all groups; returns out, den, the final (S, z, M) and the plan the backward replays."""
-    B, H, N, dv = v.shape
-    out = v.new_empty(B, H, N, dv)
-    den = v.new_empty(B, H, N)
+def _group_features(src, rot, ws, a, b, P=None, M=None):
+    """Key features of [a, b) at reference P (or, if P is None, the causal reference from M).
+
+    Returns (k0, kr, s, P, jumps) where jumps (G,) marks keys exceeding P by more than JUMP_LIMIT.
+    """
+    BH, G, r = src.BH, b - a, src.r
+    u, s = src.key_logscale(a, b, ws.get("k0", BH, G, r))
+    jumps = None
+    if s is not None and P is None:
+        P = torch.maximum(M, _first_valid(s))
+        P = torch.where(P > NEG / 2, P, torch.zeros_like(P))  # no key yet: any finite reference will do
+        jumps = ((s - P[:, None]) > JUMP_LIMIT).any(0)
+    k0 = src.key_finish(a, b, u, s, P, ws.get("k0", BH, G, r))
+    return k0, _rotated(rot, k0, a, b, ws, "kr"), s, P, jumps
+
+
+def _query_features(src, rot, ws, a, b, r):
+    fq = src.query(a, b, ws.get("fq", src.BH, b - a, r))
+    return fq, _rotated(rot, fq, a, b, ws, "qr")
+
+
+def causal_forward(src, rot, V, S, z, M, cfg: Config):
+    """Run all groups; returns num-divided outputs, den, the final (S, z, M) and the plan the backward replays."""
+    BH, N, dv = V.shape
+    r = S.shape[1]
+    ws = Workspace(V)
+    out, den = V.new_empty(BH, N, dv), V.new_empty(BH, N)
     plan = []
+    C0 = cfg.chunk_size
     work = [(a, min(a + cfg.group_size, N)) for a in range(0, N, cfg.group_size)][::-1]
     while work:
         a, b = work.pop()
-        fk, s, _ = src.key(a, b)
-        P = e_in = None
-        if s is not None:
-            P = torch.maximum(M, _first_valid(s))
-            P = torch.where(P > NEG / 2, P, torch.zeros_like(P))  # no key yet: any finite reference will do
-            jumps = ((s - P[..., None]) > JUMP_LIMIT).flatten(0, 1).any(0)  # (G,)
-            if b - a > 1 and bool(jumps.any()):
-                # split at the first jumping key: the rows before it keep this reference, the key gets a
-                # group of its own (its reference includes itself), the rest starts again after it
-                t = a + int(jumps.nonzero()[0])
-                work.extend(x for x in ((t + 1, b), (t, t + 1), (a, t)) if x[1] > x[0])
-                continue
+        if (b - a) > C0 and (b - a) % C0:  # whole chunks, then one short chunk
+            cut = a + (b - a) // C0 * C0
+            work.extend(((cut, b), (a, cut)))
+            continue
+        k0, kr, s, P, jumps = _group_features(src, rot, ws, a, b, M=M)
+        if jumps is not None and b - a > 1 and bool(jumps.any()):
+            # the rows before the first jumping key keep P; the key gets a group whose P includes it
+            t = a + int(jumps.nonzero()[0])
+            work.extend(x for x in ((t + 1, b), (t, t + 1), (a, t)) if x[1] > x[0])
+            continue
+        e_in = e_out = None
+        if P is not None:
             e_in = torch.exp(M - P)
-            S, z = S * e_in[..., None, None], z * e_in[..., None]
-        k0 = _scaled(fk, s, P)
-        S_start, z_start = S, z
-        for lo, hi, C in _bulk_and_tail(a, b, cfg.chunk_size):
-            fq, qr, _ = src.query(lo, hi)
-            k = k0[:, :, lo - a:hi - a]
-            out[:, :, lo:hi], den[:, :, lo:hi], S, z = group_forward(
-                qr, fq, src.rotate(k, lo, hi), k, v[:, :, lo:hi], S, z, C, cfg.eps)
-        e_out = None
-        if s is not None:
+            S, z = S * e_in[:, None, None], z * e_in[:, None]
+        plan.append([a, b, P, e_in, None, S, z])
+        fq, qr = _query_features(src, rot, ws, a, b, r)
+        Vg = ws.get("v", BH, b - a, dv).copy_(V[:, a:b])
+        num, d, S, z = group_forward(ws, fq, qr, k0, kr, Vg, S, z, min(C0, b - a))
+        den[:, a:b] = d
+        torch.div(num, d.clamp_min(cfg.eps).unsqueeze(-1), out=out[:, a:b])
+        if P is not None:
             M_new = torch.maximum(P, s.amax(-1))
             e_out = torch.exp(P - M_new)
-            S, z, M = S * e_out[..., None, None], z * e_out[..., None], M_new
-        plan.append((a, b, P, e_in, e_out, S_start, z_start))
+            S, z, M = S * e_out[:, None, None], z * e_out[:, None], M_new
+            plan[-1][4] = e_out
     return out, den, S, z, M, plan
 
 
-def causal_backward(src: _Source, v, out, den, dout, dS, dz, plan, cfg: Config):
-    dv = torch.zeros_like(v)
-    for a, b, P, e_in, e_out, S_start, z_start in reversed(plan):
+def _output_grads(out, den, dout, eps):
+    """g = d num = dout / den and d den = -(dout . out) / den (zero where den was clamped)."""
+    denc = den.clamp_min(eps)
+    g = dout / denc.unsqueeze(-1)
+    dden = (dout * out).sum(-1).div_(denc).neg_().masked_fill_(den <= eps, 0)
+    return g, dden
+
+
+def causal_backward(src, rot, V, out, den, dout, dS, dz, plan, cfg: Config):
+    BH, N, dv = V.shape
+    r = dS.shape[1]
+    ws = Workspace(V)
+    dV = torch.empty_like(V)
+    for a, b, P, e_in, e_out, S0, z0 in reversed(plan):
         if e_out is not None:
-            dS, dz = dS * e_out[..., None, None], dz * e_out[..., None]
-        fk, s, kctx = src.key(a, b)
-        k0 = _scaled(fk, s, P)
-        dk0_all = torch.empty_like(k0)
-        parts = _bulk_and_tail(a, b, cfg.chunk_size)
-        # the tail's state comes after the bulk: recompute the bulk's end state first
-        starts = [(S_start, z_start)]
-        if len(parts) == 2:
-            lo, hi, C = parts[0]
-            k = k0[:, :, :hi - a]
-            KV, Sst = _states(_chunked(src.rotate(k, lo, hi), C), _chunked(v[:, :, lo:hi], C), S_start)
-            starts.append((Sst[:, :, -1] + KV[:, :, -1], z_start + k.sum(2)))
-        for (lo, hi, C), (S0, z0) in reversed(list(zip(parts, starts))):
-            fq, qr, qctx = src.query(lo, hi)
-            k = k0[:, :, lo - a:hi - a]
-            kr = src.rotate(k, lo, hi)
-            dqr, dq0, dkr, dk0, dv_g, dS, dz = group_backward(
-                qr, fq, kr, k, v[:, :, lo:hi], S0, z0, out[:, :, lo:hi], den[:, :, lo:hi], dout[:, :, lo:hi],
-                dS, dz, C, cfg.eps)
-            src.query_grad(lo, hi, qctx, dq0.add_(src.rotate(dqr, lo, hi, inverse=True)))
-            dk0_all[:, :, lo - a:hi - a] = dk0.add_(src.rotate(dkr, lo, hi, inverse=True))
-            dv[:, :, lo:hi] = dv_g
-        src.key_grad(a, b, kctx, s, P, k0, dk0_all)
+            dS, dz = dS * e_out[:, None, None], dz * e_out[:, None]
+        k0, kr, s, _, _ = _group_features(src, rot, ws, a, b, P=P)
+        fq, qr = _query_features(src, rot, ws, a, b, r)
+        Vg = ws.get("v", BH, b - a, dv).copy_(V[:, a:b])
+        g, dden = _output_grads(out[:, a:b], den[:, a:b], dout[:, a:b], cfg.eps)
+        unrotate = None if rot is None else (lambda x, out: rot(x, a, b, out, inverse=True))
+        dfq, dk0, dVg, dS, dz = group_backward(ws, fq, qr, k0, kr, Vg, S0, z0, g, dden, dS, dz,
+                                               min(cfg.chunk_size, b - a), unrotate)
+        dV[:, a:b] = dVg
+        src.query_grad(a, b, fq, dfq)
+        src.key_grad(a, b, k0, dk0, s, P)
         if e_in is not None:
-            dS, dz = dS * e_in[..., None, None], dz * e_in[..., None]
-    return dv, dS, dz
+            dS, dz = dS * e_in[:, None, None], dz * e_in[:, None]
+    return dV, dS, dz
 
 
 # ---------------------------------------------------------------------------------------------- bidirectional
@@ -292,89 +425,123 @@ def _groups(N: int, G: int):
     return [(a, min(a + G, N)) for a in range(0, N, G)]
 
 
-def bidirectional_forward(src: _Source, v, cfg: Config):
-    """Two passes: accumulate the key state (relative to the running max of s), then read it with the queries."""
-    B, H, N, dv = v.shape
-    r = None
-    S = z = M = None
+def bidirectional_forward(src, rot, V, r, cfg: Config):
+    """Accumulate the key state (relative to the running max of s), then read it with the queries."""
+    BH, N, dv = V.shape
+    ws = Workspace(V)
+    S, z, M = V.new_zeros(BH, r, dv), V.new_zeros(BH, r), V.new_full((BH,), NEG)
     for a, b in _groups(N, cfg.group_size):
-        fk, s, _ = src.key(a, b)
-        if S is None:
-            r = fk.shape[-1]
-            S, z = v.new_zeros(B, H, r, dv), v.new_zeros(B, H, r)
-            M = v.new_full((B, H), NEG)
+        u, s = src.key_logscale(a, b, ws.get("k0", BH, b - a, r))
+        P = None
         if s is not None:
-            M_new = torch.maximum(M, s.amax(-1))
-            e = torch.exp(M - M_new)
-            S, z, M = S * e[..., None, None], z * e[..., None], M_new
-        k0 = _scaled(fk, s, None if s is None else M)
-        S = S + src.rotate(k0, a, b).transpose(-1, -2) @ v[:, :, a:b]
-        z = z + k0.sum(2)
-    out = v.new_empty(B, H, N, dv)
-    den = v.new_empty(B, H, N)
+            P = torch.maximum(M, s.amax(-1))
+            P = torch.where(P > NEG / 2, P, torch.zeros_like(P))
+            e = torch.exp(M - P)
+            S.mul_(e[:, None, None]), z.mul_(e[:, None])
+            M = P
+        k0 = src.key_finish(a, b, u, s, P, ws.get("k0", BH, b - a, r))
+        kr = _rotated(rot, k0, a, b, ws, "kr")
+        S.baddbmm_((k0 if kr is None else kr).transpose(1, 2), V[:, a:b])
+        z.add_(k0.sum(1))
+    out, den = V.new_empty(BH, N, dv), V.new_empty(BH, N)
     for a, b in _groups(N, cfg.group_size):
-        fq, qr, _ = src.query(a, b)
-        den[:, :, a:b] = torch.linalg.vecdot(fq, z[:, :, None])
-        out[:, :, a:b] = (qr @ S).div_(den[:, :, a:b].clamp_min(cfg.eps)[..., None])
+        fq, qr = _query_features(src, rot, ws, a, b, r)
+        d = torch.bmm(fq, z.unsqueeze(-1)).squeeze(-1)
+        den[:, a:b] = d
+        torch.div(torch.bmm(fq if qr is None else qr, S), d.clamp_min(cfg.eps).unsqueeze(-1), out=out[:, a:b])
     return out, den, S, z, M
 
 
-def bidirectional_backward(src: _Source, v, out, den, dout, S, z, M, cfg: Config):
+def bidirectional_backward(src, rot, V, out, den, dout, S, z, M, cfg: Config):
+    BH, N, dv = V.shape
+    r = S.shape[1]
+    ws = Workspace(V)
     dS, dz = torch.zeros_like(S), torch.zeros_like(z)
-    for a, b in _groups(v.shape[2], cfg.group_size):
-        fq, qr, qctx = src.query(a, b)
-        d, o, do = den[:, :, a:b], out[:, :, a:b], dout[:, :, a:b]
-        denc = d.clamp_min(cfg.eps)
-        g = do / denc[..., None]
-        dden = (do * o).sum(-1).div_(denc).neg_().masked_fill_(d <= cfg.eps, 0)
-        dS += qr.transpose(-1, -2) @ g
-        dz += (fq * dden[..., None]).sum(2)
-        dfq = g @ S.transpose(-1, -2)
-        src.query_grad(a, b, qctx, src.rotate(dfq, a, b, inverse=True).add_(dden[..., None] * z[:, :, None]))
-    dv = torch.empty_like(v)
-    for a, b in _groups(v.shape[2], cfg.group_size):
-        fk, s, kctx = src.key(a, b)
-        k0 = _scaled(fk, s, None if s is None else M)
-        dv[:, :, a:b] = src.rotate(k0, a, b) @ dS
-        dk0 = src.rotate(v[:, :, a:b] @ dS.transpose(-1, -2), a, b, inverse=True).add_(dz[:, :, None])
-        src.key_grad(a, b, kctx, s, M, k0, dk0)
-    return dv
+    for a, b in _groups(N, cfg.group_size):  # queries: d S, d z, and the query gradients
+        fq, qr = _query_features(src, rot, ws, a, b, r)
+        g, dden = _output_grads(out[:, a:b], den[:, a:b], dout[:, a:b], cfg.eps)
+        dS.baddbmm_((fq if qr is None else qr).transpose(1, 2), g)
+        dz.add_(torch.bmm(dden.unsqueeze(1), fq).squeeze(1))
+        dfq = torch.bmm(g, S.transpose(1, 2))
+        if qr is not None:
+            dfq = rot(dfq, a, b, ws.get("tmp", *dfq.shape), inverse=True)
+        src.query_grad(a, b, fq, dfq.baddbmm_(dden.unsqueeze(-1), z.unsqueeze(1)))
+    dV = torch.empty_like(V)
+    for a, b in _groups(N, cfg.group_size):  # keys, at the final reference M
+        k0, kr, s, _, _ = _group_features(src, rot, ws, a, b, P=M)
+        dV[:, a:b] = torch.bmm(k0 if kr is None else kr, dS)
+        dk0 = torch.bmm(V[:, a:b], dS.transpose(1, 2))
+        if kr is not None:
+            dk0 = rot(dk0, a, b, ws.get("tmp", *dk0.shape), inverse=True)
+        src.key_grad(a, b, k0, dk0.add_(dz.unsqueeze(1)), s, M)
+    return dV
 
 
 # ---------------------------------------------------------------------------------------------- autograd
 class LinearAttentionFunction(torch.autograd.Function):
-    """out, S, z, M = f(q, k, ks, v, S0, z0); q, k are features (kind 'features') or raw inputs ('favor')."""
+    """out, S, z, M = f(q, k, ks, v, S0, z0); q, k are features (kind 'features') or raw inputs ('favor').
+
+    Tensors arrive as (B, H, N, .), states as (B, H, r, dv), (B, H, r), (B, H), all in the compute dtype;
+    ``interleaved`` is the pairing of ``cos``/``sin`` (the engine works in the half-split layout).
+    """
 
     @staticmethod
-    def forward(ctx, kind, cfg, q, k, ks, v, W, mask, cos, sin, S0, z0, M0):
-        src = _make_source(kind, q, k, ks, W, mask, cos, sin, cfg)
+    def forward(ctx, kind, cfg, interleaved, q, k, ks, v, W, mask, cos, sin, S0, z0, M0):
+        B, H, N, dv = v.shape
+        r = W.shape[0] if kind == "favor" else q.shape[-1]
+        perm = half_split_order(r, v.device) if cos is not None and interleaved else None
+        ctx.meta = (kind, cfg, perm, B, H)
+        ctx.save_for_backward(q, k, ks, v, W, mask, cos, sin)
+        src, rot, V = _prepare(ctx, q, k, ks, v, W, mask, cos, sin)
         if cfg.causal:
-            out, den, S, z, M, plan = causal_forward(src, v, S0, z0, M0, cfg)
+            S0, z0 = _to_internal(S0, perm), _to_internal(z0, perm)
+            out, den, S, z, M, plan = causal_forward(src, rot, V, S0.reshape(B * H, r, dv), z0.reshape(B * H, r),
+                                                     M0.reshape(B * H), cfg)
             ctx.plan = plan
         else:
-            out, den, S, z, M = bidirectional_forward(src, v, cfg)
-        ctx.kind, ctx.cfg = kind, cfg
-        ctx.save_for_backward(q, k, ks, v, W, mask, cos, sin, out, den, S, z, M)
+            out, den, S, z, M = bidirectional_forward(src, rot, V, r, cfg)
+        ctx.out, ctx.den, ctx.final = out, den, (S, z, M)
+        S = _to_user(S.view(B, H, r, dv), perm)
+        z = _to_user(z.view(B, H, r), perm)
         ctx.mark_non_differentiable(M)
-        return out, S, z, M
+        return out.view(B, H, N, dv), S, z, M.view(B, H)
 
     @staticmethod
     def backward(ctx, dout, dS, dz, _dM):
-        q, k, ks, v, W, mask, cos, sin, out, den, S, z, M = ctx.saved_tensors
-        cfg = ctx.cfg
-        src = _make_source(ctx.kind, q, k, ks, W, mask, cos, sin, cfg)
-        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        kind, cfg, perm, B, H = ctx.meta
+        q, k, ks, v, W, mask, cos, sin = ctx.saved_tensors
+        src, rot, V = _prepare(ctx, q, k, ks, v, W, mask, cos, sin)
+        out, den, (S, z, M) = ctx.out, ctx.den, ctx.final
+        dout = torch.zeros_like(out) if dout is None else dout.reshape(out.shape)
+        r = S.shape[1]
         if cfg.causal:
-            dS = torch.zeros_like(S) if dS is None else dS
-            dz = torch.zeros_like(z) if dz is None else dz
-            dv, dS0, dz0 = causal_backward(src, v, out, den, dout, dS, dz, ctx.plan, cfg)
+            dS = torch.zeros_like(S) if dS is None else _to_internal(dS, perm).reshape(S.shape)
+            dz = torch.zeros_like(z) if dz is None else _to_internal(dz, perm).reshape(z.shape)
+            dV, dS0, dz0 = causal_backward(src, rot, V, out, den, dout, dS, dz, ctx.plan, cfg)
+            dS0 = _to_user(dS0.view(B, H, r, -1), perm)
+            dz0 = _to_user(dz0.view(B, H, r), perm)
         else:
-            dv, dS0, dz0 = bidirectional_backward(src, v, out, den, dout, S, z, M, cfg), None, None
-        dks = getattr(src, "dks", None)
-        return None, None, src.dq, src.dk, dks, dv, None, None, None, None, dS0, dz0, None
+            dV, dS0, dz0 = bidirectional_backward(src, rot, V, out, den, dout, S, z, M, cfg), None, None
+        shape = lambda t, like: None if t is None else t.view(like.shape)  # noqa: E731
+        return (None, None, None, shape(src.dq, q), shape(src.dk, k), shape(src.dks, ks), dV.view(v.shape),
+                None, None, None, None, dS0, dz0, None)
 
 
-def _make_source(kind, q, k, ks, W, mask, cos, sin, cfg):
+def _prepare(ctx, q, k, ks, v, W, mask, cos, sin):
+    kind, cfg, perm, B, H = ctx.meta
+    flat = lambda t: t.contiguous().view(B * H, *t.shape[2:])  # noqa: E731
+    rot = None if cos is None else Rotation(cos, sin)
     if kind == "favor":
-        return FavorFeatures(q, k, W, mask, cos, sin, cfg.interleaved)
-    return GivenFeatures(q, k, ks, mask, cos, sin, cfg.interleaved)
+        src = FavorFeatures(flat(q), flat(k), W if perm is None else W[perm], mask, H)
+    else:
+        src = GivenFeatures(flat(q), flat(k), None if ks is None else flat(ks), mask, H, perm)
+    return src, rot, flat(v)
+
+
+def _to_internal(t: Tensor, perm: Tensor | None) -> Tensor:
+    """State in the caller's feature order -> the engine's (half-split) order. Features are dim 2."""
+    return t if perm is None else t.index_select(2, perm)
+
+
+def _to_user(t: Tensor, perm: Tensor | None) -> Tensor:
+    return t if perm is None else t.index_select(2, torch.argsort(perm))

@@ -1,0 +1,177 @@
+"""Time and peak-memory measurement of a callable, returned as records (no printing).
+
+* ``median_time(fn)``: median wall time after warm-up (CUDA: synchronised, timed with events).
+* ``measure(fn)``: a ``Record`` with the median time and the peak memory of the timed runs. CPU: the peak
+  resident set size (``ru_maxrss``) minus the resident size just before the timed work; CUDA:
+  ``torch.cuda.max_memory_allocated`` minus the allocation before.
+* ``run_point(case, **params)``: the same in fresh subprocesses (so one point's allocations cannot inflate the
+  next point's peak), in two passes on CPU: time with the default allocator, then peak memory (one run, no
+  warm-up) with ``MALLOC_MMAP_THRESHOLD_=131072``, so that freed tensors go back to the OS and the RSS peak
+  tracks live tensors. That setting makes every allocation over 128 KiB fresh page faults, which would distort
+  the time, hence the two passes. A timeout or crash becomes a record whose ``status`` says so.
+* ``run_series(case, lengths, ...)``: points over growing N that stop cleanly at a time or memory budget.
+
+``case`` names a factory ``"module:function"``; the factory is called with the params and returns a
+zero-argument callable doing the work (e.g. forward+backward of one attention call on prebuilt inputs).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+__all__ = ["Record", "median_time", "measure", "run_point", "run_series", "rss_bytes"]
+
+MIB = 2**20
+
+
+@dataclass
+class Record:
+    """One measured point. ``seconds`` is the median of ``times``; ``peak_mib`` the peak memory increase."""
+
+    case: str
+    params: dict
+    status: str = "ok"  # "ok", "skipped: ...", "failed: ...", "timeout"
+    seconds: float | None = None
+    times: list = field(default_factory=list)
+    peak_mib: float | None = None
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 3, device: str = "cpu"
+                ) -> tuple[float, list[float]]:
+    """Median wall seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs, and all the times."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmRSS not found in /proc/self/status")
+
+
+def measure(fn: Callable[[], object], *, case: str = "", params: dict | None = None, warmup: int = 1,
+            repeats: int = 3, device: str = "cpu") -> Record:
+    """Time ``fn`` and record the peak memory increase over its runs (see the module docstring)."""
+    if device.startswith("cuda"):
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = rss_bytes()
+    seconds, times = median_time(fn, warmup=warmup, repeats=repeats, device=device)
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return Record(case, params or {}, "ok", seconds, times, max(peak, 0) / MIB, device)
+
+
+def _load(case: str) -> Callable:
+    module, _, name = case.partition(":")
+    if not name:
+        raise ValueError(f"case: expected 'module:function', got {case!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def _subprocess(job: dict, env: dict, timeout: float) -> Record:
+    try:
+        proc = subprocess.run([sys.executable, "-m", "linrope.profiling", json.dumps(job)], capture_output=True,
+                              text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return Record(job["case"], job["params"], f"timeout after {timeout:.0f} s", device=job["device"])
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return Record(job["case"], job["params"], f"failed: {tail[:200]}", device=job["device"])
+    return Record(**json.loads(lines[-1]))
+
+
+def run_point(case: str, params: dict, *, warmup: int = 1, repeats: int = 3, device: str = "cpu",
+              timeout: float = 600.0, threads: int | None = None) -> Record:
+    """Measure ``case(**params)`` in fresh Python processes; see the module docstring."""
+    job = dict(case=case, params=params, warmup=warmup, repeats=repeats, device=device, threads=threads)
+    timed = _subprocess(job, dict(os.environ), timeout)
+    if device.startswith("cuda") or timed.status != "ok":
+        return timed
+    job.update(warmup=0, repeats=1)
+    mem = _subprocess(job, dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072"), timeout)
+    if mem.status != "ok":
+        return Record(case, params, f"memory pass {mem.status}", timed.seconds, timed.times, None, device)
+    timed.peak_mib = mem.peak_mib
+    return timed
+
+
+def run_series(case: str, lengths, params: dict, *, time_budget: float = 60.0, memory_budget_mib: float = 16384,
+               on_record: Callable[[Record], None] | None = None, **kwargs) -> list[Record]:
+    """Points for growing N (``params['n']``). After a point slower than ``time_budget`` seconds, or when the
+    next point's memory (projected from the last growth ratio) would exceed ``memory_budget_mib``, the larger
+    lengths are recorded as skipped instead of run."""
+    records, stop = [], None
+    for n in sorted(lengths):
+        p = dict(params, n=n)
+        if stop is None and len(records) >= 2 and records[-1].peak_mib and records[-2].peak_mib:
+            (n1, m1), (n2, m2) = [(x.params["n"], max(x.peak_mib, 1.0)) for x in records[-2:]]
+            projected = m2 * (m2 / m1) ** (math.log(n / n2) / math.log(n2 / n1))  # same growth law
+            if projected > memory_budget_mib:
+                stop = f"skipped: projected {projected:.0f} MiB > budget {memory_budget_mib:.0f} MiB"
+        rec = Record(case, p, stop, device=kwargs.get("device", "cpu")) if stop else run_point(case, p, **kwargs)
+        records.append(rec)
+        if on_record:
+            on_record(rec)
+        if stop is None:
+            if rec.status != "ok":
+                stop = f"skipped: a shorter length ended with {rec.status.split(':')[0]}"
+            elif rec.seconds is not None and rec.seconds > time_budget:
+                stop = f"skipped: N={n} took {rec.seconds:.1f} s > budget {time_budget:.0f} s"
+    return records
+
+
+def _child(job: dict) -> None:
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    fn = _load(job["case"])(**job["params"])
+    rec = measure(fn, case=job["case"], params=job["params"], warmup=job["warmup"], repeats=job["repeats"],
+                  device=job["device"])
+    print(json.dumps(rec.to_dict()), flush=True)
+
+
+if __name__ == "__main__":
+    _child(json.loads(sys.argv[1]))

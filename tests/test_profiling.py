@@ -1,0 +1,61 @@
+import math
+
+import pytest
+import torch
+
+from linrope.bench import causal_flops, evaluate, memory_profile, plot_profile
+from linrope.profiling import Record, measure, run_point, run_series
+
+
+def test_measure_returns_a_record_with_time_and_memory():
+    rec = measure(lambda: torch.ones(4096, 1024).sum(), case="ones", repeats=3)
+    assert rec.status == "ok" and len(rec.times) == 3 and rec.seconds == sorted(rec.times)[1]
+    assert rec.peak_mib is not None and rec.peak_mib >= 0
+
+
+def test_run_point_measures_in_a_fresh_process_and_reports_failures():
+    rec = run_point("linrope.bench:case_linrope", dict(n=256, h=2, d=16, r=32), repeats=1, timeout=120)
+    assert rec.status == "ok" and rec.seconds > 0 and rec.peak_mib > 0
+    bad = run_point("linrope.bench:no_such_case", dict(n=1), repeats=1)
+    assert bad.status.startswith("failed") and "no_such_case" in bad.status
+
+
+def test_series_stops_at_the_time_budget():
+    recs = run_series("linrope.bench:case_sdpa", [64, 128, 256], dict(h=1, d=8), time_budget=0.0, repeats=1)
+    assert recs[0].status == "ok" and all(r.status.startswith("skipped") for r in recs[1:])
+
+
+def test_memory_profile_writes_a_plot(tmp_path):
+    recs = memory_profile([128], series=["eq.19 causal", "sdpa causal"], modes=["fwd+bwd"], repeats=1)
+    assert {r.params["series"] for r in recs} == {"eq.19 causal", "sdpa causal"}
+    plot_profile(recs, str(tmp_path / "m.png"))
+    assert (tmp_path / "m.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="series"):
+        memory_profile([128], series=["flash-linear"])
+
+
+def test_targets_are_ratios_of_the_records():
+    def rec(s, m):
+        return Record("c", {}, "ok", s, [s], m)
+    recs = {"ours": rec(1.0, 100), "ours_norope": rec(0.8, 90), "ours_2n": rec(2.0, 201), "ours_mem": rec(0.2, 50),
+            "ours_bidir": rec(0.5, 80), "sdpa": rec(6.0, 200), "layer_linear": rec(1.5, 600),
+            "layer_softmax": rec(6.0, 500), "matmul": rec(2 * 2048**3 / 160e9, 1), "ft": rec(2.5, 1000),
+            "performer_noncuda_mem": rec(6.0, 2400), "performer_bidir": rec(1.7, 880)}
+    t = {x.name.split(",")[0]: x for x in evaluate(recs)}
+    assert t["speed-up over FAVOR+ features + fast-transformers causal kernel"].measured == pytest.approx(2.5)
+    assert t["speed-up over SDPA causal"].met
+    assert t["memory growth 32768/16384"].measured == pytest.approx(2.01) and t["memory growth 32768/16384"].met
+    assert t["RoPE overhead"].measured == pytest.approx(1.25) and not t["RoPE overhead"].met
+    assert t["layer peak memory vs SoftmaxAttention"].measured == pytest.approx(1.2)
+    assert t["useful FLOP rate / square-matmul rate"].measured == pytest.approx(causal_flops(16384) / 1.0 / 160e9)
+    del recs["ft"]
+    assert {x.name.split(",")[0]: x for x in evaluate(recs)}[
+        "speed-up over FAVOR+ features + fast-transformers causal kernel"].met is None
+
+
+def test_flop_count_matches_the_formula_by_hand():
+    # d = r = dv = C = 2, one position, one head, no RoPE
+    fwd = 4 * 4 + 2 * 4 + 2 * 4 + 4 * 4 + 5 * 2
+    bwd = 4 * 4 + 4 * 4 + 4 * 4 + 8 * 4 + 6 * 2
+    assert causal_flops(1, heads=1, d=2, r=2, dv=2, chunk=2, rotary=False) == fwd + bwd
+    assert math.isclose(causal_flops(16384) / causal_flops(8192), 2.0)
