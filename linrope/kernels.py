@@ -84,6 +84,18 @@ class Rotation:
 
 
 # ---------------------------------------------------------------------------------------------- feature sources
+def _rows(x: Tensor, a: int, b: int, buf: Tensor | None = None) -> Tensor:
+    """Positions [a, b) of x (B, H, N, D) as a contiguous (B*H, b-a, D): a view if possible, else copied into buf."""
+    B, H, _, D = x.shape
+    part = x[:, :, a:b]
+    if buf is None:
+        return part.reshape(B * H, b - a, D)
+    try:
+        return part.view(B * H, b - a, D) if part.is_contiguous() else buf.view(B, H, b - a, D).copy_(part).view_as(buf)
+    except RuntimeError:
+        return buf.view(B, H, b - a, D).copy_(part).view_as(buf)
+
+
 def _flat_mask(mask: Tensor | None, H: int) -> Tensor | None:
     return None if mask is None else mask[:, None].expand(-1, H, -1).reshape(-1, mask.shape[-1])
 
@@ -97,21 +109,21 @@ class FavorFeatures:
     """
 
     def __init__(self, q, k, W, mask, H):
-        d = q.shape[-1]
+        B, H, N, d = q.shape
         self.q, self.k, self.mask = q, k, _flat_mask(mask, H)
-        self.BH, self.r = q.shape[0], W.shape[0]
+        self.BH, self.r = B * H, W.shape[0]
         self.Ws = W * d ** -0.25  # u = x @ Ws^T
         self.scale2 = d ** -0.5
-        self.h = 0.5 * self.scale2 * (k * k).sum(-1)  # (BH, N): |k~|^2 / 2
-        self.dq, self.dk, self.dks = torch.empty_like(q), torch.empty_like(k), None
+        self.h = (0.5 * self.scale2 * (k * k).sum(-1)).reshape(B * H, N)  # |k~|^2 / 2
+        self.dq, self.dk, self.dks = q.new_empty(B * H, N, d), k.new_empty(B * H, N, d), None
 
     def query(self, a, b, buf):
-        torch.matmul(self.q[:, a:b], self.Ws.t(), out=buf)
+        torch.matmul(_rows(self.q, a, b), self.Ws.t(), out=buf)
         return buf.sub_(buf.amax(-1, keepdim=True)).exp_()
 
     def key_logscale(self, a, b, buf):
         """Writes u into ``buf``; returns (buf, s) with s (BH, G), NEG for padded keys."""
-        torch.matmul(self.k[:, a:b], self.Ws.t(), out=buf)
+        torch.matmul(_rows(self.k, a, b), self.Ws.t(), out=buf)
         s = buf.amax(-1).sub_(self.h[:, a:b])
         if self.mask is not None:
             s.masked_fill_(~self.mask[:, a:b], NEG)
@@ -129,25 +141,27 @@ class FavorFeatures:
     def key_grad(self, a, b, k0, dk0, s, P):
         du = dk0.mul_(k0)  # d/du of exp(u - h - P)
         g = du @ self.Ws
-        g.sub_(du.sum(-1, keepdim=True) * self.k[:, a:b], alpha=self.scale2)  # d/dk of -h = -scale2 k
+        g.sub_(du.sum(-1, keepdim=True) * _rows(self.k, a, b), alpha=self.scale2)  # d/dk of -h = -scale2 k
         self.dk[:, a:b] = g
 
 
 class GivenFeatures:
-    """Precomputed features qf, kf (BH, N, r) and optional key log-scales ks (BH, N); ``perm`` reorders features."""
+    """Precomputed features qf, kf (B, H, N, r), optional key log-scales ks (B, H, N); ``perm`` reorders features."""
 
     def __init__(self, qf, kf, ks, mask, H, perm):
-        self.qf, self.kf, self.ks, self.mask, self.perm = qf, kf, ks, _flat_mask(mask, H), perm
-        self.BH, self.r = qf.shape[0], qf.shape[-1]
+        B, H, N, r = qf.shape
+        self.qf, self.kf, self.mask, self.perm = qf, kf, _flat_mask(mask, H), perm
+        self.ks = None if ks is None else ks.reshape(B * H, N)
+        self.BH, self.r = B * H, r
         self.inv = None if perm is None else torch.argsort(perm)
-        self.dq, self.dk = torch.empty_like(qf), torch.empty_like(kf)
-        self.dks = None if ks is None else torch.empty_like(ks)
+        self.dq, self.dk = qf.new_empty(B * H, N, r), kf.new_empty(B * H, N, r)
+        self.dks = None if ks is None else ks.new_empty(B * H, N)
 
     def _take(self, x, a, b, buf):
         if self.perm is not None:
-            return torch.index_select(x[:, a:b], -1, self.perm, out=buf)
-        view = x[:, a:b]
-        return view if view.is_contiguous() else buf.copy_(view)  # the chunked bmm needs (BH, G, r) contiguous
+            B, H = x.shape[:2]
+            return torch.index_select(x[:, :, a:b], -1, self.perm, out=buf.view(B, H, b - a, -1)).view_as(buf)
+        return _rows(x, a, b, buf)  # the chunked bmm needs (BH, G, r) contiguous
 
     def _put(self, dst, a, b, g):
         dst[:, a:b] = g if self.inv is None else g.index_select(-1, self.inv)
@@ -352,7 +366,8 @@ def _query_features(src, rot, ws, a, b, r):
 
 def causal_forward(src, rot, V, S, z, M, cfg: Config):
     """Run all groups; returns num-divided outputs, den, the final (S, z, M) and the plan the backward replays."""
-    BH, N, dv = V.shape
+    B, H, N, dv = V.shape
+    BH = B * H
     r = S.shape[1]
     ws = Workspace(V)
     out, den = V.new_empty(BH, N, dv), V.new_empty(BH, N)
@@ -377,7 +392,7 @@ def causal_forward(src, rot, V, S, z, M, cfg: Config):
             S, z = S * e_in[:, None, None], z * e_in[:, None]
         plan.append([a, b, P, e_in, None, S, z])
         fq, qr = _query_features(src, rot, ws, a, b, r)
-        Vg = ws.get("v", BH, b - a, dv).copy_(V[:, a:b])
+        Vg = _rows(V, a, b, ws.get("v", BH, b - a, dv))
         num, d, S, z = group_forward(ws, fq, qr, k0, kr, Vg, S, z, min(C0, b - a))
         den[:, a:b] = d
         torch.div(num, d.clamp_min(cfg.eps).unsqueeze(-1), out=out[:, a:b])
@@ -398,16 +413,17 @@ def _output_grads(out, den, dout, eps):
 
 
 def causal_backward(src, rot, V, out, den, dout, dS, dz, plan, cfg: Config):
-    BH, N, dv = V.shape
+    B, H, N, dv = V.shape
+    BH = B * H
     r = dS.shape[1]
     ws = Workspace(V)
-    dV = torch.empty_like(V)
+    dV = V.new_empty(BH, N, dv)
     for a, b, P, e_in, e_out, S0, z0 in reversed(plan):
         if e_out is not None:
             dS, dz = dS * e_out[:, None, None], dz * e_out[:, None]
         k0, kr, s, _, _ = _group_features(src, rot, ws, a, b, P=P)
         fq, qr = _query_features(src, rot, ws, a, b, r)
-        Vg = ws.get("v", BH, b - a, dv).copy_(V[:, a:b])
+        Vg = _rows(V, a, b, ws.get("v", BH, b - a, dv))
         g, dden = _output_grads(out[:, a:b], den[:, a:b], dout[:, a:b], cfg.eps)
         unrotate = None if rot is None else (lambda x, out: rot(x, a, b, out, inverse=True))
         dfq, dk0, dVg, dS, dz = group_backward(ws, fq, qr, k0, kr, Vg, S0, z0, g, dden, dS, dz,
@@ -427,7 +443,8 @@ def _groups(N: int, G: int):
 
 def bidirectional_forward(src, rot, V, r, cfg: Config):
     """Accumulate the key state (relative to the running max of s), then read it with the queries."""
-    BH, N, dv = V.shape
+    B, H, N, dv = V.shape
+    BH = B * H
     ws = Workspace(V)
     S, z, M = V.new_zeros(BH, r, dv), V.new_zeros(BH, r), V.new_full((BH,), NEG)
     for a, b in _groups(N, cfg.group_size):
@@ -441,7 +458,7 @@ def bidirectional_forward(src, rot, V, r, cfg: Config):
             M = P
         k0 = src.key_finish(a, b, u, s, P, ws.get("k0", BH, b - a, r))
         kr = _rotated(rot, k0, a, b, ws, "kr")
-        S.baddbmm_((k0 if kr is None else kr).transpose(1, 2), V[:, a:b])
+        S.baddbmm_((k0 if kr is None else kr).transpose(1, 2), _rows(V, a, b, ws.get("v", BH, b - a, dv)))
         z.add_(k0.sum(1))
     out, den = V.new_empty(BH, N, dv), V.new_empty(BH, N)
     for a, b in _groups(N, cfg.group_size):
@@ -453,7 +470,8 @@ def bidirectional_forward(src, rot, V, r, cfg: Config):
 
 
 def bidirectional_backward(src, rot, V, out, den, dout, S, z, M, cfg: Config):
-    BH, N, dv = V.shape
+    B, H, N, dv = V.shape
+    BH = B * H
     r = S.shape[1]
     ws = Workspace(V)
     dS, dz = torch.zeros_like(S), torch.zeros_like(z)
@@ -466,11 +484,11 @@ def bidirectional_backward(src, rot, V, out, den, dout, S, z, M, cfg: Config):
         if qr is not None:
             dfq = rot(dfq, a, b, ws.get("tmp", *dfq.shape), inverse=True)
         src.query_grad(a, b, fq, dfq.baddbmm_(dden.unsqueeze(-1), z.unsqueeze(1)))
-    dV = torch.empty_like(V)
+    dV = V.new_empty(BH, N, dv)
     for a, b in _groups(N, cfg.group_size):  # keys, at the final reference M
         k0, kr, s, _, _ = _group_features(src, rot, ws, a, b, P=M)
         dV[:, a:b] = torch.bmm(k0 if kr is None else kr, dS)
-        dk0 = torch.bmm(V[:, a:b], dS.transpose(1, 2))
+        dk0 = torch.bmm(_rows(V, a, b, ws.get("v", BH, b - a, dv)), dS.transpose(1, 2))
         if kr is not None:
             dk0 = rot(dk0, a, b, ws.get("tmp", *dk0.shape), inverse=True)
         src.key_grad(a, b, k0, dk0.add_(dz.unsqueeze(1)), s, M)
@@ -529,13 +547,12 @@ class LinearAttentionFunction(torch.autograd.Function):
 
 def _prepare(ctx, q, k, ks, v, W, mask, cos, sin):
     kind, cfg, perm, B, H = ctx.meta
-    flat = lambda t: t.contiguous().view(B * H, *t.shape[2:])  # noqa: E731
     rot = None if cos is None else Rotation(cos, sin)
     if kind == "favor":
-        src = FavorFeatures(flat(q), flat(k), W if perm is None else W[perm], mask, H)
+        src = FavorFeatures(q, k, W if perm is None else W[perm], mask, H)
     else:
-        src = GivenFeatures(flat(q), flat(k), None if ks is None else flat(ks), mask, H, perm)
-    return src, rot, flat(v)
+        src = GivenFeatures(q, k, ks, mask, H, perm)
+    return src, rot, v
 
 
 def _to_internal(t: Tensor, perm: Tensor | None) -> Tensor:
