@@ -17,9 +17,10 @@ How, and why:
   it runs 30-80x slower than an elementwise pass on CPU; short Python scans over slices are cheaper.
 * The normalizer is never rotated. Without RoPE it is the row sum of the masked score matrix (free); with RoPE
   it is fq . (running key sum), the key sum scanned within chunks (no second C x C product).
-* The rotation runs in the half-split layout on contiguous halves. With the interleaved pairing the feature
-  order is permuted on the way in (projection rows, or feature columns) and states on the way out: dot products,
-  hence outputs, do not depend on the order of features.
+* The rotation runs on interleaved pairs viewed as complex numbers: one complex multiply, a single memory pass,
+  where cos/sin arithmetic takes four. With the half-split pairing the feature order is permuted on the way in
+  (projection rows, or feature columns) and states on the way out: dot products, hence outputs, do not depend
+  on the order of features.
 * Key magnitudes: keys arrive as (u, s) with k0 = exp(u - h - P) (FAVOR+) or f exp(s - P), s a per-key
   log-scale. P, the reference of a group, is the running max of s over keys up to the group's first position:
   causal, so an output never looks at a later key. A key exceeding P by more than JUMP_LIMIT splits the group
@@ -46,9 +47,9 @@ class Config:
     eps: float
 
 
-def half_split_order(r: int, device=None) -> Tensor:
-    """Feature order that turns interleaved pairs (2i, 2i+1) into half-split pairs (i, i + r/2)."""
-    return torch.cat((torch.arange(0, r, 2, device=device), torch.arange(1, r, 2, device=device)))
+def interleaved_order(r: int, device=None) -> Tensor:
+    """Feature order that turns half-split pairs (i, i + r/2) into interleaved pairs (2i, 2i+1)."""
+    return torch.stack((torch.arange(r // 2, device=device), torch.arange(r // 2, r, device=device)), 1).flatten()
 
 
 class Workspace:
@@ -67,19 +68,21 @@ class Workspace:
         return buf[:n].view(shape)
 
 
+def _as_complex(x: Tensor) -> Tensor:
+    if x.storage_offset() % 2:  # view_as_complex needs an even offset
+        x = x.clone()
+    return torch.view_as_complex(x.view(*x.shape[:-1], -1, 2))
+
+
 class Rotation:
-    """R_n in the half-split layout, applied to (BH, G, r) into a separate buffer."""
+    """R_n on interleaved pairs of (BH, G, r), written into a separate buffer: (x0 + i x1) * exp(i n theta)."""
 
     def __init__(self, cos: Tensor, sin: Tensor):
-        self.cos, self.sin = cos, sin  # (N, r/2)
+        self.rot = torch.complex(cos, sin)  # (N, r/2)
+        self.inv = self.rot.conj().resolve_conj()
 
     def __call__(self, x: Tensor, a: int, b: int, out: Tensor, inverse: bool = False) -> Tensor:
-        h = x.shape[-1] // 2
-        c, s = self.cos[a:b], self.sin[a:b]
-        x1, x2, o1, o2 = x[..., :h], x[..., h:], out[..., :h], out[..., h:]
-        sign = 1.0 if inverse else -1.0
-        torch.mul(x1, c, out=o1).addcmul_(x2, s, value=sign)  # x1 cos - x2 sin
-        torch.mul(x2, c, out=o2).addcmul_(x1, s, value=-sign)  # x2 cos + x1 sin
+        torch.mul(_as_complex(x), (self.inv if inverse else self.rot)[a:b], out=_as_complex(out))
         return out
 
 
@@ -210,21 +213,24 @@ def _tril(C: int, like: Tensor) -> Tensor:
     return _TRIL[key]
 
 
+# The scans below are Python loops over slices; ``unbind`` makes all the slices in one call, which halves the
+# per-step overhead that dominates them.
 def _exclusive_scan(X: Tensor, init: Tensor, out: Tensor) -> Tensor:
     """out[:, c] = init + sum_{c' < c} X[:, c'] along dim 1; returns init + sum of all X."""
-    out[:, 0] = init
-    for c in range(1, X.shape[1]):
-        torch.add(out[:, c - 1], X[:, c - 1], out=out[:, c])
-    return out[:, -1] + X[:, -1]
+    xs, os = X.unbind(1), out.unbind(1)
+    os[0].copy_(init)
+    for c in range(1, len(xs)):
+        torch.add(os[c - 1], xs[c - 1], out=os[c])
+    return os[-1] + xs[-1]
 
 
 def _reverse_scan(X: Tensor, init: Tensor, out: Tensor) -> Tensor:
     """out[:, c] = init + sum_{c' > c} X[:, c'] along dim 1; returns init + sum of all X."""
-    n = X.shape[1]
-    out[:, n - 1] = init
-    for c in range(n - 2, -1, -1):
-        torch.add(out[:, c + 1], X[:, c + 1], out=out[:, c])
-    return out[:, 0] + X[:, 0]
+    xs, os = X.unbind(1), out.unbind(1)
+    os[-1].copy_(init)
+    for c in range(len(xs) - 2, -1, -1):
+        torch.add(os[c + 1], xs[c + 1], out=os[c])
+    return os[0] + xs[0]
 
 
 def _prefix_keys(ws, k0, zst, nc, C):
@@ -233,11 +239,12 @@ def _prefix_keys(ws, k0, zst, nc, C):
     C-major makes every step one contiguous add; scanning rows of (BH, nc, C, r) in place is ~10x slower.
     """
     BH, G, r = k0.shape
-    kt = k0.view(BH * nc, C, r).transpose(0, 1)
+    kt = k0.view(BH * nc, C, r).transpose(0, 1).unbind(0)
     Z = ws.get("Z", C, BH * nc, r)
-    torch.add(zst.view(BH * nc, r), kt[0], out=Z[0])
+    zs = Z.unbind(0)
+    torch.add(zst.view(BH * nc, r), kt[0], out=zs[0])
     for i in range(1, C):
-        torch.add(Z[i - 1], kt[i], out=Z[i])
+        torch.add(zs[i - 1], kt[i], out=zs[i])
     return Z
 
 
@@ -319,11 +326,12 @@ def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, unrotat
         dfq = unrotate(dQ, ws.get("dfq", BH, G, r))
         dfq.view(BH * nc, C, r).transpose(0, 1).addcmul_(_prefix_keys(ws, k0, zst, nc, C), ddt)
         # d k0_n = sum_{t >= n in the chunk} dden_t fq_t + (later chunks' share): a reverse scan, C-major
-        fqt = fq.view(BH * nc, C, r).transpose(0, 1)
+        fqt = fq.view(BH * nc, C, r).transpose(0, 1).unbind(0)
         W = ws.get("Z", C, BH * nc, r)
-        torch.addcmul(dks.view(BH * nc, r), fqt[C - 1], ddt[C - 1], out=W[C - 1])
+        ws_, dd = W.unbind(0), ddt.unbind(0)
+        torch.addcmul(dks.view(BH * nc, r), fqt[C - 1], dd[C - 1], out=ws_[C - 1])
         for i in range(C - 2, -1, -1):
-            torch.addcmul(W[i + 1], fqt[i], ddt[i], out=W[i])
+            torch.addcmul(ws_[i + 1], fqt[i], dd[i], out=ws_[i])
         dk0 = unrotate(dK, ws.get("dk0", BH, G, r))
         dk0.view(BH * nc, C, r).transpose(0, 1).add_(W)
         return dfq, dk0, dVg, dS_in, dz_in
@@ -500,14 +508,14 @@ class LinearAttentionFunction(torch.autograd.Function):
     """out, S, z, M = f(q, k, ks, v, S0, z0); q, k are features (kind 'features') or raw inputs ('favor').
 
     Tensors arrive as (B, H, N, .), states as (B, H, r, dv), (B, H, r), (B, H), all in the compute dtype;
-    ``interleaved`` is the pairing of ``cos``/``sin`` (the engine works in the half-split layout).
+    ``interleaved`` is the pairing of ``cos``/``sin`` (the engine works on interleaved pairs).
     """
 
     @staticmethod
     def forward(ctx, kind, cfg, interleaved, q, k, ks, v, W, mask, cos, sin, S0, z0, M0):
         B, H, N, dv = v.shape
         r = W.shape[0] if kind == "favor" else q.shape[-1]
-        perm = half_split_order(r, v.device) if cos is not None and interleaved else None
+        perm = interleaved_order(r, v.device) if cos is not None and not interleaved else None
         ctx.meta = (kind, cfg, perm, B, H)
         ctx.save_for_backward(q, k, ks, v, W, mask, cos, sin)
         src, rot, V = _prepare(ctx, q, k, ks, v, W, mask, cos, sin)
@@ -556,7 +564,7 @@ def _prepare(ctx, q, k, ks, v, W, mask, cos, sin):
 
 
 def _to_internal(t: Tensor, perm: Tensor | None) -> Tensor:
-    """State in the caller's feature order -> the engine's (half-split) order. Features are dim 2."""
+    """State in the caller's feature order -> the engine's (interleaved) order. Features are dim 2."""
     return t if perm is None else t.index_select(2, perm)
 
 

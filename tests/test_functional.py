@@ -42,15 +42,15 @@ def test_explicit_positions_with_offset(causal):
     assert_close("int offset", ref, linear_attention(qf, kf, v, causal=causal, rotary=rot, positions=1000), rtol=1e-10)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("rope", [None, "interleaved", "half"])
 def test_favor_attention_matches_reference_outputs_and_gradients(causal, rope):
     q, k, v = qkv(N=70)
     for t in (q, k, v):
         t.requires_grad_()
     W = FavorPlus(8, 16, seed=2).double().projection
-    rot = RotaryEmbedding(16) if rope else None
-    R = rotation_matrices(torch.arange(70), 16) if rope else None
+    rot = RotaryEmbedding(16, interleaved=rope == "interleaved") if rope else None
+    R = rotation_matrices(torch.arange(70), 16, interleaved=rope == "interleaved") if rope else None
     ref = eq19(favor_features(q, W), favor_features(k, W), v, causal=causal, R=R)
     got = favor_attention(q, k, v, W, causal=causal, rotary=rot, chunk_size=16, group_size=32)
     assert_close("out", ref, got, rtol=1e-10)
@@ -62,11 +62,11 @@ def test_favor_attention_matches_reference_outputs_and_gradients(causal, rope):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-@pytest.mark.parametrize("rope", [False, True], ids=["norope", "rope"])
+@pytest.mark.parametrize("rope", [None, "interleaved", "half"])
 def test_gradcheck(causal, rope):
     q, k, v = qkv(B=1, H=2, N=11, d=4, dv=3)
     W = FavorPlus(4, 6, seed=1).double().projection
-    rot = RotaryEmbedding(6) if rope else None
+    rot = RotaryEmbedding(6, interleaved=rope == "interleaved") if rope else None
     inputs = [t.requires_grad_() for t in (q, k, v)]
     assert torch.autograd.gradcheck(
         lambda q, k, v: favor_attention(q, k, v, W, causal=causal, rotary=rot, chunk_size=4, group_size=8), inputs)
