@@ -1,0 +1,35 @@
+"""Length extrapolation: evaluate language-model checkpoints trained at length N at N, 2N, 4N, 8N, and the loss by
+position bucket (does the loss rise past the trained length?).
+
+    python experiments/long_context.py --preset quick               # trains the checkpoints first
+    python experiments/extrapolation.py --runs experiments/results/long_context
+
+Writes extrapolation.csv, buckets.csv and extrapolation.png to --out.
+"""
+
+import argparse
+from pathlib import Path
+
+from linrope.sweeps import parse_list, run_extrapolation
+
+
+def main():
+    here = Path(__file__).parent / "results"
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="+", default=[str(here / "long_context")],
+                   help="directories searched for ckpt.pt, or checkpoint files")
+    p.add_argument("--factors", default="1,2,4,8", help="evaluation lengths as multiples of the training length")
+    p.add_argument("--eval-tokens", type=int, default=32768, help="validation tokens per evaluation length")
+    p.add_argument("--buckets", type=int, default=8, help="position buckets per evaluation length")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=str(here / "extrapolation"))
+    a = p.parse_args()
+    try:
+        run_extrapolation(a.runs, factors=parse_list(a.factors, int, "factors"), eval_tokens=a.eval_tokens,
+                          buckets=a.buckets, device=a.device, out=a.out)
+    except ValueError as e:  # a bad argument: say which, with the usage
+        p.error(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""A small causal byte-level Transformer language model with pluggable attention, all of it in this file.
+
+Pre-norm blocks (RMSNorm -> attention -> residual, RMSNorm -> MLP -> residual), tied input/output byte
+embeddings (vocabulary 256), in the spirit of nanoGPT's ``model.py``. The attention is picked by one name,
+``ModelConfig.attention``, from ``VARIANTS``:
+
+=====================  ==================================================================================
+``softmax-rope``       softmax attention, RoPE on q and k: the quality ceiling
+``softmax-abs``        softmax attention, sinusoidal absolute positions added to the embeddings
+``linear-rope``        linear attention, RoPE on the features phi(q), phi(k), normalizer unrotated
+                       (RoFormer eq. 19, the paper's proposal)
+``linear-rope-inputs`` linear attention, RoPE on q and k *before* the feature map (what performer-pytorch does)
+``linear-abs``         linear attention, sinusoidal absolute positions (the classic Performer)
+``linear-nope``        linear attention, no positions at all
+``linear-rope-rotden`` ablation: eq. 19 with the normalizer rotated too; it can vanish or turn negative
+=====================  ==================================================================================
+
+Linear variants use ``ModelConfig.feature_map`` ('favor+' by default, or 'trig', 'relu', 'elu').
+Shape legend: B batch, N sequence length, C model width (``dim``), V vocabulary (256).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import LinearRotaryAttention, SoftmaxAttention
+from .features import FEATURE_MAPS
+
+__all__ = ["Variant", "VARIANTS", "ModelConfig", "RMSNorm", "MLP", "Block", "ByteLM", "sinusoidal_positions"]
+
+VOCAB_SIZE = 256  # bytes
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How one named attention variant is built."""
+
+    kind: str                        # 'softmax' or 'linear'
+    rope: str | None                 # the layers' ``rope=`` argument
+    absolute: bool                   # add sinusoidal absolute positions to the token embeddings
+    rotate_normalizer: bool = False  # ablation of eq. 19 (linear, rope='features' only)
+
+
+VARIANTS: dict[str, Variant] = {
+    "softmax-rope": Variant("softmax", "inputs", absolute=False),
+    "softmax-abs": Variant("softmax", None, absolute=True),
+    "linear-rope": Variant("linear", "features", absolute=False),
+    "linear-rope-inputs": Variant("linear", "inputs", absolute=False),
+    "linear-abs": Variant("linear", None, absolute=True),
+    "linear-nope": Variant("linear", None, absolute=False),
+    "linear-rope-rotden": Variant("linear", "features", absolute=False, rotate_normalizer=True),
+}
+
+
+@dataclass
+class ModelConfig:
+    attention: str = "linear-rope"   # a key of VARIANTS
+    n_layer: int = 3
+    dim: int = 128
+    heads: int = 4                   # dim_head = dim // heads
+    mlp_ratio: int = 4               # MLP hidden width = mlp_ratio * dim
+    feature_map: str = "favor+"      # linear variants only: 'favor+', 'trig', 'relu' or 'elu'
+    nb_features: int = 64            # random features r per head (linear variants; even for RoPE on features)
+    redraw_interval: int | None = None  # redraw the random projections every this many training forwards
+    feature_seed: int = 0            # layer i draws its projection from seed feature_seed * 1000 + i, so every
+                                     # DDP rank (and every resumed run) holds the same features
+    chunk_size: int = 64             # chunk of the causal linear-attention engine
+    rope_base: float = 10000.0
+    abs_scale: float | None = None   # RMS of the sinusoidal positions; None = the embeddings' init RMS (0.02).
+                                     # At unit scale they swamp the std-0.02 embeddings and a small model stays
+                                     # at the unigram level (~4.9 bits per byte).
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.attention not in VARIANTS:
+            raise ValueError(f"attention: expected one of {sorted(VARIANTS)}, got {self.attention!r}")
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map: expected one of {sorted(FEATURE_MAPS)}, got {self.feature_map!r}")
+        for name in ("n_layer", "dim", "heads", "mlp_ratio", "nb_features", "chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim: must be divisible by heads={self.heads}, got {self.dim}")
+        if self.abs_scale is not None and not self.abs_scale > 0:
+            raise ValueError(f"abs_scale: expected None or a number > 0, got {self.abs_scale!r}")
+
+    @property
+    def variant(self) -> Variant:
+        return VARIANTS[self.attention]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sinusoidal_positions(n: int, dim: int, *, offset: int = 0, device=None) -> Tensor:
+    """Transformer sinusoids (Vaswani et al. 2017): (n, dim), columns [sin(p w_i), cos(p w_i)], RMS 1/sqrt(2).
+
+    Computed on the fly for any length, so models with absolute positions can be evaluated beyond the
+    length they were trained at (``experiments/extrapolation.py``).
+    """
+    half = dim // 2
+    inv_freq = 10000.0 ** (-torch.arange(half, dtype=torch.float64, device=device) / half)
+    angles = torch.arange(offset, offset + n, dtype=torch.float64, device=device)[:, None] * inv_freq  # (n, dim/2)
+    table = torch.cat((angles.sin(), angles.cos()), dim=-1)
+    return F.pad(table, (0, dim - 2 * half)).float()  # odd dim: a zero column
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dimension (Zhang & Sennrich 2019), computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.dim, config.mlp_ratio * config.dim)
+        self.proj = nn.Linear(config.mlp_ratio * config.dim, config.dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+def make_attention(config: ModelConfig, layer: int) -> nn.Module:
+    """The causal attention layer of block ``layer`` for ``config.attention``; input and output (B, N, C)."""
+    v = config.variant
+    dim_head = config.dim // config.heads
+    if v.kind == "softmax":
+        return SoftmaxAttention(config.dim, heads=config.heads, dim_head=dim_head, causal=True, rope=v.rope,
+                                rope_base=config.rope_base)
+    return LinearRotaryAttention(config.dim, heads=config.heads, dim_head=dim_head, nb_features=config.nb_features,
+                                 causal=True, feature_map=config.feature_map, rope=v.rope, rope_base=config.rope_base,
+                                 rotate_normalizer=v.rotate_normalizer, redraw_interval=config.redraw_interval,
+                                 seed=config.feature_seed * 1000 + layer, chunk_size=config.chunk_size)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.norm1 = RMSNorm(config.dim)
+        self.attn = make_attention(config, layer)
+        self.norm2 = RMSNorm(config.dim)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ByteLM(nn.Module):
+    """Causal byte-level language model: ``forward(idx)`` maps bytes (B, N) to next-byte logits (B, N, 256)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config: expected a ModelConfig, got {type(config).__name__}")
+        self.config = config
+        self.embed = nn.Embedding(VOCAB_SIZE, config.dim)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.dim)
+        # The sinusoid is scaled to the embeddings' RMS: at unit RMS it drowns the token signal at init.
+        self.abs_scale = (config.abs_scale if config.abs_scale is not None else config.init_std) * math.sqrt(2)
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 n_layer) so the residual stream's variance stays put.
+        for block in self.blocks:
+            for proj in (block.attn.to_out, block.mlp.proj):
+                nn.init.normal_(proj.weight, std=config.init_std / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: Tensor) -> Tensor:
+        if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
+            what = f"{idx.dtype} tensor of shape {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
+            raise ValueError(f"idx: expected a (B, N) int64 tensor of bytes, got {what}")
+        x = self.embed(idx)  # (B, N, C)
+        if self.config.variant.absolute:
+            x = x + self.abs_scale * sinusoidal_positions(idx.shape[1], self.config.dim, device=idx.device).to(x.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x) @ self.embed.weight.t()  # tied embeddings: (B, N, C) x (C, V) -> (B, N, V)
+
+    def projections(self) -> list[Tensor]:
+        """The random feature projections of the linear layers (empty for softmax and 'elu'), for checks."""
+        return [m.projection for m in self.modules() if hasattr(m, "projection") and isinstance(m.projection, Tensor)]

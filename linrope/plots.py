@@ -1,0 +1,180 @@
+"""Figures of the experiments, drawn from the rows the runs wrote (so any figure can be rebuilt offline).
+
+Rows are dicts as in ``results.csv``: ``variant``, ``length``, ``seed``, ``step``, ``split`` and the metric.
+Across seeds a line is the mean and the shaded band spans the minimum to the maximum.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+
+__all__ = ["read_rows", "plot_curves", "plot_accuracy_vs_length", "plot_extrapolation", "mean_band"]
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a results CSV written by ``linrope.sweeps`` with numbers parsed (empty cells become None), so
+    that a figure can be redrawn offline, e.g. ``plot_curves(read_rows("results.csv"), "curves.png")``."""
+    def parse(text: str):
+        if text == "":
+            return None
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+
+    with open(path, newline="") as f:
+        return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def mean_band(values: list[float]) -> tuple[float, float, float]:
+    """(mean, min, max) of the finite values (NaN if none)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan, math.nan
+    return sum(finite) / len(finite), min(finite), max(finite)
+
+
+def _color(i: int):
+    return _pyplot().get_cmap("tab10")(i % 10)
+
+
+def plot_curves(rows: list[dict], path: str | Path, *, metric: str = "bpb", title: str = "",
+                reference: float | None = None, reference_label: str = "") -> None:
+    """One column per sequence length: validation ``metric`` (top) and training loss in the same units (bottom,
+    bits per byte for ``metric='bpb'``, nats otherwise) against step, one line per variant (mean over seeds, band
+    min..max). ``reference`` draws a dotted horizontal line (e.g. the unigram entropy)."""
+    plt = _pyplot()
+    lengths = sorted({r["length"] for r in rows})
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    fig, axes = plt.subplots(2, len(lengths), figsize=(max(7.0, 5.5 * len(lengths)), 7.5), squeeze=False,
+                             sharex="col")
+    for col, n in enumerate(lengths):
+        for row_i, (split, key) in enumerate((("val", metric), ("train", "loss"))):
+            ax = axes[row_i][col]
+            for i, variant in enumerate(variants):
+                curve: dict[int, list[float]] = defaultdict(list)
+                seeds = set()
+                for r in rows:
+                    if r["length"] == n and r["variant"] == variant and r["split"] == split and r.get(key) is not None:
+                        value = float(r[key])
+                        if split == "train" and metric == "bpb":
+                            value /= math.log(2)
+                        curve[int(r["step"])].append(value)
+                        seeds.add(r["seed"])
+                if not curve:
+                    continue
+                steps = sorted(curve)
+                stats = [mean_band(curve[s]) for s in steps]
+                ax.plot(steps, [s[0] for s in stats], color=_color(i), label=f"{variant} ({len(seeds)} seed{'s' * (len(seeds) != 1)})")
+                if len(seeds) > 1:
+                    ax.fill_between(steps, [s[1] for s in stats], [s[2] for s in stats], color=_color(i), alpha=0.2)
+            if reference is not None and split == "val":
+                ax.axhline(reference, color="gray", linestyle=":", label=reference_label)
+            unit = ("bits per byte" if metric == "bpb" else "loss (nats)") if split == "train" else metric
+            ax.set_title(f"N = {n}: {split} {unit}")
+            ax.set_ylabel(f"{split} {unit}")
+            ax.grid(alpha=0.3)
+            if metric == "bpb":  # the first evaluation (8 bits, untrained) would squash every curve
+                finite = [float(r[key]) / (math.log(2) if split == "train" else 1) for r in rows
+                          if r["length"] == n and r["split"] == split and r["step"] > 0 and r.get(key) is not None
+                          and math.isfinite(float(r[key]))]
+                if finite:
+                    top = min(max(finite), 6.5)
+                    if reference is not None and split == "val":
+                        top = max(top, reference)
+                    ax.set_ylim(min(finite) - 0.1, top + 0.1)
+        axes[-1][col].set_xlabel("step")
+        axes[0][col].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_length(rows: list[dict], path: str | Path, *, title: str = "",
+                            chance: float | None = None) -> None:
+    """Final accuracy (``rows``: one per variant, length, seed with ``accuracy``) against sequence length, one
+    line per variant (mean over seeds, band min..max)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, variant in enumerate(dict.fromkeys(r["variant"] for r in rows)):
+        by_len: dict[int, list[float]] = defaultdict(list)
+        for r in rows:
+            if r["variant"] == variant:
+                by_len[int(r["length"])].append(float(r["accuracy"]))
+        lengths = sorted(by_len)
+        stats = [mean_band(by_len[n]) for n in lengths]
+        ax.plot(lengths, [s[0] for s in stats], "o-", color=_color(i), label=variant)
+        ax.fill_between(lengths, [s[1] for s in stats], [s[2] for s in stats], color=_color(i), alpha=0.2)
+    if chance is not None:
+        ax.axhline(chance, color="gray", linestyle=":", label="chance")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_extrapolation(rows: list[dict], bucket_rows: list[dict], path: str | Path, *, title: str = "") -> None:
+    """Left: validation bpb against evaluation length (``rows``: variant, train_length, eval_length, seed, bpb).
+    Right: bpb by position bucket at the longest evaluation length (``bucket_rows``: variant, eval_length, seed,
+    start, end, bpb). Lines are means over seeds, bands min..max."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    longest = max(int(r["eval_length"]) for r in bucket_rows) if bucket_rows else None
+    for i, variant in enumerate(variants):
+        for train_len in sorted({r["train_length"] for r in rows if r["variant"] == variant}):
+            by_len: dict[int, list[float]] = defaultdict(list)
+            for r in rows:
+                if r["variant"] == variant and r["train_length"] == train_len:
+                    by_len[int(r["eval_length"])].append(float(r["bpb"]))
+            lengths = sorted(by_len)
+            stats = [mean_band(by_len[n]) for n in lengths]
+            left.plot(lengths, [s[0] for s in stats], "o-", color=_color(i),
+                      label=f"{variant} (trained at {train_len})")
+            left.fill_between(lengths, [s[1] for s in stats], [s[2] for s in stats], color=_color(i), alpha=0.2)
+        buckets: dict[int, list[float]] = defaultdict(list)
+        for r in bucket_rows:
+            if r["variant"] == variant and int(r["eval_length"]) == longest:
+                buckets[int(r["end"])].append(float(r["bpb"]))
+        if buckets:
+            ends = sorted(buckets)
+            stats = [mean_band(buckets[e]) for e in ends]
+            right.plot(ends, [s[0] for s in stats], "o-", color=_color(i), label=variant)
+            right.fill_between(ends, [s[1] for s in stats], [s[2] for s in stats], color=_color(i), alpha=0.2)
+    for i, n in enumerate(sorted({int(r["train_length"]) for r in rows})):
+        right.axvline(n, color="gray", linestyle=":", label="training length" if i == 0 else None)
+    left.set_xscale("log", base=2)
+    left.set_xlabel("evaluation length")
+    left.set_ylabel("validation bits per byte")
+    left.set_title("length extrapolation")
+    right.set_xlabel("position (end of bucket)")
+    right.set_ylabel("bits per byte")
+    right.set_title(f"loss by position at length {longest}")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

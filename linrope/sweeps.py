@@ -1,0 +1,356 @@
+"""The experiments behind ``experiments/*.py``: grids of (variant, sequence length, seed) training runs, their
+tables and figures. The scripts only parse arguments and call ``run_long_context``, ``run_positions``,
+``run_recall`` or ``run_extrapolation``.
+
+Layout of an output directory ``out``: ``config.json`` (the resolved experiment), ``runs/<variant>_n<N>_s<seed>/``
+(one ``linrope.train`` run each: config, metrics, checkpoint), ``results.csv`` (every metric row of every run),
+``summary.csv`` / ``summary.md`` (final numbers per variant and length: mean, std and range over seeds, number of
+seeds and steps, skipped steps, flags) and a PNG figure.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from . import plots
+from .data import LMTask, SyntheticTask, load_corpus
+from .models import VARIANTS, ModelConfig
+from .train import TrainConfig, distributed_context, load_model, position_losses, read_metrics, train
+
+__all__ = ["Preset", "PRESETS", "parse_list", "run_long_context", "run_positions", "run_recall", "run_extrapolation"]
+
+LINEAR_POSITION_VARIANTS = ("linear-rope", "linear-rope-inputs", "linear-abs", "linear-nope")
+UNIGRAM_MARGIN = 0.3  # bpb within this of the byte-unigram entropy: the model has learned no context
+
+
+@dataclass
+class Preset:
+    """A long-context experiment: every variant x length x seed trains for ``train['steps']`` steps on batches of
+    ``tokens_per_step // length`` windows, validated on ``eval_tokens // length`` fixed windows."""
+
+    variants: tuple[str, ...]
+    lengths: tuple[int, ...]
+    seeds: tuple[int, ...]
+    tokens_per_step: int
+    eval_tokens: int
+    model: dict = field(default_factory=dict)  # ModelConfig fields
+    train: dict = field(default_factory=dict)  # TrainConfig fields
+    note: str = ""
+
+
+_SMALL = dict(n_layer=3, dim=128, heads=4, nb_features=64)
+PRESETS: dict[str, Preset] = {
+    # 7 runs x 240 steps x ~0.25 s (batch 8 x 512 on 2 cores) + evaluations: about 8 minutes.
+    "quick": Preset(tuple(VARIANTS), (512,), (0,), 8 * 512, 16 * 512, _SMALL,
+                    dict(steps=240, lr=2e-3, warmup=30, eval_interval=40, log_interval=10, ckpt_interval=80),
+                    note="smoke scale: shows the softmax-linear gap and flags broken variants; one seed and a few "
+                         "hundred steps cannot rank the linear variants"),
+    # 15 runs x 1200 steps x ~0.25 s + evaluations: about 80 minutes on 2 cores.
+    "cpu-long": Preset(("softmax-rope",) + LINEAR_POSITION_VARIANTS, (512,), (0, 1, 2), 8 * 512, 32 * 512, _SMALL,
+                       dict(steps=1200, lr=2e-3, warmup=60, eval_interval=100, log_interval=20, ckpt_interval=200),
+                       note="3 seeds: separates the linear position schemes only where they differ by more than the "
+                            "seed spread (see std)"),
+    # RoFormer sec. 4.4: 12 layers, 768 dim, 12 heads, length 1024, lr 1e-4, batch 128 (performer-pytorch's enwik8
+    # example: constant Adam lr 1e-4, 100k batches, features redrawn every 1000 steps). For a GPU.
+    "paper": Preset(("linear-rope", "linear-rope-inputs", "linear-abs", "softmax-rope"), (1024,), (0,), 128 * 1024,
+                    64 * 1024, dict(n_layer=12, dim=768, heads=12, nb_features=256, redraw_interval=1000),
+                    dict(steps=100_000, lr=1e-4, warmup=100, min_lr_ratio=1.0, weight_decay=0.0, eval_interval=1000,
+                         log_interval=100, ckpt_interval=1000, device="cuda", amp=True),
+                    note="RoFormer sec. 4.4 (enwik8: pass --data enwik8)"),
+}
+
+
+def parse_list(text: str | None, kind: type, name: str) -> tuple | None:
+    """'a,b,c' -> (kind(a), kind(b), kind(c)); None stays None. Raises ValueError naming ``name``."""
+    if text is None:
+        return None
+    try:
+        items = tuple(kind(t.strip()) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise ValueError(f"{name}: expected a comma-separated list of {kind.__name__}, got {text!r}") from None
+    if not items:
+        raise ValueError(f"{name}: expected at least one value, got {text!r}")
+    return items
+
+
+def _check_grid(variants, lengths, seeds) -> None:
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"variants: unknown {unknown}; expected names from {sorted(VARIANTS)}")
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in lengths):
+        raise ValueError(f"lengths: expected integers >= 2, got {lengths}")
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f"seeds: expected integers >= 0, got {seeds}")
+
+
+def _is_master() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _finished_with(run_dir: Path, mc: ModelConfig, tc: TrainConfig) -> bool:
+    """Whether ``run_dir`` holds a finished run of exactly these configs (the device aside)."""
+    if not (run_dir / "result.json").exists():
+        return False
+    saved = json.loads((run_dir / "config.json").read_text())
+    now = json.loads(json.dumps({"model": mc.to_dict(), "train": {**asdict(tc), "device": None}}))
+    return saved["model"] == now["model"] and {**saved["train"], "device": None} == now["train"]
+
+
+def _grid(task_for, variants, lengths, seeds, model: dict, train_cfg: dict, batch_for, out: Path, resume: bool,
+          progress: bool) -> tuple[list[dict], list[dict]]:
+    """Train every (variant, length, seed); returns (final rows, all metric rows) tagged with the three keys."""
+    finals, curves = [], []
+    total, k = len(variants) * len(lengths) * len(seeds), 0
+    for n in lengths:
+        task = task_for(n)
+        for variant in variants:
+            for seed in seeds:
+                k += 1
+                name = f"{variant}_n{n}_s{seed}"
+                run_dir = out / "runs" / name
+                tags = {"variant": variant, "length": n, "seed": seed}
+                mc = ModelConfig(**{**model, "attention": variant, "feature_seed": seed})
+                tc = TrainConfig(**{**train_cfg, "seed": seed, "batch_size": batch_for(n)})
+                if resume and _finished_with(run_dir, mc, tc):
+                    result = json.loads((run_dir / "result.json").read_text())
+                else:  # a finished run with other settings: train() refuses to resume it, naming the difference
+                    _, result = train(mc, tc, task, run_dir, resume=resume, progress=progress,
+                                      desc=f"[{k}/{total}] {name}")
+                val = result["val"] or {}
+                finals.append({**tags, "steps": result["step"], "loss": val.get("loss"), "bpb": val.get("bpb"),
+                               "accuracy": val.get("accuracy"), "skipped": result["skipped"],
+                               "s_per_step": round(result["s_per_step"], 4), "params": result["params"]})
+                if _is_master():
+                    curves += [{**tags, **r} for r in read_metrics(run_dir)]
+                    shown = f"{task.metric} {val.get(task.metric, float('nan')):.4f}"
+                    print(f"[{k}/{total}] {name}: {shown}, skipped steps {result['skipped']}, "
+                          f"{result['s_per_step']:.3f} s/step", flush=True)
+    return finals, curves
+
+
+def _stats(values: list[float]) -> dict:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan}
+    std = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    return {"mean": sum(finite) / len(finite), "std": std, "min": min(finite), "max": max(finite)}
+
+
+def summarize(finals: list[dict], metric: str, unigram: float | None = None) -> list[dict]:
+    """One row per (variant, length): ``metric`` mean/std/min/max over seeds, seeds, steps, skipped steps, flags
+    ('nan' if any seed ended non-finite, 'skipped k' for skipped steps, 'unigram' within UNIGRAM_MARGIN bpb of
+    the byte-unigram entropy)."""
+    rows = []
+    for variant in dict.fromkeys(r["variant"] for r in finals):
+        for n in sorted({r["length"] for r in finals if r["variant"] == variant}):
+            group = [r for r in finals if r["variant"] == variant and r["length"] == n]
+            values = [r[metric] if r[metric] is not None else math.nan for r in group]
+            s = _stats(values)
+            flags = []
+            if any(not math.isfinite(v) for v in values):
+                flags.append("nan")
+            skipped = sum(r["skipped"] for r in group)
+            if skipped:
+                flags.append(f"skipped {skipped}")
+            if unigram is not None and metric == "bpb" and s["min"] >= unigram - UNIGRAM_MARGIN:  # NaN: never
+                flags.append("unigram")
+            rows.append({"variant": variant, "length": n, metric: round(s["mean"], 4), "std": round(s["std"], 4),
+                         "min": round(s["min"], 4), "max": round(s["max"], 4), "seeds": len(group),
+                         "steps": min(r["steps"] for r in group), "skipped": skipped,
+                         "s_per_step": round(sum(r["s_per_step"] for r in group) / len(group), 4),
+                         "flags": " ".join(flags) or "ok"})
+    return rows
+
+
+def _markdown(summary: list[dict], metric: str, header: list[str]) -> str:
+    lines = header + ["", f"| variant | N | {metric} (mean ± std) | min – max | seeds | steps | skipped steps | "
+                          f"s/step | flags |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary:
+        lines.append(f"| {r['variant']} | {r['length']} | {r[metric]:.3f} ± {r['std']:.3f} | {r['min']:.3f} – "
+                     f"{r['max']:.3f} | {r['seeds']} | {r['steps']} | {r['skipped']} | {r['s_per_step']:.3f} | "
+                     f"{r['flags']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_outputs(out: Path, finals, curves, summary, metric, header, name) -> None:
+    write_csv(out / "results.csv", curves)
+    write_csv(out / "final.csv", finals)
+    write_csv(out / "summary.csv", summary)
+    (out / "summary.md").write_text(_markdown(summary, metric, header))
+    print(_markdown(summary, metric, header))
+    print(f"wrote {out / 'summary.md'}, {out / 'results.csv'}, {out / (name + '.png')}")
+
+
+def run_long_context(preset: str | Preset = "quick", *, variants=None, lengths=None, seeds=None, steps=None,
+                     feature_map=None, data=None, device=None, grad_accum=None, out="experiments/results/long_context",
+                     resume: bool = False, progress: bool = True) -> list[dict]:
+    """Language modelling on the byte corpus for every variant x length x seed of ``PRESETS[preset]`` (or of a
+    ``Preset`` given directly; any keyword argument overrides it); writes results, summary and
+    ``long_context.png`` to ``out`` and returns the summary rows (bits per byte)."""
+    if isinstance(preset, Preset):
+        p, preset = preset, "custom"
+    elif preset in PRESETS:
+        p = PRESETS[preset]
+    else:
+        raise ValueError(f"preset: expected one of {sorted(PRESETS)} or a Preset, got {preset!r}")
+    p = replace(p, variants=variants or p.variants, lengths=lengths or p.lengths, seeds=seeds or p.seeds)
+    _check_grid(p.variants, p.lengths, p.seeds)
+    train_cfg = {**p.train, **{k: v for k, v in (("steps", steps), ("device", device), ("grad_accum", grad_accum))
+                               if v is not None}}
+    model = {**p.model, **({"feature_map": feature_map} if feature_map else {})}
+    if torch.device(train_cfg.get("device", "cpu")).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: CUDA is not available here; pass --device cpu")
+    _, world, _ = distributed_context(train_cfg.get("device", "cpu"))  # joins the process group under torchrun
+    corpus = load_corpus(data)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    unigram = LMTask(corpus, 2).unigram_bits
+    header = [f"# long-context language modelling, preset `{preset}`", "",
+              f"{corpus.describe()}; byte-unigram entropy of the training split {unigram:.3f} bits (flag 'unigram': "
+              f"not even {UNIGRAM_MARGIN} bpb below it, i.e. no context learned)",
+              f"{p.note}. std is over seeds (0 for one seed)."]
+    if _is_master():
+        print(header[2])
+        (out / "config.json").write_text(json.dumps({"preset": preset, "variants": p.variants, "lengths": p.lengths,
+                                                     "seeds": p.seeds, "tokens_per_step": p.tokens_per_step,
+                                                     "eval_tokens": p.eval_tokens, "model": model, "train": train_cfg,
+                                                     "corpus": corpus.describe(), "world_size": world}, indent=2))
+
+    def batch_for(n: int) -> int:  # a multiple of the world size and accumulation, at least one per rank
+        unit = world * train_cfg.get("grad_accum", 1)
+        return max(unit, p.tokens_per_step // n // unit * unit)
+
+    finals, curves = _grid(lambda n: LMTask(corpus, n, eval_windows=max(2, p.eval_tokens // n)), p.variants,
+                           p.lengths, p.seeds, model, train_cfg, batch_for, out, resume, progress)
+    summary = summarize(finals, "bpb", unigram)
+    if _is_master():
+        for n in p.lengths:
+            best = {kind: min((r["bpb"] for r in summary if r["length"] == n and r["variant"].startswith(kind)
+                               and math.isfinite(r["bpb"])), default=math.nan) for kind in ("softmax", "linear")}
+            header.append(f"N = {n}: best softmax {best['softmax']:.3f} bpb, best linear {best['linear']:.3f} bpb, "
+                          f"gap {best['linear'] - best['softmax']:.3f} bpb.")
+        _write_outputs(out, finals, curves, summary, "bpb", header, "long_context")
+        plots.plot_curves(curves, out / "long_context.png", metric="bpb", reference=unigram,
+                          reference_label="byte unigram entropy",
+                          title=f"{corpus.name}, preset {preset}: validation bpb (mean, band min-max over seeds)")
+    return summary
+
+
+def _run_synthetic(name: str, kind: str, task_kwargs, chance: float, *, variants, lengths, seeds, steps, batch_size,
+                   model: dict, train_cfg: dict, device, out, resume, progress) -> list[dict]:
+    _check_grid(variants, lengths, seeds)
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: CUDA is not available here; pass --device cpu")
+    distributed_context(device)  # joins the process group under torchrun
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_cfg = {**train_cfg, "steps": steps, "device": device}
+    if _is_master():
+        (out / "config.json").write_text(json.dumps({"task": kind, "variants": variants, "lengths": lengths,
+                                                     "seeds": seeds, "batch_size": batch_size, "model": model,
+                                                     "train": train_cfg,
+                                                     "task_args": {n: task_kwargs(n) for n in lengths}}, indent=2))
+    finals, curves = _grid(lambda n: SyntheticTask(kind, n, **task_kwargs(n)), variants, lengths, seeds, model,
+                           train_cfg, lambda n: batch_size, out, resume, progress)
+    summary = summarize(finals, "accuracy")
+    if _is_master():
+        args = ", ".join(f"N={n}: {task_kwargs(n)}" for n in lengths)
+        header = [f"# {name}: validation accuracy", "", f"task {kind} ({args}); chance {chance:.3f}; "
+                  f"{steps} steps of {batch_size} sequences. std is over seeds (0 for one seed)."]
+        _write_outputs(out, finals, curves, summary, "accuracy", header, name)
+        if len(lengths) > 1:
+            plots.plot_accuracy_vs_length(finals, out / f"{name}.png", chance=chance,
+                                          title=f"{name}: accuracy vs length ({len(seeds)} seeds, {steps} steps)")
+        else:
+            plots.plot_curves(curves, out / f"{name}.png", metric="accuracy", reference=chance,
+                              reference_label="chance", title=f"{name}: validation accuracy ({len(seeds)} seeds)")
+    return summary
+
+
+_TINY = dict(n_layer=2, dim=64, heads=2, nb_features=32)
+_SYNTH_TRAIN = dict(lr=3e-3, warmup=20, weight_decay=0.0, log_interval=10, ckpt_interval=100)
+
+
+def run_positions(*, variants=tuple(VARIANTS), length: int = 64, distance: int = 8, symbols: int = 16,
+                  seeds=(0, 1), steps: int = 300, batch_size: int = 32, device: str = "cpu",
+                  out="experiments/results/positions", resume: bool = False, progress: bool = True) -> list[dict]:
+    """``lookback``: predict the symbol ``distance`` places back, a task only position can solve. Accuracy per
+    variant over seeds; writes ``positions.png`` (accuracy against step)."""
+    return _run_synthetic("positions", "lookback", lambda n: {"distance": distance, "symbols": symbols},
+                          1 / symbols, variants=variants, lengths=(length,), seeds=seeds, steps=steps,
+                          batch_size=batch_size, model=_TINY, train_cfg={**_SYNTH_TRAIN, "eval_interval": 25},
+                          device=device, out=out, resume=resume, progress=progress)
+
+
+def run_recall(*, task: str = "pair-recall", variants=tuple(VARIANTS), lengths=(64, 128, 256), pairs=None,
+               seeds=(0,), steps: int = 400, batch_size: int = 32, device: str = "cpu",
+               out="experiments/results/recall", resume: bool = False, progress: bool = True) -> list[dict]:
+    """Associative recall at each length with ``pairs`` key-value pairs (default ``length // 8``): ``task`` is
+    'pair-recall' (one token per pair, ``linrope.data.pair_recall``: learnable in CPU minutes) or 'mqar' (two
+    tokens per pair, Zoology's MQAR: needs an induction head, i.e. far more steps). Writes ``recall.png``
+    (accuracy against length)."""
+    if task not in ("pair-recall", "mqar"):
+        raise ValueError(f"task: expected 'pair-recall' or 'mqar', got {task!r}")
+    return _run_synthetic("recall", task, lambda n: {"num_pairs": pairs or max(1, n // 8)}, 1 / 128,
+                          variants=variants, lengths=lengths, seeds=seeds, steps=steps, batch_size=batch_size,
+                          model=_TINY, train_cfg={**_SYNTH_TRAIN, "eval_interval": 50}, device=device, out=out,
+                          resume=resume, progress=progress)
+
+
+def run_extrapolation(runs, *, factors=(1, 2, 4, 8), eval_tokens: int = 32768, buckets: int = 8, device: str = "cpu",
+                      out="experiments/results/extrapolation") -> list[dict]:
+    """Evaluate the checkpoints found under ``runs`` (directories searched for ``ckpt.pt``, or checkpoint files)
+    at ``factors`` x their training length on ``eval_tokens // length`` validation windows, and by position
+    bucket at each length; writes ``extrapolation.csv``, ``buckets.csv`` and ``extrapolation.png``."""
+    paths = []
+    for r in [runs] if isinstance(runs, (str, Path)) else runs:
+        r = Path(r)
+        paths += sorted(r.rglob("ckpt.pt")) if r.is_dir() else [r]
+    if not paths:
+        raise ValueError(f"runs: no ckpt.pt found under {runs}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpora, rows, bucket_rows = {}, [], []
+    for path in paths:
+        model, ckpt = load_model(path, device)
+        task = ckpt["task"]
+        if task["kind"] != "lm":
+            raise ValueError(f"runs: {path} was trained on {task['kind']!r}, not language modelling")
+        if task["data"] not in corpora:
+            corpora[task["data"]] = load_corpus(task["data"])  # None: the stdlib corpus
+        corpus = corpora[task["data"]]
+        if corpus.checksum != task["checksum"]:
+            print(f"warning: {path} was trained on corpus {task['checksum']}, evaluating on {corpus.checksum}")
+        variant, seed, n = ckpt["model_config"]["attention"], ckpt["train_config"]["seed"], task["length"]
+        for f in factors:
+            m = n * f
+            x, y = LMTask(corpus, m, eval_windows=max(1, eval_tokens // m)).val_batch()
+            per = position_losses(model, x, y) / math.log(2)  # (m,) bits per byte at each position
+            rows.append({"variant": variant, "seed": seed, "train_length": n, "eval_length": m,
+                         "bpb": float(per.mean()), "windows": x.shape[0], "checkpoint": str(path)})
+            edges = torch.linspace(0, m, buckets + 1).long().tolist()
+            for a, b in zip(edges[:-1], edges[1:]):
+                bucket_rows.append({"variant": variant, "seed": seed, "train_length": n, "eval_length": m,
+                                    "start": a, "end": b, "bpb": float(per[a:b].mean())})
+            print(f"{variant} seed {seed} trained at {n}: {m} -> {rows[-1]['bpb']:.4f} bpb", flush=True)
+    write_csv(out / "extrapolation.csv", rows)
+    write_csv(out / "buckets.csv", bucket_rows)
+    plots.plot_extrapolation(rows, bucket_rows, out / "extrapolation.png",
+                             title="validation bpb beyond the training length (mean, band min-max over seeds)")
+    print(f"wrote {out / 'extrapolation.csv'}, {out / 'buckets.csv'}, {out / 'extrapolation.png'}")
+    return rows

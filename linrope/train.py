@@ -1,0 +1,349 @@
+"""Training, evaluation and checkpoints for ``linrope.models.ByteLM`` on any task of ``linrope.data``.
+
+``train(model_config, train_config, task, run_dir)`` writes to ``run_dir``:
+
+* ``config.json``: model, training and task configs, world size, torch/Python versions, git commit;
+* ``metrics.jsonl``: one row per log interval (``split='train'``: mean loss over the interval, lr, cumulative
+  count of skipped steps) and per evaluation (``split='val'``: loss in nats per target, bits per byte, accuracy);
+* ``ckpt.pt``: model, optimizer, step, configs, the interval accumulators and every RNG state of every rank
+  (torch, CUDA, Python, the data generator), so ``resume=True`` continues with no lost or repeated step and the
+  same loss curve as an uninterrupted run;
+* ``result.json`` once the run has finished.
+
+A step whose loss or gradient is not finite is skipped (no optimizer update) and counted, so an unstable
+variant (``linear-rope-rotden``) finishes its run and reports how often it blew up instead of crashing.
+Under ``torchrun`` the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on CUDA); every rank
+builds the same model and feature projections from the same seeds, and draws its own data.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+
+from .data import IGNORE
+from .models import ByteLM, ModelConfig
+
+__all__ = ["TrainConfig", "train", "evaluate", "position_losses", "load_checkpoint", "load_model", "read_metrics",
+           "lr_at", "distributed_context", "leave_distributed"]
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400              # optimizer steps
+    batch_size: int = 8           # sequences per optimizer step, over all ranks and accumulation steps
+    grad_accum: int = 1           # micro-batches per step on each rank
+    lr: float = 1e-3              # peak learning rate (AdamW)
+    warmup: int = 50              # linear warmup steps, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1     # 1.0 keeps the learning rate constant after warmup
+    weight_decay: float = 0.1     # on matrices only (embeddings and linear weights), not on norms or biases
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0        # max global gradient norm (0: no clipping)
+    log_interval: int = 10        # steps between train-loss rows
+    eval_interval: int = 50       # steps between validation rows (and at the last step)
+    ckpt_interval: int = 100      # steps between checkpoints (and at the last step)
+    seed: int = 0                 # model init (torch.manual_seed) and data stream (with the rank)
+    device: str = "cpu"           # 'cpu', 'cuda' or 'cuda:N' (under torchrun: the local rank's GPU)
+    amp: bool = False             # bfloat16 autocast on CUDA; ignored on CPU
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "log_interval", "eval_interval", "ckpt_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.warmup >= 0 and self.grad_clip >= 0):
+            raise ValueError(f"lr/min_lr_ratio/warmup/grad_clip: expected lr > 0, 0 <= min_lr_ratio <= 1, "
+                             f"warmup >= 0, grad_clip >= 0, got {self.lr}, {self.min_lr_ratio}, {self.warmup}, "
+                             f"{self.grad_clip}")
+        self.betas = tuple(self.betas)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of (0-based) step ``step``: linear warmup, then cosine to ``min_lr_ratio * lr``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def distributed_context(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group on first call: nccl
+    for CUDA, gloo for CPU, and splits the CPU cores between the local ranks so they do not oversubscribe."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = torch.device(device)
+    if world == 1:
+        return 0, 1, dev
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    else:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_rank(), world, dev
+
+
+def leave_distributed() -> None:
+    """End of a torchrun job: free the finished DDP wrappers, wait for every rank (rank 0 may still be writing
+    tables and plots), then leave the process group. Without it a gloo rank sometimes aborts at exit ("terminate
+    called without an active exception", 3 of 18 two-rank runs on a loaded CPU): DDP wrappers kept alive by
+    reference cycles were torn down with the interpreter, after the group."""
+    if dist.is_initialized():
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _autocast(device: torch.device, amp: bool):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
+
+
+def _loss(logits: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+
+
+@torch.no_grad()
+def evaluate(model: ByteLM, x: Tensor, y: Tensor, *, batch_size: int = 8, amp: bool = False) -> dict:
+    """Loss (nats per scored target), bits per byte (= loss / ln 2 for byte targets) and accuracy of ``model`` on
+    x, y (W, N). Under DDP each rank scores its share of the W rows and the sums are all-reduced."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    for i in range(rank * batch_size, x.shape[0], world * batch_size):
+        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        with _autocast(device, amp):
+            logits = model(xb).float()
+        keep = yb != IGNORE
+        sums[0] += F.cross_entropy(logits[keep], yb[keep], reduction="sum").double()
+        sums[1] += (logits.argmax(-1) == yb)[keep].sum()
+        sums[2] += keep.sum()
+    if world > 1:
+        dist.all_reduce(sums)
+    model.train(was_training)
+    loss, correct, count = sums.tolist()
+    return {"loss": loss / count, "bpb": loss / count / math.log(2), "accuracy": correct / count}
+
+
+@torch.no_grad()
+def position_losses(model: ByteLM, x: Tensor, y: Tensor, *, batch_size: int = 4, amp: bool = False) -> Tensor:
+    """Mean loss in nats at each position (N,) over the rows of x, y (W, N) (NaN where nothing is scored)."""
+    device = next(model.parameters()).device
+    model.eval()
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    count = torch.zeros(x.shape[1], dtype=torch.float64)
+    for i in range(0, x.shape[0], batch_size):
+        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        with _autocast(device, amp):
+            logits = model(xb).float()
+        per = F.cross_entropy(logits.transpose(1, 2), yb, ignore_index=IGNORE, reduction="none")  # (b, N)
+        total += per.double().sum(0).cpu()
+        count += (yb != IGNORE).double().sum(0).cpu()
+    return total / count
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(), "data": generator.get_state()}
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    generator.set_state(state["data"])
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """The checkpoint dict written by ``train`` (on CPU)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"path: no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_model(path: str | Path, device: str = "cpu") -> tuple[ByteLM, dict]:
+    """Rebuild the model of a checkpoint (its weights, feature projections and redraw counters) in eval mode."""
+    ckpt = load_checkpoint(path)
+    model = ByteLM(ModelConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of ``run_dir/metrics.jsonl`` (empty if there is none)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _check_same(name: str, saved: dict, current: dict, ignore: tuple = ()) -> None:
+    for key in sorted(set(saved) | set(current)):
+        if key not in ignore and saved.get(key) != current.get(key):
+            raise ValueError(f"resume: the checkpoint's {name} differs in {key!r} ({saved.get(key)!r} saved, "
+                             f"{current.get(key)!r} now); use another output directory to start afresh")
+
+
+def train(model_config: ModelConfig, cfg: TrainConfig, task, run_dir: str | Path, *, resume: bool = False,
+          stop_after: int | None = None, progress: bool = True, desc: str = "") -> tuple[ByteLM, dict]:
+    """Train a ``ByteLM`` on ``task`` (``LMTask`` or ``SyntheticTask``); return the model and the run's result.
+
+    Args:
+        model_config, cfg: the model and the training run.
+        task: provides ``train_batch(batch_size, generator)``, ``val_batch()``, ``metric`` and ``describe()``.
+        run_dir: where config, metrics and checkpoint go (created; without ``resume`` its metrics are reset).
+        resume: continue from ``run_dir/ckpt.pt`` if it exists (configs must match, the device may differ).
+        stop_after: stop (with a checkpoint) once this many steps are done, as if interrupted there.
+        progress: show a tqdm bar (rank 0 only). desc: its label.
+
+    Returns:
+        (the trained model, unwrapped from DDP, in training mode; {"step", "val": last validation row, "skipped",
+        "elapsed", "s_per_step", "params", "finished"}).
+    """
+    from tqdm.auto import tqdm
+
+    rank, world, device = distributed_context(cfg.device)
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"batch_size: {cfg.batch_size} is not divisible by world size x grad_accum "
+                         f"= {world} x {cfg.grad_accum}")
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    run_dir = Path(run_dir)
+    ckpt_path, metrics_path = run_dir / "ckpt.pt", run_dir / "metrics.jsonl"
+    torch.manual_seed(cfg.seed)
+    model = ByteLM(model_config).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+    gen = torch.Generator().manual_seed(cfg.seed * 65_537 + rank + 1)  # each rank its own data stream
+    step, skipped, elapsed, acc = 0, 0, 0.0, [0.0, 0]  # acc: interval loss sum, finite count
+    config = {"model": model_config.to_dict(), "train": asdict(cfg), "task": task.describe(), "world_size": world}
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        _check_same("model config", ckpt["model_config"], config["model"])
+        _check_same("training config", ckpt["train_config"], config["train"], ignore=("device",))
+        if len(ckpt["rng"]) != world:
+            raise ValueError(f"resume: checkpoint written by {len(ckpt['rng'])} ranks, now {world}")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, skipped, elapsed, acc = ckpt["step"], ckpt["skipped"], ckpt["elapsed"], ckpt["interval"]
+        _set_rng_state(ckpt["rng"][rank], gen)
+    master = rank == 0
+    if master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        rows = [r for r in read_metrics(run_dir) if r["step"] <= step] if step else []  # drop rows past the ckpt
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run_dir / "result.json").unlink(missing_ok=True)
+        info = {**config, "torch": torch.__version__, "python": platform.python_version(), "git": _git_commit(),
+                "params": model.num_params()}
+        (run_dir / "config.json").write_text(json.dumps(info, indent=2))
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    val_x, val_y = task.val_batch()
+
+    def log(row: dict) -> None:
+        if master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def checkpoint() -> None:
+        rng = [None] * world
+        if world > 1:
+            dist.all_gather_object(rng, _rng_state(gen))
+        else:
+            rng = [_rng_state(gen)]
+        if master:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "skipped": skipped,
+                     "elapsed": elapsed, "interval": acc, "model_config": config["model"],
+                     "train_config": config["train"], "task": config["task"], "rng": rng}
+            torch.save(state, run_dir / "ckpt.tmp")
+            os.replace(run_dir / "ckpt.tmp", ckpt_path)  # never leave a half-written checkpoint behind
+        if world > 1:
+            dist.barrier()  # no rank may go on (e.g. resume from it) before the checkpoint is on disk
+
+    if step == 0:
+        log({"step": 0, "split": "val", **evaluate(model, val_x, val_y, amp=cfg.amp), "elapsed": 0.0})
+    last_val = None
+    bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not (progress and master), leave=False,
+               dynamic_ncols=True)
+    model.train()
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    while step < end:
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for i in range(cfg.grad_accum):
+            x, y = task.train_batch(micro, gen)
+            # DDP all-reduces gradients on the last micro-batch only
+            with ddp.no_sync() if world > 1 and i < cfg.grad_accum - 1 else nullcontext():
+                with _autocast(device, cfg.amp):
+                    loss = _loss(ddp(x.to(device)), y.to(device)) / cfg.grad_accum
+                loss.backward()  # always, even when non-finite: every DDP rank must join the gradient all-reduce
+            loss_sum += loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf"))
+        if world > 1:
+            dist.all_reduce(loss_sum)
+            loss_sum /= world
+        if torch.isfinite(norm) and torch.isfinite(loss_sum):  # gradients are all-reduced: all ranks agree
+            opt.step()
+        else:
+            skipped += 1
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        value = float(loss_sum)
+        if math.isfinite(value):
+            acc = [acc[0] + value, acc[1] + 1]
+        elapsed += time.perf_counter() - t0
+        bar.update(1)
+        if step % cfg.log_interval == 0 or step == cfg.steps:
+            mean = acc[0] / acc[1] if acc[1] else float("nan")
+            log({"step": step, "split": "train", "loss": mean, "lr": lr, "skipped": skipped,
+                 "tokens": step * cfg.batch_size * task.length, "elapsed": round(elapsed, 3)})
+            bar.set_postfix(loss=f"{mean:.3f}", skipped=skipped)
+            acc = [0.0, 0]
+        if step % cfg.eval_interval == 0 or step == cfg.steps:
+            last_val = {"step": step, "split": "val", **evaluate(model, val_x, val_y, amp=cfg.amp),
+                        "skipped": skipped, "elapsed": round(elapsed, 3)}
+            log(last_val)
+            bar.set_postfix(loss=f"{value:.3f}", val=f"{last_val[task.metric]:.3f}", skipped=skipped)
+        if step % cfg.ckpt_interval == 0 or step == end:
+            checkpoint()
+    bar.close()
+    if last_val is None:
+        last_val = next((r for r in reversed(read_metrics(run_dir)) if r["split"] == "val"), None) if master else None
+    result = {"step": step, "val": last_val, "skipped": skipped, "elapsed": round(elapsed, 3),
+              "s_per_step": elapsed / max(step, 1), "params": model.num_params(), "finished": step >= cfg.steps}
+    if master and result["finished"]:
+        (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    return model, result

@@ -1,0 +1,230 @@
+import json
+import os
+import runpy
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import linrope.train as train_module
+from linrope.data import Corpus, LMTask, SyntheticTask
+from linrope.models import VARIANTS, ModelConfig
+from linrope.plots import plot_curves, read_rows
+from linrope.sweeps import PRESETS, Preset, parse_list, run_long_context, summarize
+from linrope.train import TrainConfig, evaluate, load_model, lr_at, read_metrics, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(n_layer=1, dim=16, heads=2, nb_features=8, chunk_size=8)
+
+
+def text_corpus() -> Corpus:
+    text = (b"def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n" * 60)
+    data = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    return Corpus("tiny", data[:2400], data[2400:])
+
+
+def fast(**kw):
+    return TrainConfig(**{**dict(steps=6, batch_size=4, lr=1e-2, warmup=1, log_interval=1, eval_interval=3,
+                                 ckpt_interval=100), **kw})
+
+
+def losses(run_dir):
+    return [(r["step"], r["split"], r["loss"], r.get("skipped")) for r in read_metrics(run_dir)]
+
+
+@pytest.mark.parametrize("attention", list(VARIANTS))
+def test_every_variant_trains_and_round_trips_through_its_checkpoint(attention, tmp_path):
+    task = LMTask(text_corpus(), 32, eval_windows=3)
+    model, result = train(ModelConfig(attention=attention, **TINY), fast(), task, tmp_path, progress=False)
+    train_losses = [r["loss"] for r in read_metrics(tmp_path) if r["split"] == "train"]
+    assert len(train_losses) == 6 and train_losses[-1] < train_losses[0] - 0.3, train_losses
+    assert result["finished"] and result["skipped"] == 0 and result["step"] == 6
+    restored, ckpt = load_model(tmp_path / "ckpt.pt")
+    assert ckpt["step"] == 6 and ckpt["model_config"]["attention"] == attention
+    x, y = task.val_batch()
+    assert evaluate(restored, x, y) == evaluate(model, x, y)
+    assert evaluate(restored, x, y)["loss"] == pytest.approx(result["val"]["loss"], abs=0)
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["attention"] == attention
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_resume_gives_the_same_loss_curve_as_an_uninterrupted_run(grad_accum, tmp_path):
+    # redraws every 2 forwards, logs every 2 steps and is interrupted at an odd step: the checkpoint must carry
+    # the redraw counters, the data generator and the half-filled log interval
+    task = LMTask(text_corpus(), 32, eval_windows=2)
+    mc = ModelConfig(attention="linear-rope", redraw_interval=2, **TINY)
+    cfg = fast(steps=7, log_interval=2, grad_accum=grad_accum)
+    whole, _ = train(mc, cfg, task, tmp_path / "a", progress=False)
+    _, first = train(mc, cfg, task, tmp_path / "b", stop_after=3, progress=False)
+    assert first["step"] == 3 and not first["finished"] and not (tmp_path / "b" / "result.json").exists()
+    resumed, second = train(mc, cfg, task, tmp_path / "b", resume=True, progress=False)
+    assert second["finished"] and second["step"] == 7
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert [r["step"] for r in read_metrics(tmp_path / "b") if r["split"] == "train"] == [2, 4, 6, 7]
+    for (name, p), q in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert int(resumed.blocks[0].attn.feature_map.redraws) > 0
+
+
+def test_resume_refuses_a_different_configuration(tmp_path):
+    task = LMTask(text_corpus(), 32, eval_windows=2)
+    mc = ModelConfig(attention="linear-nope", **TINY)
+    train(mc, fast(steps=4), task, tmp_path, stop_after=2, progress=False)
+    with pytest.raises(ValueError, match="resume.*lr"):
+        train(mc, fast(steps=4, lr=5e-3), task, tmp_path, resume=True, progress=False)
+
+
+def test_non_finite_steps_are_skipped_counted_and_reported(tmp_path, monkeypatch):
+    calls = []
+    real_loss = train_module._loss
+
+    def sometimes_nan(logits, y):  # steps 2 and 4 blow up
+        calls.append(1)
+        loss = real_loss(logits, y)
+        return loss * float("nan") if len(calls) in (2, 4) else loss
+
+    monkeypatch.setattr(train_module, "_loss", sometimes_nan)
+    model, result = train(ModelConfig(attention="linear-rope-rotden", **TINY), fast(), LMTask(text_corpus(), 32, 2),
+                          tmp_path, progress=False)
+    assert result["skipped"] == 2 and result["finished"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert [r["skipped"] for r in read_metrics(tmp_path) if r["split"] == "train"] == [0, 1, 1, 2, 2, 2]
+    row = {"variant": "v", "length": 32, "seed": 0, "steps": 6, "bpb": float("nan"), "skipped": 2, "s_per_step": 0.1}
+    assert summarize([row], "bpb", unigram=4.0)[0]["flags"] == "nan skipped 2"
+    stuck = {**row, "bpb": 3.9, "skipped": 0}
+    assert summarize([stuck], "bpb", unigram=4.0)[0]["flags"] == "unigram"
+
+
+def test_learning_rate_schedule_and_config_checks():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(99, cfg) == pytest.approx(0.1, abs=1e-3) and lr_at(55, cfg) == pytest.approx(0.55)
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        train(ModelConfig(**TINY), TrainConfig(batch_size=3, grad_accum=2), LMTask(text_corpus(), 8), "/nonexistent")
+    with pytest.raises(ValueError, match="variants"):
+        run_long_context(variants=("linear-rope", "linear-rope-features"))
+    with pytest.raises(ValueError, match="lengths"):
+        parse_list("512,x", int, "lengths")
+
+
+def test_synthetic_task_trains_with_accuracy(tmp_path):
+    task = SyntheticTask("lookback", 16, eval_windows=8, distance=2, symbols=4)
+    _, result = train(ModelConfig(attention="softmax-rope", **TINY), fast(steps=3), task, tmp_path, progress=False)
+    assert 0 <= result["val"]["accuracy"] <= 1 and result["finished"]
+
+
+def run_script(name, *args, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [name, *args])
+    runpy.run_path(str(ROOT / "experiments" / name), run_name="__main__")
+
+
+@pytest.mark.parametrize("name", ["long_context.py", "positions.py", "recall.py", "extrapolation.py"])
+def test_scripts_help(name, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_script(name, "--help", monkeypatch=monkeypatch)
+    assert e.value.code == 0 and "--out" in capsys.readouterr().out
+
+
+def test_scripts_smoke_run_and_write_tables_and_plots(tmp_path, monkeypatch):
+    preset = Preset(("linear-rope", "softmax-rope"), (16,), (0, 1), 64, 64, TINY, dict(steps=2, eval_interval=1))
+    summary = run_long_context(preset, out=tmp_path / "lc", progress=False)
+    assert [(r["variant"], r["seeds"], r["steps"]) for r in summary] == [("linear-rope", 2, 2), ("softmax-rope", 2, 2)]
+    for f in ("summary.md", "summary.csv", "results.csv", "long_context.png", "config.json"):
+        assert (tmp_path / "lc" / f).stat().st_size > 0
+    rows = read_rows(tmp_path / "lc" / "results.csv")  # the figure can be redrawn from the CSV alone
+    assert {(r["variant"], r["seed"]) for r in rows if r["split"] == "val" and r["step"] == 2} == \
+        {(v, s) for v in ("linear-rope", "softmax-rope") for s in (0, 1)}
+    plot_curves(rows, tmp_path / "redrawn.png")
+    assert (tmp_path / "redrawn.png").stat().st_size > 0
+    mtime = (tmp_path / "lc" / "runs" / "linear-rope_n16_s0" / "ckpt.pt").stat().st_mtime_ns
+    run_long_context(preset, out=tmp_path / "lc", resume=True, progress=False)  # finished runs are skipped
+    assert (tmp_path / "lc" / "runs" / "linear-rope_n16_s0" / "ckpt.pt").stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match="resume.*steps"):  # not silently reused with other settings
+        run_long_context(preset, steps=3, out=tmp_path / "lc", resume=True, progress=False)
+    run_script("extrapolation.py", "--runs", str(tmp_path / "lc"), "--factors", "1,2", "--eval-tokens", "64",
+               "--buckets", "2", "--out", str(tmp_path / "ex"), monkeypatch=monkeypatch)
+    rows = (tmp_path / "ex" / "extrapolation.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 * 2 and (tmp_path / "ex" / "extrapolation.png").exists()
+    run_script("positions.py", "--variants", "linear-nope", "--seeds", "0", "--steps", "2", "--length", "16",
+               "--distance", "2", "--out", str(tmp_path / "pos"), "--no-progress", monkeypatch=monkeypatch)
+    run_script("recall.py", "--variants", "linear-rope", "--lengths", "16,32", "--steps", "2", "--out",
+               str(tmp_path / "rec"), "--no-progress", monkeypatch=monkeypatch)
+    for d, png in (("pos", "positions.png"), ("rec", "recall.png")):
+        assert (tmp_path / d / png).exists() and "accuracy" in (tmp_path / d / "summary.md").read_text()
+
+
+def test_presets_match_the_documented_configurations():
+    paper = PRESETS["paper"]
+    assert (paper.model["n_layer"], paper.model["dim"], paper.model["heads"]) == (12, 768, 12)
+    assert paper.lengths == (1024,) and paper.train["lr"] == 1e-4 and paper.tokens_per_step // 1024 == 128
+    assert set(PRESETS["quick"].variants) == set(VARIANTS)
+    long = PRESETS["cpu-long"]
+    assert len(long.seeds) >= 3 and "softmax-rope" in long.variants
+    assert {v for v in VARIANTS if v.startswith("linear") and v != "linear-rope-rotden"} <= set(long.variants)
+
+
+DDP_WORKER = textwrap.dedent("""
+    import json, sys
+    import torch, torch.distributed as dist
+    from linrope.data import Corpus, LMTask
+    from linrope.models import ModelConfig
+    from linrope.train import TrainConfig, leave_distributed, read_metrics, train
+    out = sys.argv[1]
+    data = torch.frombuffer(bytearray(b"for i in range(10):\\n    print(i * i)\\n" * 80), dtype=torch.uint8)
+    task = LMTask(Corpus("tiny", data[:2800], data[2800:]), 24, eval_windows=4)
+    mc = ModelConfig(attention="linear-rope", n_layer=2, dim=16, heads=2, nb_features=8, redraw_interval=2)
+    cfg = TrainConfig(steps=5, batch_size=8, grad_accum=2, lr=1e-2, warmup=1, log_interval=1, eval_interval=5)
+    model, result = train(mc, cfg, task, out + "/a", progress=False)
+    train(mc, cfg, task, out + "/b", stop_after=3, progress=False)  # interrupted, then resumed on 2 ranks
+    resumed, _ = train(mc, cfg, task, out + "/b", resume=True, progress=False)
+    first = task.train_batch(2, torch.Generator().manual_seed(cfg.seed * 65_537 + dist.get_rank() + 1))[0]
+
+    def flat(m):
+        return torch.cat([p.detach().flatten() for p in m.parameters()] + [p.flatten() for p in m.projections()])
+
+    def gather(t):
+        every = [torch.zeros_like(t) for _ in range(2)]
+        dist.all_gather(every, t)
+        return every
+
+    params, batches = gather(flat(model)), gather(first)
+    if dist.get_rank() == 0:
+        curve = [(r["step"], r["split"], r["loss"]) for r in read_metrics(out + "/a")]
+        json.dump({"same": torch.equal(*params), "different_data": not torch.equal(*batches),
+                   "resumed_same": torch.equal(flat(resumed), params[0]),
+                   "resumed_curve": curve == [(r["step"], r["split"], r["loss"]) for r in read_metrics(out + "/b")],
+                   "redraws": [int(m.feature_map.redraws) for m in (b.attn for b in model.blocks)],
+                   "world": json.load(open(out + "/a/config.json"))["world_size"], "step": result["step"]},
+                  open(out + "/ddp.json", "w"))
+    leave_distributed()
+""")
+
+
+def test_ddp_two_cpu_ranks_keep_parameters_and_feature_projections_identical_and_resume(tmp_path):
+    (tmp_path / "worker.py").write_text(DDP_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           str(tmp_path / "worker.py"), str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+        proc.communicate()
+        pytest.fail("the 2-rank run hung: the ranks went through different collectives")
+    assert proc.returncode == 0, err[-3000:]
+    report = json.loads((tmp_path / "run" / "ddp.json").read_text())
+    # 5 steps x 2 micro-batches = 10 training forwards, a redraw every 2
+    assert report == {"same": True, "different_data": True, "resumed_same": True, "resumed_curve": True,
+                      "redraws": [5, 5], "world": 2, "step": 5}
