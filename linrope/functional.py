@@ -26,7 +26,7 @@ from . import kernels
 from .features import compute_dtype, favor_plus
 from .rotary import RotaryEmbedding, apply_rotary, resolve_positions
 
-GROUP_ELEMENTS = 2**19  # float32 elements per (B*H, group, r) work buffer when group_size is None
+GROUP_ELEMENTS = 2**18  # float32 elements per (B*H, group, r) work buffer when group_size is None (1 MiB)
 
 __all__ = ["AttentionState", "linear_attention", "favor_attention", "softmax_attention", "linear_attention_naive"]
 
@@ -113,7 +113,7 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, eps, chunk_size,
         raise ValueError("v: the sequence length N must be at least 1")
     eps = _check_eps(eps)
     chunk_size = _positive_int("chunk_size", chunk_size)
-    if group_size is None:  # bound each (B*H, G, r) work buffer to ~2 MiB of float32: cache-sized, lean
+    if group_size is None:  # bound each (B*H, G, r) work buffer to ~1 MiB of float32: cache-sized, lean
         group_size = max(1, GROUP_ELEMENTS // (B * H * r * chunk_size)) * chunk_size
     group_size = -(-_positive_int("group_size", group_size) // chunk_size) * chunk_size
     mask = _check_mask(key_padding_mask, B, N)
@@ -177,7 +177,7 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
         k_logscale: (B, H, N) optional log-magnitudes of the keys (as returned by exp-type feature maps), so
             that exp-type features never overflow; None means 0.
         group_size: positions whose features are processed at once (rounded up to whole chunks); None sizes
-            each (B*H, group, r) work buffer to about 2 MiB.
+            each (B*H, group, r) work buffer to about 1 MiB (measured fastest on a 2-core Zen 4).
 
     Returns:
         (B, H, N, dv) in v's dtype; with ``return_state``, also the ``AttentionState`` after the last row.

@@ -30,6 +30,7 @@ How, and why:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ from torch import Tensor
 
 NEG = -1e30  # "no key seen yet": exp(NEG - P) == 0 without the NaNs of -inf - -inf
 JUMP_LIMIT = 40.0  # exp(40) ~ 2e17 leaves ~1e21 of float32 headroom for sums over keys, features and values
+DEN_CHUNK = 32  # sub-chunk of the unrotated normalizer under RoPE (a divisor of the chunk is used); measured best
 
 
 @dataclass(frozen=True)
@@ -233,32 +235,57 @@ def _reverse_scan(X: Tensor, init: Tensor, out: Tensor) -> Tensor:
     return os[0] + xs[0]
 
 
-def _prefix_keys(ws, k0, zst, nc, C):
-    """Z[i] = z at the chunk start + keys 0..i of the chunk, in C-major layout (C, BH*nc, r).
+def _normalizer(ws, fq, k0, z, s: int, D: Tensor | None = None):
+    """den_t = fq_t . z_t with z_t the unrotated key sum up to t, in sub-chunks of s positions.
 
-    C-major makes every step one contiguous add; scanning rows of (BH, nc, C, r) in place is ~10x slower.
+    Within a sub-chunk: row sums of the masked product fq k0^T (``D``, or the score matrix of the chunks when
+    there is no RoPE); before it: fq_t . (key sum at the sub-chunk start), a short scan over sub-chunks. Small
+    sub-chunks keep the extra product cheap where RoPE makes it necessary. Returns den (BH, G) and z after.
     """
-    BH, G, r = k0.shape
-    kt = k0.view(BH * nc, C, r).transpose(0, 1).unbind(0)
-    Z = ws.get("Z", C, BH * nc, r)
-    zs = Z.unbind(0)
-    torch.add(zst.view(BH * nc, r), kt[0], out=zs[0])
-    for i in range(1, C):
-        torch.add(zs[i - 1], kt[i], out=zs[i])
-    return Z
+    BH, G, r = fq.shape
+    ns = G // s
+    Qs, Ks = fq.view(BH * ns, s, r), k0.view(BH * ns, s, r)
+    if D is None:
+        D = ws.get("D", BH * ns, s, s)
+        torch.bmm(Qs, Ks.transpose(1, 2), out=D).mul_(_tril(s, D))
+    ksum = ws.get("ksum", BH, ns, r)
+    torch.sum(k0.view(BH, ns, s, r), 2, out=ksum)
+    zst = ws.get("zst", BH, ns, r)
+    z_end = _exclusive_scan(ksum, z, zst)
+    den = torch.baddbmm(D.sum(-1, keepdim=True), Qs, zst.view(BH * ns, r, 1))  # (BH*ns, s, 1)
+    return den.view(BH, G), z_end
 
 
-def _key_sums(ws, K0, z, nc, C):
-    """Running unrotated key sum: (Z within chunks (BH, nc, C, r) or None, z at chunk starts, z at the end)."""
-    BH, G, r = K0.shape
-    ksum = ws.get("ksum", BH, nc, r)
-    torch.sum(K0.view(BH, nc, C, r), 2, out=ksum)
-    zst = ws.get("zst", BH, nc, r)
-    return zst, _exclusive_scan(ksum, z, zst)
+def _normalizer_backward(ws, fq, k0, z, dden, dz, s: int, dfq, dk0, intra: bool):
+    """Adds the normalizer's share of the gradients to dfq, dk0 (BH, G, r) in place; returns dz before.
+
+    ``intra=False`` when the within-sub-chunk part already went through the score matrix (no RoPE).
+    """
+    BH, G, r = fq.shape
+    ns = G // s
+    Qs, Ks = fq.view(BH * ns, s, r), k0.view(BH * ns, s, r)
+    ksum = ws.get("ksum", BH, ns, r)
+    torch.sum(k0.view(BH, ns, s, r), 2, out=ksum)
+    zst = ws.get("zst", BH, ns, r)
+    _exclusive_scan(ksum, z, zst)
+    dd = dden.view(BH * ns, s, 1)
+    wsum = torch.bmm(dd.transpose(1, 2), Qs).view(BH, ns, r)  # d (key sum at each sub-chunk start)
+    dks = ws.get("dks", BH, ns, r)
+    dz_in = _reverse_scan(wsum, dz, dks)  # the keys of a sub-chunk feed every later one and z after
+    if intra:
+        dD = torch.mul(_tril(s, fq), dd, out=ws.get("dD", BH * ns, s, s))  # d den_t / d D_tn, n <= t
+        dfq.view(BH * ns, s, r).baddbmm_(dD, Ks)
+        dk0.view(BH * ns, s, r).baddbmm_(dD.transpose(1, 2), Qs)
+    dfq.view(BH * ns, s, r).baddbmm_(dd, zst.view(BH * ns, 1, r))
+    dk0.view(BH, ns, s, r).add_(dks.unsqueeze(2))
+    return dz_in
 
 
-def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int):
-    """Causal eq. 19 over one group. qr/kr None without RoPE. Returns num (BH, G, dv), den (BH, G), S, z after."""
+def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int, s: int):
+    """Causal eq. 19 over one group (chunks of C, normalizer sub-chunks of s | C). qr/kr None without RoPE.
+
+    Returns num (BH, G, dv), den (BH, G), and S, z after the group.
+    """
     BH, G, r = fq.shape
     nc, dv = G // C, V.shape[-1]
     rope = qr is not None
@@ -273,16 +300,11 @@ def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int):
     torch.bmm(Qc, Kc.transpose(1, 2), out=A).mul_(_tril(C, A))
     num = ws.get("num", BH * nc, C, dv)
     torch.bmm(A, Vc, out=num).baddbmm_(Qc, Sst.view(BH * nc, r, dv))
-    zst, z_end = _key_sums(ws, k0, z, nc, C)
-    if rope:  # den_t = fq_t . (z at chunk start + keys of the chunk up to t)
-        Z = _prefix_keys(ws, k0, zst, nc, C)
-        den = Z.mul_(fq.view(BH * nc, C, r).transpose(0, 1)).sum(-1).t()  # (BH*nc, C)
-    else:  # the masked score matrix already holds fq . k0
-        den = A.sum(-1).view(BH, nc, C) + torch.bmm(fq.view(BH * nc, C, r), zst.view(BH * nc, r, 1)).view(BH, nc, C)
-    return num.view(BH, G, dv), den.reshape(BH, G), S_end, z_end
+    den, z_end = _normalizer(ws, fq, k0, z, s if rope else C, D=None if rope else A)  # no RoPE: A is fq k0^T
+    return num.view(BH, G, dv), den, S_end, z_end
 
 
-def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, unrotate=None):
+def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, s: int, unrotate=None):
     """Gradients of ``group_forward`` given g = d num (BH, G, dv), dden (BH, G) and those of (S, z) after.
 
     Returns (d fq, d k0, d V, dS, dz before): the feature gradients w.r.t. the *unrotated* features (the
@@ -316,27 +338,10 @@ def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, unrotat
     torch.bmm(dA.transpose(1, 2), Qc, out=dK.view(BH * nc, C, r)).baddbmm_(Vc, dKV.view(BH * nc, r, dv).transpose(1, 2))
     dVg = ws.get("dV", BH, G, dv)
     torch.bmm(A.transpose(1, 2), Gc, out=dVg.view(BH * nc, C, dv)).baddbmm_(Kc, dKV.view(BH * nc, r, dv))
-    # normalizer: z at chunk c's start feeds den of chunk c; the keys of chunk c feed every later chunk and z after
-    zst, _ = _key_sums(ws, k0, z, nc, C)
-    wsum = torch.bmm(dden.view(BH * nc, 1, C), fq.view(BH * nc, C, r)).view(BH, nc, r)  # d zst
-    dks = ws.get("dks", BH, nc, r)
-    dz_in = _reverse_scan(wsum, dz, dks)
     if rope:
-        ddt = dden.view(BH * nc, C).t().unsqueeze(-1)  # (C, BH*nc, 1)
-        dfq = unrotate(dQ, ws.get("dfq", BH, G, r))
-        dfq.view(BH * nc, C, r).transpose(0, 1).addcmul_(_prefix_keys(ws, k0, zst, nc, C), ddt)
-        # d k0_n = sum_{t >= n in the chunk} dden_t fq_t + (later chunks' share): a reverse scan, C-major
-        fqt = fq.view(BH * nc, C, r).transpose(0, 1).unbind(0)
-        W = ws.get("Z", C, BH * nc, r)
-        ws_, dd = W.unbind(0), ddt.unbind(0)
-        torch.addcmul(dks.view(BH * nc, r), fqt[C - 1], dd[C - 1], out=ws_[C - 1])
-        for i in range(C - 2, -1, -1):
-            torch.addcmul(ws_[i + 1], fqt[i], dd[i], out=ws_[i])
-        dk0 = unrotate(dK, ws.get("dk0", BH, G, r))
-        dk0.view(BH * nc, C, r).transpose(0, 1).add_(W)
-        return dfq, dk0, dVg, dS_in, dz_in
-    dQ.view(BH * nc, C, r).baddbmm_(dden.view(BH * nc, C, 1), zst.view(BH * nc, 1, r))
-    dK.view(BH, nc, C, r).add_(dks.unsqueeze(2))
+        dQ = unrotate(dQ, ws.get("dfq", BH, G, r))
+        dK = unrotate(dK, ws.get("dk0", BH, G, r))
+    dz_in = _normalizer_backward(ws, fq, k0, z, dden, dz, s if rope else C, dQ, dK, intra=rope)
     return dQ, dK, dVg, dS_in, dz_in
 
 
@@ -401,7 +406,8 @@ def causal_forward(src, rot, V, S, z, M, cfg: Config):
         plan.append([a, b, P, e_in, None, S, z])
         fq, qr = _query_features(src, rot, ws, a, b, r)
         Vg = _rows(V, a, b, ws.get("v", BH, b - a, dv))
-        num, d, S, z = group_forward(ws, fq, qr, k0, kr, Vg, S, z, min(C0, b - a))
+        C = min(C0, b - a)
+        num, d, S, z = group_forward(ws, fq, qr, k0, kr, Vg, S, z, C, math.gcd(DEN_CHUNK, C))
         den[:, a:b] = d
         torch.div(num, d.clamp_min(cfg.eps).unsqueeze(-1), out=out[:, a:b])
         if P is not None:
@@ -434,8 +440,9 @@ def causal_backward(src, rot, V, out, den, dout, dS, dz, plan, cfg: Config):
         Vg = _rows(V, a, b, ws.get("v", BH, b - a, dv))
         g, dden = _output_grads(out[:, a:b], den[:, a:b], dout[:, a:b], cfg.eps)
         unrotate = None if rot is None else (lambda x, out: rot(x, a, b, out, inverse=True))
-        dfq, dk0, dVg, dS, dz = group_backward(ws, fq, qr, k0, kr, Vg, S0, z0, g, dden, dS, dz,
-                                               min(cfg.chunk_size, b - a), unrotate)
+        C = min(cfg.chunk_size, b - a)
+        dfq, dk0, dVg, dS, dz = group_backward(ws, fq, qr, k0, kr, Vg, S0, z0, g, dden, dS, dz, C,
+                                               math.gcd(DEN_CHUNK, C), unrotate)
         dV[:, a:b] = dVg
         src.query_grad(a, b, fq, dfq)
         src.key_grad(a, b, k0, dk0, s, P)
