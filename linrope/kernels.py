@@ -77,14 +77,18 @@ def _as_complex(x: Tensor) -> Tensor:
 
 
 class Rotation:
-    """R_n on interleaved pairs of (BH, G, r), written into a separate buffer: (x0 + i x1) * exp(i n theta)."""
+    """R_n on interleaved pairs of (BH, G, r), written into a separate buffer: (x0 + i x1) * exp(i n theta).
+
+    The complex factors are built per group from the cos/sin tables (a whole-length complex table would be as
+    large as q itself).
+    """
 
     def __init__(self, cos: Tensor, sin: Tensor):
-        self.rot = torch.complex(cos, sin)  # (N, r/2)
-        self.inv = self.rot.conj().resolve_conj()
+        self.cos, self.sin = cos, sin  # (N, r/2)
 
     def __call__(self, x: Tensor, a: int, b: int, out: Tensor, inverse: bool = False) -> Tensor:
-        torch.mul(_as_complex(x), (self.inv if inverse else self.rot)[a:b], out=_as_complex(out))
+        rot = torch.complex(self.cos[a:b], -self.sin[a:b] if inverse else self.sin[a:b])
+        torch.mul(_as_complex(x), rot, out=_as_complex(out))
         return out
 
 
@@ -356,20 +360,20 @@ def _rotated(rot, x, a, b, ws, name):
     return None if rot is None else rot(x, a, b, ws.get(name, *x.shape))
 
 
-def _group_features(src, rot, ws, a, b, P=None, M=None):
-    """Key features of [a, b) at reference P (or, if P is None, the causal reference from M).
-
-    Returns (k0, kr, s, P, jumps) where jumps (G,) marks keys exceeding P by more than JUMP_LIMIT.
+def _group_features(src, rot, ws, a, b, P=None, M=None, tag=""):
+    """Key features of [a, b) at reference P (or, if P is None, the causal reference from M), in the workspace
+    buffers named with ``tag``. Returns (k0, kr, s, P, jumps), jumps (G,) marking keys that exceed P by more
+    than JUMP_LIMIT.
     """
     BH, G, r = src.BH, b - a, src.r
-    u, s = src.key_logscale(a, b, ws.get("k0", BH, G, r))
+    u, s = src.key_logscale(a, b, ws.get("k0" + tag, BH, G, r))
     jumps = None
     if s is not None and P is None:
         P = torch.maximum(M, _first_valid(s))
         P = torch.where(P > NEG / 2, P, torch.zeros_like(P))  # no key yet: any finite reference will do
         jumps = ((s - P[:, None]) > JUMP_LIMIT).any(0)
-    k0 = src.key_finish(a, b, u, s, P, ws.get("k0", BH, G, r))
-    return k0, _rotated(rot, k0, a, b, ws, "kr"), s, P, jumps
+    k0 = src.key_finish(a, b, u, s, P, ws.get("k0" + tag, BH, G, r))
+    return k0, _rotated(rot, k0, a, b, ws, "kr" + tag), s, P, jumps
 
 
 def _query_features(src, rot, ws, a, b, r):
@@ -403,7 +407,8 @@ def causal_forward(src, rot, V, S, z, M, cfg: Config):
         if P is not None:
             e_in = torch.exp(M - P)
             S, z = S * e_in[:, None, None], z * e_in[:, None]
-        plan.append([a, b, P, e_in, None, S, z])
+        # every other group start state is kept; the backward rebuilds the others from the one before
+        plan.append([a, b, P, e_in, None, *((S, z) if len(plan) % 2 == 0 else (None, None))])
         fq, qr = _query_features(src, rot, ws, a, b, r)
         Vg = _rows(V, a, b, ws.get("v", BH, b - a, dv))
         C = min(C0, b - a)
@@ -418,10 +423,11 @@ def causal_forward(src, rot, V, S, z, M, cfg: Config):
     return out, den, S, z, M, plan
 
 
-def _output_grads(out, den, dout, eps):
-    """g = d num = dout / den and d den = -(dout . out) / den (zero where den was clamped)."""
+def _output_grads(out, den, dout, eps, buf):
+    """g = d num = dout / den (into the contiguous ``buf``: dout may come with any strides) and
+    d den = -(dout . out) / den (zero where den was clamped)."""
     denc = den.clamp_min(eps)
-    g = dout / denc.unsqueeze(-1)
+    g = torch.div(dout, denc.unsqueeze(-1), out=buf)
     dden = (dout * out).sum(-1).div_(denc).neg_().masked_fill_(den <= eps, 0)
     return g, dden
 
@@ -432,13 +438,25 @@ def causal_backward(src, rot, V, out, den, dout, dS, dz, plan, cfg: Config):
     r = dS.shape[1]
     ws = Workspace(V)
     dV = V.new_empty(BH, N, dv)
-    for a, b, P, e_in, e_out, S0, z0 in reversed(plan):
+    ahead = None  # key features of the next group to process, computed early to rebuild a state
+    for i in range(len(plan) - 1, -1, -1):
+        a, b, P, e_in, e_out, S0, z0 = plan[i]
         if e_out is not None:
             dS, dz = dS * e_out[:, None, None], dz * e_out[:, None]
-        k0, kr, s, _, _ = _group_features(src, rot, ws, a, b, P=P)
+        k0, kr, s = ahead if ahead is not None else _group_features(src, rot, ws, a, b, P=P, tag=str(i % 2))[:3]
+        ahead = None
+        if S0 is None:  # rebuild this group's start state from the previous group (whose keys we need next anyway)
+            pa, pb, pP, _, pe_out, pS0, pz0 = plan[i - 1]
+            ahead = _group_features(src, rot, ws, pa, pb, P=pP, tag=str((i - 1) % 2))[:3]
+            pk0, pkr, _ = ahead
+            S0 = torch.baddbmm(pS0, (pk0 if pkr is None else pkr).transpose(1, 2), _rows(V, pa, pb))
+            z0 = pz0 + pk0.sum(1)
+            for e in (pe_out, e_in):
+                if e is not None:
+                    S0, z0 = S0 * e[:, None, None], z0 * e[:, None]
         fq, qr = _query_features(src, rot, ws, a, b, r)
         Vg = _rows(V, a, b, ws.get("v", BH, b - a, dv))
-        g, dden = _output_grads(out[:, a:b], den[:, a:b], dout[:, a:b], cfg.eps)
+        g, dden = _output_grads(out[:, a:b], den[:, a:b], dout[:, a:b], cfg.eps, ws.get("g", BH, b - a, dv))
         unrotate = None if rot is None else (lambda x, out: rot(x, a, b, out, inverse=True))
         C = min(cfg.chunk_size, b - a)
         dfq, dk0, dVg, dS, dz = group_backward(ws, fq, qr, k0, kr, Vg, S0, z0, g, dden, dS, dz, C,
@@ -492,7 +510,7 @@ def bidirectional_backward(src, rot, V, out, den, dout, S, z, M, cfg: Config):
     dS, dz = torch.zeros_like(S), torch.zeros_like(z)
     for a, b in _groups(N, cfg.group_size):  # queries: d S, d z, and the query gradients
         fq, qr = _query_features(src, rot, ws, a, b, r)
-        g, dden = _output_grads(out[:, a:b], den[:, a:b], dout[:, a:b], cfg.eps)
+        g, dden = _output_grads(out[:, a:b], den[:, a:b], dout[:, a:b], cfg.eps, ws.get("g", BH, b - a, dv))
         dS.baddbmm_((fq if qr is None else qr).transpose(1, 2), g)
         dz.add_(torch.bmm(dden.unsqueeze(1), fq).squeeze(1))
         dfq = torch.bmm(g, S.transpose(1, 2))

@@ -293,3 +293,19 @@ def test_invalid_input_raises_naming_the_argument(i):
     call, match = list(_bad_calls())[i]
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_upstream_gradient_with_any_strides(causal):
+    """The layer hands back gradients with permuted strides (rearrange); several groups must still work."""
+    q, k, v = qkv(B=2, H=3, N=300, d=8, dv=8)
+    for t in (q, k, v):
+        t.requires_grad_()
+    W = FavorPlus(8, 16, seed=2).double().projection
+    rot = RotaryEmbedding(16)
+    g = torch.randn(2, 300, 3, 8, dtype=F64).permute(0, 2, 1, 3)  # (B, H, N, dv) with (B, N, H, dv) strides
+    got = torch.autograd.grad(favor_attention(q, k, v, W, causal=causal, rotary=rot, group_size=64), (q, k, v), g)
+    ref = torch.autograd.grad(favor_attention(q, k, v, W, causal=causal, rotary=rot, group_size=64), (q, k, v),
+                              g.contiguous())
+    for a, b in zip(ref, got):
+        assert_close("grad", a, b, rtol=1e-12)
