@@ -66,7 +66,8 @@ class ModelConfig:
     mlp_ratio: int = 4               # MLP hidden width = mlp_ratio * dim
     feature_map: str = "favor+"      # linear variants only: 'favor+', 'trig', 'relu' or 'elu'
     nb_features: int = 64            # random features r per head (linear variants; even for RoPE on features)
-    redraw_interval: int | None = None  # redraw the random projections every this many training forwards
+    redraw_interval: int | None = None  # redraw the random projections every this many optimizer steps
+                                        # (``ByteLM.step_projections``, called by the training loop)
     feature_seed: int = 0            # layer i draws its projection from seed feature_seed * 1000 + i, so every
                                      # DDP rank (and every resumed run) holds the same features
     chunk_size: int = 64             # chunk of the causal linear-attention engine
@@ -143,7 +144,7 @@ def make_attention(config: ModelConfig, layer: int) -> nn.Module:
                                 rope_base=config.rope_base)
     return LinearRotaryAttention(config.dim, heads=config.heads, dim_head=dim_head, nb_features=config.nb_features,
                                  causal=True, feature_map=config.feature_map, rope=v.rope, rope_base=config.rope_base,
-                                 rotate_normalizer=v.rotate_normalizer, redraw_interval=config.redraw_interval,
+                                 rotate_normalizer=v.rotate_normalizer, redraw_interval=None,  # see step_projections
                                  seed=config.feature_seed * 1000 + layer, chunk_size=config.chunk_size)
 
 
@@ -198,6 +199,18 @@ class ByteLM(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.norm(x) @ self.embed.weight.t()  # tied embeddings: (B, N, C) x (C, V) -> (B, N, V)
+
+    def step_projections(self, step: int) -> None:
+        """Redraw every layer's projection when optimizer step ``step`` is a multiple of ``redraw_interval``.
+
+        The training loop calls this between optimizer steps, so all micro-batches of one step (and all DDP
+        ranks, whose redraws are a pure function of (seed, redraw count)) see the same features.
+        """
+        interval = self.config.redraw_interval
+        if interval and step % interval == 0:
+            for block in self.blocks:
+                if hasattr(block.attn, "feature_map") and hasattr(block.attn.feature_map, "redraw"):
+                    block.attn.feature_map.redraw()
 
     def projections(self) -> list[Tensor]:
         """The random feature projections of the linear layers (empty for softmax and 'elu'), for checks."""

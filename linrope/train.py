@@ -321,6 +321,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, task, run_dir: str | Path
             skipped += 1
         opt.zero_grad(set_to_none=True)
         step += 1
+        model.step_projections(step)
         value = float(loss_sum)
         if math.isfinite(value):
             acc = [acc[0] + value, acc[1] + 1]

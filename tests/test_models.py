@@ -91,8 +91,12 @@ def test_feature_projections_follow_the_feature_seed():
 
 def test_state_dict_round_trip_restores_outputs_and_projections():
     a = tiny("linear-rope", redraw_interval=1)
+    before = [p.clone() for p in a.projections()]
     a.train()
-    a(torch.randint(0, 256, (1, 9)))  # one training forward redraws every projection
+    a(torch.randint(0, 256, (1, 9)))  # forwards do not redraw: optimizer steps do
+    assert all(torch.equal(u, v) for u, v in zip(before, a.projections()))
+    a.step_projections(1)  # what the training loop calls after optimizer step 1
+    assert not any(torch.equal(u, v) for u, v in zip(before, a.projections()))
     b = tiny("linear-rope", redraw_interval=1, feature_seed=5)
     b.load_state_dict(a.state_dict())
     x = torch.randint(0, 256, (2, 19))

@@ -54,7 +54,7 @@ def test_every_variant_trains_and_round_trips_through_its_checkpoint(attention, 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_resume_gives_the_same_loss_curve_as_an_uninterrupted_run(grad_accum, tmp_path):
-    # redraws every 2 forwards, logs every 2 steps and is interrupted at an odd step: the checkpoint must carry
+    # redraws every 2 optimizer steps, logs every 2 steps and is interrupted at an odd step: the checkpoint must carry
     # the redraw counters, the data generator and the half-filled log interval
     task = LMTask(text_corpus(), 32, eval_windows=2)
     mc = ModelConfig(attention="linear-rope", redraw_interval=2, **TINY)
@@ -225,6 +225,6 @@ def test_ddp_two_cpu_ranks_keep_parameters_and_feature_projections_identical_and
         pytest.fail("the 2-rank run hung: the ranks went through different collectives")
     assert proc.returncode == 0, err[-3000:]
     report = json.loads((tmp_path / "run" / "ddp.json").read_text())
-    # 5 steps x 2 micro-batches = 10 training forwards, a redraw every 2
+    # 5 optimizer steps (of 2 micro-batches each), a redraw every 2 steps: after steps 2 and 4, on both ranks
     assert report == {"same": True, "different_data": True, "resumed_same": True, "resumed_curve": True,
-                      "redraws": [5, 5], "world": 2, "step": 5}
+                      "redraws": [2, 2], "world": 2, "step": 5}
