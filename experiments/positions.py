@@ -1,7 +1,7 @@
 """Which position scheme carries relative position? Train each variant to copy the symbol a fixed distance back
 (content gives no hint, only position does) and report validation accuracy per variant over seeds. Minutes on a CPU.
 
-    python experiments/positions.py                                  # every variant, 2 seeds
+    python experiments/positions.py                                  # every variant, 3 seeds
     python experiments/positions.py --variants linear-rope,linear-rope-inputs,linear-nope --seeds 0,1,2
 
 Writes summary.md / summary.csv, results.csv (accuracy curves), final.csv and positions.png to --out.
@@ -21,7 +21,7 @@ def main():
     p.add_argument("--length", type=int, default=64, help="sequence length")
     p.add_argument("--distance", type=int, default=8, help="copy the symbol this many places back")
     p.add_argument("--symbols", type=int, default=16, help="alphabet size (chance = 1/symbols)")
-    p.add_argument("--seeds", default="0,1", help="comma-separated seeds")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")

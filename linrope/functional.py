@@ -141,7 +141,10 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, eps, chunk_size,
         cos, sin = rotary.cos_sin(positions, N, v.device, dt)
     else:
         resolve_positions(positions, N, v.device)  # still validate what the caller passed
-    cfg = kernels.Config(causal=bool(causal), chunk_size=chunk_size, group_size=group_size, eps=eps)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, ks, v, S0, z0))
+    cfg = kernels.Config(causal=bool(causal), chunk_size=chunk_size, group_size=group_size, eps=eps,
+                         needs_grad=needs_grad)
     cast = (lambda t: None if t is None else t.to(dt))
     out, S, z, M = kernels.LinearAttentionFunction.apply(
         kind, cfg, rotary is not None and rotary.interleaved, cast(q), cast(k), cast(ks), cast(v), cast(W), mask,

@@ -47,6 +47,7 @@ class Config:
     chunk_size: int
     group_size: int
     eps: float
+    needs_grad: bool = True  # False: nothing will be differentiated, keep no state for a backward
 
 
 def interleaved_order(r: int, device=None) -> Tensor:
@@ -381,8 +382,9 @@ def _query_features(src, rot, ws, a, b, r):
     return fq, _rotated(rot, fq, a, b, ws, "qr")
 
 
-def causal_forward(src, rot, V, S, z, M, cfg: Config):
-    """Run all groups; returns num-divided outputs, den, the final (S, z, M) and the plan the backward replays."""
+def causal_forward(src, rot, V, S, z, M, cfg: Config, keep_states: bool = True):
+    """Run all groups; returns num-divided outputs, den, the final (S, z, M) and the plan the backward replays
+    (without the group states when ``keep_states`` is False: nothing will be differentiated)."""
     B, H, N, dv = V.shape
     BH = B * H
     r = S.shape[1]
@@ -408,7 +410,7 @@ def causal_forward(src, rot, V, S, z, M, cfg: Config):
             e_in = torch.exp(M - P)
             S, z = S * e_in[:, None, None], z * e_in[:, None]
         # every other group start state is kept; the backward rebuilds the others from the one before
-        plan.append([a, b, P, e_in, None, *((S, z) if len(plan) % 2 == 0 else (None, None))])
+        plan.append([a, b, P, e_in, None, *((S, z) if keep_states and len(plan) % 2 == 0 else (None, None))])
         fq, qr = _query_features(src, rot, ws, a, b, r)
         Vg = _rows(V, a, b, ws.get("v", BH, b - a, dv))
         C = min(C0, b - a)
@@ -547,7 +549,7 @@ class LinearAttentionFunction(torch.autograd.Function):
         if cfg.causal:
             S0, z0 = _to_internal(S0, perm), _to_internal(z0, perm)
             out, den, S, z, M, plan = causal_forward(src, rot, V, S0.reshape(B * H, r, dv), z0.reshape(B * H, r),
-                                                     M0.reshape(B * H), cfg)
+                                                     M0.reshape(B * H), cfg, keep_states=cfg.needs_grad)
             ctx.plan = plan
         else:
             out, den, S, z, M = bidirectional_forward(src, rot, V, r, cfg)

@@ -287,7 +287,7 @@ _SYNTH_TRAIN = dict(lr=3e-3, warmup=20, weight_decay=0.0, log_interval=10, ckpt_
 
 
 def run_positions(*, variants=tuple(VARIANTS), length: int = 64, distance: int = 8, symbols: int = 16,
-                  seeds=(0, 1), steps: int = 300, batch_size: int = 32, device: str = "cpu",
+                  seeds=(0, 1, 2), steps: int = 300, batch_size: int = 32, device: str = "cpu",
                   out="experiments/results/positions", resume: bool = False, progress: bool = True) -> list[dict]:
     """``lookback``: predict the symbol ``distance`` places back, a task only position can solve. Accuracy per
     variant over seeds; writes ``positions.png`` (accuracy against step)."""
