@@ -23,7 +23,7 @@ from .profiling import Record, run_point
 from .rotary import RotaryEmbedding
 
 __all__ = ["CASES", "causal_flops", "Target", "targets", "evaluate", "peers_available", "PROFILE_SERIES",
-           "memory_profile", "plot_profile"]
+           "memory_profile", "plot_profile", "write_profile", "read_profile", "merge_profile"]
 
 
 # ---------------------------------------------------------------------------------------------- cases
@@ -318,6 +318,46 @@ def plot_profile(records: list[Record], path: str, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_profile(records: list[Record], out: str, meta: dict | None = None) -> list[dict]:
+    """Write ``memory.csv``, ``memory.json`` and ``memory.png`` under ``out``; returns the CSV rows."""
+    import csv
+    import json
+    import os
+
+    os.makedirs(out, exist_ok=True)
+    rows = [dict(series=r.params["series"], mode=r.params["mode"], n=r.params["n"], seconds=r.seconds,
+                 peak_mib=r.peak_mib, status=r.status) for r in records]
+    with open(os.path.join(out, "memory.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with open(os.path.join(out, "memory.json"), "w") as f:
+        json.dump({"machine": machine(), **(meta or {}), "records": [r.to_dict() for r in records]}, f, indent=1)
+    plot_profile(records, os.path.join(out, "memory.png"), f"{machine()}; B=1 H=8 d=64 r=256 float32")
+    return rows
+
+
+def read_profile(out: str) -> list[Record]:
+    """The records of an earlier ``write_profile`` (none if there is no ``memory.json``)."""
+    import json
+    import os
+
+    path = os.path.join(out, "memory.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [Record(**r) for r in json.load(f)["records"]]
+
+
+def merge_profile(old: list[Record], new: list[Record]) -> list[Record]:
+    """``old`` with every (series, mode) that ``new`` measured replaced by the new records, in series order."""
+    done = {(r.params["series"], r.params["mode"]) for r in new}
+    merged = [r for r in old if (r.params["series"], r.params["mode"]) not in done] + new
+    order = list(PROFILE_SERIES)
+    return sorted(merged, key=lambda r: (order.index(r.params["series"]) if r.params["series"] in order else 99,
+                                         r.params["mode"] != "fwd", r.params["n"]))
 
 
 def machine() -> str:

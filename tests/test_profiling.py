@@ -59,3 +59,14 @@ def test_flop_count_matches_the_formula_by_hand():
     bwd = 4 * 4 + 4 * 4 + 4 * 4 + 8 * 4 + 6 * 2
     assert causal_flops(1, heads=1, d=2, r=2, dv=2, chunk=2, rotary=False) == fwd + bwd
     assert math.isclose(causal_flops(16384) / causal_flops(8192), 2.0)
+
+
+def test_profile_update_replaces_only_the_remeasured_series(tmp_path):
+    from linrope.bench import merge_profile, read_profile, write_profile
+
+    def rec(series, mode, n, s):
+        return Record("c", dict(series=series, mode=mode, n=n), "ok", s, [s], 1.0)
+    old = [rec("sdpa causal", "fwd", 1024, 1.0), rec("eq.19 causal", "fwd", 1024, 2.0)]
+    write_profile(old, str(tmp_path))
+    merged = merge_profile(read_profile(str(tmp_path)), [rec("eq.19 causal", "fwd", 1024, 0.5)])
+    assert [(r.params["series"], r.seconds) for r in merged] == [("sdpa causal", 1.0), ("eq.19 causal", 0.5)]
