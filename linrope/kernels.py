@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-NEG = -1e30  # "no key seen yet": exp(NEG - P) == 0 without the NaNs of -inf - -inf
+from .sources import NEG, FavorFeatures, GivenFeatures, Rotation, Workspace, group_rows, interleaved_order
+
 JUMP_LIMIT = 40.0  # exp(40) ~ 2e17 leaves ~1e21 of float32 headroom for sums over keys, features and values
 DEN_CHUNK = 32  # sub-chunk of the unrotated normalizer under RoPE (a divisor of the chunk is used); measured best
 
@@ -48,165 +49,6 @@ class Config:
     group_size: int
     eps: float
     needs_grad: bool = True  # False: nothing will be differentiated, keep no state for a backward
-
-
-def interleaved_order(r: int, device=None) -> Tensor:
-    """Feature order that turns half-split pairs (i, i + r/2) into interleaved pairs (2i, 2i+1)."""
-    return torch.stack((torch.arange(r // 2, device=device), torch.arange(r // 2, r, device=device)), 1).flatten()
-
-
-class Workspace:
-    """Named flat buffers reused across groups; ``get`` returns a contiguous view of the requested shape."""
-
-    def __init__(self, like: Tensor):
-        self.like, self.store = like, {}
-
-    def get(self, name: str, *shape: int) -> Tensor:
-        n = 1
-        for s in shape:
-            n *= s
-        buf = self.store.get(name)
-        if buf is None or buf.numel() < n:
-            buf = self.store[name] = self.like.new_empty(n)
-        return buf[:n].view(shape)
-
-
-def _as_complex(x: Tensor) -> Tensor:
-    if x.storage_offset() % 2:  # view_as_complex needs an even offset
-        x = x.clone()
-    return torch.view_as_complex(x.view(*x.shape[:-1], -1, 2))
-
-
-class Rotation:
-    """R_n on interleaved pairs of (BH, G, r), written into a separate buffer: (x0 + i x1) * exp(i n theta).
-
-    The complex factors are built per group from the cos/sin tables (a whole-length complex table would be as
-    large as q itself).
-    """
-
-    def __init__(self, cos: Tensor, sin: Tensor):
-        self.cos, self.sin = cos, sin  # (N, r/2)
-
-    def __call__(self, x: Tensor, a: int, b: int, out: Tensor, inverse: bool = False) -> Tensor:
-        rot = torch.complex(self.cos[a:b], -self.sin[a:b] if inverse else self.sin[a:b])
-        torch.mul(_as_complex(x), rot, out=_as_complex(out))
-        return out
-
-
-# ---------------------------------------------------------------------------------------------- feature sources
-def _rows(x: Tensor, a: int, b: int, buf: Tensor | None = None) -> Tensor:
-    """Positions [a, b) of x (B, H, N, D) as a contiguous (B*H, b-a, D): a view if possible, else copied into buf."""
-    B, H, _, D = x.shape
-    part = x[:, :, a:b]
-    if buf is None:
-        return part.reshape(B * H, b - a, D)
-    try:
-        return part.view(B * H, b - a, D) if part.is_contiguous() else buf.view(B, H, b - a, D).copy_(part).view_as(buf)
-    except RuntimeError:
-        return buf.view(B, H, b - a, D).copy_(part).view_as(buf)
-
-
-def _flat_mask(mask: Tensor | None, H: int) -> Tensor | None:
-    return None if mask is None else mask[:, None].expand(-1, H, -1).reshape(-1, mask.shape[-1])
-
-
-class FavorFeatures:
-    """FAVOR+ features computed on the fly from q, k (BH, N, d) and W (r, d).
-
-    With x~ = x d^(-1/4) and u = x~ W^T: fq = exp(u - max_i u) (a per-row factor that cancels); keys have
-    log-scale s = max_i u - |x~|^2/2 and k0 = exp(u - |x~|^2/2 - P): Performer's exp(u - |x~|^2/2) times the
-    group constant exp(-P). The 1/sqrt(r) of Performer cancels and is dropped.
-    """
-
-    def __init__(self, q, k, W, mask, H):
-        B, H, N, d = q.shape
-        self.q, self.k, self.mask = q, k, _flat_mask(mask, H)
-        self.BH, self.r = B * H, W.shape[0]
-        self.Ws = W * d ** -0.25  # u = x @ Ws^T
-        self.scale2 = d ** -0.5
-        self.h = (0.5 * self.scale2 * (k * k).sum(-1)).reshape(B * H, N)  # |k~|^2 / 2
-        self.dq, self.dk, self.dks = q.new_empty(B * H, N, d), k.new_empty(B * H, N, d), None
-
-    def query(self, a, b, buf):
-        torch.matmul(_rows(self.q, a, b), self.Ws.t(), out=buf)
-        return buf.sub_(buf.amax(-1, keepdim=True)).exp_()
-
-    def key_logscale(self, a, b, buf):
-        """Writes u into ``buf``; returns (buf, s) with s (BH, G), NEG for padded keys."""
-        torch.matmul(_rows(self.k, a, b), self.Ws.t(), out=buf)
-        s = buf.amax(-1).sub_(self.h[:, a:b])
-        if self.mask is not None:
-            s.masked_fill_(~self.mask[:, a:b], NEG)
-        return buf, s
-
-    def key_finish(self, a, b, u, s, P, buf):
-        u.sub_((self.h[:, a:b] + P[:, None]).unsqueeze(-1)).exp_()
-        if self.mask is not None:
-            u.mul_(self.mask[:, a:b, None])
-        return u
-
-    def query_grad(self, a, b, fq, dfq):
-        self.dq[:, a:b] = dfq.mul_(fq) @ self.Ws
-
-    def key_grad(self, a, b, k0, dk0, s, P):
-        du = dk0.mul_(k0)  # d/du of exp(u - h - P)
-        g = du @ self.Ws
-        g.sub_(du.sum(-1, keepdim=True) * _rows(self.k, a, b), alpha=self.scale2)  # d/dk of -h = -scale2 k
-        self.dk[:, a:b] = g
-
-
-class GivenFeatures:
-    """Precomputed features qf, kf (B, H, N, r), optional key log-scales ks (B, H, N); ``perm`` reorders features."""
-
-    def __init__(self, qf, kf, ks, mask, H, perm):
-        B, H, N, r = qf.shape
-        self.qf, self.kf, self.mask, self.perm = qf, kf, _flat_mask(mask, H), perm
-        self.ks = None if ks is None else ks.reshape(B * H, N)
-        self.BH, self.r = B * H, r
-        self.inv = None if perm is None else torch.argsort(perm)
-        self.dq, self.dk = qf.new_empty(B * H, N, r), kf.new_empty(B * H, N, r)
-        self.dks = None if ks is None else ks.new_empty(B * H, N)
-
-    def _take(self, x, a, b, buf):
-        if self.perm is not None:
-            B, H = x.shape[:2]
-            return torch.index_select(x[:, :, a:b], -1, self.perm, out=buf.view(B, H, b - a, -1)).view_as(buf)
-        return _rows(x, a, b, buf)  # the chunked bmm needs (BH, G, r) contiguous
-
-    def _put(self, dst, a, b, g):
-        dst[:, a:b] = g if self.inv is None else g.index_select(-1, self.inv)
-
-    def query(self, a, b, buf):
-        return self._take(self.qf, a, b, buf)
-
-    def key_logscale(self, a, b, buf):
-        fk = self._take(self.kf, a, b, buf)
-        if self.ks is None:
-            return fk, None
-        s = self.ks[:, a:b].clone()
-        if self.mask is not None:
-            s.masked_fill_(~self.mask[:, a:b], NEG)
-        return fk, s
-
-    def _weight(self, a, b, s, P):
-        w = None if s is None else torch.exp(s - P[:, None])
-        if self.mask is not None:
-            m = self.mask[:, a:b].to(self.kf.dtype)
-            w = m if w is None else w * m
-        return w
-
-    def key_finish(self, a, b, fk, s, P, buf):
-        w = self._weight(a, b, s, P)
-        return fk if w is None else torch.mul(fk, w.unsqueeze(-1), out=buf)
-
-    def query_grad(self, a, b, fq, dfq):
-        self._put(self.dq, a, b, dfq)
-
-    def key_grad(self, a, b, k0, dk0, s, P):
-        if s is not None:
-            self.dks[:, a:b] = (dk0 * k0).sum(-1)
-        w = self._weight(a, b, s, P)
-        self._put(self.dk, a, b, dk0 if w is None else dk0.mul_(w.unsqueeze(-1)))
 
 
 # ---------------------------------------------------------------------------------------------- one group
@@ -412,7 +254,7 @@ def causal_forward(src, rot, V, S, z, M, cfg: Config, keep_states: bool = True):
         # every other group start state is kept; the backward rebuilds the others from the one before
         plan.append([a, b, P, e_in, None, *((S, z) if keep_states and len(plan) % 2 == 0 else (None, None))])
         fq, qr = _query_features(src, rot, ws, a, b, r)
-        Vg = _rows(V, a, b, ws.get("v", BH, b - a, dv))
+        Vg = group_rows(V, a, b, ws.get("v", BH, b - a, dv))
         C = min(C0, b - a)
         num, d, S, z = group_forward(ws, fq, qr, k0, kr, Vg, S, z, C, math.gcd(DEN_CHUNK, C))
         den[:, a:b] = d
@@ -451,13 +293,13 @@ def causal_backward(src, rot, V, out, den, dout, dS, dz, plan, cfg: Config):
             pa, pb, pP, _, pe_out, pS0, pz0 = plan[i - 1]
             ahead = _group_features(src, rot, ws, pa, pb, P=pP, tag=str((i - 1) % 2))[:3]
             pk0, pkr, _ = ahead
-            S0 = torch.baddbmm(pS0, (pk0 if pkr is None else pkr).transpose(1, 2), _rows(V, pa, pb))
+            S0 = torch.baddbmm(pS0, (pk0 if pkr is None else pkr).transpose(1, 2), group_rows(V, pa, pb))
             z0 = pz0 + pk0.sum(1)
             for e in (pe_out, e_in):
                 if e is not None:
                     S0, z0 = S0 * e[:, None, None], z0 * e[:, None]
         fq, qr = _query_features(src, rot, ws, a, b, r)
-        Vg = _rows(V, a, b, ws.get("v", BH, b - a, dv))
+        Vg = group_rows(V, a, b, ws.get("v", BH, b - a, dv))
         g, dden = _output_grads(out[:, a:b], den[:, a:b], dout[:, a:b], cfg.eps, ws.get("g", BH, b - a, dv))
         unrotate = None if rot is None else (lambda x, out: rot(x, a, b, out, inverse=True))
         C = min(cfg.chunk_size, b - a)
@@ -493,7 +335,7 @@ def bidirectional_forward(src, rot, V, r, cfg: Config):
             M = P
         k0 = src.key_finish(a, b, u, s, P, ws.get("k0", BH, b - a, r))
         kr = _rotated(rot, k0, a, b, ws, "kr")
-        S.baddbmm_((k0 if kr is None else kr).transpose(1, 2), _rows(V, a, b, ws.get("v", BH, b - a, dv)))
+        S.baddbmm_((k0 if kr is None else kr).transpose(1, 2), group_rows(V, a, b, ws.get("v", BH, b - a, dv)))
         z.add_(k0.sum(1))
     out, den = V.new_empty(BH, N, dv), V.new_empty(BH, N)
     for a, b in _groups(N, cfg.group_size):
@@ -523,7 +365,7 @@ def bidirectional_backward(src, rot, V, out, den, dout, S, z, M, cfg: Config):
     for a, b in _groups(N, cfg.group_size):  # keys, at the final reference M
         k0, kr, s, _, _ = _group_features(src, rot, ws, a, b, P=M)
         dV[:, a:b] = torch.bmm(k0 if kr is None else kr, dS)
-        dk0 = torch.bmm(_rows(V, a, b, ws.get("v", BH, b - a, dv)), dS.transpose(1, 2))
+        dk0 = torch.bmm(group_rows(V, a, b, ws.get("v", BH, b - a, dv)), dS.transpose(1, 2))
         if kr is not None:
             dk0 = rot(dk0, a, b, ws.get("tmp", *dk0.shape), inverse=True)
         src.key_grad(a, b, k0, dk0.add_(dz.unsqueeze(1)), s, M)
