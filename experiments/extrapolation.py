@@ -1,8 +1,8 @@
 """Length extrapolation: evaluate language-model checkpoints trained at length N at N, 2N, 4N, 8N, and the loss by
 position bucket (does the loss rise past the trained length?).
 
-    python experiments/long_context.py --preset quick               # trains the checkpoints first
-    python experiments/extrapolation.py --runs experiments/results/long_context
+    python experiments/long_context.py --preset cpu-long            # trains the checkpoints first
+    python experiments/extrapolation.py --runs experiments/results/long_context/cpu-long
 
 Writes extrapolation.csv, buckets.csv and extrapolation.png to --out.
 """

@@ -6,9 +6,10 @@ standard library's own sources (no download) or any local file such as enwik8.
     python experiments/long_context.py --preset paper --data enwik8 --device cuda   # RoFormer sec. 4.4
     torchrun --nproc_per_node=2 experiments/long_context.py --preset quick --out /tmp/ddp   # DDP (gloo on CPU)
 
-Writes to --out: results.csv (every logged row), summary.md / summary.csv (final validation bits per byte per
-variant and length: mean, std and range over seeds, seeds, steps, skipped steps, flags), long_context.png and
-runs/<variant>_n<N>_s<seed>/ (config.json, metrics.jsonl, ckpt.pt). --resume continues interrupted runs exactly.
+Writes to --out (default experiments/results/long_context/<preset>): results.csv (every logged row),
+summary.md / summary.csv (final validation bits per byte per variant and length: mean, std and range over seeds,
+seeds, steps, skipped steps, flags), long_context.png and runs/<variant>_n<N>_s<seed>/ (config.json,
+metrics.jsonl, ckpt.pt). --resume continues interrupted runs exactly.
 """
 
 import argparse
@@ -30,15 +31,16 @@ def main():
     p.add_argument("--data", help="a local byte file (enwik8: 90M/5M/5M split); default: the stdlib sources")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: the preset's)")
     p.add_argument("--grad-accum", type=int, help="micro-batches per step (same batch, less memory)")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "long_context"))
+    p.add_argument("--out", help="output folder (default: experiments/results/long_context/<preset>)")
     p.add_argument("--resume", action="store_true", help="skip finished runs and continue interrupted ones")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     a = p.parse_args()
+    out = a.out or str(Path(__file__).parent / "results" / "long_context" / a.preset)
     try:
         run_long_context(a.preset, variants=parse_list(a.variants, str, "variants"),
                          lengths=parse_list(a.lengths, int, "lengths"), seeds=parse_list(a.seeds, int, "seeds"),
                          steps=a.steps, feature_map=a.feature_map, data=a.data, device=a.device,
-                         grad_accum=a.grad_accum, out=a.out, resume=a.resume, progress=not a.no_progress)
+                         grad_accum=a.grad_accum, out=out, resume=a.resume, progress=not a.no_progress)
     except ValueError as e:  # a bad argument: say which, with the usage
         p.error(str(e))
     leave_distributed()  # under torchrun: wait for rank 0's tables and plots, then leave the process group
