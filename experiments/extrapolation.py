@@ -10,13 +10,13 @@ Writes extrapolation.csv, buckets.csv and extrapolation.png to --out.
 import argparse
 from pathlib import Path
 
-from linrope.sweeps import parse_list, run_extrapolation
+from linrope.sweeps import parse_list, run_extrapolation, run_script
 
 
 def main():
     here = Path(__file__).parent / "results"
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", nargs="+", default=[str(here / "long_context")],
+    p.add_argument("--runs", nargs="+", default=[str(here / "long_context" / "cpu-long")],
                    help="directories searched for ckpt.pt, or checkpoint files")
     p.add_argument("--factors", default="1,2,4,8", help="evaluation lengths as multiples of the training length")
     p.add_argument("--eval-tokens", type=int, default=32768, help="validation tokens per evaluation length")
@@ -24,11 +24,8 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(here / "extrapolation"))
     a = p.parse_args()
-    try:
-        run_extrapolation(a.runs, factors=parse_list(a.factors, int, "factors"), eval_tokens=a.eval_tokens,
-                          buckets=a.buckets, device=a.device, out=a.out)
-    except ValueError as e:  # a bad argument: say which, with the usage
-        p.error(str(e))
+    run_script(p, lambda: run_extrapolation(a.runs, factors=parse_list(a.factors, int, "factors"),
+                                            eval_tokens=a.eval_tokens, buckets=a.buckets, device=a.device, out=a.out))
 
 
 if __name__ == "__main__":

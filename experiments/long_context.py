@@ -16,8 +16,7 @@ import argparse
 from pathlib import Path
 
 from linrope.models import VARIANTS
-from linrope.train import leave_distributed
-from linrope.sweeps import PRESETS, parse_list, run_long_context
+from linrope.sweeps import PRESETS, parse_list, run_long_context, run_script
 
 
 def main():
@@ -36,14 +35,10 @@ def main():
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     a = p.parse_args()
     out = a.out or str(Path(__file__).parent / "results" / "long_context" / a.preset)
-    try:
-        run_long_context(a.preset, variants=parse_list(a.variants, str, "variants"),
-                         lengths=parse_list(a.lengths, int, "lengths"), seeds=parse_list(a.seeds, int, "seeds"),
-                         steps=a.steps, feature_map=a.feature_map, data=a.data, device=a.device,
-                         grad_accum=a.grad_accum, out=out, resume=a.resume, progress=not a.no_progress)
-    except ValueError as e:  # a bad argument: say which, with the usage
-        p.error(str(e))
-    leave_distributed()  # under torchrun: wait for rank 0's tables and plots, then leave the process group
+    run_script(p, lambda: run_long_context(
+        a.preset, variants=parse_list(a.variants, str, "variants"), lengths=parse_list(a.lengths, int, "lengths"),
+        seeds=parse_list(a.seeds, int, "seeds"), steps=a.steps, feature_map=a.feature_map, data=a.data,
+        device=a.device, grad_accum=a.grad_accum, out=out, resume=a.resume, progress=not a.no_progress))
 
 
 if __name__ == "__main__":

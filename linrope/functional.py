@@ -192,7 +192,8 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
     if k_logscale is not None:
         _check_tensor("k_logscale", k_logscale, dims=3)
         if k_logscale.shape != kf.shape[:3]:
-            raise ValueError(f"k_logscale: expected shape (B, H, N) = {tuple(kf.shape[:3])}, got {tuple(k_logscale.shape)}")
+            raise ValueError(f"k_logscale: expected shape (B, H, N) = {tuple(kf.shape[:3])}, "
+                             f"got {tuple(k_logscale.shape)}")
     return _run("features", qf, kf, k_logscale, v, None, r, causal=causal, rotary=rotary, positions=positions,
                 eps=eps, chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,
                 return_state=return_state, key_padding_mask=key_padding_mask)

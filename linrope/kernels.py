@@ -5,7 +5,8 @@ positions per group.
 
 What is computed (RoFormer eq. 19 with keys carried as a bounded feature times exp(log-scale))::
 
-    num_t = sum_{n<=t} (R_t fq_t) . (R_n k0_n) v_n      den_t = sum_{n<=t} fq_t . k0_n      out_t = num_t / max(den_t, eps)
+    num_t = sum_{n<=t} (R_t fq_t) . (R_n k0_n) v_n,    den_t = sum_{n<=t} fq_t . k0_n,
+    out_t = num_t / max(den_t, eps)
 
 How, and why:
 

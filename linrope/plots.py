@@ -77,7 +77,8 @@ def plot_curves(rows: list[dict], path: str | Path, *, metric: str = "bpb", titl
                     continue
                 steps = sorted(curve)
                 stats = [mean_band(curve[s]) for s in steps]
-                ax.plot(steps, [s[0] for s in stats], color=_color(i), label=f"{variant} ({len(seeds)} seed{'s' * (len(seeds) != 1)})")
+                label = f"{variant} ({len(seeds)} seed{'s' * (len(seeds) != 1)})"
+                ax.plot(steps, [s[0] for s in stats], color=_color(i), label=label)
                 if len(seeds) > 1:
                     ax.fill_between(steps, [s[1] for s in stats], [s[2] for s in stats], color=_color(i), alpha=0.2)
             if reference is not None and split == "val":

@@ -29,7 +29,8 @@ def resolve_positions(positions: int | Tensor | None, n: int, device: torch.devi
     if positions is None:
         return torch.arange(n, device=device)
     if isinstance(positions, bool) or not isinstance(positions, (int, Tensor)):
-        raise TypeError(f"positions: expected None, an int offset or a 1-D integer tensor, got {type(positions).__name__}")
+        raise TypeError("positions: expected None, an int offset or a 1-D integer tensor, "
+                        f"got {type(positions).__name__}")
     if isinstance(positions, int):
         return torch.arange(positions, positions + n, device=device)
     if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:

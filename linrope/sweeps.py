@@ -24,7 +24,8 @@ from .data import LMTask, SyntheticTask, load_corpus
 from .models import VARIANTS, ModelConfig
 from .train import TrainConfig, distributed_context, load_model, position_losses, read_metrics, train
 
-__all__ = ["Preset", "PRESETS", "parse_list", "run_long_context", "run_positions", "run_recall", "run_extrapolation"]
+__all__ = ["Preset", "PRESETS", "parse_list", "add_synthetic_arguments", "run_script", "run_long_context",
+           "run_positions", "run_recall", "run_extrapolation"]
 
 LINEAR_POSITION_VARIANTS = ("linear-rope", "linear-rope-inputs", "linear-abs", "linear-nope")
 UNIGRAM_MARGIN = 0.3  # bpb within this of the byte-unigram entropy: the model has learned no context
@@ -78,6 +79,29 @@ def parse_list(text: str | None, kind: type, name: str) -> tuple | None:
     if not items:
         raise ValueError(f"{name}: expected at least one value, got {text!r}")
     return items
+
+
+def add_synthetic_arguments(parser, *, out: str, seeds: str, steps: int) -> None:
+    """The arguments shared by the synthetic-task scripts (``positions.py``, ``recall.py``)."""
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant names")
+    parser.add_argument("--seeds", default=seeds, help="comma-separated seeds")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--resume", action="store_true", help="skip finished runs and continue interrupted ones")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+
+def run_script(parser, fn) -> None:
+    """Run ``fn()``: a ValueError (a bad argument, named in its message) becomes a usage error; under torchrun,
+    wait for rank 0's tables and plots, then leave the process group."""
+    from .train import leave_distributed
+    try:
+        fn()
+    except ValueError as e:
+        parser.error(str(e))
+    leave_distributed()
 
 
 def _check_grid(variants, lengths, seeds) -> None:

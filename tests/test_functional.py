@@ -17,7 +17,8 @@ def qkv(B=2, H=3, N=37, d=8, dv=5, dtype=F64, scale=1.0):
 
 
 def features(B=2, H=3, N=37, r=12, dv=5):
-    return torch.rand(B, H, N, r, dtype=F64) + 0.05, torch.rand(B, H, N, r, dtype=F64) + 0.05, torch.randn(B, H, N, dv, dtype=F64)
+    positive = [torch.rand(B, H, N, r, dtype=F64) + 0.05 for _ in range(2)]
+    return (*positive, torch.randn(B, H, N, dv, dtype=F64))
 
 
 # ---------------------------------------------------------------------------------------------- eq. 19
@@ -38,7 +39,8 @@ def test_explicit_positions_with_offset(causal):
     pos = torch.arange(1000, 1020)
     rot = RotaryEmbedding(12)
     ref = eq19(qf, kf, v, causal=causal, R=rotation_matrices(pos, 12))
-    assert_close("tensor positions", ref, linear_attention(qf, kf, v, causal=causal, rotary=rot, positions=pos), rtol=1e-10)
+    got = linear_attention(qf, kf, v, causal=causal, rotary=rot, positions=pos)
+    assert_close("tensor positions", ref, got, rtol=1e-10)
     assert_close("int offset", ref, linear_attention(qf, kf, v, causal=causal, rotary=rot, positions=1000), rtol=1e-10)
 
 
@@ -204,7 +206,8 @@ def test_large_norm_keys_stay_accurate_in_float32():
     rot = RotaryEmbedding(128)
     for causal in (False, True):
         got = favor_attention(q, k, v, W, causal=causal, rotary=rot)
-        ref = eq19(favor_features(q, W), favor_features(k, W), v, causal=causal, R=rotation_matrices(torch.arange(300), 128))
+        R = rotation_matrices(torch.arange(300), 128)
+        ref = eq19(favor_features(q, W), favor_features(k, W), v, causal=causal, R=R)
         assert_close("large keys", ref, got, rtol=1e-4)
 
 
@@ -234,7 +237,8 @@ def test_half_precision_inputs_at_8192(dtype):
     W = FavorPlus(32, 64, seed=0).projection
     rot = RotaryEmbedding(64)
     for causal in (False, True):
-        ref = favor_attention(q.to(dtype).float(), k.to(dtype).float(), v.to(dtype).float(), W, causal=causal, rotary=rot)
+        q32, k32, v32 = (t.to(dtype).float() for t in (q, k, v))
+        ref = favor_attention(q32, k32, v32, W, causal=causal, rotary=rot)
         got = favor_attention(q.to(dtype), k.to(dtype), v.to(dtype), W, causal=causal, rotary=rot)
         assert got.dtype == dtype and torch.isfinite(got).all()
         tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
