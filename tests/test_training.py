@@ -125,11 +125,13 @@ def run_script(name, *args, monkeypatch):
     runpy.run_path(str(ROOT / "experiments" / name), run_name="__main__")
 
 
-@pytest.mark.parametrize("name", ["long_context.py", "positions.py", "recall.py", "extrapolation.py"])
-def test_scripts_help(name, monkeypatch, capsys):
+@pytest.mark.parametrize("name, option", [("long_context.py", "--out"), ("positions.py", "--out"),
+                                          ("recall.py", "--out"), ("extrapolation.py", "--out"),
+                                          ("memory.py", "--update"), ("bench.py", "--json"), ("demo.py", "--length")])
+def test_scripts_help(name, option, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         run_script(name, "--help", monkeypatch=monkeypatch)
-    assert e.value.code == 0 and "--out" in capsys.readouterr().out
+    assert e.value.code == 0 and option in capsys.readouterr().out
 
 
 def test_scripts_smoke_run_and_write_tables_and_plots(tmp_path, monkeypatch):
