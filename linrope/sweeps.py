@@ -366,7 +366,7 @@ def run_extrapolation(runs, *, factors=(1, 2, 4, 8), eval_tokens: int = 32768, b
             x, y = LMTask(corpus, m, eval_windows=max(1, eval_tokens // m)).val_batch()
             per = position_losses(model, x, y) / math.log(2)  # (m,) bits per byte at each position
             rows.append({"variant": variant, "seed": seed, "train_length": n, "eval_length": m,
-                         "bpb": float(per.mean()), "windows": x.shape[0], "checkpoint": str(path)})
+                         "bpb": float(per.mean()), "windows": x.shape[0], "checkpoint": _shown_path(path)})
             edges = torch.linspace(0, m, buckets + 1).long().tolist()
             for a, b in zip(edges[:-1], edges[1:]):
                 bucket_rows.append({"variant": variant, "seed": seed, "train_length": n, "eval_length": m,
@@ -374,7 +374,39 @@ def run_extrapolation(runs, *, factors=(1, 2, 4, 8), eval_tokens: int = 32768, b
             print(f"{variant} seed {seed} trained at {n}: {m} -> {rows[-1]['bpb']:.4f} bpb", flush=True)
     write_csv(out / "extrapolation.csv", rows)
     write_csv(out / "buckets.csv", bucket_rows)
+    table = _extrapolation_markdown(rows)
+    (out / "summary.md").write_text(table)
+    print(table)
     plots.plot_extrapolation(rows, bucket_rows, out / "extrapolation.png",
                              title="validation bpb beyond the training length (mean, band min-max over seeds)")
-    print(f"wrote {out / 'extrapolation.csv'}, {out / 'buckets.csv'}, {out / 'extrapolation.png'}")
+    print(f"wrote {out / 'summary.md'}, {out / 'extrapolation.csv'}, {out / 'buckets.csv'}, "
+          f"{out / 'extrapolation.png'}")
     return rows
+
+
+def _shown_path(path: Path) -> str:
+    """The checkpoint as recorded in results: relative to the working directory when under it, so committed
+    results do not carry one machine's absolute paths."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _extrapolation_markdown(rows: list[dict]) -> str:
+    """Validation bpb (mean ± std over seeds) per variant and training length (rows) at each evaluation length
+    (columns)."""
+    lengths = sorted({r["eval_length"] for r in rows})
+    lines = ["| variant | trained at | seeds | " + " | ".join(f"bpb at {m}" for m in lengths) + " |",
+             "|---|---|---|" + "---|" * len(lengths)]
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        for n in sorted({r["train_length"] for r in rows if r["variant"] == variant}):
+            cells, seeds = [], set()
+            for m in lengths:
+                group = [r for r in rows if r["variant"] == variant and r["train_length"] == n
+                         and r["eval_length"] == m]
+                seeds |= {r["seed"] for r in group}
+                s = _stats([r["bpb"] for r in group])
+                cells.append(f"{s['mean']:.3f} ± {s['std']:.3f}" if group else "—")
+            lines.append(f"| {variant} | {n} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

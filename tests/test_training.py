@@ -154,6 +154,9 @@ def test_scripts_smoke_run_and_write_tables_and_plots(tmp_path, monkeypatch):
                "--buckets", "2", "--out", str(tmp_path / "ex"), monkeypatch=monkeypatch)
     rows = (tmp_path / "ex" / "extrapolation.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 * 2 and (tmp_path / "ex" / "extrapolation.png").exists()
+    table = (tmp_path / "ex" / "summary.md").read_text().splitlines()  # variants x training lengths, seeds pooled
+    assert table[0].endswith("bpb at 16 | bpb at 32 |") and len(table) == 2 + 2
+    assert all(r.split(" | ")[2] == "2" for r in table[2:])
     run_script("positions.py", "--variants", "linear-nope", "--seeds", "0", "--steps", "2", "--length", "16",
                "--distance", "2", "--out", str(tmp_path / "pos"), "--no-progress", monkeypatch=monkeypatch)
     run_script("recall.py", "--variants", "linear-rope", "--lengths", "16,32", "--steps", "2", "--out",
