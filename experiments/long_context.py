@@ -2,7 +2,7 @@
 standard library's own sources (no download) or any local file such as enwik8.
 
     python experiments/long_context.py --preset quick          # <= 10 min on 2 CPU cores, every variant
-    python experiments/long_context.py --preset cpu-long       # ~80 min: softmax-rope + 4 linear variants, 3 seeds
+    python experiments/long_context.py --preset cpu-long       # ~65 min: softmax-rope + 4 linear variants, 3 seeds
     python experiments/long_context.py --preset paper --data enwik8 --device cuda   # RoFormer sec. 4.4
     torchrun --nproc_per_node=2 experiments/long_context.py --preset quick --out /tmp/ddp   # DDP (gloo on CPU)
 
