@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import platform
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -22,8 +23,8 @@ from .functional import favor_attention
 from .profiling import Record, run_point
 from .rotary import RotaryEmbedding
 
-__all__ = ["CASES", "causal_flops", "Target", "targets", "evaluate", "peers_available", "PROFILE_SERIES",
-           "memory_profile", "plot_profile", "write_profile", "read_profile", "merge_profile"]
+__all__ = ["CASES", "causal_flops", "Target", "targets", "evaluate", "combine_rounds", "peers_available",
+           "PROFILE_SERIES", "memory_profile", "plot_profile", "write_profile", "read_profile", "merge_profile"]
 
 
 # ---------------------------------------------------------------------------------------------- cases
@@ -371,6 +372,18 @@ def machine() -> str:
     return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def combine_rounds(first: Record, later: Record) -> Record:
+    """``first`` (time and memory) with the timings of another process added: ``times`` gathers every run and
+    ``rounds`` each process's median; ``seconds`` becomes the median of those. A failed round fails the point."""
+    if first.status != "ok":
+        return first
+    if later.status != "ok":
+        return replace(first, status=f"round failed: {later.status}")
+    rounds = (first.rounds or [first.seconds]) + [later.seconds]
+    return replace(first, times=list(first.times) + list(later.times), rounds=rounds,
+                   seconds=statistics.median(rounds))
+
+
 def main(argv=None) -> None:
     import argparse
     import datetime
@@ -382,20 +395,30 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, default=16384, help="sequence length of the speed targets")
     p.add_argument("--n-mem", type=int, default=4096, help="sequence length of the performer memory target")
     p.add_argument("--no-peers", action="store_true", help="skip performer-pytorch / fast-transformers")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per process (after one warm-up)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="fresh processes per point, interleaved across points; a point's time is the median of "
+                        "its processes' medians (a process's time varies more than runs within it)")
     p.add_argument("--json", help="write the records and targets here")
     args = p.parse_args(argv)
     peers = peers_available()
     with_peers = not args.no_peers and all(peers.values())
     if not args.no_peers and not with_peers:
         print(f"peers missing ({', '.join(k for k, v in peers.items() if not v)}): their targets are skipped")
+    if args.rounds < 1 or args.repeats < 1:
+        p.error(f"--rounds and --repeats must be >= 1, got {args.rounds} and {args.repeats}")
     points = targets(args.n, args.n_mem, with_peers)
     records = {}
-    for key, case, params in tqdm(points, desc="points", unit="pt"):
-        records[key] = run_point(CASES[case], params, repeats=args.repeats, timeout=900)
+    with tqdm(total=len(points) * args.rounds, desc="points", unit="pt") as bar:
+        for k in range(args.rounds):  # round-robin, so slow drifts of the machine hit every point alike
+            for key, case, params in points:
+                rec = run_point(CASES[case], params, repeats=args.repeats, timeout=900, memory=k == 0)
+                records[key] = rec if k == 0 else combine_rounds(records[key], rec)
+                bar.update()
     table = evaluate(records, args.n, args.n_mem)
     print(f"\n{machine()}, {datetime.date.today()}, float32, B=1 H=8 d=64 r=256, forward+backward, "
-          f"median of {args.repeats} after a warm-up, fresh process per point")
+          f"median over {args.rounds} fresh processes per point of the median of {args.repeats} runs after a "
+          f"warm-up")
     print(f"\n| target | measured | bound | met | how |\n|---|---:|---:|:---:|---|")
     for t in table:
         m = "n/a" if t.measured is None else f"{t.measured:.2f}"

@@ -38,7 +38,9 @@ MIB = 2**20
 
 @dataclass
 class Record:
-    """One measured point. ``seconds`` is the median of ``times``; ``peak_mib`` the peak memory increase."""
+    """One measured point. ``seconds`` is the median of ``times`` (of one process), or the median of ``rounds``
+    (each process's median) when the point was timed in several processes; ``peak_mib`` the peak memory
+    increase."""
 
     case: str
     params: dict
@@ -47,6 +49,7 @@ class Record:
     times: list = field(default_factory=list)
     peak_mib: float | None = None
     device: str = "cpu"
+    rounds: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,11 +128,12 @@ def _subprocess(job: dict, env: dict, timeout: float) -> Record:
 
 
 def run_point(case: str, params: dict, *, warmup: int = 1, repeats: int = 3, device: str = "cpu",
-              timeout: float = 600.0, threads: int | None = None) -> Record:
-    """Measure ``case(**params)`` in fresh Python processes; see the module docstring."""
+              timeout: float = 600.0, threads: int | None = None, memory: bool = True) -> Record:
+    """Measure ``case(**params)`` in fresh Python processes; see the module docstring. ``memory=False`` skips
+    the CPU memory pass (``peak_mib`` is then the timing process's, inflated by the default allocator)."""
     job = dict(case=case, params=params, warmup=warmup, repeats=repeats, device=device, threads=threads)
     timed = _subprocess(job, dict(os.environ), timeout)
-    if device.startswith("cuda") or timed.status != "ok":
+    if device.startswith("cuda") or timed.status != "ok" or not memory:
         return timed
     job.update(warmup=0, repeats=1)
     mem = _subprocess(job, dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072"), timeout)

@@ -45,15 +45,23 @@ class Rotation:
     """R_n on interleaved pairs of (BH, G, r), written into a separate buffer: (x0 + i x1) * exp(i n theta).
 
     The complex factors are built per group from the cos/sin tables (a whole-length complex table would be as
-    large as q itself).
+    large as q itself) and kept for the few groups in flight: a group's queries, keys and gradients reuse them.
     """
 
     def __init__(self, cos: Tensor, sin: Tensor):
         self.cos, self.sin = cos, sin  # (N, r/2)
+        self._factors: dict = {}
+
+    def factor(self, a: int, b: int, inverse: bool = False) -> Tensor:
+        key = (a, b, inverse)
+        if key not in self._factors:
+            if len(self._factors) >= 4:  # the backward alternates between two groups, both directions
+                self._factors.pop(next(iter(self._factors)))
+            self._factors[key] = torch.complex(self.cos[a:b], -self.sin[a:b] if inverse else self.sin[a:b])
+        return self._factors[key]
 
     def __call__(self, x: Tensor, a: int, b: int, out: Tensor, inverse: bool = False) -> Tensor:
-        rot = torch.complex(self.cos[a:b], -self.sin[a:b] if inverse else self.sin[a:b])
-        torch.mul(_as_complex(x), rot, out=_as_complex(out))
+        torch.mul(_as_complex(x), self.factor(a, b, inverse), out=_as_complex(out))
         return out
 
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from linrope.bench import causal_flops, evaluate, memory_profile, plot_profile
+from linrope.bench import causal_flops, combine_rounds, evaluate, memory_profile, plot_profile
 from linrope.profiling import Record, measure, run_point, run_series
 
 
@@ -18,6 +18,17 @@ def test_run_point_measures_in_a_fresh_process_and_reports_failures():
     assert rec.status == "ok" and rec.seconds > 0 and rec.peak_mib > 0
     bad = run_point("linrope.bench:no_such_case", dict(n=1), repeats=1)
     assert bad.status.startswith("failed") and "no_such_case" in bad.status
+
+
+def test_rounds_take_the_median_of_the_processes_medians_and_keep_the_first_memory():
+    a = Record("c", {}, "ok", 1.0, [0.9, 1.0, 1.1], 100.0)
+    b = Record("c", {}, "ok", 3.0, [3.0, 3.0, 3.0], 500.0)  # one slow process: the median shrugs it off
+    c = Record("c", {}, "ok", 1.2, [1.2, 1.2, 1.3], 400.0)
+    out = combine_rounds(combine_rounds(a, b), c)
+    assert out.rounds == [1.0, 3.0, 1.2] and out.seconds == 1.2 and out.peak_mib == 100.0 and len(out.times) == 9
+    assert a.rounds == [] and a.seconds == 1.0  # inputs untouched
+    failed = combine_rounds(a, Record("c", {}, "timeout after 9 s"))
+    assert failed.status == "round failed: timeout after 9 s"
 
 
 def test_series_stops_at_the_time_budget():
