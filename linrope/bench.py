@@ -323,17 +323,15 @@ def plot_profile(records: list[Record], path: str, title: str = "") -> None:
 
 def write_profile(records: list[Record], out: str, meta: dict | None = None) -> list[dict]:
     """Write ``memory.csv``, ``memory.json`` and ``memory.png`` under ``out``; returns the CSV rows."""
-    import csv
     import json
     import os
+
+    from .plots import write_rows
 
     os.makedirs(out, exist_ok=True)
     rows = [dict(series=r.params["series"], mode=r.params["mode"], n=r.params["n"], seconds=r.seconds,
                  peak_mib=r.peak_mib, status=r.status) for r in records]
-    with open(os.path.join(out, "memory.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(os.path.join(out, "memory.csv"), rows)
     with open(os.path.join(out, "memory.json"), "w") as f:
         json.dump({"machine": machine(), **(meta or {}), "records": [r.to_dict() for r in records]}, f, indent=1)
     plot_profile(records, os.path.join(out, "memory.png"), f"{machine()}; B=1 H=8 d=64 r=256 float32")
@@ -412,8 +410,9 @@ def main(argv=None) -> None:
     with tqdm(total=len(points) * args.rounds, desc="points", unit="pt") as bar:
         for k in range(args.rounds):  # round-robin, so slow drifts of the machine hit every point alike
             for key, case, params in points:
-                rec = run_point(CASES[case], params, repeats=args.repeats, timeout=900, memory=k == 0)
-                records[key] = rec if k == 0 else combine_rounds(records[key], rec)
+                if k == 0 or records[key].status == "ok":  # a failed or timed-out point is not run again
+                    rec = run_point(CASES[case], params, repeats=args.repeats, timeout=900, memory=k == 0)
+                    records[key] = rec if k == 0 else combine_rounds(records[key], rec)
                 bar.update()
     table = evaluate(records, args.n, args.n_mem)
     print(f"\n{machine()}, {datetime.date.today()}, float32, B=1 H=8 d=64 r=256, forward+backward, "

@@ -11,7 +11,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["read_rows", "plot_curves", "plot_accuracy_vs_length", "plot_extrapolation", "mean_band"]
+__all__ = ["read_rows", "write_rows", "plot_curves", "plot_accuracy_vs_length", "plot_extrapolation", "mean_band"]
 
 
 def _pyplot():
@@ -36,6 +36,15 @@ def read_rows(path: str | Path) -> list[dict]:
 
     with open(path, newline="") as f:
         return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def write_rows(path: str | Path, rows: list[dict]) -> None:
+    """Write dict rows as a CSV whose columns are every key, in first-seen order (``read_rows`` reads it back)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
 
 
 def mean_band(values: list[float]) -> tuple[float, float, float]:

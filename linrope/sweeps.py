@@ -10,7 +10,6 @@ seeds and steps, skipped steps, flags) and a PNG figure.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import statistics
@@ -118,14 +117,6 @@ def _is_master() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-
-
 def _finished_with(run_dir: Path, mc: ModelConfig, tc: TrainConfig) -> bool:
     """Whether ``run_dir`` holds a finished run of exactly these configs (the device aside)."""
     if not (run_dir / "result.json").exists():
@@ -212,9 +203,9 @@ def _markdown(summary: list[dict], metric: str, header: list[str]) -> str:
 
 
 def _write_outputs(out: Path, finals, curves, summary, metric, header, name) -> None:
-    write_csv(out / "results.csv", curves)
-    write_csv(out / "final.csv", finals)
-    write_csv(out / "summary.csv", summary)
+    plots.write_rows(out / "results.csv", curves)
+    plots.write_rows(out / "final.csv", finals)
+    plots.write_rows(out / "summary.csv", summary)
     (out / "summary.md").write_text(_markdown(summary, metric, header))
     print(_markdown(summary, metric, header))
     print(f"wrote {out / 'summary.md'}, {out / 'results.csv'}, {out / (name + '.png')}")
@@ -372,8 +363,8 @@ def run_extrapolation(runs, *, factors=(1, 2, 4, 8), eval_tokens: int = 32768, b
                 bucket_rows.append({"variant": variant, "seed": seed, "train_length": n, "eval_length": m,
                                     "start": a, "end": b, "bpb": float(per[a:b].mean())})
             print(f"{variant} seed {seed} trained at {n}: {m} -> {rows[-1]['bpb']:.4f} bpb", flush=True)
-    write_csv(out / "extrapolation.csv", rows)
-    write_csv(out / "buckets.csv", bucket_rows)
+    plots.write_rows(out / "extrapolation.csv", rows)
+    plots.write_rows(out / "buckets.csv", bucket_rows)
     table = _extrapolation_markdown(rows)
     (out / "summary.md").write_text(table)
     print(table)
