@@ -50,10 +50,20 @@ class _Heads(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x: expected shape (B, N, {self.dim}), got {shape}")
-        if (state is not None or return_state) and not self.causal:
-            raise ValueError("state/return_state: incremental decoding needs causal=True")
-        qkv = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        return qkv[0], qkv[1], qkv[2]
+        if not self.causal:  # incremental decoding needs a causal layer: later tokens would change earlier rows
+            if state is not None:
+                raise ValueError("state: expected None for a layer built with causal=False "
+                                 "(decoding needs causal=True)")
+            if return_state:
+                raise ValueError("return_state: expected False for a layer built with causal=False "
+                                 "(decoding needs causal=True)")
+        q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads).unbind(0)
+        if torch.compiler.is_compiling():
+            # Views of an intermediate leaving a compiled graph (here into the engine, which dynamo does not
+            # trace) crash on a warm AOTAutograd cache in torch 2.13 (their view replay reads a garbage shape);
+            # fresh tensors leave the graph instead. Eager keeps the views: no copy.
+            q, k, v = (t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
+        return q, k, v
 
     def merge(self, out: Tensor) -> Tensor:
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
@@ -78,50 +88,61 @@ class LinearRotaryAttention(_Heads):
         rope_base, interleaved, rope_scale: the ``RotaryEmbedding``'s base, pairing and position interpolation.
         rotate_normalizer: ablation only (rope='features'): rotate the normalizer too; it can then vanish or turn
             negative, which is why eq. 19 keeps it unrotated.
-        redraw_interval: redraw the random projection every this many training forwards (None: never).
+        redraw_interval: redraw the random projection every this many optimizer steps (None: never). The layer
+            never redraws by itself: the training loop calls ``linrope.redraw_projections(model, step)`` after
+            each ``optimizer.step()`` (step = optimizer steps done), which redraws every layer that is due.
         seed: seed of the random projection (None: from torch's global generator).
         orthogonal: orthogonal random features.
-        chunk_size: chunk of the causal path. eps: lower bound on the normalizer.
+        chunk_size: chunk of the causal path.
         qkv_bias: bias in the q/k/v projection.
 
     ``forward(x, key_padding_mask=None, positions=None, state=None, return_state=False)``: x (B, N, dim),
     key_padding_mask (B, N) bool with True = keep, positions as in ``RotaryEmbedding.rotate`` (default: continue
     from ``state.offset``). Returns (B, N, dim), and the ``AttentionState`` with ``return_state=True`` (causal).
+    A query that sees no key (all its keys padded) gets 0; every other row is divided by its exact normalizer.
+
+    Forward leaves the module as it was (no counters, no redraws), so ``torch.utils.checkpoint`` recomputes
+    exactly what the first pass computed, and ``torch.compile``, autocast and DDP see a pure function of the
+    parameters and buffers. Features are computed in float32 under autocast.
     """
 
     def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, nb_features: int = 256, causal: bool = False,
                  feature_map: str = "favor+", rope: str | None = "features", rope_base: float = 10000.0,
                  interleaved: bool = True, rope_scale: float = 1.0, rotate_normalizer: bool = False,
                  redraw_interval: int | None = None, seed: int | None = None, orthogonal: bool = True,
-                 chunk_size: int = 64, eps: float = 1e-6, qkv_bias: bool = False):
+                 chunk_size: int = 64, qkv_bias: bool = False):
         super().__init__(dim, heads, dim_head, causal, qkv_bias)
         _check_rope(rope, ROPE_PLACEMENTS)
         kwargs = {} if feature_map == "elu" else dict(orthogonal=orthogonal, seed=seed, redraw_interval=redraw_interval)
         self.feature_map = make_feature_map(feature_map, dim_head, nb_features, **kwargs)
         self.feature_map_name, self.rope = feature_map, rope
         if rotate_normalizer and rope != "features":
-            raise ValueError("rotate_normalizer: only meaningful with rope='features'")
+            raise ValueError(f"rotate_normalizer: expected False unless rope='features' (the normalizer is rotated "
+                             f"only in feature space), got True with rope={rope!r}")
         self.rotate_normalizer = bool(rotate_normalizer)
         self.rotary = None
         if rope is not None:
             rdim = self.feature_map.nb_features if rope == "features" else dim_head
             if rdim % 2:
                 what = "nb_features" if rope == "features" else "dim_head"
-                raise ValueError(f"{what}: must be even to be rotated with rope={rope!r}, got {rdim}")
+                raise ValueError(f"{what}: expected an even number to be rotated with rope={rope!r}, got {rdim}")
             self.rotary = RotaryEmbedding(rdim, base=rope_base, interleaved=interleaved, scale=rope_scale)
-        self.chunk_size, self.eps = chunk_size, eps
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
+        self.chunk_size = chunk_size
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, positions: int | Tensor | None = None,
                 state: AttentionState | None = None, return_state: bool = False):
         q, k, v = self.split(x, state, return_state)
-        if self.training:
-            self.feature_map.training_step()
+        if state is not None and not isinstance(state, AttentionState):
+            raise TypeError(f"state: expected an AttentionState (returned with return_state=True), "
+                            f"got {type(state).__name__}")
         if positions is None and state is not None:
             positions = state.offset
         feature_rotary = self.rotary if self.rope == "features" else None
         if self.rope == "inputs":
             q, k = self.rotary.rotate(q, positions), self.rotary.rotate(k, positions)
-        kwargs = dict(causal=self.causal, positions=positions, eps=self.eps, chunk_size=self.chunk_size,
+        kwargs = dict(causal=self.causal, positions=positions, chunk_size=self.chunk_size,
                       initial_state=state, return_state=return_state, key_padding_mask=key_padding_mask)
         if isinstance(self.feature_map, FavorPlus) and not self.rotate_normalizer:
             out = favor_attention(q, k, v, self.feature_map.projection, rotary=feature_rotary, **kwargs)
@@ -151,7 +172,7 @@ class SoftmaxAttention(_Heads):
         super().__init__(dim, heads, dim_head, causal, qkv_bias)
         _check_rope(rope, ("inputs", None))
         if rope is not None and dim_head % 2:
-            raise ValueError(f"dim_head: must be even to be rotated, got {dim_head}")
+            raise ValueError(f"dim_head: expected an even number to be rotated with rope={rope!r}, got {dim_head}")
         self.rope = rope
         self.rotary = RotaryEmbedding(dim_head, rope_base, interleaved, rope_scale) if rope else None
 

@@ -14,13 +14,21 @@ Maps:
   * ``EluFeatures``: elu(x) + 1 (Katharopoulos et al. 2020), r = d, no projection
 
 Random maps hold their projection as a buffer (saved with the state dict) drawn reproducibly from ``seed``;
-``redraw()`` draws the next one and ``training_step()`` (called by the layers once per training forward) redraws
-every ``redraw_interval`` calls. Features are computed in float32 (float64 for float64 input).
+``redraw()`` draws the next one. A forward never changes a map: a training loop calls
+``redraw_projections(model, step)`` after optimizer step ``step``, which redraws every map whose
+``redraw_interval`` (counted in optimizer steps) divides ``step``. Redrawing inside forward would make
+activation checkpointing recompute with other features than the first pass, and split one optimizer step's
+micro-batches between two projections.
+
+Features are computed in float32 (float64 for float64 input), with autocast disabled: under bfloat16 autocast
+the projection matmul would otherwise run in bfloat16 and exp() would turn its rounding into errors of several
+percent.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +36,19 @@ from torch import Tensor, nn
 
 __all__ = [
     "FeatureMap", "FavorPlus", "FavorTrig", "ReLUFeatures", "EluFeatures", "FEATURE_MAPS", "make_feature_map",
-    "gaussian_orthogonal_matrix", "favor_plus", "compute_dtype",
+    "gaussian_orthogonal_matrix", "favor_plus", "compute_dtype", "redraw_projections",
 ]
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32 (half inputs are computed in float32)."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _full_precision(x: Tensor):
+    """A context that turns autocast off on ``x``'s device (a no-op where that device has no autocast)."""
+    kind = x.device.type
+    return torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else nullcontext()
 
 
 def gaussian_orthogonal_matrix(nb_rows: int, dim: int, *, orthogonal: bool = True,
@@ -67,23 +81,20 @@ def favor_plus(x: Tensor, projection: Tensor, *, is_query: bool) -> tuple[Tensor
     Shapes: f (..., N, r), log_scale (..., N) or None. Computed in float32 (float64 for float64 input).
     """
     dt = compute_dtype(x)
-    xs = x.to(dt) * x.shape[-1] ** -0.25
-    u = xs @ projection.to(dt).t()
-    m = u.amax(-1, keepdim=True)
-    f = torch.exp(u - m)
-    if is_query:
-        return f, None
-    return f, m.squeeze(-1) - 0.5 * (xs * xs).sum(-1)
+    with _full_precision(x):
+        xs = x.to(dt) * x.shape[-1] ** -0.25
+        u = xs @ projection.to(dt).t()
+        m = u.amax(-1, keepdim=True)
+        f = torch.exp(u - m)
+        if is_query:
+            return f, None
+        return f, m.squeeze(-1) - 0.5 * (xs * xs).sum(-1)
 
 
 class FeatureMap(nn.Module):
     """Base class: ``forward(x, *, is_query)`` -> (features (B, H, N, r), log_scale (B, H, N) or None)."""
 
     nb_features: int
-    positive: bool = True  # features >= 0, so the unrotated normalizer is > 0
-
-    def training_step(self) -> None:
-        """Called by the layers once per training forward; random maps may redraw here."""
 
     def forward(self, x: Tensor, *, is_query: bool) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
@@ -95,8 +106,25 @@ def _check_dim(name: str, value, minimum: int = 1) -> int:
     return value
 
 
+def _check_input(x, dim: int) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        what = f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"x: expected a floating-point tensor, got {what}")
+    if x.dim() < 1 or x.shape[-1] != dim:
+        raise ValueError(f"x: expected last dimension {dim} (the feature map's dim), got shape {tuple(x.shape)}")
+
+
+def _check_interval(value) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"redraw_interval: expected None or an integer >= 1 (optimizer steps), got {value!r}")
+    return value
+
+
 class _RandomProjection(FeatureMap):
-    """Holds W (nb_projections, dim) as a buffer, its seed and how many redraws happened."""
+    """Holds W (nb_projections, dim) as a buffer, its seed and how many redraws happened.
+
+    ``redraw_interval`` is read only by ``redraw_projections``; nothing here redraws by itself.
+    """
 
     def __init__(self, dim: int, nb_projections: int, nb_features: int, orthogonal: bool, seed: int | None,
                  redraw_interval: int | None):
@@ -104,16 +132,13 @@ class _RandomProjection(FeatureMap):
         self.dim = _check_dim("dim", dim)
         self.nb_features = nb_features
         self.orthogonal = bool(orthogonal)
-        if redraw_interval is not None:
-            _check_dim("redraw_interval", redraw_interval)
-        self.redraw_interval = redraw_interval
+        self.redraw_interval = _check_interval(redraw_interval)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)))
         elif isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.long))
         self.register_buffer("redraws", torch.tensor(0, dtype=torch.long))
-        self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
         self.register_buffer("projection", self._draw(nb_projections, torch.Generator().manual_seed(seed)))
 
     def _draw(self, rows: int, generator: torch.Generator) -> Tensor:
@@ -129,19 +154,18 @@ class _RandomProjection(FeatureMap):
         new = self._draw(self.projection.shape[0], generator)
         self.projection.copy_(new.to(self.projection.device, self.projection.dtype))
 
-    def training_step(self) -> None:
-        if self.training and self.redraw_interval:
-            self.steps += 1
-            if int(self.steps) % self.redraw_interval == 0:
-                self.redraw()
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # State dicts written before redraws moved to optimizer steps carry a forward counter, ``steps``, that
+        # nothing reads any more; dropping it keeps strict loading of old checkpoints working.
+        state_dict.pop(prefix + "steps", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, nb_features={self.nb_features}, orthogonal={self.orthogonal}, "
                 f"redraw_interval={self.redraw_interval}")
 
     def _check(self, x: Tensor) -> None:
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected last dimension {self.dim} (the feature map's dim), got {tuple(x.shape)}")
+        _check_input(x, self.dim)
 
 
 class FavorPlus(_RandomProjection):
@@ -153,7 +177,8 @@ class FavorPlus(_RandomProjection):
         orthogonal: orthogonal random features (lower variance) or iid Gaussian rows.
         seed: seed of the projection; None draws one from torch's global generator (so ``torch.manual_seed``
             makes it reproducible). Stored in the state dict.
-        redraw_interval: redraw every this many training forwards (None: never).
+        redraw_interval: redraw every this many optimizer steps, when the training loop calls
+            ``redraw_projections`` (None: never).
     """
 
     def __init__(self, dim: int, nb_features: int = 256, orthogonal: bool = True, seed: int | None = None,
@@ -173,21 +198,20 @@ class FavorTrig(_RandomProjection):
     The sin half comes first, the cos half second; the key magnitude exp(|x~|^2/2) is returned as log_scale.
     """
 
-    positive = False
-
     def __init__(self, dim: int, nb_features: int = 256, orthogonal: bool = True, seed: int | None = None,
                  redraw_interval: int | None = None):
-        _check_dim("nb_features", nb_features, 2)
-        if nb_features % 2:
-            raise ValueError(f"nb_features: FavorTrig needs an even number (sin and cos halves), got {nb_features}")
+        if isinstance(nb_features, bool) or not isinstance(nb_features, int) or nb_features < 2 or nb_features % 2:
+            raise ValueError(f"nb_features: expected an even integer >= 2 (FavorTrig has sin and cos halves), "
+                             f"got {nb_features!r}")
         super().__init__(dim, nb_features // 2, nb_features, orthogonal, seed, redraw_interval)
 
     def forward(self, x, *, is_query):
         self._check(x)
-        xs = x.to(compute_dtype(x)) * self.dim ** -0.25
-        u = xs @ self.projection.to(xs.dtype).t()
-        f = torch.cat((torch.sin(u), torch.cos(u)), dim=-1)
-        return f, (None if is_query else 0.5 * (xs * xs).sum(-1))
+        with _full_precision(x):
+            xs = x.to(compute_dtype(x)) * self.dim ** -0.25
+            u = xs @ self.projection.to(xs.dtype).t()
+            f = torch.cat((torch.sin(u), torch.cos(u)), dim=-1)
+            return f, (None if is_query else 0.5 * (xs * xs).sum(-1))
 
 
 class ReLUFeatures(_RandomProjection):
@@ -196,15 +220,16 @@ class ReLUFeatures(_RandomProjection):
     def __init__(self, dim: int, nb_features: int = 256, orthogonal: bool = True, seed: int | None = None,
                  redraw_interval: int | None = None, kernel_eps: float = 1e-3):
         _check_dim("nb_features", nb_features)
-        if not kernel_eps > 0:
-            raise ValueError(f"kernel_eps: expected a number > 0, got {kernel_eps!r}")
+        if isinstance(kernel_eps, bool) or not isinstance(kernel_eps, (int, float)) or not 0 < kernel_eps < math.inf:
+            raise ValueError(f"kernel_eps: expected a finite number > 0, got {kernel_eps!r}")
         super().__init__(dim, nb_features, nb_features, orthogonal, seed, redraw_interval)
         self.kernel_eps = float(kernel_eps)
 
     def forward(self, x, *, is_query):
         self._check(x)
-        xs = x.to(compute_dtype(x)) * self.dim ** -0.25
-        return F.relu(xs @ self.projection.to(xs.dtype).t()) + self.kernel_eps, None
+        with _full_precision(x):
+            xs = x.to(compute_dtype(x)) * self.dim ** -0.25
+            return F.relu(xs @ self.projection.to(xs.dtype).t()) + self.kernel_eps, None
 
 
 class EluFeatures(FeatureMap):
@@ -215,9 +240,33 @@ class EluFeatures(FeatureMap):
         self.dim = self.nb_features = _check_dim("dim", dim)
 
     def forward(self, x, *, is_query):
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected last dimension {self.dim} (the feature map's dim), got {tuple(x.shape)}")
-        return F.elu(x.to(compute_dtype(x))) + 1, None
+        _check_input(x, self.dim)
+        with _full_precision(x):
+            return F.elu(x.to(compute_dtype(x))) + 1, None
+
+
+def redraw_projections(module: nn.Module, step: int) -> int:
+    """Redraw the projection of every random feature map in ``module`` whose ``redraw_interval`` divides ``step``.
+
+    Call it once after each ``optimizer.step()``, with ``step`` the number of optimizer steps done so far (1 after
+    the first), so all micro-batches of a step (and its backward, checkpointed or not) see one projection. Maps
+    with ``redraw_interval=None`` are left alone. A redraw is a pure function of (seed, redraw count), so DDP
+    replicas that share seeds and call this with the same ``step`` keep identical features without
+    communicating. ``module`` may be wrapped (DDP, ``torch.compile``): its submodules are walked.
+
+    Returns:
+        the number of feature maps redrawn.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step: expected an integer >= 1 (optimizer steps done), got {step!r}")
+    redrawn = 0
+    for m in module.modules():
+        if isinstance(m, _RandomProjection) and m.redraw_interval and step % m.redraw_interval == 0:
+            m.redraw()
+            redrawn += 1
+    return redrawn
 
 
 FEATURE_MAPS = {"favor+": FavorPlus, "trig": FavorTrig, "relu": ReLUFeatures, "elu": EluFeatures}
@@ -225,7 +274,7 @@ FEATURE_MAPS = {"favor+": FavorPlus, "trig": FavorTrig, "relu": ReLUFeatures, "e
 
 def make_feature_map(name: str, dim: int, nb_features: int = 256, **kwargs) -> FeatureMap:
     """Build a feature map by name: one of ``FEATURE_MAPS`` ('favor+', 'trig', 'relu', 'elu')."""
-    if name not in FEATURE_MAPS:
+    if not isinstance(name, str) or name not in FEATURE_MAPS:
         raise ValueError(f"feature_map: expected one of {sorted(FEATURE_MAPS)}, got {name!r}")
     if name == "elu":
         return EluFeatures(dim)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import LinearRotaryAttention, SoftmaxAttention
-from .features import FEATURE_MAPS
+from .features import FEATURE_MAPS, redraw_projections
 
 __all__ = ["Variant", "VARIANTS", "ModelConfig", "RMSNorm", "MLP", "Block", "ByteLM", "sinusoidal_positions"]
 
@@ -67,7 +67,7 @@ class ModelConfig:
     feature_map: str = "favor+"      # linear variants only: 'favor+', 'trig', 'relu' or 'elu'
     nb_features: int = 64            # random features r per head (linear variants; even for RoPE on features)
     redraw_interval: int | None = None  # redraw the random projections every this many optimizer steps
-                                        # (``ByteLM.step_projections``, called by the training loop)
+                                        # (``redraw_projections``, called by the training loop)
     feature_seed: int = 0            # layer i draws its projection from seed feature_seed * 1000 + i, so every
                                      # DDP rank (and every resumed run) holds the same features
     chunk_size: int = 64             # chunk of the causal linear-attention engine
@@ -87,7 +87,12 @@ class ModelConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         if self.dim % self.heads:
-            raise ValueError(f"dim: must be divisible by heads={self.heads}, got {self.dim}")
+            raise ValueError(f"dim: expected a multiple of heads={self.heads}, got {self.dim}")
+        r = self.redraw_interval
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+            raise ValueError(f"redraw_interval: expected None or a positive integer (optimizer steps), got {r!r}")
+        if isinstance(self.feature_seed, bool) or not isinstance(self.feature_seed, int) or self.feature_seed < 0:
+            raise ValueError(f"feature_seed: expected an integer >= 0, got {self.feature_seed!r}")
         if self.abs_scale is not None and not self.abs_scale > 0:
             raise ValueError(f"abs_scale: expected None or a number > 0, got {self.abs_scale!r}")
 
@@ -144,7 +149,7 @@ def make_attention(config: ModelConfig, layer: int) -> nn.Module:
                                 rope_base=config.rope_base)
     return LinearRotaryAttention(config.dim, heads=config.heads, dim_head=dim_head, nb_features=config.nb_features,
                                  causal=True, feature_map=config.feature_map, rope=v.rope, rope_base=config.rope_base,
-                                 rotate_normalizer=v.rotate_normalizer, redraw_interval=None,  # see step_projections
+                                 rotate_normalizer=v.rotate_normalizer, redraw_interval=config.redraw_interval,
                                  seed=config.feature_seed * 1000 + layer, chunk_size=config.chunk_size)
 
 
@@ -200,17 +205,10 @@ class ByteLM(nn.Module):
             x = block(x)
         return self.norm(x) @ self.embed.weight.t()  # tied embeddings: (B, N, C) x (C, V) -> (B, N, V)
 
-    def step_projections(self, step: int) -> None:
-        """Redraw every layer's projection when optimizer step ``step`` is a multiple of ``redraw_interval``.
-
-        The training loop calls this between optimizer steps, so all micro-batches of one step (and all DDP
-        ranks, whose redraws are a pure function of (seed, redraw count)) see the same features.
-        """
-        interval = self.config.redraw_interval
-        if interval and step % interval == 0:
-            for block in self.blocks:
-                if hasattr(block.attn, "feature_map") and hasattr(block.attn.feature_map, "redraw"):
-                    block.attn.feature_map.redraw()
+    def step_projections(self, step: int) -> int:
+        """``redraw_projections(self, step)``: after optimizer step ``step``, redraw the layers whose
+        ``redraw_interval`` (``config.redraw_interval``) divides it; returns how many were redrawn."""
+        return redraw_projections(self, step)
 
     def projections(self) -> list[Tensor]:
         """The random feature projections of the linear layers (empty for softmax and 'elu'), for checks."""

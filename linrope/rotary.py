@@ -7,7 +7,7 @@ A rotation R_m acts on pairs of coordinates of a ``dim``-vector at position m, p
 * ``interleaved=False``: pairs (i, i + dim/2), the "rotate_half" layout of GPT-NeoX and LLaMA.
 
 Angles are computed in float64 and cos/sin stored in float32 (float64 for float64 input), whatever the input
-dtype: at position 16384 a float16 angle would be off by whole radians.
+dtype: at position 16384 a float16 angle would be off by whole radians, and at 10**6 a float32 one by up to 0.03.
 """
 
 from __future__ import annotations
@@ -68,57 +68,81 @@ class RotaryEmbedding(nn.Module):
         interleaved: pair (2i, 2i+1) if True (RoFormer), (i, i + dim/2) if False (GPT-NeoX / LLaMA).
         scale: linear position interpolation: positions are multiplied by ``1 / scale``; use ``scale = s``
             to run at ``s`` times the trained length.
+        max_cached: positions in [0, max_cached) are served from cos/sin tables cached per device and dtype,
+            grown to the next power of two but never past ``max_cached`` rows: at most ``max_cached * dim * 4``
+            bytes per device in float32 (twice that in float64). Any other request (a position past the table or
+            negative, or a tensor of positions on an accelerator, whose range would cost a host sync to check)
+            gets the angles of just its positions, computed on the spot: decoding at position 10**6 holds no
+            more memory than at position 10. 0 disables the cache.
 
-    Cos/sin tables are cached per device and dtype and grown (to the next power of two) on demand. The cache is
-    not part of the state dict: it is a pure function of the constructor arguments.
+    Angles are computed in float64 on both paths, with the same arithmetic, so both give the same values. The
+    cache is not part of the state dict (a pure function of the constructor arguments) and is bypassed under
+    ``torch.compile``: there the angles of the requested positions are computed inside the graph.
     """
 
-    def __init__(self, dim: int, base: float = 10000.0, interleaved: bool = True, scale: float = 1.0):
+    def __init__(self, dim: int, base: float = 10000.0, interleaved: bool = True, scale: float = 1.0,
+                 max_cached: int = 8192):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0 or dim % 2:
             raise ValueError(f"dim: expected a positive even integer, got {dim!r}")
-        if not (isinstance(base, (int, float)) and math.isfinite(base) and base > 1):
+        if isinstance(base, bool) or not (isinstance(base, (int, float)) and math.isfinite(base) and base > 1):
             raise ValueError(f"base: expected a finite number > 1, got {base!r}")
-        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        if isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale: expected a finite number > 0, got {scale!r}")
+        if isinstance(max_cached, bool) or not isinstance(max_cached, int) or max_cached < 0:
+            raise ValueError(f"max_cached: expected an integer >= 0 (0 disables the cache), got {max_cached!r}")
         self.dim, self.base, self.interleaved, self.scale = dim, float(base), bool(interleaved), float(scale)
+        self.max_cached = max_cached
         self._cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, base={self.base:g}, interleaved={self.interleaved}, scale={self.scale:g}"
+        return (f"dim={self.dim}, base={self.base:g}, interleaved={self.interleaved}, scale={self.scale:g}, "
+                f"max_cached={self.max_cached}")
 
     def _angles(self, positions: Tensor) -> Tensor:
         inv_freq = self.base ** (-torch.arange(0, self.dim, 2, dtype=torch.float64, device=positions.device) / self.dim)
         return positions.to(torch.float64)[:, None] * (inv_freq / self.scale)  # (N, dim/2)
 
+    def _direct(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        angles = self._angles(positions)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
     def cos_sin(self, positions: int | Tensor | None, n: int, device: torch.device, dtype: torch.dtype = torch.float32
                 ) -> tuple[Tensor, Tensor]:
         """cos and sin of the angles at ``positions`` (see ``resolve_positions``), each of shape (n, dim/2).
 
-        ``dtype`` is the compute dtype: float64 gives float64 tables, anything else float32.
+        ``dtype`` is the compute dtype: float64 gives float64 tables, anything else float32. Never reads a
+        tensor's value on the host, except the positions of a CPU tensor (where that costs no device sync).
         """
         dtype = torch.float64 if dtype == torch.float64 else torch.float32
         device = torch.device(device)
+        # Dynamo cannot trace the Python-side cache mutation; inside a compiled graph the angles are cheap.
+        cacheable = not torch.compiler.is_compiling()
         if positions is None or isinstance(positions, int) and not isinstance(positions, bool):
             start = 0 if positions is None else positions
-            if start >= 0:
+            if cacheable and 0 <= start and start + n <= self.max_cached:
                 cos, sin = self._table(start + n, device, dtype)
                 return cos[start:start + n], sin[start:start + n]
         pos = resolve_positions(positions, n, device)
-        if n and int(pos.min()) >= 0:
-            cos, sin = self._table(int(pos.max()) + 1, device, dtype)
-            return cos[pos], sin[pos]
-        angles = self._angles(pos)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        if cacheable and n and isinstance(positions, Tensor) and pos.device.type == "cpu":
+            lo, hi = (int(v) for v in pos.aminmax())
+            if lo >= 0 and hi < self.max_cached:
+                cos, sin = self._table(hi + 1, device, dtype)
+                return cos[pos], sin[pos]
+        return self._direct(pos, dtype)
 
     def _table(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Tables of at least ``length`` <= ``max_cached`` rows."""
         key = (device, dtype)
         cached = self._cache.get(key)
         if cached is None or cached[0].shape[0] < length:
-            size = max(1 << max(length - 1, 0).bit_length(), 256)
-            angles = self._angles(torch.arange(size, device=device))
-            cached = self._cache[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
+            size = min(max(1 << max(length - 1, 0).bit_length(), 256), self.max_cached)
+            cached = self._cache[key] = self._direct(torch.arange(size, device=device), dtype)
         return cached
+
+    def cache_nbytes(self) -> int:
+        """Bytes held by the cached cos/sin tables, over all devices and dtypes."""
+        return sum(t.numel() * t.element_size() for pair in self._cache.values() for t in pair)
 
     def rotate(self, x: Tensor, positions: int | Tensor | None = None, *, inverse: bool = False) -> Tensor:
         """Apply R_m to ``x`` of shape (..., N, dim); positions as in ``resolve_positions``. Same dtype out."""

@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from .data import IGNORE
+from .features import redraw_projections
 from .models import ByteLM, ModelConfig
 
 __all__ = ["TrainConfig", "train", "evaluate", "position_losses", "load_checkpoint", "load_model", "read_metrics",
@@ -66,10 +67,15 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-        if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.warmup >= 0 and self.grad_clip >= 0):
-            raise ValueError(f"lr/min_lr_ratio/warmup/grad_clip: expected lr > 0, 0 <= min_lr_ratio <= 1, "
-                             f"warmup >= 0, grad_clip >= 0, got {self.lr}, {self.min_lr_ratio}, {self.warmup}, "
-                             f"{self.grad_clip}")
+        checks = (("lr", "a number > 0", lambda v: v > 0),
+                  ("min_lr_ratio", "a number in [0, 1]", lambda v: 0 <= v <= 1),
+                  ("warmup", "an integer >= 0", lambda v: isinstance(v, int) and v >= 0),
+                  ("weight_decay", "a number >= 0", lambda v: v >= 0), ("grad_clip", "a number >= 0", lambda v: v >= 0))
+        for name, expected, ok in checks:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not ok(value):
+                raise ValueError(f"{name}: expected {expected}, got {value!r}")
         self.betas = tuple(self.betas)
 
 
@@ -177,7 +183,7 @@ def load_checkpoint(path: str | Path) -> dict:
     """The checkpoint dict written by ``train`` (on CPU)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"path: no checkpoint at {path}")
+        raise ValueError(f"path: expected a checkpoint file, found none at {path}")
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -209,8 +215,9 @@ def _git_commit() -> str | None:
 def _check_same(name: str, saved: dict, current: dict, ignore: tuple = ()) -> None:
     for key in sorted(set(saved) | set(current)):
         if key not in ignore and saved.get(key) != current.get(key):
-            raise ValueError(f"resume: the checkpoint's {name} differs in {key!r} ({saved.get(key)!r} saved, "
-                             f"{current.get(key)!r} now); use another output directory to start afresh")
+            raise ValueError(f"resume: expected the same {name} as the checkpoint, but {key!r} differs "
+                             f"({saved.get(key)!r} saved, {current.get(key)!r} now); use another output directory "
+                             f"to start afresh")
 
 
 def train(model_config: ModelConfig, cfg: TrainConfig, task, run_dir: str | Path, *, resume: bool = False,
@@ -233,8 +240,8 @@ def train(model_config: ModelConfig, cfg: TrainConfig, task, run_dir: str | Path
 
     rank, world, device = distributed_context(cfg.device)
     if cfg.batch_size % (world * cfg.grad_accum):
-        raise ValueError(f"batch_size: {cfg.batch_size} is not divisible by world size x grad_accum "
-                         f"= {world} x {cfg.grad_accum}")
+        raise ValueError(f"batch_size: expected a multiple of world size x grad_accum = {world} x {cfg.grad_accum}, "
+                         f"got {cfg.batch_size}")
     micro = cfg.batch_size // (world * cfg.grad_accum)
     run_dir = Path(run_dir)
     ckpt_path, metrics_path = run_dir / "ckpt.pt", run_dir / "metrics.jsonl"
@@ -252,7 +259,8 @@ def train(model_config: ModelConfig, cfg: TrainConfig, task, run_dir: str | Path
         _check_same("model config", ckpt["model_config"], config["model"])
         _check_same("training config", ckpt["train_config"], config["train"], ignore=("device",))
         if len(ckpt["rng"]) != world:
-            raise ValueError(f"resume: checkpoint written by {len(ckpt['rng'])} ranks, now {world}")
+            raise ValueError(f"resume: expected a checkpoint written by {world} ranks (the world size now), got one "
+                             f"written by {len(ckpt['rng'])}")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step, skipped, elapsed, acc = ckpt["step"], ckpt["skipped"], ckpt["elapsed"], ckpt["interval"]
@@ -321,7 +329,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, task, run_dir: str | Path
             skipped += 1
         opt.zero_grad(set_to_none=True)
         step += 1
-        model.step_projections(step)
+        redraw_projections(model, step)  # between optimizer steps: every micro-batch of a step saw one projection
         value = float(loss_sum)
         if math.isfinite(value):
             acc = [acc[0] + value, acc[1] + 1]

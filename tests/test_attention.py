@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from linrope import LinearRotaryAttention, SoftmaxAttention
+from linrope import LinearRotaryAttention, SoftmaxAttention, redraw_projections
 
 MAPS = ["favor+", "trig", "relu", "elu"]
 ROPES = ["features", "inputs", None]
@@ -49,14 +49,6 @@ def test_softmax_kv_cache_decoding_equals_one_pass():
     assert torch.allclose(full, torch.cat(outs, 1), rtol=1e-10, atol=1e-12)
 
 
-def test_state_dict_round_trip_reproduces_outputs_exactly():
-    a = LinearRotaryAttention(32, heads=2, dim_head=16, nb_features=32, causal=True)
-    b = LinearRotaryAttention(32, heads=2, dim_head=16, nb_features=32, causal=True, seed=123)
-    b.load_state_dict(a.state_dict())
-    x = torch.randn(1, 50, 32)
-    assert torch.equal(a(x), b(x))
-
-
 def test_padded_keys_leave_the_output_of_the_unpadded_part_unchanged():
     for cls, kw in ((LinearRotaryAttention, {"nb_features": 32}), (SoftmaxAttention, {})):
         attn = cls(32, heads=2, dim_head=16, **kw).double()
@@ -95,16 +87,17 @@ def test_rotated_normalizer_ablation_runs_and_differs():
     assert (a(x) - b(x)).abs().max() > 1e-3
 
 
-def test_redraw_interval_applies_in_training_only():
+def test_redraw_interval_counts_optimizer_steps_not_forwards():
     attn = LinearRotaryAttention(32, heads=2, dim_head=16, nb_features=32, redraw_interval=2)
     p0 = attn.feature_map.projection.clone()
     x = torch.randn(1, 8, 32)
-    attn.eval()
-    attn(x), attn(x)
-    assert torch.equal(p0, attn.feature_map.projection)
-    attn.train()
-    attn(x), attn(x)
-    assert not torch.equal(p0, attn.feature_map.projection)
+    for training in (False, True):
+        attn.train(training)
+        for _ in range(5):
+            attn(x)
+    assert torch.equal(p0, attn.feature_map.projection) and int(attn.feature_map.redraws) == 0
+    assert redraw_projections(attn, 1) == 0 and torch.equal(p0, attn.feature_map.projection)
+    assert redraw_projections(attn, 2) == 1 and not torch.equal(p0, attn.feature_map.projection)
 
 
 def test_half_precision_layer():
@@ -113,22 +106,54 @@ def test_half_precision_layer():
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
 
 
-@pytest.mark.parametrize("bad, match", [
-    (lambda: LinearRotaryAttention(32, feature_map="cosformer"), "feature_map"),
-    (lambda: LinearRotaryAttention(32, rope="alibi"), "rope"),
-    (lambda: LinearRotaryAttention(32, nb_features=31), "nb_features"),
-    (lambda: LinearRotaryAttention(32, dim_head=15, rope="inputs"), "dim_head"),
-    (lambda: LinearRotaryAttention(32, heads=0), "heads"),
-    (lambda: LinearRotaryAttention(32, rope="inputs", rotate_normalizer=True), "rotate_normalizer"),
-    (lambda: SoftmaxAttention(32, rope="features"), "rope"),
-    (lambda: LinearRotaryAttention(32, heads=2, dim_head=16, nb_features=32)(torch.randn(1, 5, 31)), "x"),
-    (lambda: LinearRotaryAttention(32, heads=2, dim_head=16, nb_features=32)(torch.randn(1, 5, 32),
-                                                                              return_state=True), "state"),
-    (lambda: LinearRotaryAttention(32, heads=2, dim_head=16, nb_features=32)(
-        torch.randn(1, 5, 32), key_padding_mask=torch.ones(1, 5, dtype=torch.long)), "key_padding_mask"),
-    (lambda: SoftmaxAttention(32, heads=2, dim_head=16)(torch.randn(1, 5, 32), positions=torch.arange(4)),
-     "positions"),
+def small(**kw):
+    return LinearRotaryAttention(32, heads=2, dim_head=16, nb_features=32, **kw)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    pytest.param(lambda: LinearRotaryAttention(32, feature_map="cosformer"), ValueError,
+                 r"feature_map: expected one of \['elu', 'favor\+', 'relu', 'trig'\], got 'cosformer'",
+                 id="unknown-feature_map"),
+    pytest.param(lambda: LinearRotaryAttention(32, rope="alibi"), ValueError,
+                 r"rope: expected one of \('features', 'inputs', None\), got 'alibi'", id="unknown-rope"),
+    pytest.param(lambda: LinearRotaryAttention(32, nb_features=31), ValueError,
+                 r"nb_features: expected an even number to be rotated with rope='features', got 31",
+                 id="odd-nb_features"),
+    pytest.param(lambda: LinearRotaryAttention(32, dim_head=15, rope="inputs"), ValueError,
+                 r"dim_head: expected an even number to be rotated with rope='inputs', got 15", id="odd-dim_head"),
+    pytest.param(lambda: LinearRotaryAttention(32, heads=0), ValueError, r"heads: expected a positive integer, got 0",
+                 id="zero-heads"),
+    pytest.param(lambda: LinearRotaryAttention(32, chunk_size=0), ValueError,
+                 r"chunk_size: expected a positive integer, got 0", id="zero-chunk_size"),
+    pytest.param(lambda: LinearRotaryAttention(32, redraw_interval=0), ValueError,
+                 r"redraw_interval: expected None or an integer >= 1 \(optimizer steps\)", id="zero-redraw_interval"),
+    pytest.param(lambda: LinearRotaryAttention(32, rope="inputs", rotate_normalizer=True), ValueError,
+                 r"rotate_normalizer: expected False unless rope='features'", id="rotate_normalizer-with-inputs"),
+    pytest.param(lambda: SoftmaxAttention(32, rope="features"), ValueError,
+                 r"rope: expected one of \('inputs', None\), got 'features'", id="softmax-rope-features"),
+    pytest.param(lambda: SoftmaxAttention(32, dim_head=15), ValueError,
+                 r"dim_head: expected an even number to be rotated with rope='inputs', got 15",
+                 id="softmax-odd-dim_head"),
+    pytest.param(lambda: small()(torch.randn(1, 5, 31)), ValueError,
+                 r"x: expected shape \(B, N, 32\), got \(1, 5, 31\)", id="x-wrong-width"),
+    pytest.param(lambda: small()(torch.randn(5, 32)), ValueError, r"x: expected shape \(B, N, 32\), got \(5, 32\)",
+                 id="x-2d"),
+    pytest.param(lambda: small()(torch.randn(1, 5, 32), return_state=True), ValueError,
+                 r"return_state: expected False for a layer built with causal=False", id="return_state-not-causal"),
+    pytest.param(lambda: small()(torch.randn(1, 5, 32), state=small(causal=True)(torch.randn(1, 5, 32),
+                                                                                return_state=True)[1]),
+                 ValueError, r"state: expected None for a layer built with causal=False", id="state-not-causal"),
+    pytest.param(lambda: small(causal=True)(torch.randn(1, 5, 32), state="cache"), TypeError,
+                 r"state: expected an AttentionState \(returned with return_state=True\), got str",
+                 id="linear-state-wrong-type"),
+    pytest.param(lambda: SoftmaxAttention(32, heads=2, dim_head=16, causal=True)(torch.randn(1, 5, 32), state="cache"),
+                 TypeError, r"state: expected a KVCache, got str", id="softmax-state-wrong-type"),
+    pytest.param(lambda: small()(torch.randn(1, 5, 32), key_padding_mask=torch.ones(1, 5, dtype=torch.long)),
+                 TypeError, r"key_padding_mask: expected dtype torch\.bool", id="integer-key_padding_mask"),
+    pytest.param(lambda: SoftmaxAttention(32, heads=2, dim_head=16)(torch.randn(1, 5, 32), positions=torch.arange(4)),
+                 ValueError, r"positions: expected shape \(5,\) to match the sequence length",
+                 id="positions-too-short"),
 ])
-def test_invalid_arguments_name_the_argument(bad, match):
-    with pytest.raises((ValueError, TypeError), match=match):
-        bad()
+def test_invalid_arguments_name_the_argument_and_what_was_expected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

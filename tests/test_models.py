@@ -95,11 +95,37 @@ def test_state_dict_round_trip_restores_outputs_and_projections():
     a.train()
     a(torch.randint(0, 256, (1, 9)))  # forwards do not redraw: optimizer steps do
     assert all(torch.equal(u, v) for u, v in zip(before, a.projections()))
-    a.step_projections(1)  # what the training loop calls after optimizer step 1
+    assert a.step_projections(1) == 1  # what the training loop does after optimizer step 1
     assert not any(torch.equal(u, v) for u, v in zip(before, a.projections()))
     b = tiny("linear-rope", redraw_interval=1, feature_seed=5)
     b.load_state_dict(a.state_dict())
     x = torch.randint(0, 256, (2, 19))
+    assert torch.equal(a.eval()(x), b.eval()(x))
+
+
+def test_redraw_interval_is_counted_in_optimizer_steps_by_every_layer():
+    model = tiny("linear-rope", n_layer=3, redraw_interval=2)
+    assert [blk.attn.feature_map.redraw_interval for blk in model.blocks] == [2, 2, 2]
+    history = [[p.clone() for p in model.projections()]]
+    counts = [model.step_projections(step) for step in range(1, 6)]
+    assert counts == [0, 3, 0, 3, 0]
+    assert [int(blk.attn.feature_map.redraws) for blk in model.blocks] == [2, 2, 2]
+    history.append(model.projections())
+    assert not any(torch.equal(u, v) for u, v in zip(*history))
+    assert tiny("linear-rope", n_layer=2).step_projections(4) == 0  # redraw_interval=None: never
+    assert tiny("softmax-rope", redraw_interval=1).step_projections(1) == 0  # nothing random to redraw
+
+
+def test_checkpoints_written_before_redraws_moved_to_optimizer_steps_still_load():
+    a = tiny("linear-rope", n_layer=2, redraw_interval=2)
+    a.step_projections(2)
+    old = a.state_dict()
+    for i in range(2):  # the per-layer forward counter that used to be saved
+        old[f"blocks.{i}.attn.feature_map.steps"] = torch.tensor(0)
+    b = tiny("linear-rope", n_layer=2, redraw_interval=2, feature_seed=3)
+    b.load_state_dict(old)  # strict
+    assert all(torch.equal(u, v) for u, v in zip(a.projections(), b.projections()))
+    x = torch.randint(0, 256, (1, 12))
     assert torch.equal(a.eval()(x), b.eval()(x))
 
 
@@ -111,17 +137,36 @@ def test_tied_embeddings_receive_the_output_gradient():
     assert model.embed.weight.grad[7].abs().sum() > 0
 
 
-@pytest.mark.parametrize("kw, name", [(dict(attention="linear-rope-nope"), "attention"),
-                                      (dict(feature_map="softmax"), "feature_map"),
-                                      (dict(dim=30, heads=4), "dim"), (dict(n_layer=0), "n_layer"),
-                                      (dict(abs_scale=-1.0), "abs_scale")])
-def test_bad_config_names_the_argument(kw, name):
-    with pytest.raises(ValueError, match=name):
+@pytest.mark.parametrize("kw, error, match", [
+    pytest.param(dict(attention="linear-rope-nope"), ValueError, r"attention: expected one of \[.*'linear-rope'.*\], "
+                 r"got 'linear-rope-nope'", id="unknown-attention"),
+    pytest.param(dict(feature_map="softmax"), ValueError,
+                 r"feature_map: expected one of \['elu', 'favor\+', 'relu', 'trig'\], got 'softmax'",
+                 id="unknown-feature_map"),
+    pytest.param(dict(dim=30, heads=4), ValueError, r"dim: expected a multiple of heads=4, got 30",
+                 id="indivisible-dim"),
+    pytest.param(dict(n_layer=0), ValueError, r"n_layer: expected a positive integer, got 0", id="zero-n_layer"),
+    pytest.param(dict(nb_features=2.5), ValueError, r"nb_features: expected a positive integer, got 2\.5",
+                 id="float-nb_features"),
+    pytest.param(dict(abs_scale=-1.0), ValueError, r"abs_scale: expected None or a number > 0, got -1\.0",
+                 id="negative-abs_scale"),
+    pytest.param(dict(redraw_interval=0), ValueError,
+                 r"redraw_interval: expected None or a positive integer \(optimizer steps\), got 0",
+                 id="zero-redraw_interval"),
+    pytest.param(dict(feature_seed=-1), ValueError, r"feature_seed: expected an integer >= 0, got -1",
+                 id="negative-feature_seed"),
+])
+def test_bad_config_names_the_argument_and_what_was_expected(kw, error, match):
+    with pytest.raises(error, match=match):
         ModelConfig(**kw)
 
 
-def test_bad_input_names_the_argument():
-    with pytest.raises(ValueError, match="idx"):
+def test_bad_input_names_the_argument_and_what_was_expected():
+    with pytest.raises(ValueError, match=r"idx: expected a \(B, N\) int64 tensor of bytes, got torch\.float32"):
         tiny("linear-rope")(torch.randn(2, 5))
-    with pytest.raises(TypeError, match="config"):
+    with pytest.raises(ValueError, match=r"idx: expected a \(B, N\) int64 tensor of bytes, got list"):
+        tiny("linear-rope")([[1, 2]])
+    with pytest.raises(TypeError, match=r"config: expected a ModelConfig, got dict"):
         ByteLM(dict(attention="linear-rope"))
+    with pytest.raises(ValueError, match=r"step: expected an integer >= 1 \(optimizer steps done\), got 0"):
+        tiny("linear-rope").step_projections(0)

@@ -43,31 +43,96 @@ def test_inverse_undoes_rotation_and_scale_interpolates():
     assert_close("scale", RotaryEmbedding(8).rotate(x[:, 2:3], 2), rot.rotate(x[:, 2:3], 8), rtol=1e-12)
 
 
-def test_cache_grows_and_low_precision_dtypes_are_kept():
+def explicit_cos_sin(positions, dim, base=10000.0, scale=1.0):
+    """cos, sin (len(positions), dim/2) in float64 from Python floats: theta_i = base ** (-2 i / dim)."""
+    angles = torch.tensor([[p * base ** (-2 * i / dim) / scale for i in range(dim // 2)] for p in positions],
+                          dtype=torch.float64)
+    return angles.cos(), angles.sin()
+
+
+# A float32 value in [-1, 1] is within half an ulp, 2**-25, of the float64 value it rounds; the float64 angle at
+# 10**6 is itself within ~1e-10 rad. A float32 angle would be off by up to 0.03 rad.
+F32_ROUNDING = 2.0**-25 + 1e-9
+
+
+def test_low_precision_dtypes_are_kept_and_rotated_in_float32():
     rot = RotaryEmbedding(16)
-    rot.rotate(torch.randn(4, 16))
     x = torch.randn(3000, 16, dtype=torch.float16)
     y = rot.rotate(x)
     assert y.dtype == torch.float16
     ref = rot.rotate(x.float())
     assert (y.float() - ref).abs().max() < 1e-2
-    # float32 angle math with float64 positions: position 1e6 is still accurate
+
+
+def test_angles_at_position_one_million_match_float64():
+    rot = RotaryEmbedding(16)
     far = rot.rotate(torch.ones(1, 16, dtype=torch.float64), torch.tensor([10**6]))
     R = rotation_matrices(torch.tensor([10**6]), 16)
     assert_close("far position", (R @ torch.ones(16, dtype=torch.float64))[None], far, rtol=1e-12)
+    ref_cos, ref_sin = explicit_cos_sin([10**6, 10**6 + 1], 16)
+    for positions in (10**6, torch.tensor([10**6, 10**6 + 1])):
+        cos, sin = rot.cos_sin(positions, 2, "cpu", torch.float32)
+        assert cos.dtype == sin.dtype == torch.float32
+        assert (cos.double() - ref_cos).abs().max() <= F32_ROUNDING
+        assert (sin.double() - ref_sin).abs().max() <= F32_ROUNDING
 
 
-@pytest.mark.parametrize("bad, match", [
-    (lambda: RotaryEmbedding(7), "dim"),
-    (lambda: RotaryEmbedding(0), "dim"),
-    (lambda: RotaryEmbedding(8, base=-1.0), "base"),
-    (lambda: RotaryEmbedding(8, scale=0.0), "scale"),
-    (lambda: RotaryEmbedding(8).rotate(torch.randn(3, 6)), "x"),
-    (lambda: RotaryEmbedding(8).rotate(torch.randn(3, 8), torch.arange(4)), "positions"),
-    (lambda: RotaryEmbedding(8).rotate(torch.randn(3, 8), torch.arange(3.0)), "positions"),
-    (lambda: RotaryEmbedding(8).rotate(torch.randn(3, 8), 1.5), "positions"),
-    (lambda: RotaryEmbedding(8).rotate(torch.randn(3, 8), torch.zeros(3, 1, dtype=torch.long)), "positions"),
+@pytest.mark.parametrize("max_cached", [0, 64, 1000])
+def test_cache_is_bounded_and_every_path_gives_the_float64_angles(max_cached):
+    dim = 32
+    rot = RotaryEmbedding(dim, max_cached=max_cached)
+    bound = max_cached * (dim // 2) * 4 * 2  # cos and sin, float32
+    cases = [(None, 40), (0, 70), (max_cached - 3, 3), (max_cached - 3, 5), (10**6, 1), (10**9, 4), (-7, 9),
+             (torch.tensor([3, 10**6, 0, 5]), 4), (torch.tensor([max_cached - 1, 2]), 2)]
+    for positions, n in cases:
+        start = 0 if positions is None else positions
+        pos = positions.tolist() if isinstance(positions, torch.Tensor) else list(range(start, start + n))
+        ref_cos, ref_sin = explicit_cos_sin(pos, dim)
+        cos, sin = rot.cos_sin(positions, n, "cpu", torch.float32)
+        assert cos.shape == sin.shape == (n, dim // 2)
+        assert (cos.double() - ref_cos).abs().max() <= F32_ROUNDING, (positions, n)
+        assert (sin.double() - ref_sin).abs().max() <= F32_ROUNDING, (positions, n)
+        assert rot.cache_nbytes() <= bound, (positions, n, rot.cache_nbytes())
+    cos64, _ = rot.cos_sin(10**6, 3, "cpu", torch.float64)
+    assert (cos64 - explicit_cos_sin([10**6, 10**6 + 1, 10**6 + 2], dim)[0]).abs().max() <= 1e-9
+    assert rot.cache_nbytes() <= 3 * bound  # float64 tables take twice the bytes of float32 ones
+
+
+def test_cache_grows_by_powers_of_two_up_to_max_cached():
+    rot = RotaryEmbedding(8, max_cached=4096)
+    rot.cos_sin(None, 300, "cpu")
+    assert rot.cache_nbytes() == 512 * 4 * 4 * 2
+    rot.cos_sin(4000, 96, "cpu")  # ends exactly at max_cached: one table of max_cached rows
+    assert rot.cache_nbytes() == 4096 * 4 * 4 * 2
+    rot.cos_sin(4000, 97, "cpu")  # one position beyond: computed on the spot, the table stays
+    assert rot.cache_nbytes() == 4096 * 4 * 4 * 2
+
+
+@pytest.mark.parametrize("call, error, match", [
+    pytest.param(lambda: RotaryEmbedding(7), ValueError, r"dim: expected a positive even integer, got 7", id="odd-dim"),
+    pytest.param(lambda: RotaryEmbedding(0), ValueError, r"dim: expected a positive even integer, got 0",
+                 id="zero-dim"),
+    pytest.param(lambda: RotaryEmbedding(8, base=-1.0), ValueError, r"base: expected a finite number > 1, got -1\.0",
+                 id="negative-base"),
+    pytest.param(lambda: RotaryEmbedding(8, scale=0.0), ValueError, r"scale: expected a finite number > 0, got 0\.0",
+                 id="zero-scale"),
+    pytest.param(lambda: RotaryEmbedding(8, max_cached=-1), ValueError,
+                 r"max_cached: expected an integer >= 0 \(0 disables the cache\), got -1",
+                 id="negative-max_cached"),
+    pytest.param(lambda: RotaryEmbedding(8).rotate(torch.randn(3, 6)), ValueError,
+                 r"x: expected shape \(\.\.\., N, 8\), got \(3, 6\)", id="x-wrong-last-dim"),
+    pytest.param(lambda: RotaryEmbedding(8).rotate(torch.arange(24).view(3, 8)), TypeError,
+                 r"x: expected a floating-point tensor", id="x-integer"),
+    pytest.param(lambda: RotaryEmbedding(8).rotate(torch.randn(3, 8), torch.arange(4)), ValueError,
+                 r"positions: expected shape \(3,\) to match the sequence length", id="positions-too-long"),
+    pytest.param(lambda: RotaryEmbedding(8).rotate(torch.randn(3, 8), torch.arange(3.0)), TypeError,
+                 r"positions: expected an integer tensor, got dtype torch\.float32", id="positions-float-tensor"),
+    pytest.param(lambda: RotaryEmbedding(8).rotate(torch.randn(3, 8), 1.5), TypeError,
+                 r"positions: expected None, an int offset or a 1-D integer tensor, got float", id="positions-float"),
+    pytest.param(lambda: RotaryEmbedding(8).rotate(torch.randn(3, 8), torch.zeros(3, 1, dtype=torch.long)),
+                 ValueError, r"positions: expected shape \(3,\) to match the sequence length, got \(3, 1\)",
+                 id="positions-2d"),
 ])
-def test_invalid_input_names_the_argument(bad, match):
-    with pytest.raises((ValueError, TypeError), match=match):
-        bad()
+def test_invalid_input_names_the_argument_and_what_was_expected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -75,7 +75,8 @@ def test_resume_refuses_a_different_configuration(tmp_path):
     task = LMTask(text_corpus(), 32, eval_windows=2)
     mc = ModelConfig(attention="linear-nope", **TINY)
     train(mc, fast(steps=4), task, tmp_path, stop_after=2, progress=False)
-    with pytest.raises(ValueError, match="resume.*lr"):
+    with pytest.raises(ValueError, match=r"resume: expected the same training config as the checkpoint, but "
+                                         r"'lr' differs \(0\.01 saved, 0\.005 now\)"):
         train(mc, fast(steps=4, lr=5e-3), task, tmp_path, resume=True, progress=False)
 
 
@@ -104,14 +105,31 @@ def test_learning_rate_schedule_and_config_checks():
     cfg = TrainConfig(steps=100, lr=1.0, warmup=10, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(99, cfg) == pytest.approx(0.1, abs=1e-3) and lr_at(55, cfg) == pytest.approx(0.55)
-    with pytest.raises(ValueError, match="steps"):
-        TrainConfig(steps=0)
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match=r"batch_size: expected a multiple of world size x grad_accum = 1 x 2, got 3"):
         train(ModelConfig(**TINY), TrainConfig(batch_size=3, grad_accum=2), LMTask(text_corpus(), 8), "/nonexistent")
-    with pytest.raises(ValueError, match="variants"):
+    with pytest.raises(ValueError, match=r"variants: unknown \['linear-rope-features'\]; expected names from"):
         run_long_context(variants=("linear-rope", "linear-rope-features"))
-    with pytest.raises(ValueError, match="lengths"):
+    with pytest.raises(ValueError, match=r"lengths: expected a comma-separated list of int, got '512,x'"):
         parse_list("512,x", int, "lengths")
+    with pytest.raises(ValueError, match=r"path: expected a checkpoint file, found none at"):
+        load_model("/nonexistent/ckpt.pt")
+
+
+@pytest.mark.parametrize("kw, match", [
+    pytest.param(dict(steps=0), r"steps: expected a positive integer, got 0", id="zero-steps"),
+    pytest.param(dict(grad_accum=1.5), r"grad_accum: expected a positive integer, got 1\.5", id="float-grad_accum"),
+    pytest.param(dict(lr=0.0), r"lr: expected a number > 0, got 0\.0", id="zero-lr"),
+    pytest.param(dict(lr=float("nan")), r"lr: expected a number > 0, got nan", id="nan-lr"),
+    pytest.param(dict(min_lr_ratio=1.5), r"min_lr_ratio: expected a number in \[0, 1\], got 1\.5",
+                 id="min_lr_ratio-above-1"),
+    pytest.param(dict(warmup=-1), r"warmup: expected an integer >= 0, got -1", id="negative-warmup"),
+    pytest.param(dict(weight_decay=-0.1), r"weight_decay: expected a number >= 0, got -0\.1",
+                 id="negative-weight_decay"),
+    pytest.param(dict(grad_clip=-1.0), r"grad_clip: expected a number >= 0, got -1\.0", id="negative-grad_clip"),
+])
+def test_bad_training_config_names_the_argument_and_what_was_expected(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw)
 
 
 def test_synthetic_task_trains_with_accuracy(tmp_path):
@@ -148,7 +166,9 @@ def test_scripts_smoke_run_and_write_tables_and_plots(tmp_path, monkeypatch):
     mtime = (tmp_path / "lc" / "runs" / "linear-rope_n16_s0" / "ckpt.pt").stat().st_mtime_ns
     run_long_context(preset, out=tmp_path / "lc", resume=True, progress=False)  # finished runs are skipped
     assert (tmp_path / "lc" / "runs" / "linear-rope_n16_s0" / "ckpt.pt").stat().st_mtime_ns == mtime
-    with pytest.raises(ValueError, match="resume.*steps"):  # not silently reused with other settings
+    # not silently reused with other settings
+    with pytest.raises(ValueError, match=r"resume: expected the same training config as the checkpoint, but "
+                                         r"'steps' differs \(2 saved, 3 now\)"):
         run_long_context(preset, steps=3, out=tmp_path / "lc", resume=True, progress=False)
     run_script("extrapolation.py", "--runs", str(tmp_path / "lc"), "--factors", "1,2", "--eval-tokens", "64",
                "--buckets", "2", "--out", str(tmp_path / "ex"), monkeypatch=monkeypatch)
