@@ -7,7 +7,8 @@ Shape legend: B batch, H heads, N sequence length, d query/key size, dv value si
 * ``favor_attention``: the same with FAVOR+ features computed inside from raw q, k and a projection, and
   recomputed in the backward instead of stored (O(N d) memory, like a flash kernel).
 * ``softmax_attention``: the softmax baseline through ``scaled_dot_product_attention``, RoPE on q and k.
-* ``linear_attention_naive``: the quadratic reference the fast paths are tested against.
+
+Their references (quadratic and one-position-at-a-time, float64) are in ``linrope.reference``.
 
 Causal linear attention is chunked (``chunk_size``) and never builds an N x N or N x r x dv tensor. Streaming
 passes an ``AttentionState`` in and out: a sequence fed in pieces of any sizes gives the output of one pass.
@@ -15,7 +16,6 @@ passes an ``AttentionState`` in and out: a sequence fed in pieces of any sizes g
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -23,12 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import kernels
-from .features import compute_dtype, favor_plus
-from .rotary import RotaryEmbedding, apply_rotary, resolve_positions
+from .features import compute_dtype
+from .rotary import RotaryEmbedding, resolve_positions
+from .sources import NEG
 
 GROUP_ELEMENTS = 2**18  # float32 elements per (B*H, group, r) work buffer when group_size is None (1 MiB)
 
-__all__ = ["AttentionState", "linear_attention", "favor_attention", "softmax_attention", "linear_attention_naive"]
+__all__ = ["AttentionState", "linear_attention", "favor_attention", "softmax_attention"]
 
 
 @dataclass
@@ -99,19 +100,13 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
-def _check_eps(eps) -> float:
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps: expected a finite number > 0, got {eps!r}")
-    return float(eps)
-
-
 # ---------------------------------------------------------------------------------------------- linear attention
-def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, eps, chunk_size, group_size, initial_state,
+@torch.compiler.disable  # opaque to dynamo: a compiled model calls the eager engine (a graph break)
+def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, group_size, initial_state,
          return_state, key_padding_mask):
     B, H, N, dv = v.shape
     if N < 1:
         raise ValueError("v: the sequence length N must be at least 1")
-    eps = _check_eps(eps)
     chunk_size = _positive_int("chunk_size", chunk_size)
     if group_size is None:  # bound each (B*H, G, r) work buffer to ~1 MiB of float32: cache-sized, lean
         group_size = max(1, GROUP_ELEMENTS // (B * H * r * chunk_size)) * chunk_size
@@ -133,7 +128,7 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, eps, chunk_size,
     else:
         offset = 0
         S0, z0 = v.new_zeros(B, H, r, dv, dtype=dt), v.new_zeros(B, H, r, dtype=dt)
-        M0 = v.new_full((B, H), kernels.NEG, dtype=dt)
+        M0 = v.new_full((B, H), NEG, dtype=dt)
     if positions is None:
         positions = offset
     cos = sin = None
@@ -143,27 +138,27 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, eps, chunk_size,
         resolve_positions(positions, N, v.device)  # still validate what the caller passed
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, ks, v, S0, z0))
-    cfg = kernels.Config(causal=bool(causal), chunk_size=chunk_size, group_size=group_size, eps=eps,
+    cfg = kernels.Config(causal=bool(causal), chunk_size=chunk_size, group_size=group_size, dtype=dt,
                          needs_grad=needs_grad)
-    cast = (lambda t: None if t is None else t.to(dt))
+    # inputs go in as they are (half stays half: autograd keeps them); the engine casts each group
     out, S, z, M = kernels.LinearAttentionFunction.apply(
-        kind, cfg, rotary is not None and rotary.interleaved, cast(q), cast(k), cast(ks), cast(v), cast(W), mask,
+        kind, cfg, rotary is not None and rotary.interleaved, q, k, ks, v, W if W is None else W.to(dt), mask,
         cos, sin, S0, z0, M0)
-    out = out.to(v.dtype)
     if return_state:
         return out, AttentionState(S, z, M, offset + N)
     return out
 
 
 def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False, rotary: RotaryEmbedding | None = None,
-                     positions: int | Tensor | None = None, eps: float = 1e-6, chunk_size: int = 64,
+                     positions: int | Tensor | None = None, chunk_size: int = 64,
                      initial_state: AttentionState | None = None, return_state: bool = False,
                      key_padding_mask: Tensor | None = None, k_logscale: Tensor | None = None,
                      group_size: int | None = None):
     """Normalized linear attention on features; RoFormer eq. 19 when ``rotary`` is given.
 
-    out_m = sum_n (R_m qf_m).(R_n kf'_n) v_n / max(sum_n qf_m.kf'_n, eps), with kf'_n = kf_n exp(k_logscale_n),
-    n over all positions (``causal=False``) or n <= m (``causal=True``). The normalizer is never rotated.
+    out_m = sum_n (R_m qf_m).(R_n kf'_n) v_n / sum_n qf_m.kf'_n, with kf'_n = kf_n exp(k_logscale_n), n over all
+    positions (``causal=False``) or n <= m (``causal=True``). The normalizer is never rotated, and never clamped:
+    a row whose normalizer is 0 (it sees no key: all padded, or features orthogonal to every key) returns 0.
 
     Args:
         qf: (B, H, N, r) query features (non-negative for a positive normalizer).
@@ -173,7 +168,6 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
         rotary: a ``RotaryEmbedding`` of dim r rotating the features (eq. 19), or None.
         positions: positions of the N rows (None: 0..N-1, or continuing ``initial_state.offset``; an int
             offset; or a 1-D integer tensor of length N).
-        eps: lower bound on the normalizer, only reached by rows that see no key (e.g. all keys padded).
         chunk_size: positions per chunk of the causal path.
         initial_state / return_state: streaming (causal only): start from and/or return an ``AttentionState``.
         key_padding_mask: (B, N) bool, True = keep; padded keys leave numerator and normalizer alike.
@@ -184,7 +178,9 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
 
     Returns:
         (B, H, N, dv) in v's dtype; with ``return_state``, also the ``AttentionState`` after the last row.
-        Features, states and the normalizer are computed in float32 (float64 for float64 inputs).
+        Features, states and the normalizer are computed in float32 (float64 for float64 inputs), whatever
+        autocast says; half-precision inputs are kept (for the backward) in half precision. The backward
+        recomputes features group by group; double backward is not supported (it raises).
     """
     _check_qkv(("qf", "kf"), qf, kf, v)
     r = qf.shape[-1]
@@ -195,22 +191,24 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
             raise ValueError(f"k_logscale: expected shape (B, H, N) = {tuple(kf.shape[:3])}, "
                              f"got {tuple(k_logscale.shape)}")
     return _run("features", qf, kf, k_logscale, v, None, r, causal=causal, rotary=rotary, positions=positions,
-                eps=eps, chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,
+                chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,
                 return_state=return_state, key_padding_mask=key_padding_mask)
 
 
 def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, causal: bool = False,
-                    rotary: RotaryEmbedding | None = None, positions: int | Tensor | None = None, eps: float = 1e-6,
+                    rotary: RotaryEmbedding | None = None, positions: int | Tensor | None = None,
                     chunk_size: int = 64, initial_state: AttentionState | None = None, return_state: bool = False,
                     key_padding_mask: Tensor | None = None, group_size: int | None = None):
     """FAVOR+ attention from raw q, k, v; eq. 19 with ``rotary``. Features are recomputed in the backward.
 
     Equal to ``linear_attention(*favor features of q and k*, v, ...)`` with features ``favor_plus(x, projection)``
-    (exp(W x~ - |x~|^2/2), x~ = x d^(-1/4)): an estimate of softmax attention with scale 1/sqrt(d).
+    (exp(W x~ - |x~|^2/2), x~ = x d^(-1/4)): an estimate of softmax attention with scale 1/sqrt(d). Exact at any
+    scale of q and k that float32 can hold: key magnitudes travel as log-scales and nothing is clamped.
 
     Args:
         q, k: (B, H, N, d); v: (B, H, N, dv).
-        projection: (r, d) random projection, e.g. ``FavorPlus.projection``; it receives no gradient.
+        projection: (r, d) random projection, e.g. ``FavorPlus.projection``. It is not differentiated, so it
+            must not require grad (to learn it, compute features with ``favor_plus`` and use ``linear_attention``).
         rotary: a ``RotaryEmbedding`` of dim r (it rotates the features), or None.
         Other arguments as in ``linear_attention``.
 
@@ -221,47 +219,14 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
     _check_tensor("projection", projection, dims=2)
     if projection.shape[1] != q.shape[-1]:
         raise ValueError(f"projection: expected shape (r, d) with d = {q.shape[-1]}, got {tuple(projection.shape)}")
+    if projection.requires_grad and torch.is_grad_enabled():
+        raise ValueError("projection: expected a tensor that does not require grad (favor_attention does not "
+                         "differentiate it; detach it, or use favor_plus features with linear_attention)")
     r = projection.shape[0]
     _check_rotary(rotary, r, "the number of features r (projection rows)")
-    return _run("favor", q, k, None, v, projection.detach(), r, causal=causal, rotary=rotary, positions=positions,
-                eps=eps, chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,
+    return _run("favor", q, k, None, v, projection, r, causal=causal, rotary=rotary, positions=positions,
+                chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,
                 return_state=return_state, key_padding_mask=key_padding_mask)
-
-
-def linear_attention_naive(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
-                           rotary: RotaryEmbedding | None = None, positions: int | Tensor | None = None,
-                           eps: float = 1e-6, key_padding_mask: Tensor | None = None,
-                           k_logscale: Tensor | None = None) -> Tensor:
-    """The quadratic reference of ``linear_attention`` (builds the N x N weights; for tests and small N)."""
-    _check_qkv(("qf", "kf"), qf, kf, v)
-    B, H, N, r = qf.shape
-    dt = compute_dtype(qf, kf, v)
-    qf, kf, vv = qf.to(dt), kf.to(dt), v.to(dt)
-    keep = torch.ones(B, 1, N, N, dtype=torch.bool, device=qf.device)
-    if causal:
-        keep = keep & torch.ones(N, N, dtype=torch.bool, device=qf.device).tril()
-    if key_padding_mask is not None:
-        keep = keep & _check_mask(key_padding_mask, B, N)[:, None, None, :]
-    weight = keep.to(dt)  # (B, 1 or H, N, N): exp(s_n - M_m) on visible keys, M_m the row's largest visible s
-    if k_logscale is not None:
-        s = k_logscale.to(dt)[:, :, None, :].masked_fill(~keep, -math.inf)  # (B, H, N, N)
-        weight = torch.exp(s - s.amax(-1, keepdim=True).clamp_min(kernels.NEG))
-    den = (qf @ kf.transpose(-1, -2)) * weight
-    num = den
-    if rotary is not None:
-        _check_rotary(rotary, r, "the number of features r")
-        cos, sin = rotary.cos_sin(positions, N, qf.device, dt)
-        rot = lambda x: apply_rotary(x, cos, sin, interleaved=rotary.interleaved)  # noqa: E731
-        num = (rot(qf) @ rot(kf).transpose(-1, -2)) * weight
-    out = (num @ vv) / den.sum(-1, keepdim=True).clamp_min(eps)
-    return out.to(v.dtype)
-
-
-def favor_attention_naive(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, **kwargs) -> Tensor:
-    """The quadratic reference of ``favor_attention`` (``linear_attention_naive`` on FAVOR+ features)."""
-    qf, _ = favor_plus(q, projection, is_query=True)
-    kf, ks = favor_plus(k, projection, is_query=False)
-    return linear_attention_naive(qf, kf, v, k_logscale=ks, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- softmax baseline

@@ -6,7 +6,7 @@ positions per group.
 What is computed (RoFormer eq. 19 with keys carried as a bounded feature times exp(log-scale))::
 
     num_t = sum_{n<=t} (R_t fq_t) . (R_n k0_n) v_n,    den_t = sum_{n<=t} fq_t . k0_n,
-    out_t = num_t / max(den_t, eps)
+    out_t = num_t / den_t   (0 where den_t == 0: the row sees no key)
 
 How, and why:
 
@@ -22,11 +22,16 @@ How, and why:
   where cos/sin arithmetic takes four. With the half-split pairing the feature order is permuted on the way in
   (projection rows, or feature columns) and states on the way out: dot products, hence outputs, do not depend
   on the order of features.
-* Key magnitudes: keys arrive as (u, s) with k0 = exp(u - h - P) (FAVOR+) or f exp(s - P), s a per-key
-  log-scale. P, the reference of a group, is the running max of s over keys up to the group's first position:
-  causal, so an output never looks at a later key. A key exceeding P by more than JUMP_LIMIT splits the group
-  (the key gets a group whose P includes it). The running state is kept relative to the running max M and
-  rescaled by exp(M - P) <= 1 at each group start. Factors shared by a row's numerator and normalizer cancel.
+* Key magnitudes: keys arrive as (u, logscale) with k0 = exp(u - h - P) (FAVOR+) or f exp(logscale - P). P, the
+  reference of a group, is the running max M of the log-scales of earlier keys, or the group's first key if that
+  is larger (or if there is no earlier key): every row of the group sees a key whose factor is exactly 1, so no
+  row's normalizer is scaled towards zero by keys it cannot see (causal: an output never looks at a later key).
+  A key exceeding P by more than JUMP_LIMIT splits the group (the key starts a group of its own). The running
+  state is kept relative to M and rescaled by exp(M - P) <= 1 at each group start. Factors shared by a row's
+  numerator and normalizer cancel, so the normalizer is never clamped: a row divides by what it sums, and only
+  rows that see no key at all (normalizer exactly 0) return 0.
+* Inputs stay in their dtype (half stays half, which is what autograd keeps); each group is cast to the compute
+  dtype (float32, float64 for float64 input) in the workspace, and autocast is off inside.
 """
 
 from __future__ import annotations
@@ -48,8 +53,21 @@ class Config:
     causal: bool
     chunk_size: int
     group_size: int
-    eps: float
+    dtype: torch.dtype  # compute dtype of features, states and normalizer
     needs_grad: bool = True  # False: nothing will be differentiated, keep no state for a backward
+
+
+@dataclass
+class Group:
+    """One group [a, b) of the causal forward, as the backward replays it. Tensors are (BH,) or states."""
+
+    a: int
+    b: int
+    ref: Tensor | None  # P: the log-scale reference of the group's keys (None: keys carry no log-scale)
+    rescale_in: Tensor | None  # exp(M - P), applied to the state entering the group
+    rescale_out: Tensor | None  # exp(P - M'), applied to the state leaving it (M' the new running max)
+    S0: Tensor | None = None  # (BH, r, dv) state entering the group, kept for every other group
+    z0: Tensor | None = None  # (BH, r)
 
 
 # ---------------------------------------------------------------------------------------------- one group
@@ -83,54 +101,54 @@ def _reverse_scan(X: Tensor, init: Tensor, out: Tensor) -> Tensor:
     return os[0] + xs[0]
 
 
-def _normalizer(ws, fq, k0, z, s: int, D: Tensor | None = None):
-    """den_t = fq_t . z_t with z_t the unrotated key sum up to t, in sub-chunks of s positions.
+def _normalizer(ws, fq, k0, z, sub: int, D: Tensor | None = None):
+    """den_t = fq_t . z_t with z_t the unrotated key sum up to t, in sub-chunks of ``sub`` positions.
 
     Within a sub-chunk: row sums of the masked product fq k0^T (``D``, or the score matrix of the chunks when
     there is no RoPE); before it: fq_t . (key sum at the sub-chunk start), a short scan over sub-chunks. Small
     sub-chunks keep the extra product cheap where RoPE makes it necessary. Returns den (BH, G) and z after.
     """
     BH, G, r = fq.shape
-    ns = G // s
-    Qs, Ks = fq.view(BH * ns, s, r), k0.view(BH * ns, s, r)
+    ns = G // sub
+    Qs, Ks = fq.view(BH * ns, sub, r), k0.view(BH * ns, sub, r)
     if D is None:
-        D = ws.get("D", BH * ns, s, s)
-        torch.bmm(Qs, Ks.transpose(1, 2), out=D).mul_(_tril(s, D))
+        D = ws.get("D", BH * ns, sub, sub)
+        torch.bmm(Qs, Ks.transpose(1, 2), out=D).mul_(_tril(sub, D))
     ksum = ws.get("ksum", BH, ns, r)
-    torch.sum(k0.view(BH, ns, s, r), 2, out=ksum)
+    torch.sum(k0.view(BH, ns, sub, r), 2, out=ksum)
     zst = ws.get("zst", BH, ns, r)
     z_end = _exclusive_scan(ksum, z, zst)
-    den = torch.baddbmm(D.sum(-1, keepdim=True), Qs, zst.view(BH * ns, r, 1))  # (BH*ns, s, 1)
-    return den.view(BH, G), z_end
+    den = torch.baddbmm(D.sum(-1, keepdim=True), Qs, zst.view(BH * ns, r, 1))  # (BH*ns, sub, 1)
+    return den.view(BH, G), z_end, D
 
 
-def _normalizer_backward(ws, fq, k0, z, dden, dz, s: int, dfq, dk0, intra: bool):
+def _normalizer_backward(ws, fq, k0, z, dden, dz, sub: int, dfq, dk0, intra: bool):
     """Adds the normalizer's share of the gradients to dfq, dk0 (BH, G, r) in place; returns dz before.
 
     ``intra=False`` when the within-sub-chunk part already went through the score matrix (no RoPE).
     """
     BH, G, r = fq.shape
-    ns = G // s
-    Qs, Ks = fq.view(BH * ns, s, r), k0.view(BH * ns, s, r)
+    ns = G // sub
+    Qs, Ks = fq.view(BH * ns, sub, r), k0.view(BH * ns, sub, r)
     ksum = ws.get("ksum", BH, ns, r)
-    torch.sum(k0.view(BH, ns, s, r), 2, out=ksum)
+    torch.sum(k0.view(BH, ns, sub, r), 2, out=ksum)
     zst = ws.get("zst", BH, ns, r)
     _exclusive_scan(ksum, z, zst)
-    dd = dden.view(BH * ns, s, 1)
+    dd = dden.view(BH * ns, sub, 1)
     wsum = torch.bmm(dd.transpose(1, 2), Qs).view(BH, ns, r)  # d (key sum at each sub-chunk start)
     dks = ws.get("dks", BH, ns, r)
     dz_in = _reverse_scan(wsum, dz, dks)  # the keys of a sub-chunk feed every later one and z after
     if intra:
-        dD = torch.mul(_tril(s, fq), dd, out=ws.get("dD", BH * ns, s, s))  # d den_t / d D_tn, n <= t
-        dfq.view(BH * ns, s, r).baddbmm_(dD, Ks)
-        dk0.view(BH * ns, s, r).baddbmm_(dD.transpose(1, 2), Qs)
-    dfq.view(BH * ns, s, r).baddbmm_(dd, zst.view(BH * ns, 1, r))
-    dk0.view(BH, ns, s, r).add_(dks.unsqueeze(2))
+        dD = torch.mul(_tril(sub, fq), dd, out=ws.get("dD", BH * ns, sub, sub))  # d den_t / d D_tn, n <= t
+        dfq.view(BH * ns, sub, r).baddbmm_(dD, Ks)
+        dk0.view(BH * ns, sub, r).baddbmm_(dD.transpose(1, 2), Qs)
+    dfq.view(BH * ns, sub, r).baddbmm_(dd, zst.view(BH * ns, 1, r))
+    dk0.view(BH, ns, sub, r).add_(dks.unsqueeze(2))
     return dz_in
 
 
-def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int, s: int):
-    """Causal eq. 19 over one group (chunks of C, normalizer sub-chunks of s | C). qr/kr None without RoPE.
+def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int, sub: int):
+    """Causal eq. 19 over one group (chunks of C, normalizer sub-chunks of sub | C). qr/kr None without RoPE.
 
     Returns num (BH, G, dv), den (BH, G), and S, z after the group.
     """
@@ -146,13 +164,20 @@ def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int, s: int):
     S_end = _exclusive_scan(KV, S, Sst)
     A = ws.get("A", BH * nc, C, C)
     torch.bmm(Qc, Kc.transpose(1, 2), out=A).mul_(_tril(C, A))
+    if rope:
+        den, z_end, D = _normalizer(ws, fq, k0, z, sub)
+        # at distance 0 the rotations cancel: take fq_t . k0_t unrotated (the normalizer's diagonal) instead of
+        # R_t fq_t . R_t k0_t, whose float32 rounding is eps |fq_t| |k0_t|, far above fq_t . k0_t when a query's
+        # and a key's features sit in different members of the pairs (large activations)
+        A.diagonal(0, 1, 2).copy_(D.diagonal(0, 1, 2).reshape(BH * nc, C))
+    else:
+        den, z_end, _ = _normalizer(ws, fq, k0, z, C, D=A)  # no RoPE: A is fq k0^T
     num = ws.get("num", BH * nc, C, dv)
     torch.bmm(A, Vc, out=num).baddbmm_(Qc, Sst.view(BH * nc, r, dv))
-    den, z_end = _normalizer(ws, fq, k0, z, s if rope else C, D=None if rope else A)  # no RoPE: A is fq k0^T
     return num.view(BH, G, dv), den, S_end, z_end
 
 
-def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, s: int, unrotate=None):
+def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, sub: int, unrotate=None):
     """Gradients of ``group_forward`` given g = d num (BH, G, dv), dden (BH, G) and those of (S, z) after.
 
     Returns (d fq, d k0, d V, dS, dz before): the feature gradients w.r.t. the *unrotated* features (the
@@ -176,6 +201,10 @@ def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, s: int,
     if not rope:
         dA.add_(dden.view(BH * nc, C, 1))  # den_t = sum_{n<=t} A_tn + ...
     dA.mul_(tril)
+    if rope:  # the diagonal is fq_t . k0_t, unrotated (see group_forward): its gradient bypasses the rotation
+        A.diagonal(0, 1, 2).copy_((fq * k0).sum(-1).view(BH * nc, C))
+        ddiag = dA.diagonal(0, 1, 2).clone().view(BH, G, 1)
+        dA.diagonal(0, 1, 2).zero_()
     dQ = ws.get("dQ", BH, G, r)
     torch.bmm(dA, Kc, out=dQ.view(BH * nc, C, r)).baddbmm_(Gc, Sst.view(BH * nc, r, dv).transpose(1, 2))
     dSst = ws.get("dSst", BH, nc, r, dv)
@@ -187,17 +216,28 @@ def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, s: int,
     dVg = ws.get("dV", BH, G, dv)
     torch.bmm(A.transpose(1, 2), Gc, out=dVg.view(BH * nc, C, dv)).baddbmm_(Kc, dKV.view(BH * nc, r, dv))
     if rope:
-        dQ = unrotate(dQ, ws.get("dfq", BH, G, r))
-        dK = unrotate(dK, ws.get("dk0", BH, G, r))
-    dz_in = _normalizer_backward(ws, fq, k0, z, dden, dz, s if rope else C, dQ, dK, intra=rope)
+        dQ = unrotate(dQ, ws.get("dfq", BH, G, r)).addcmul_(ddiag, k0)
+        dK = unrotate(dK, ws.get("dk0", BH, G, r)).addcmul_(ddiag, fq)
+    dz_in = _normalizer_backward(ws, fq, k0, z, dden, dz, sub if rope else C, dQ, dK, intra=rope)
     return dQ, dK, dVg, dS_in, dz_in
 
 
 # ---------------------------------------------------------------------------------------------- causal driver
-def _first_valid(s: Tensor) -> Tensor:
-    """The log-scale of the first valid (not NEG) key of each row of s (BH, G); NEG if none."""
-    idx = (s > NEG / 2).to(torch.uint8).argmax(-1, keepdim=True)
-    return s.gather(-1, idx).squeeze(-1)
+def _first_valid(logscale: Tensor) -> Tensor:
+    """The log-scale of the first valid (not NEG) key of each row of ``logscale`` (BH, G); NEG if none."""
+    idx = (logscale > NEG / 2).to(torch.uint8).argmax(-1, keepdim=True)
+    return logscale.gather(-1, idx).squeeze(-1)
+
+
+def _causal_ref(M: Tensor, logscale: Tensor) -> Tensor:
+    """P of a causal group: max(M, the group's first key), else its first valid key, else 0 (no key at all).
+
+    Taking the first *position* (not the first valid key) keeps the rows before a late key referred to the keys
+    they do see; every row of the group then sees a key whose factor exp(logscale - P) is 1, or sees none.
+    """
+    P = torch.maximum(M, logscale[:, 0])
+    P = torch.where(P > NEG / 2, P, _first_valid(logscale))
+    return torch.where(P > NEG / 2, P, torch.zeros_like(P))
 
 
 def _rotated(rot, x, a, b, ws, name):
@@ -206,18 +246,17 @@ def _rotated(rot, x, a, b, ws, name):
 
 def _group_features(src, rot, ws, a, b, P=None, M=None, tag=""):
     """Key features of [a, b) at reference P (or, if P is None, the causal reference from M), in the workspace
-    buffers named with ``tag``. Returns (k0, kr, s, P, jumps), jumps (G,) marking keys that exceed P by more
-    than JUMP_LIMIT.
+    buffers named with ``tag``. Returns (k0, kr, logscale, P, jumps), jumps (G,) marking keys that exceed P by
+    more than JUMP_LIMIT.
     """
     BH, G, r = src.BH, b - a, src.r
-    u, s = src.key_logscale(a, b, ws.get("k0" + tag, BH, G, r))
+    u, logscale = src.key_logscale(a, b, ws.get("k0" + tag, BH, G, r))
     jumps = None
-    if s is not None and P is None:
-        P = torch.maximum(M, _first_valid(s))
-        P = torch.where(P > NEG / 2, P, torch.zeros_like(P))  # no key yet: any finite reference will do
-        jumps = ((s - P[:, None]) > JUMP_LIMIT).any(0)
-    k0 = src.key_finish(a, b, u, s, P, ws.get("k0" + tag, BH, G, r))
-    return k0, _rotated(rot, k0, a, b, ws, "kr" + tag), s, P, jumps
+    if logscale is not None and P is None:
+        P = _causal_ref(M, logscale)
+        jumps = ((logscale - P[:, None]) > JUMP_LIMIT).any(0)
+    k0 = src.key_finish(a, b, u, logscale, P, ws.get("k0" + tag, BH, G, r))
+    return k0, _rotated(rot, k0, a, b, ws, "kr" + tag), logscale, P, jumps
 
 
 def _query_features(src, rot, ws, a, b, r):
@@ -225,15 +264,32 @@ def _query_features(src, rot, ws, a, b, r):
     return fq, _rotated(rot, fq, a, b, ws, "qr")
 
 
+def _divide(num: Tensor, den: Tensor, out: Tensor) -> None:
+    """out = num / den row by row, 0 where den == 0 (rows that see no key: their numerator is 0 too)."""
+    empty = den == 0
+    torch.div(num, torch.where(empty, 1, den).unsqueeze(-1), out=out)
+    out.masked_fill_(empty.unsqueeze(-1), 0)
+
+
+def _output_grads(out, den, dout, buf):
+    """g = d num = dout / den (into the contiguous ``buf``: dout may come with any strides and dtype) and
+    d den = -(dout . out) / den; both 0 on rows that returned 0 for want of keys."""
+    empty = den == 0
+    denc = torch.where(empty, 1, den)
+    g = torch.div(dout, denc.unsqueeze(-1), out=buf).masked_fill_(empty.unsqueeze(-1), 0)
+    dden = (g * out).sum(-1).neg_()
+    return g, dden
+
+
 def causal_forward(src, rot, V, S, z, M, cfg: Config, keep_states: bool = True):
-    """Run all groups; returns num-divided outputs, den, the final (S, z, M) and the plan the backward replays
-    (without the group states when ``keep_states`` is False: nothing will be differentiated)."""
+    """Run all groups; returns outputs (BH, N, dv) in V's dtype, den, the final (S, z, M) and the plan (a list
+    of ``Group``) the backward replays (without the group states when ``keep_states`` is False)."""
     B, H, N, dv = V.shape
     BH = B * H
     r = S.shape[1]
-    ws = Workspace(V)
-    out, den = V.new_empty(BH, N, dv), V.new_empty(BH, N)
-    plan = []
+    ws = Workspace(V.device, cfg.dtype)
+    out, den = V.new_empty(BH, N, dv), S.new_empty(BH, N)
+    plan: list[Group] = []
     C0 = cfg.chunk_size
     work = [(a, min(a + cfg.group_size, N)) for a in range(0, N, cfg.group_size)][::-1]
     while work:
@@ -242,75 +298,69 @@ def causal_forward(src, rot, V, S, z, M, cfg: Config, keep_states: bool = True):
             cut = a + (b - a) // C0 * C0
             work.extend(((cut, b), (a, cut)))
             continue
-        k0, kr, s, P, jumps = _group_features(src, rot, ws, a, b, M=M)
-        if jumps is not None and b - a > 1 and bool(jumps.any()):
-            # the rows before the first jumping key keep P; the key gets a group whose P includes it
-            t = a + int(jumps.nonzero()[0])
-            work.extend(x for x in ((t + 1, b), (t, t + 1), (a, t)) if x[1] > x[0])
+        k0, kr, logscale, P, jumps = _group_features(src, rot, ws, a, b, M=M)
+        if jumps is not None and b - a > 1 and bool(jumps[1:].any()):
+            # the rows before the first jumping key keep P; that key starts a group whose P is its own
+            t = a + 1 + int(jumps[1:].nonzero()[0])
+            work.extend(((t, b), (a, t)))
             continue
-        e_in = e_out = None
+        group = Group(a, b, P, None, None)
         if P is not None:
-            e_in = torch.exp(M - P)
-            S, z = S * e_in[:, None, None], z * e_in[:, None]
-        # every other group start state is kept; the backward rebuilds the others from the one before
-        plan.append([a, b, P, e_in, None, *((S, z) if keep_states and len(plan) % 2 == 0 else (None, None))])
+            group.rescale_in = torch.exp(M - P)
+            S, z = S * group.rescale_in[:, None, None], z * group.rescale_in[:, None]
+        if keep_states and len(plan) % 2 == 0:  # the backward rebuilds the other states from the one before
+            group.S0, group.z0 = S, z
+        plan.append(group)
         fq, qr = _query_features(src, rot, ws, a, b, r)
         Vg = group_rows(V, a, b, ws.get("v", BH, b - a, dv))
         C = min(C0, b - a)
         num, d, S, z = group_forward(ws, fq, qr, k0, kr, Vg, S, z, C, math.gcd(DEN_CHUNK, C))
         den[:, a:b] = d
-        torch.div(num, d.clamp_min(cfg.eps).unsqueeze(-1), out=out[:, a:b])
-        if P is not None:
-            M_new = torch.maximum(P, s.amax(-1))
-            e_out = torch.exp(P - M_new)
-            S, z, M = S * e_out[:, None, None], z * e_out[:, None], M_new
-            plan[-1][4] = e_out
+        _divide(num, d, out[:, a:b])
+        if P is not None:  # M follows real keys only (a group without any keeps M, and P was a stand-in)
+            M = torch.maximum(M, logscale.amax(-1))
+            group.rescale_out = torch.exp(P - torch.where(M > NEG / 2, M, P))
+            S, z = S * group.rescale_out[:, None, None], z * group.rescale_out[:, None]
     return out, den, S, z, M, plan
 
 
-def _output_grads(out, den, dout, eps, buf):
-    """g = d num = dout / den (into the contiguous ``buf``: dout may come with any strides) and
-    d den = -(dout . out) / den (zero where den was clamped)."""
-    denc = den.clamp_min(eps)
-    g = torch.div(dout, denc.unsqueeze(-1), out=buf)
-    dden = (dout * out).sum(-1).div_(denc).neg_().masked_fill_(den <= eps, 0)
-    return g, dden
-
-
-def causal_backward(src, rot, V, out, den, dout, dS, dz, plan, cfg: Config):
+def causal_backward(src, rot, V, out, den, dout, dS, dz, plan: list[Group], cfg: Config):
     B, H, N, dv = V.shape
     BH = B * H
     r = dS.shape[1]
-    ws = Workspace(V)
+    ws = Workspace(V.device, cfg.dtype)
     dV = V.new_empty(BH, N, dv)
     ahead = None  # key features of the next group to process, computed early to rebuild a state
     for i in range(len(plan) - 1, -1, -1):
-        a, b, P, e_in, e_out, S0, z0 = plan[i]
-        if e_out is not None:
-            dS, dz = dS * e_out[:, None, None], dz * e_out[:, None]
-        k0, kr, s = ahead if ahead is not None else _group_features(src, rot, ws, a, b, P=P, tag=str(i % 2))[:3]
+        grp = plan[i]
+        a, b, P = grp.a, grp.b, grp.ref
+        if grp.rescale_out is not None:
+            dS, dz = dS * grp.rescale_out[:, None, None], dz * grp.rescale_out[:, None]
+        k0, kr, logscale = ahead if ahead is not None else _group_features(src, rot, ws, a, b, P=P, tag=str(i % 2))[:3]
         ahead = None
+        S0, z0 = grp.S0, grp.z0
         if S0 is None:  # rebuild this group's start state from the previous group (whose keys we need next anyway)
-            pa, pb, pP, _, pe_out, pS0, pz0 = plan[i - 1]
-            ahead = _group_features(src, rot, ws, pa, pb, P=pP, tag=str((i - 1) % 2))[:3]
+            prev = plan[i - 1]
+            ahead = _group_features(src, rot, ws, prev.a, prev.b, P=prev.ref, tag=str((i - 1) % 2))[:3]
             pk0, pkr, _ = ahead
-            S0 = torch.baddbmm(pS0, (pk0 if pkr is None else pkr).transpose(1, 2), group_rows(V, pa, pb))
-            z0 = pz0 + pk0.sum(1)
-            for e in (pe_out, e_in):
+            S0 = torch.baddbmm(prev.S0, (pk0 if pkr is None else pkr).transpose(1, 2),
+                               group_rows(V, prev.a, prev.b, dtype=cfg.dtype))
+            z0 = prev.z0 + pk0.sum(1)
+            for e in (prev.rescale_out, grp.rescale_in):
                 if e is not None:
                     S0, z0 = S0 * e[:, None, None], z0 * e[:, None]
         fq, qr = _query_features(src, rot, ws, a, b, r)
         Vg = group_rows(V, a, b, ws.get("v", BH, b - a, dv))
-        g, dden = _output_grads(out[:, a:b], den[:, a:b], dout[:, a:b], cfg.eps, ws.get("g", BH, b - a, dv))
+        g, dden = _output_grads(out[:, a:b], den[:, a:b], dout[:, a:b], ws.get("g", BH, b - a, dv))
         unrotate = None if rot is None else (lambda x, out: rot(x, a, b, out, inverse=True))
         C = min(cfg.chunk_size, b - a)
         dfq, dk0, dVg, dS, dz = group_backward(ws, fq, qr, k0, kr, Vg, S0, z0, g, dden, dS, dz, C,
                                                math.gcd(DEN_CHUNK, C), unrotate)
         dV[:, a:b] = dVg
         src.query_grad(a, b, fq, dfq)
-        src.key_grad(a, b, k0, dk0, s, P)
-        if e_in is not None:
-            dS, dz = dS * e_in[:, None, None], dz * e_in[:, None]
+        src.key_grad(a, b, k0, dk0, logscale, P)
+        if grp.rescale_in is not None:
+            dS, dz = dS * grp.rescale_in[:, None, None], dz * grp.rescale_in[:, None]
     return dV, dS, dz
 
 
@@ -319,57 +369,96 @@ def _groups(N: int, G: int):
     return [(a, min(a + G, N)) for a in range(0, N, G)]
 
 
+def _self_terms(fq, qr, k0, kr) -> Tensor:
+    """(fq_t . k0_t) - (R_t fq_t . R_t k0_t) per position (BH, G), in float64.
+
+    A rotated state S = sum_n R_n k0_n v_n^T also holds each query's own key; at distance 0 the rotations cancel
+    in exact arithmetic, but R_t fq_t . R_t k0_t in float32 carries eps |fq_t| |k0_t|, far above fq_t . k0_t
+    when a query's and a key's features sit in different members of the pairs. With S in float64, adding this
+    difference swaps the rounded self term for the exact, unrotated one.
+    """
+    return (fq.double() * k0.double()).sum(-1) - (qr.double() * kr.double()).sum(-1)
+
+
 def bidirectional_forward(src, rot, V, r, cfg: Config):
-    """Accumulate the key state (relative to the running max of s), then read it with the queries."""
+    """Accumulate the key state (relative to the running max of the key log-scales), then read it with the
+    queries. Returns out (BH, N, dv) in V's dtype, den (BH, N), the final S (float64 under RoPE: see
+    ``_self_terms``), z, M and the keys' final reference P."""
     B, H, N, dv = V.shape
     BH = B * H
-    ws = Workspace(V)
-    S, z, M = V.new_zeros(BH, r, dv), V.new_zeros(BH, r), V.new_full((BH,), NEG)
+    ws = Workspace(V.device, cfg.dtype)
+    S = torch.zeros(BH, r, dv, device=V.device, dtype=cfg.dtype if rot is None else torch.float64)
+    z, M = V.new_zeros(BH, r, dtype=cfg.dtype), V.new_full((BH,), NEG, dtype=cfg.dtype)
+    P = None
     for a, b in _groups(N, cfg.group_size):
-        u, s = src.key_logscale(a, b, ws.get("k0", BH, b - a, r))
-        P = None
-        if s is not None:
-            P = torch.maximum(M, s.amax(-1))
-            P = torch.where(P > NEG / 2, P, torch.zeros_like(P))
+        u, logscale = src.key_logscale(a, b, ws.get("k0", BH, b - a, r))
+        if logscale is not None:  # M: the largest key so far; P: M, or 0 while there is no key
+            M_new = torch.maximum(M, logscale.amax(-1))
+            P = torch.where(M_new > NEG / 2, M_new, torch.zeros_like(M_new))
             e = torch.exp(M - P)
-            S.mul_(e[:, None, None]), z.mul_(e[:, None])
-            M = P
-        k0 = src.key_finish(a, b, u, s, P, ws.get("k0", BH, b - a, r))
+            S.mul_(e[:, None, None].to(S.dtype)), z.mul_(e[:, None])
+            M = M_new
+        k0 = src.key_finish(a, b, u, logscale, P, ws.get("k0", BH, b - a, r))
         kr = _rotated(rot, k0, a, b, ws, "kr")
-        S.baddbmm_((k0 if kr is None else kr).transpose(1, 2), group_rows(V, a, b, ws.get("v", BH, b - a, dv)))
+        Vg = group_rows(V, a, b, ws.get("v", BH, b - a, dv))
+        S.baddbmm_((k0 if kr is None else kr).transpose(1, 2).to(S.dtype), Vg.to(S.dtype))
         z.add_(k0.sum(1))
-    out, den = V.new_empty(BH, N, dv), V.new_empty(BH, N)
+    out, den = V.new_empty(BH, N, dv), z.new_empty(BH, N)
     for a, b in _groups(N, cfg.group_size):
         fq, qr = _query_features(src, rot, ws, a, b, r)
         d = torch.bmm(fq, z.unsqueeze(-1)).squeeze(-1)
         den[:, a:b] = d
-        torch.div(torch.bmm(fq if qr is None else qr, S), d.clamp_min(cfg.eps).unsqueeze(-1), out=out[:, a:b])
-    return out, den, S, z, M
+        if rot is None:
+            _divide(torch.bmm(fq, S), d, out[:, a:b])
+            continue
+        k0, kr = _group_features(src, rot, ws, a, b, P=P)[:2]
+        num = torch.bmm(qr.double(), S).addcmul_(_self_terms(fq, qr, k0, kr).unsqueeze(-1),
+                                                 group_rows(V, a, b, dtype=torch.float64))
+        _divide(num, d, out[:, a:b])
+    return out, den, S, z, M, P
 
 
-def bidirectional_backward(src, rot, V, out, den, dout, S, z, M, cfg: Config):
+def bidirectional_backward(src, rot, V, out, den, dout, S, z, P, cfg: Config):
+    """Gradients of ``bidirectional_forward``: queries first (d S, d z, query gradients), then keys. Under RoPE
+    d S is float64 and the self terms are swapped as in the forward."""
     B, H, N, dv = V.shape
     BH = B * H
     r = S.shape[1]
-    ws = Workspace(V)
+    ws = Workspace(V.device, cfg.dtype)
     dS, dz = torch.zeros_like(S), torch.zeros_like(z)
     for a, b in _groups(N, cfg.group_size):  # queries: d S, d z, and the query gradients
         fq, qr = _query_features(src, rot, ws, a, b, r)
-        g, dden = _output_grads(out[:, a:b], den[:, a:b], dout[:, a:b], cfg.eps, ws.get("g", BH, b - a, dv))
-        dS.baddbmm_((fq if qr is None else qr).transpose(1, 2), g)
+        g, dden = _output_grads(out[:, a:b], den[:, a:b], dout[:, a:b], ws.get("g", BH, b - a, dv))
         dz.add_(torch.bmm(dden.unsqueeze(1), fq).squeeze(1))
-        dfq = torch.bmm(g, S.transpose(1, 2))
-        if qr is not None:
-            dfq = rot(dfq, a, b, ws.get("tmp", *dfq.shape), inverse=True)
+        if rot is None:
+            dS.baddbmm_(fq.transpose(1, 2), g)
+            dfq = torch.bmm(g, S.transpose(1, 2))
+        else:
+            g64 = g.double()
+            dS.baddbmm_(qr.transpose(1, 2).double(), g64)
+            k0, kr = _group_features(src, rot, ws, a, b, P=P)[:2]
+            gv = (g64 * group_rows(V, a, b, dtype=torch.float64)).sum(-1, keepdim=True)  # (BH, G, 1)
+            dqr = torch.bmm(g64, S.transpose(1, 2)).sub_(gv * kr.double())  # the self key goes unrotated
+            dfq = rot(dqr.to(cfg.dtype), a, b, ws.get("tmp", BH, b - a, r), inverse=True)
+            dfq.add_(gv.to(cfg.dtype) * k0)
         src.query_grad(a, b, fq, dfq.baddbmm_(dden.unsqueeze(-1), z.unsqueeze(1)))
     dV = V.new_empty(BH, N, dv)
-    for a, b in _groups(N, cfg.group_size):  # keys, at the final reference M
-        k0, kr, s, _, _ = _group_features(src, rot, ws, a, b, P=M)
-        dV[:, a:b] = torch.bmm(k0 if kr is None else kr, dS)
-        dk0 = torch.bmm(group_rows(V, a, b, ws.get("v", BH, b - a, dv)), dS.transpose(1, 2))
-        if kr is not None:
-            dk0 = rot(dk0, a, b, ws.get("tmp", *dk0.shape), inverse=True)
-        src.key_grad(a, b, k0, dk0.add_(dz.unsqueeze(1)), s, M)
+    for a, b in _groups(N, cfg.group_size):  # keys, at the final reference P
+        k0, kr, logscale, _, _ = _group_features(src, rot, ws, a, b, P=P)
+        Vg = group_rows(V, a, b, ws.get("v", BH, b - a, dv))
+        if rot is None:
+            dV[:, a:b] = torch.bmm(k0, dS)
+            dk0 = torch.bmm(Vg, dS.transpose(1, 2))
+        else:
+            fq, qr = _query_features(src, rot, ws, a, b, r)
+            g, _ = _output_grads(out[:, a:b], den[:, a:b], dout[:, a:b], ws.get("g", BH, b - a, dv))
+            g64, V64 = g.double(), Vg.double()
+            dV[:, a:b] = torch.bmm(kr.double(), dS).addcmul_(_self_terms(fq, qr, k0, kr).unsqueeze(-1), g64)
+            gv = (g64 * V64).sum(-1, keepdim=True)
+            dkr = torch.bmm(V64, dS.transpose(1, 2)).sub_(gv * qr.double())
+            dk0 = rot(dkr.to(cfg.dtype), a, b, ws.get("tmp", BH, b - a, r), inverse=True)
+            dk0.add_(gv.to(cfg.dtype) * fq)
+        src.key_grad(a, b, k0, dk0.add_(dz.unsqueeze(1)), logscale, P)
     return dV
 
 
@@ -377,8 +466,10 @@ def bidirectional_backward(src, rot, V, out, den, dout, S, z, M, cfg: Config):
 class LinearAttentionFunction(torch.autograd.Function):
     """out, S, z, M = f(q, k, ks, v, S0, z0); q, k are features (kind 'features') or raw inputs ('favor').
 
-    Tensors arrive as (B, H, N, .), states as (B, H, r, dv), (B, H, r), (B, H), all in the compute dtype;
-    ``interleaved`` is the pairing of ``cos``/``sin`` (the engine works on interleaved pairs).
+    Tensors arrive as (B, H, N, .) in the caller's dtypes (kept as they are: half stays half), states as
+    (B, H, r, dv), (B, H, r), (B, H) in the compute dtype ``cfg.dtype``; ``interleaved`` is the pairing of
+    ``cos``/``sin`` (the engine works on interleaved pairs). ``out`` has v's dtype. Autocast is off inside:
+    features, states and normalizer are computed in ``cfg.dtype`` whatever autocast says.
     """
 
     @staticmethod
@@ -387,50 +478,56 @@ class LinearAttentionFunction(torch.autograd.Function):
         r = W.shape[0] if kind == "favor" else q.shape[-1]
         perm = interleaved_order(r, v.device) if cos is not None and not interleaved else None
         ctx.meta = (kind, cfg, perm, B, H)
-        ctx.save_for_backward(q, k, ks, v, W, mask, cos, sin)
-        src, rot, V = _prepare(ctx, q, k, ks, v, W, mask, cos, sin)
-        if cfg.causal:
-            S0, z0 = _to_internal(S0, perm), _to_internal(z0, perm)
-            out, den, S, z, M, plan = causal_forward(src, rot, V, S0.reshape(B * H, r, dv), z0.reshape(B * H, r),
-                                                     M0.reshape(B * H), cfg, keep_states=cfg.needs_grad)
-            ctx.plan = plan
-        else:
-            out, den, S, z, M = bidirectional_forward(src, rot, V, r, cfg)
-        ctx.out, ctx.den, ctx.final = out, den, (S, z, M)
-        S = _to_user(S.view(B, H, r, dv), perm)
+        with torch.autocast(v.device.type, enabled=False):
+            src, rot = _prepare(ctx.meta, q, k, ks, W, mask, cos, sin)
+            if cfg.causal:
+                S0, z0 = _to_internal(S0, perm), _to_internal(z0, perm)
+                out, den, S, z, M, plan = causal_forward(src, rot, v, S0.reshape(B * H, r, dv),
+                                                         z0.reshape(B * H, r), M0.reshape(B * H), cfg,
+                                                         keep_states=cfg.needs_grad)
+                ctx.plan = plan
+            else:
+                out, den, S, z, M, ctx.ref = bidirectional_forward(src, rot, v, r, cfg)
+        ctx.save_for_backward(q, k, ks, v, W, mask, cos, sin, out, den)
+        ctx.final = (S, z, M)
+        S = _to_user(S.to(cfg.dtype).view(B, H, r, dv), perm)
         z = _to_user(z.view(B, H, r), perm)
         ctx.mark_non_differentiable(M)
         return out.view(B, H, N, dv), S, z, M.view(B, H)
 
     @staticmethod
     def backward(ctx, dout, dS, dz, _dM):
+        if torch.is_grad_enabled():  # create_graph=True: the hand-written backward is not differentiable itself
+            raise RuntimeError("linear_attention / favor_attention: double backward (create_graph=True) is not "
+                               "supported: the backward is hand-written and cannot itself be differentiated")
         kind, cfg, perm, B, H = ctx.meta
-        q, k, ks, v, W, mask, cos, sin = ctx.saved_tensors
-        src, rot, V = _prepare(ctx, q, k, ks, v, W, mask, cos, sin)
-        out, den, (S, z, M) = ctx.out, ctx.den, ctx.final
-        dout = torch.zeros_like(out) if dout is None else dout.reshape(out.shape)
-        r = S.shape[1]
-        if cfg.causal:
-            dS = torch.zeros_like(S) if dS is None else _to_internal(dS, perm).reshape(S.shape)
-            dz = torch.zeros_like(z) if dz is None else _to_internal(dz, perm).reshape(z.shape)
-            dV, dS0, dz0 = causal_backward(src, rot, V, out, den, dout, dS, dz, ctx.plan, cfg)
-            dS0 = _to_user(dS0.view(B, H, r, -1), perm)
-            dz0 = _to_user(dz0.view(B, H, r), perm)
-        else:
-            dV, dS0, dz0 = bidirectional_backward(src, rot, V, out, den, dout, S, z, M, cfg), None, None
+        q, k, ks, v, W, mask, cos, sin, out, den = ctx.saved_tensors
+        S, z, _ = ctx.final
+        with torch.autocast(v.device.type, enabled=False):
+            src, rot = _prepare(ctx.meta, q, k, ks, W, mask, cos, sin)
+            dout = torch.zeros_like(out) if dout is None else dout.reshape(out.shape)
+            r = S.shape[1]
+            if cfg.causal:
+                dS = torch.zeros_like(S) if dS is None else _to_internal(dS, perm).reshape(S.shape)
+                dz = torch.zeros_like(z) if dz is None else _to_internal(dz, perm).reshape(z.shape)
+                dV, dS0, dz0 = causal_backward(src, rot, v, out, den, dout, dS, dz, ctx.plan, cfg)
+                dS0 = _to_user(dS0.view(B, H, r, -1), perm)
+                dz0 = _to_user(dz0.view(B, H, r), perm)
+            else:
+                dV, dS0, dz0 = bidirectional_backward(src, rot, v, out, den, dout, S, z, ctx.ref, cfg), None, None
         shape = lambda t, like: None if t is None else t.view(like.shape)  # noqa: E731
         return (None, None, None, shape(src.dq, q), shape(src.dk, k), shape(src.dks, ks), dV.view(v.shape),
                 None, None, None, None, dS0, dz0, None)
 
 
-def _prepare(ctx, q, k, ks, v, W, mask, cos, sin):
-    kind, cfg, perm, B, H = ctx.meta
+def _prepare(meta, q, k, ks, W, mask, cos, sin):
+    kind, cfg, perm, B, H = meta
     rot = None if cos is None else Rotation(cos, sin)
     if kind == "favor":
-        src = FavorFeatures(q, k, W if perm is None else W[perm], mask, H)
+        src = FavorFeatures(q, k, W if perm is None else W[perm], mask, cfg.dtype)
     else:
-        src = GivenFeatures(q, k, ks, mask, H, perm)
-    return src, rot, v
+        src = GivenFeatures(q, k, ks, mask, perm, cfg.dtype)
+    return src, rot
 
 
 def _to_internal(t: Tensor, perm: Tensor | None) -> Tensor:

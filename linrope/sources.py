@@ -1,17 +1,53 @@
 """Where the engine's per-group features come from (private; used by ``linrope.kernels``).
 
-A *source* hands ``linrope.kernels`` the features of positions [a, b) as contiguous (B*H, G, r) tensors written
-into reused workspace buffers, and takes their gradients back: ``FavorFeatures`` computes FAVOR+ features from raw
-q, k and a projection (recomputed in the backward, never stored); ``GivenFeatures`` serves features computed by the
-caller. ``Rotation`` applies R_n to interleaved feature pairs as one complex multiply.
+A *source* (the ``FeatureSource`` protocol) hands ``linrope.kernels`` the features of positions [a, b) as
+contiguous (BH, G, r) tensors in the compute dtype, written into reused workspace buffers, and takes their
+gradients back: ``FavorFeatures`` computes FAVOR+ features from raw q, k and a projection (recomputed in the
+backward, never stored); ``GivenFeatures`` serves features computed by the caller. Inputs stay in the caller's
+dtype (half precision stays half: that is what autograd keeps) and are cast group by group. ``Rotation`` applies
+R_n to interleaved feature pairs as one complex multiply.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 NEG = -1e30  # log-scale of "no key": exp(NEG - P) == 0 without the NaNs of -inf - -inf
+
+
+class FeatureSource(Protocol):
+    """Features of positions [a, b) for the engine. ``BH`` rows (batch x heads), ``r`` features, ``dtype`` the
+    compute dtype. Keys come in two steps so that the engine can pick a reference P from their log-scales before
+    exponentiating: ``key_logscale`` -> (u, logscale), then ``key_finish`` -> k0 = features * exp(logscale - P).
+    Gradients are written into ``dq``, ``dk`` (and ``dks`` for given log-scales), (BH, N, .) in the input dtypes.
+    """
+
+    BH: int
+    r: int
+    dtype: torch.dtype
+    dq: Tensor
+    dk: Tensor
+    dks: Tensor | None
+
+    def query(self, a: int, b: int, buf: Tensor) -> Tensor:
+        """Query features (BH, G, r) written into ``buf``; any positive per-row factor may be dropped."""
+
+    def key_logscale(self, a: int, b: int, buf: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Raw key material in ``buf`` and per-key log-scales (BH, G), NEG for padded keys (None: no scales)."""
+
+    def key_finish(self, a: int, b: int, u: Tensor, logscale: Tensor | None, ref: Tensor | None,
+                   buf: Tensor) -> Tensor:
+        """Key features relative to the reference ``ref`` (BH,): exp(logscale - ref) times the bounded part."""
+
+    def query_grad(self, a: int, b: int, fq: Tensor, dfq: Tensor) -> None:
+        """Store the gradient of the loss w.r.t. the query inputs of [a, b), given d fq."""
+
+    def key_grad(self, a: int, b: int, k0: Tensor, dk0: Tensor, logscale: Tensor | None, ref: Tensor | None) -> None:
+        """Store the gradient w.r.t. the key inputs of [a, b), given d k0."""
 
 
 def interleaved_order(r: int, device=None) -> Tensor:
@@ -20,18 +56,18 @@ def interleaved_order(r: int, device=None) -> Tensor:
 
 
 class Workspace:
-    """Named flat buffers reused across groups; ``get`` returns a contiguous view of the requested shape."""
+    """Named flat buffers of one dtype reused across groups; ``get`` returns a contiguous view of the shape."""
 
-    def __init__(self, like: Tensor):
-        self.like, self.store = like, {}
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype, self.store = device, dtype, {}
 
     def get(self, name: str, *shape: int) -> Tensor:
         n = 1
-        for s in shape:
-            n *= s
+        for size in shape:
+            n *= size
         buf = self.store.get(name)
         if buf is None or buf.numel() < n:
-            buf = self.store[name] = self.like.new_empty(n)
+            buf = self.store[name] = torch.empty(n, device=self.device, dtype=self.dtype)
         return buf[:n].view(shape)
 
 
@@ -65,16 +101,17 @@ class Rotation:
         return out
 
 
-def group_rows(x: Tensor, a: int, b: int, buf: Tensor | None = None) -> Tensor:
-    """Positions [a, b) of x (B, H, N, D) as a contiguous (B*H, b-a, D): a view if possible, else copied into buf."""
+def group_rows(x: Tensor, a: int, b: int, buf: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    """Positions [a, b) of x (B, H, N, D) as a contiguous (B*H, b-a, D) in ``dtype`` (default: buf's, else x's):
+    a view when x already is that, else a copy (into ``buf`` when given)."""
     B, H, _, D = x.shape
+    dtype = dtype or (buf.dtype if buf is not None else x.dtype)
     part = x[:, :, a:b]
+    if part.dtype == dtype and part.is_contiguous():
+        return part.view(B * H, b - a, D)
     if buf is None:
-        return part.reshape(B * H, b - a, D)
-    try:
-        return part.view(B * H, b - a, D) if part.is_contiguous() else buf.view(B, H, b - a, D).copy_(part).view_as(buf)
-    except RuntimeError:
-        return buf.view(B, H, b - a, D).copy_(part).view_as(buf)
+        return part.reshape(B * H, b - a, D).to(dtype)
+    return buf.view(B, H, b - a, D).copy_(part).view_as(buf)
 
 
 def _flat_mask(mask: Tensor | None, H: int) -> Tensor | None:
@@ -82,56 +119,55 @@ def _flat_mask(mask: Tensor | None, H: int) -> Tensor | None:
 
 
 class FavorFeatures:
-    """FAVOR+ features computed on the fly from q, k (BH, N, d) and W (r, d).
+    """FAVOR+ features computed on the fly from q, k (B, H, N, d) and W (r, d).
 
     With x~ = x d^(-1/4) and u = x~ W^T: fq = exp(u - max_i u) (a per-row factor that cancels); keys have
-    log-scale s = max_i u - |x~|^2/2 and k0 = exp(u - |x~|^2/2 - P): Performer's exp(u - |x~|^2/2) times the
+    log-scale max_i u - |x~|^2/2 and k0 = exp(u - |x~|^2/2 - P): Performer's exp(u - |x~|^2/2) times the
     group constant exp(-P). The 1/sqrt(r) of Performer cancels and is dropped.
     """
 
-    def __init__(self, q, k, W, mask, H):
+    def __init__(self, q, k, W, mask, dtype):
         B, H, N, d = q.shape
-        self.q, self.k, self.mask = q, k, _flat_mask(mask, H)
+        self.q, self.k, self.mask, self.dtype = q, k, _flat_mask(mask, H), dtype
         self.BH, self.r = B * H, W.shape[0]
-        self.Ws = W * d ** -0.25  # u = x @ Ws^T
+        self.Ws = W.to(dtype) * d ** -0.25  # u = x @ Ws^T
         self.scale2 = d ** -0.5
-        self.h = (0.5 * self.scale2 * (k * k).sum(-1)).reshape(B * H, N)  # |k~|^2 / 2
+        self.half_sq = (0.5 * self.scale2) * k.to(dtype).square().sum(-1).reshape(B * H, N)  # |k~|^2 / 2
         self.dq, self.dk, self.dks = q.new_empty(B * H, N, d), k.new_empty(B * H, N, d), None
 
     def query(self, a, b, buf):
-        torch.matmul(group_rows(self.q, a, b), self.Ws.t(), out=buf)
+        torch.matmul(group_rows(self.q, a, b, dtype=self.dtype), self.Ws.t(), out=buf)
         return buf.sub_(buf.amax(-1, keepdim=True)).exp_()
 
     def key_logscale(self, a, b, buf):
-        """Writes u into ``buf``; returns (buf, s) with s (BH, G), NEG for padded keys."""
-        torch.matmul(group_rows(self.k, a, b), self.Ws.t(), out=buf)
-        s = buf.amax(-1).sub_(self.h[:, a:b])
+        torch.matmul(group_rows(self.k, a, b, dtype=self.dtype), self.Ws.t(), out=buf)
+        logscale = buf.amax(-1).sub_(self.half_sq[:, a:b])
         if self.mask is not None:
-            s.masked_fill_(~self.mask[:, a:b], NEG)
-        return buf, s
+            logscale.masked_fill_(~self.mask[:, a:b], NEG)
+        return buf, logscale
 
-    def key_finish(self, a, b, u, s, P, buf):
-        u.sub_((self.h[:, a:b] + P[:, None]).unsqueeze(-1)).exp_()
-        if self.mask is not None:
-            u.mul_(self.mask[:, a:b, None])
-        return u
+    def key_finish(self, a, b, u, logscale, ref, buf):
+        u.sub_((self.half_sq[:, a:b] + ref[:, None]).unsqueeze(-1))
+        if self.mask is not None:  # before exp: a padded key may lie far above the reference (inf * 0 = nan)
+            u.masked_fill_(~self.mask[:, a:b, None], -math.inf)
+        return u.exp_()
 
     def query_grad(self, a, b, fq, dfq):
         self.dq[:, a:b] = dfq.mul_(fq) @ self.Ws
 
-    def key_grad(self, a, b, k0, dk0, s, P):
+    def key_grad(self, a, b, k0, dk0, logscale, ref):
         du = dk0.mul_(k0)  # d/du of exp(u - h - P)
         g = du @ self.Ws
-        g.sub_(du.sum(-1, keepdim=True) * group_rows(self.k, a, b), alpha=self.scale2)  # d/dk of -h = -scale2 k
+        g.sub_(du.sum(-1, keepdim=True) * group_rows(self.k, a, b, dtype=self.dtype), alpha=self.scale2)  # -d h/dk
         self.dk[:, a:b] = g
 
 
 class GivenFeatures:
     """Precomputed features qf, kf (B, H, N, r), optional key log-scales ks (B, H, N); ``perm`` reorders features."""
 
-    def __init__(self, qf, kf, ks, mask, H, perm):
+    def __init__(self, qf, kf, ks, mask, perm, dtype):
         B, H, N, r = qf.shape
-        self.qf, self.kf, self.mask, self.perm = qf, kf, _flat_mask(mask, H), perm
+        self.qf, self.kf, self.mask, self.perm, self.dtype = qf, kf, _flat_mask(mask, H), perm, dtype
         self.ks = None if ks is None else ks.reshape(B * H, N)
         self.BH, self.r = B * H, r
         self.inv = None if perm is None else torch.argsort(perm)
@@ -141,7 +177,7 @@ class GivenFeatures:
     def _take(self, x, a, b, buf):
         if self.perm is not None:
             B, H = x.shape[:2]
-            return torch.index_select(x[:, :, a:b], -1, self.perm, out=buf.view(B, H, b - a, -1)).view_as(buf)
+            return buf.view(B, H, b - a, -1).copy_(x[:, :, a:b].index_select(-1, self.perm)).view_as(buf)
         return group_rows(x, a, b, buf)  # the chunked bmm needs (BH, G, r) contiguous
 
     def _put(self, dst, a, b, g):
@@ -154,27 +190,31 @@ class GivenFeatures:
         fk = self._take(self.kf, a, b, buf)
         if self.ks is None:
             return fk, None
-        s = self.ks[:, a:b].clone()
+        logscale = self.ks[:, a:b].to(self.dtype, copy=True)
         if self.mask is not None:
-            s.masked_fill_(~self.mask[:, a:b], NEG)
-        return fk, s
+            logscale.masked_fill_(~self.mask[:, a:b], NEG)
+        return fk, logscale
 
-    def _weight(self, a, b, s, P):
-        w = None if s is None else torch.exp(s - P[:, None])
-        if self.mask is not None:
-            m = self.mask[:, a:b].to(self.kf.dtype)
-            w = m if w is None else w * m
-        return w
+    def _weight(self, a, b, logscale, ref):
+        """exp(logscale - ref) per key (BH, G), 0 for padded keys (their log-scale is NEG); None if all 1."""
+        if logscale is not None:
+            return torch.exp(logscale - ref[:, None])
+        return None if self.mask is None else self.mask[:, a:b].to(self.dtype)
 
-    def key_finish(self, a, b, fk, s, P, buf):
-        w = self._weight(a, b, s, P)
-        return fk if w is None else torch.mul(fk, w.unsqueeze(-1), out=buf)
+    def key_finish(self, a, b, fk, logscale, ref, buf):
+        w = self._weight(a, b, logscale, ref)
+        if w is None:
+            return fk
+        fk = torch.mul(fk, w.unsqueeze(-1), out=buf)
+        if self.mask is not None:  # whatever a padded key's features hold (inf * 0 = nan), it contributes 0
+            fk.masked_fill_(~self.mask[:, a:b, None], 0)
+        return fk
 
     def query_grad(self, a, b, fq, dfq):
         self._put(self.dq, a, b, dfq)
 
-    def key_grad(self, a, b, k0, dk0, s, P):
-        if s is not None:
+    def key_grad(self, a, b, k0, dk0, logscale, ref):
+        if logscale is not None:
             self.dks[:, a:b] = (dk0 * k0).sum(-1)
-        w = self._weight(a, b, s, P)
+        w = self._weight(a, b, logscale, ref)
         self._put(self.dk, a, b, dk0 if w is None else dk0.mul_(w.unsqueeze(-1)))

@@ -18,14 +18,77 @@ def rotation_matrices(positions, dim, base=10000.0, interleaved=True, scale=1.0)
     return R
 
 
-def favor_features(x, W):
-    """Performer's positive random features exp(W x~ - |x~|^2/2) / sqrt(r), x~ = x d^(-1/4), float64."""
+def favor_features(x, W, shift=0.0):
+    """Performer's positive random features exp(W x~ - |x~|^2/2) / sqrt(r), x~ = x d^(-1/4), float64.
+
+    ``shift`` (float or tensor broadcasting over (..., N, 1)) is subtracted in the exponent: a factor common to
+    all keys, or to one query row, cancels in attention and keeps float64 finite at large activations.
+    """
     x = x.double() * x.shape[-1] ** -0.25
-    return torch.exp(x @ W.double().t() - 0.5 * (x * x).sum(-1, keepdim=True)) / math.sqrt(W.shape[0])
+    return torch.exp(x @ W.double().t() - 0.5 * (x * x).sum(-1, keepdim=True) - shift) / math.sqrt(W.shape[0])
 
 
-def eq19(qf, kf, v, *, causal, R=None, mask=None, eps=0.0):
-    """RoFormer eq. 19 in float64: sum_n (R_m qf_m).(R_n kf_n) v_n / sum_n qf_m.kf_n (no stabilizer)."""
+def favor_log_features(x, W):
+    """log of ``favor_features`` (exact, float64): (..., N, r)."""
+    x = x.double() * x.shape[-1] ** -0.25
+    return x @ W.double().t() - 0.5 * (x * x).sum(-1, keepdim=True) - 0.5 * math.log(W.shape[0])
+
+
+def pair_split(x, interleaved=True):
+    """The two members of each RoPE pair of the last dim: (x_2i, x_2i+1) or (x_i, x_i+r/2)."""
+    r = x.shape[-1]
+    return (x[..., 0::2], x[..., 1::2]) if interleaved else (x[..., : r // 2], x[..., r // 2:])
+
+
+def eq19_relative(qf, kf, v, *, causal, positions, interleaved=True, base=10000.0, mask=None):
+    """eq. 19 in float64 from relative rotations, the form that stays exact at any feature scale.
+
+    (R_m q).(R_n k) = q.(R_{n-m} k) = sum_i cos(theta_i (n-m)) (q_a k_a + q_b k_b) + sin(theta_i (n-m)) (q_b k_a - q_a k_b)
+    over the pairs (a, b). With absolute rotations, float64 rounding is eps |q| |k| per product, and |q| |k| can
+    exceed q.k by 1e16 when q and k weigh on different members of the pairs (FAVOR+ features at std 5 span e^+-40).
+    Here the distance-0 term is exactly the unrotated product, and every other term is rounded relative to
+    its own size.
+    """
+    qf, kf, v = qf.double(), kf.double(), v.double()
+    r = qf.shape[-1]
+    if mask is not None:
+        kf = kf * mask[:, None, :, None]
+    qa, qb = pair_split(qf, interleaved)
+    ka, kb = pair_split(kf, interleaved)
+    pos = torch.as_tensor(positions, dtype=torch.float64)
+    delta = pos[None, :] - pos[:, None]  # (N, N): n - m
+    num = torch.zeros(*qf.shape[:3], kf.shape[2], dtype=torch.float64)
+    for i in range(r // 2):
+        angle = delta * base ** (-2 * i / r)
+        num += angle.cos() * (qa[..., i, None] * ka[..., None, :, i] + qb[..., i, None] * kb[..., None, :, i])
+        num += angle.sin() * (qb[..., i, None] * ka[..., None, :, i] - qa[..., i, None] * kb[..., None, :, i])
+    den = qf @ kf.transpose(-1, -2)
+    if causal:
+        tri = torch.ones(qf.shape[2], kf.shape[2], dtype=torch.bool).tril()
+        num, den = num * tri, den * tri
+    den = den.sum(-1, keepdim=True)
+    return ((num @ v) / torch.where(den == 0, 1, den)).masked_fill(den == 0, 0)
+
+
+def favor_eq19(q, k, v, W, *, causal, rope=None, positions=None, mask=None):
+    """eq. 19 on exact FAVOR+ features at any activation scale (float64): each query row divided by its largest
+    feature, all keys by the largest key feature (both factors cancel); RoPE ``rope`` = None, "interleaved" or
+    "half" on the features, evaluated with relative rotations (``eq19_relative``)."""
+    lq, lk = favor_log_features(q, W), favor_log_features(k, W)
+    qf = torch.exp(lq - lq.amax(-1, keepdim=True))
+    kf = torch.exp(lk - lk.amax((-1, -2), keepdim=True))
+    if rope is None:
+        return eq19(qf, kf, v, causal=causal, mask=mask)
+    positions = torch.arange(q.shape[2]) if positions is None else positions
+    return eq19_relative(qf, kf, v, causal=causal, positions=positions, interleaved=rope == "interleaved",
+                         mask=mask)
+
+
+def eq19(qf, kf, v, *, causal, R=None, mask=None):
+    """RoFormer eq. 19 in float64 with the paper's explicit rotation matrices R (N, r, r):
+    sum_n (R_m qf_m).(R_n kf_n) v_n / sum_n qf_m.kf_n, no stabilizer, no clamp; rows whose normalizer is 0 (they
+    see no key) are 0. Absolute rotations: exact only while |qf| |kf| / qf.kf stays far below 1e16 (moderate
+    feature ranges); ``eq19_relative`` holds at any scale."""
     qf, kf, v = qf.double(), kf.double(), v.double()
     if mask is not None:
         kf = kf * mask[:, None, :, None]
@@ -39,7 +102,8 @@ def eq19(qf, kf, v, *, causal, R=None, mask=None, eps=0.0):
     if causal:
         tri = torch.ones(qf.shape[2], qf.shape[2], dtype=torch.bool).tril()
         num, den = num * tri, den * tri
-    return (num @ v) / den.sum(-1, keepdim=True).clamp_min(eps) if eps else (num @ v) / den.sum(-1, keepdim=True)
+    den = den.sum(-1, keepdim=True)
+    return ((num @ v) / torch.where(den == 0, 1, den)).masked_fill(den == 0, 0)
 
 
 def softmax_ref(q, k, v, *, causal, R=None, mask=None):
@@ -65,3 +129,35 @@ def assert_close(name, ref, got, rtol=1e-6, atol=1e-8):
     err = (got - ref).abs().max().item()
     scale = ref.abs().max().item()
     assert err <= atol + rtol * scale, f"{name}: max error {err:.3e} (scale {scale:.3e}, rtol {rtol}, atol {atol})"
+
+
+def eq19_condition(qf, kf, v, *, causal, positions, interleaved=True, base=10000.0, mask=None):
+    """Per row m, how large eq. 19's row can move when the features move by a relative eps (float64):
+
+        kappa_m = sum_n |v_n| sum_i (|Re c_i cos(theta_i (m-n))| + |Im c_i sin(theta_i (m-n))|) / den_m,
+
+    with c_i = z_q,i conj(z_k,i) the complex product of the i-th feature pair. A row whose rotated terms cancel
+    (|ref_m| much smaller than kappa_m) is as uncertain as the float32 rounding of its features allows: the
+    exactness tests hold each row to 1e-3 |ref_m| plus a few hundred eps times kappa_m. At distance 0 only
+    Re c_i counts: the unrotated product, which an exact method must reproduce.
+    """
+    qf, kf, v = qf.double(), kf.double(), v.double()
+    r = qf.shape[-1]
+    if interleaved:
+        zq, zk = torch.complex(qf[..., 0::2], qf[..., 1::2]), torch.complex(kf[..., 0::2], kf[..., 1::2])
+    else:
+        zq, zk = torch.complex(qf[..., : r // 2], qf[..., r // 2:]), torch.complex(kf[..., : r // 2], kf[..., r // 2:])
+    if mask is not None:
+        zk = zk * mask[:, None, :, None]
+        kf = kf * mask[:, None, :, None]
+    c = zq[:, :, :, None, :] * zk[:, :, None, :, :].conj()  # (B, H, N, N, r/2)
+    pos = torch.as_tensor(positions, dtype=torch.float64)
+    theta = base ** (-torch.arange(0, r, 2, dtype=torch.float64) / r)
+    angle = (pos[:, None] - pos[None, :])[..., None] * theta  # (N, N, r/2)
+    spread = (c.real.abs() * angle.cos().abs() + c.imag.abs() * angle.sin().abs()).sum(-1)  # (B, H, N, N)
+    den = qf @ kf.transpose(-1, -2)
+    if causal:
+        tri = torch.ones(qf.shape[2], qf.shape[2], dtype=torch.bool).tril()
+        spread, den = spread * tri, den * tri
+    den = den.sum(-1)
+    return (spread @ v.norm(dim=-1, keepdim=True)).squeeze(-1) / torch.where(den == 0, 1, den)
