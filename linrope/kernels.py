@@ -30,6 +30,10 @@ How, and why:
   state is kept relative to M and rescaled by exp(M - P) <= 1 at each group start. Factors shared by a row's
   numerator and normalizer cancel, so the normalizer is never clamped: a row divides by what it sums, and only
   rows that see no key at all (normalizer exactly 0) return 0.
+* Distance 0: the rotations cancel in exact arithmetic, so the causal score matrix takes fq_t . k0_t (the
+  normalizer's own diagonal) instead of R_t fq_t . R_t k0_t, whose float32 rounding is eps |fq_t| |k0_t|: far
+  above fq_t . k0_t when, at large activations, a query's and a key's features weigh on different members of
+  the pairs. Every other term is rounded to eps |fq_t| |k0_n| too, but there the rotation is real signal.
 * Inputs stay in their dtype (half stays half, which is what autograd keeps); each group is cast to the compute
   dtype (float32, float64 for float64 input) in the workspace, and autocast is off inside.
 """
@@ -122,10 +126,12 @@ def _normalizer(ws, fq, k0, z, sub: int, D: Tensor | None = None):
     return den.view(BH, G), z_end, D
 
 
-def _normalizer_backward(ws, fq, k0, z, dden, dz, sub: int, dfq, dk0, intra: bool):
+def _normalizer_backward(ws, fq, k0, z, dden, dz, sub: int, dfq, dk0, intra: bool, ddiag: Tensor | None = None):
     """Adds the normalizer's share of the gradients to dfq, dk0 (BH, G, r) in place; returns dz before.
 
-    ``intra=False`` when the within-sub-chunk part already went through the score matrix (no RoPE).
+    ``intra=False`` when the within-sub-chunk part already went through the score matrix (no RoPE). ``ddiag``
+    (BH, G): the gradient of the numerator's unrotated distance-0 products fq_t . k0_t, which are the diagonal
+    of the same sub-chunk products (so it rides along in their gradient, no extra pass).
     """
     BH, G, r = fq.shape
     ns = G // sub
@@ -140,6 +146,8 @@ def _normalizer_backward(ws, fq, k0, z, dden, dz, sub: int, dfq, dk0, intra: boo
     dz_in = _reverse_scan(wsum, dz, dks)  # the keys of a sub-chunk feed every later one and z after
     if intra:
         dD = torch.mul(_tril(sub, fq), dd, out=ws.get("dD", BH * ns, sub, sub))  # d den_t / d D_tn, n <= t
+        if ddiag is not None:
+            dD.diagonal(0, 1, 2).add_(ddiag.view(BH * ns, sub))
         dfq.view(BH * ns, sub, r).baddbmm_(dD, Ks)
         dk0.view(BH * ns, sub, r).baddbmm_(dD.transpose(1, 2), Qs)
     dfq.view(BH * ns, sub, r).baddbmm_(dd, zst.view(BH * ns, 1, r))
@@ -201,9 +209,10 @@ def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, sub: in
     if not rope:
         dA.add_(dden.view(BH * nc, C, 1))  # den_t = sum_{n<=t} A_tn + ...
     dA.mul_(tril)
+    ddiag = None
     if rope:  # the diagonal is fq_t . k0_t, unrotated (see group_forward): its gradient bypasses the rotation
-        A.diagonal(0, 1, 2).copy_((fq * k0).sum(-1).view(BH * nc, C))
-        ddiag = dA.diagonal(0, 1, 2).clone().view(BH, G, 1)
+        A.diagonal(0, 1, 2).copy_(torch.linalg.vecdot(fq, k0).view(BH * nc, C))
+        ddiag = dA.diagonal(0, 1, 2).clone().view(BH, G)
         dA.diagonal(0, 1, 2).zero_()
     dQ = ws.get("dQ", BH, G, r)
     torch.bmm(dA, Kc, out=dQ.view(BH * nc, C, r)).baddbmm_(Gc, Sst.view(BH * nc, r, dv).transpose(1, 2))
@@ -216,9 +225,9 @@ def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, sub: in
     dVg = ws.get("dV", BH, G, dv)
     torch.bmm(A.transpose(1, 2), Gc, out=dVg.view(BH * nc, C, dv)).baddbmm_(Kc, dKV.view(BH * nc, r, dv))
     if rope:
-        dQ = unrotate(dQ, ws.get("dfq", BH, G, r)).addcmul_(ddiag, k0)
-        dK = unrotate(dK, ws.get("dk0", BH, G, r)).addcmul_(ddiag, fq)
-    dz_in = _normalizer_backward(ws, fq, k0, z, dden, dz, sub if rope else C, dQ, dK, intra=rope)
+        dQ = unrotate(dQ, ws.get("dfq", BH, G, r))
+        dK = unrotate(dK, ws.get("dk0", BH, G, r))
+    dz_in = _normalizer_backward(ws, fq, k0, z, dden, dz, sub if rope else C, dQ, dK, intra=rope, ddiag=ddiag)
     return dQ, dK, dVg, dS_in, dz_in
 
 
@@ -369,26 +378,21 @@ def _groups(N: int, G: int):
     return [(a, min(a + G, N)) for a in range(0, N, G)]
 
 
-def _self_terms(fq, qr, k0, kr) -> Tensor:
-    """(fq_t . k0_t) - (R_t fq_t . R_t k0_t) per position (BH, G), in float64.
-
-    A rotated state S = sum_n R_n k0_n v_n^T also holds each query's own key; at distance 0 the rotations cancel
-    in exact arithmetic, but R_t fq_t . R_t k0_t in float32 carries eps |fq_t| |k0_t|, far above fq_t . k0_t
-    when a query's and a key's features sit in different members of the pairs. With S in float64, adding this
-    difference swaps the rounded self term for the exact, unrotated one.
-    """
-    return (fq.double() * k0.double()).sum(-1) - (qr.double() * kr.double()).sum(-1)
-
-
 def bidirectional_forward(src, rot, V, r, cfg: Config):
     """Accumulate the key state (relative to the running max of the key log-scales), then read it with the
-    queries. Returns out (BH, N, dv) in V's dtype, den (BH, N), the final S (float64 under RoPE: see
-    ``_self_terms``), z, M and the keys' final reference P."""
+    queries. Returns out (BH, N, dv) in V's dtype, den (BH, N), the final S, z, M and the keys' final reference P.
+
+    Unlike the causal path, a row's own key (distance 0) is read from the rotated state like every other key:
+    its product R_t fq_t . R_t k0_t is rounded to eps |fq_t| |k0_t| rather than to its value fq_t . k0_t. Rows
+    that their own key dominates while their features and its sit in different members of the pairs (std ~5
+    activations) can lose digits there; removing that needs each row to read states that never held its own key
+    (a two-sided sweep, about twice this cost).
+    """
     B, H, N, dv = V.shape
     BH = B * H
     ws = Workspace(V.device, cfg.dtype)
-    S = torch.zeros(BH, r, dv, device=V.device, dtype=cfg.dtype if rot is None else torch.float64)
-    z, M = V.new_zeros(BH, r, dtype=cfg.dtype), V.new_full((BH,), NEG, dtype=cfg.dtype)
+    S = torch.zeros(BH, r, dv, device=V.device, dtype=cfg.dtype)
+    z, M = S.new_zeros(BH, r), S.new_full((BH,), NEG)
     P = None
     for a, b in _groups(N, cfg.group_size):
         u, logscale = src.key_logscale(a, b, ws.get("k0", BH, b - a, r))
@@ -396,31 +400,23 @@ def bidirectional_forward(src, rot, V, r, cfg: Config):
             M_new = torch.maximum(M, logscale.amax(-1))
             P = torch.where(M_new > NEG / 2, M_new, torch.zeros_like(M_new))
             e = torch.exp(M - P)
-            S.mul_(e[:, None, None].to(S.dtype)), z.mul_(e[:, None])
+            S.mul_(e[:, None, None]), z.mul_(e[:, None])
             M = M_new
         k0 = src.key_finish(a, b, u, logscale, P, ws.get("k0", BH, b - a, r))
         kr = _rotated(rot, k0, a, b, ws, "kr")
-        Vg = group_rows(V, a, b, ws.get("v", BH, b - a, dv))
-        S.baddbmm_((k0 if kr is None else kr).transpose(1, 2).to(S.dtype), Vg.to(S.dtype))
+        S.baddbmm_((k0 if kr is None else kr).transpose(1, 2), group_rows(V, a, b, ws.get("v", BH, b - a, dv)))
         z.add_(k0.sum(1))
-    out, den = V.new_empty(BH, N, dv), z.new_empty(BH, N)
+    out, den = V.new_empty(BH, N, dv), S.new_empty(BH, N)
     for a, b in _groups(N, cfg.group_size):
         fq, qr = _query_features(src, rot, ws, a, b, r)
         d = torch.bmm(fq, z.unsqueeze(-1)).squeeze(-1)
         den[:, a:b] = d
-        if rot is None:
-            _divide(torch.bmm(fq, S), d, out[:, a:b])
-            continue
-        k0, kr = _group_features(src, rot, ws, a, b, P=P)[:2]
-        num = torch.bmm(qr.double(), S).addcmul_(_self_terms(fq, qr, k0, kr).unsqueeze(-1),
-                                                 group_rows(V, a, b, dtype=torch.float64))
-        _divide(num, d, out[:, a:b])
+        _divide(torch.bmm(fq if qr is None else qr, S), d, out[:, a:b])
     return out, den, S, z, M, P
 
 
 def bidirectional_backward(src, rot, V, out, den, dout, S, z, P, cfg: Config):
-    """Gradients of ``bidirectional_forward``: queries first (d S, d z, query gradients), then keys. Under RoPE
-    d S is float64 and the self terms are swapped as in the forward."""
+    """Gradients of ``bidirectional_forward``: queries first (d S, d z, query gradients), then keys."""
     B, H, N, dv = V.shape
     BH = B * H
     r = S.shape[1]
@@ -429,35 +425,19 @@ def bidirectional_backward(src, rot, V, out, den, dout, S, z, P, cfg: Config):
     for a, b in _groups(N, cfg.group_size):  # queries: d S, d z, and the query gradients
         fq, qr = _query_features(src, rot, ws, a, b, r)
         g, dden = _output_grads(out[:, a:b], den[:, a:b], dout[:, a:b], ws.get("g", BH, b - a, dv))
+        dS.baddbmm_((fq if qr is None else qr).transpose(1, 2), g)
         dz.add_(torch.bmm(dden.unsqueeze(1), fq).squeeze(1))
-        if rot is None:
-            dS.baddbmm_(fq.transpose(1, 2), g)
-            dfq = torch.bmm(g, S.transpose(1, 2))
-        else:
-            g64 = g.double()
-            dS.baddbmm_(qr.transpose(1, 2).double(), g64)
-            k0, kr = _group_features(src, rot, ws, a, b, P=P)[:2]
-            gv = (g64 * group_rows(V, a, b, dtype=torch.float64)).sum(-1, keepdim=True)  # (BH, G, 1)
-            dqr = torch.bmm(g64, S.transpose(1, 2)).sub_(gv * kr.double())  # the self key goes unrotated
-            dfq = rot(dqr.to(cfg.dtype), a, b, ws.get("tmp", BH, b - a, r), inverse=True)
-            dfq.add_(gv.to(cfg.dtype) * k0)
+        dfq = torch.bmm(g, S.transpose(1, 2))
+        if qr is not None:
+            dfq = rot(dfq, a, b, ws.get("tmp", *dfq.shape), inverse=True)
         src.query_grad(a, b, fq, dfq.baddbmm_(dden.unsqueeze(-1), z.unsqueeze(1)))
     dV = V.new_empty(BH, N, dv)
     for a, b in _groups(N, cfg.group_size):  # keys, at the final reference P
         k0, kr, logscale, _, _ = _group_features(src, rot, ws, a, b, P=P)
-        Vg = group_rows(V, a, b, ws.get("v", BH, b - a, dv))
-        if rot is None:
-            dV[:, a:b] = torch.bmm(k0, dS)
-            dk0 = torch.bmm(Vg, dS.transpose(1, 2))
-        else:
-            fq, qr = _query_features(src, rot, ws, a, b, r)
-            g, _ = _output_grads(out[:, a:b], den[:, a:b], dout[:, a:b], ws.get("g", BH, b - a, dv))
-            g64, V64 = g.double(), Vg.double()
-            dV[:, a:b] = torch.bmm(kr.double(), dS).addcmul_(_self_terms(fq, qr, k0, kr).unsqueeze(-1), g64)
-            gv = (g64 * V64).sum(-1, keepdim=True)
-            dkr = torch.bmm(V64, dS.transpose(1, 2)).sub_(gv * qr.double())
-            dk0 = rot(dkr.to(cfg.dtype), a, b, ws.get("tmp", BH, b - a, r), inverse=True)
-            dk0.add_(gv.to(cfg.dtype) * fq)
+        dV[:, a:b] = torch.bmm(k0 if kr is None else kr, dS)
+        dk0 = torch.bmm(group_rows(V, a, b, ws.get("v", BH, b - a, dv)), dS.transpose(1, 2))
+        if kr is not None:
+            dk0 = rot(dk0, a, b, ws.get("tmp", *dk0.shape), inverse=True)
         src.key_grad(a, b, k0, dk0.add_(dz.unsqueeze(1)), logscale, P)
     return dV
 
@@ -490,7 +470,7 @@ class LinearAttentionFunction(torch.autograd.Function):
                 out, den, S, z, M, ctx.ref = bidirectional_forward(src, rot, v, r, cfg)
         ctx.save_for_backward(q, k, ks, v, W, mask, cos, sin, out, den)
         ctx.final = (S, z, M)
-        S = _to_user(S.to(cfg.dtype).view(B, H, r, dv), perm)
+        S = _to_user(S.view(B, H, r, dv), perm)
         z = _to_user(z.view(B, H, r), perm)
         ctx.mark_non_differentiable(M)
         return out.view(B, H, N, dv), S, z, M.view(B, H)

@@ -131,15 +131,18 @@ def assert_close(name, ref, got, rtol=1e-6, atol=1e-8):
     assert err <= atol + rtol * scale, f"{name}: max error {err:.3e} (scale {scale:.3e}, rtol {rtol}, atol {atol})"
 
 
-def eq19_condition(qf, kf, v, *, causal, positions, interleaved=True, base=10000.0, mask=None):
-    """Per row m, how large eq. 19's row can move when the features move by a relative eps (float64):
+def eq19_condition(qf, kf, v, *, causal, positions, interleaved=True, base=10000.0, mask=None,
+                   rotation_rounding=0.0, self_rotated=False):
+    """Per row m, how far eq. 19's row may move under float32 rounding (float64 computation):
 
-        kappa_m = sum_n |v_n| sum_i (|Re c_i cos(theta_i (m-n))| + |Im c_i sin(theta_i (m-n))|) / den_m,
+        kappa_m = sum_n |v_n| sum_i (|Re c_i cos(theta_i (m-n))| + |Im c_i sin(theta_i (m-n))| + rho |c_i|) / den_m,
 
-    with c_i = z_q,i conj(z_k,i) the complex product of the i-th feature pair. A row whose rotated terms cancel
-    (|ref_m| much smaller than kappa_m) is as uncertain as the float32 rounding of its features allows: the
-    exactness tests hold each row to 1e-3 |ref_m| plus a few hundred eps times kappa_m. At distance 0 only
-    Re c_i counts: the unrotated product, which an exact method must reproduce.
+    with c_i = z_q,i conj(z_k,i) the complex product of the i-th feature pair. The first two terms are the row's
+    sensitivity to a relative change of its features: a row whose rotated terms cancel (|ref_m| much smaller
+    than kappa_m) is as uncertain as the rounding of its features. rho = ``rotation_rounding`` (for n != m; also
+    n == m with ``self_rotated``) allows the rounding of rotating each side by its absolute angle, eps |c_i|,
+    which every linear-time method pays on terms it reads from a state; at distance 0 only Re c_i counts unless
+    ``self_rotated``: the unrotated product, which the causal path must reproduce.
     """
     qf, kf, v = qf.double(), kf.double(), v.double()
     r = qf.shape[-1]
@@ -154,7 +157,10 @@ def eq19_condition(qf, kf, v, *, causal, positions, interleaved=True, base=10000
     pos = torch.as_tensor(positions, dtype=torch.float64)
     theta = base ** (-torch.arange(0, r, 2, dtype=torch.float64) / r)
     angle = (pos[:, None] - pos[None, :])[..., None] * theta  # (N, N, r/2)
-    spread = (c.real.abs() * angle.cos().abs() + c.imag.abs() * angle.sin().abs()).sum(-1)  # (B, H, N, N)
+    rho = torch.full(angle.shape[:2], float(rotation_rounding), dtype=torch.float64)
+    if not self_rotated:
+        rho.fill_diagonal_(0.0)
+    spread = (c.real.abs() * angle.cos().abs() + c.imag.abs() * angle.sin().abs() + rho[..., None] * c.abs()).sum(-1)
     den = qf @ kf.transpose(-1, -2)
     if causal:
         tri = torch.ones(qf.shape[2], qf.shape[2], dtype=torch.bool).tril()
