@@ -1,11 +1,11 @@
-"""The performance targets of linrope as one table of ratios measured in one run (see linrope/bench.py):
+"""The performance targets of linrope as one table of ratios measured in one run (see linrope/lab/bench/):
 speed against fast-transformers' causal kernel and SDPA, memory growth and leanness, RoPE overhead, FLOP rate,
 and the layer against SoftmaxAttention. Paste the output into BENCHMARKS.md.
 
     python experiments/bench.py [--n 16384] [--no-peers] [--json out.json]
 """
 
-from linrope.bench import main
+from linrope.lab.bench.cli import main
 
 if __name__ == "__main__":
     main()

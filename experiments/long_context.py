@@ -15,8 +15,8 @@ metrics.jsonl, ckpt.pt). --resume continues interrupted runs exactly.
 import argparse
 from pathlib import Path
 
-from linrope.models import VARIANTS
-from linrope.sweeps import PRESETS, parse_list, run_long_context, run_script
+from linrope.lab.models import VARIANTS
+from linrope.lab.sweeps import PRESETS, parse_list, run_long_context, run_script
 
 
 def main():

@@ -13,8 +13,8 @@ import argparse
 
 from tqdm import tqdm
 
-from linrope.bench import (PROFILE_SERIES, memory_profile, merge_profile, peers_available, read_profile,
-                           write_profile)
+from linrope.lab.bench import (PROFILE_SERIES, memory_profile, merge_profile, peers_available, read_profile,
+                               write_profile)
 
 
 def main():

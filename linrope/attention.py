@@ -14,6 +14,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from ._checks import check_int
 from .features import FavorPlus, make_feature_map
 from .functional import AttentionState, favor_attention, linear_attention, softmax_attention
 from .rotary import RotaryEmbedding
@@ -40,8 +41,7 @@ class _Heads(nn.Module):
     def __init__(self, dim: int, heads: int, dim_head: int, causal: bool, qkv_bias: bool):
         super().__init__()
         for name, value in (("dim", dim), ("heads", heads), ("dim_head", dim_head)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+            check_int(name, value)
         self.dim, self.heads, self.dim_head, self.causal = dim, heads, dim_head, bool(causal)
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=qkv_bias)
         self.to_out = nn.Linear(heads * dim_head, dim)
@@ -127,9 +127,7 @@ class LinearRotaryAttention(_Heads):
                 what = "nb_features" if rope == "features" else "dim_head"
                 raise ValueError(f"{what}: expected an even number to be rotated with rope={rope!r}, got {rdim}")
             self.rotary = RotaryEmbedding(rdim, base=rope_base, interleaved=interleaved, scale=rope_scale)
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
-        self.chunk_size = chunk_size
+        self.chunk_size = check_int("chunk_size", chunk_size)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, positions: int | Tensor | None = None,
                 state: AttentionState | None = None, return_state: bool = False):

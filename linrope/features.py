@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import check_int, check_number, check_tensor, is_int
+
 __all__ = [
     "FeatureMap", "FavorPlus", "FavorTrig", "ReLUFeatures", "EluFeatures", "FEATURE_MAPS", "make_feature_map",
     "gaussian_orthogonal_matrix", "favor_plus", "compute_dtype", "redraw_projections",
@@ -100,23 +102,19 @@ class FeatureMap(nn.Module):
         raise NotImplementedError
 
 
-def _check_dim(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
-    return value
+def _check_dim(name: str, value) -> int:
+    return check_int(name, value, 1, "an integer >= 1")
 
 
 def _check_input(x, dim: int) -> None:
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        what = f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
-        raise TypeError(f"x: expected a floating-point tensor, got {what}")
+    check_tensor("x", x, dims=None)
     if x.dim() < 1 or x.shape[-1] != dim:
         raise ValueError(f"x: expected last dimension {dim} (the feature map's dim), got shape {tuple(x.shape)}")
 
 
 def _check_interval(value) -> int | None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"redraw_interval: expected None or an integer >= 1 (optimizer steps), got {value!r}")
+    if value is not None:
+        check_int("redraw_interval", value, 1, "None or an integer >= 1 (optimizer steps)")
     return value
 
 
@@ -135,7 +133,7 @@ class _RandomProjection(FeatureMap):
         self.redraw_interval = _check_interval(redraw_interval)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)))
-        elif isinstance(seed, bool) or not isinstance(seed, int):
+        elif not is_int(seed):
             raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.long))
         self.register_buffer("redraws", torch.tensor(0, dtype=torch.long))
@@ -166,6 +164,11 @@ class _RandomProjection(FeatureMap):
 
     def _check(self, x: Tensor) -> None:
         _check_input(x, self.dim)
+
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x~ = x d^(-1/4) and u = x~ W^T in the compute dtype (called with autocast off)."""
+        xs = x.to(compute_dtype(x)) * self.dim ** -0.25
+        return xs, xs @ self.projection.to(xs.dtype).t()
 
 
 class FavorPlus(_RandomProjection):
@@ -200,7 +203,7 @@ class FavorTrig(_RandomProjection):
 
     def __init__(self, dim: int, nb_features: int = 256, orthogonal: bool = True, seed: int | None = None,
                  redraw_interval: int | None = None):
-        if isinstance(nb_features, bool) or not isinstance(nb_features, int) or nb_features < 2 or nb_features % 2:
+        if not is_int(nb_features) or nb_features < 2 or nb_features % 2:
             raise ValueError(f"nb_features: expected an even integer >= 2 (FavorTrig has sin and cos halves), "
                              f"got {nb_features!r}")
         super().__init__(dim, nb_features // 2, nb_features, orthogonal, seed, redraw_interval)
@@ -208,8 +211,7 @@ class FavorTrig(_RandomProjection):
     def forward(self, x, *, is_query):
         self._check(x)
         with _full_precision(x):
-            xs = x.to(compute_dtype(x)) * self.dim ** -0.25
-            u = xs @ self.projection.to(xs.dtype).t()
+            xs, u = self._project(x)
             f = torch.cat((torch.sin(u), torch.cos(u)), dim=-1)
             return f, (None if is_query else 0.5 * (xs * xs).sum(-1))
 
@@ -220,16 +222,14 @@ class ReLUFeatures(_RandomProjection):
     def __init__(self, dim: int, nb_features: int = 256, orthogonal: bool = True, seed: int | None = None,
                  redraw_interval: int | None = None, kernel_eps: float = 1e-3):
         _check_dim("nb_features", nb_features)
-        if isinstance(kernel_eps, bool) or not isinstance(kernel_eps, (int, float)) or not 0 < kernel_eps < math.inf:
-            raise ValueError(f"kernel_eps: expected a finite number > 0, got {kernel_eps!r}")
+        check_number("kernel_eps", kernel_eps, lambda e: e > 0, "a finite number > 0")
         super().__init__(dim, nb_features, nb_features, orthogonal, seed, redraw_interval)
         self.kernel_eps = float(kernel_eps)
 
     def forward(self, x, *, is_query):
         self._check(x)
         with _full_precision(x):
-            xs = x.to(compute_dtype(x)) * self.dim ** -0.25
-            return F.relu(xs @ self.projection.to(xs.dtype).t()) + self.kernel_eps, None
+            return F.relu(self._project(x)[1]) + self.kernel_eps, None
 
 
 class EluFeatures(FeatureMap):
@@ -259,8 +259,7 @@ def redraw_projections(module: nn.Module, step: int) -> int:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise ValueError(f"step: expected an integer >= 1 (optimizer steps done), got {step!r}")
+    check_int("step", step, 1, "an integer >= 1 (optimizer steps done)")
     redrawn = 0
     for m in module.modules():
         if isinstance(m, _RandomProjection) and m.redraw_interval and step % m.redraw_interval == 0:

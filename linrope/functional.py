@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import kernels
+from ._checks import check_int, check_mask, check_qkv, check_rotary, check_tensor
+from ._engine import EngineConfig, LinearAttentionFunction, empty_state
 from .features import compute_dtype
 from .rotary import RotaryEmbedding, resolve_positions
-from .sources import NEG
 
 GROUP_ELEMENTS = 2**18  # float32 elements per (B*H, group, r) work buffer when group_size is None (1 MiB)
 
@@ -52,54 +52,6 @@ class AttentionState:
         return AttentionState(self.numerator.detach(), self.key_sum.detach(), self.log_ref, self.offset)
 
 
-# ---------------------------------------------------------------------------------------------- validation
-def _check_tensor(name: str, x, dims: int = 4) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
-    if x.dim() != dims:
-        raise ValueError(f"{name}: expected a {dims}-D tensor (B, H, N, dim), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
-    return x
-
-
-def _check_qkv(names: tuple[str, str], q: Tensor, k: Tensor, v: Tensor) -> None:
-    for name, x in zip((*names, "v"), (q, k, v)):
-        _check_tensor(name, x)
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"{names[0]}, {names[1]}: last dimensions differ: {tuple(q.shape)} vs {tuple(k.shape)}")
-    for name, x in ((names[1], k), ("v", v)):
-        if x.shape[:3] != q.shape[:3]:
-            raise ValueError(f"{name}: expected (B, H, N) = {tuple(q.shape[:3])} like {names[0]}, got {tuple(x.shape)}")
-
-
-def _check_mask(mask, B: int, N: int) -> Tensor | None:
-    if mask is None:
-        return None
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"key_padding_mask: expected a bool tensor, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"key_padding_mask: expected dtype torch.bool (True = keep), got {mask.dtype}")
-    if tuple(mask.shape) != (B, N):
-        raise ValueError(f"key_padding_mask: expected shape (B, N) = ({B}, {N}), got {tuple(mask.shape)}")
-    return mask
-
-
-def _check_rotary(rotary, dim: int, what: str) -> None:
-    if rotary is None:
-        return
-    if not isinstance(rotary, RotaryEmbedding):
-        raise TypeError(f"rotary: expected a linrope.RotaryEmbedding or None, got {type(rotary).__name__}")
-    if rotary.dim != dim:
-        raise ValueError(f"rotary: its dim ({rotary.dim}) must equal {what} ({dim})")
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    return value
-
-
 # ---------------------------------------------------------------------------------------------- linear attention
 @torch.compiler.disable  # opaque to dynamo: a compiled model calls the eager engine (a graph break)
 def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, group_size, initial_state,
@@ -107,11 +59,11 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
     B, H, N, dv = v.shape
     if N < 1:
         raise ValueError("v: the sequence length N must be at least 1")
-    chunk_size = _positive_int("chunk_size", chunk_size)
+    chunk_size = check_int("chunk_size", chunk_size)
     if group_size is None:  # bound each (B*H, G, r) work buffer to ~1 MiB of float32: cache-sized, lean
         group_size = max(1, GROUP_ELEMENTS // (B * H * r * chunk_size)) * chunk_size
-    group_size = -(-_positive_int("group_size", group_size) // chunk_size) * chunk_size
-    mask = _check_mask(key_padding_mask, B, N)
+    group_size = -(-check_int("group_size", group_size) // chunk_size) * chunk_size
+    mask = check_mask(key_padding_mask, B, N)
     if not causal and (initial_state is not None or return_state):
         raise ValueError("initial_state/return_state: streaming needs causal=True")
     dt = compute_dtype(q, k, v)
@@ -127,8 +79,7 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
         S0, z0, M0 = S0.to(dt), z0.to(dt), M0.to(dt)
     else:
         offset = 0
-        S0, z0 = v.new_zeros(B, H, r, dv, dtype=dt), v.new_zeros(B, H, r, dtype=dt)
-        M0 = v.new_full((B, H), NEG, dtype=dt)
+        S0, z0, M0 = empty_state(B, H, r, dv, dt, v.device)
     if positions is None:
         positions = offset
     cos = sin = None
@@ -138,10 +89,10 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
         resolve_positions(positions, N, v.device)  # still validate what the caller passed
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, ks, v, S0, z0))
-    cfg = kernels.Config(causal=bool(causal), chunk_size=chunk_size, group_size=group_size, dtype=dt,
-                         needs_grad=needs_grad)
+    cfg = EngineConfig(causal=bool(causal), chunk_size=chunk_size, group_size=group_size, dtype=dt,
+                   needs_grad=needs_grad)
     # inputs go in as they are (half stays half: autograd keeps them); the engine casts each group
-    out, S, z, M = kernels.LinearAttentionFunction.apply(
+    out, S, z, M = LinearAttentionFunction.apply(
         kind, cfg, rotary is not None and rotary.interleaved, q, k, ks, v, W if W is None else W.to(dt), mask,
         cos, sin, S0, z0, M0)
     if return_state:
@@ -182,11 +133,11 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
         autocast says; half-precision inputs are kept (for the backward) in half precision. The backward
         recomputes features group by group; double backward is not supported (it raises).
     """
-    _check_qkv(("qf", "kf"), qf, kf, v)
+    check_qkv(("qf", "kf"), qf, kf, v)
     r = qf.shape[-1]
-    _check_rotary(rotary, r, "the number of features r")
+    check_rotary(rotary, r, "the number of features r")
     if k_logscale is not None:
-        _check_tensor("k_logscale", k_logscale, dims=3)
+        check_tensor("k_logscale", k_logscale, dims=3)
         if k_logscale.shape != kf.shape[:3]:
             raise ValueError(f"k_logscale: expected shape (B, H, N) = {tuple(kf.shape[:3])}, "
                              f"got {tuple(k_logscale.shape)}")
@@ -215,15 +166,15 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
     Returns:
         (B, H, N, dv) in v's dtype (and the ``AttentionState`` with ``return_state``).
     """
-    _check_qkv(("q", "k"), q, k, v)
-    _check_tensor("projection", projection, dims=2)
+    check_qkv(("q", "k"), q, k, v)
+    check_tensor("projection", projection, dims=2)
     if projection.shape[1] != q.shape[-1]:
         raise ValueError(f"projection: expected shape (r, d) with d = {q.shape[-1]}, got {tuple(projection.shape)}")
     if projection.requires_grad and torch.is_grad_enabled():
         raise ValueError("projection: expected a tensor that does not require grad (favor_attention does not "
                          "differentiate it; detach it, or use favor_plus features with linear_attention)")
     r = projection.shape[0]
-    _check_rotary(rotary, r, "the number of features r (projection rows)")
+    check_rotary(rotary, r, "the number of features r (projection rows)")
     return _run("favor", q, k, None, v, projection, r, causal=causal, rotary=rotary, positions=positions,
                 chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,
                 return_state=return_state, key_padding_mask=key_padding_mask)
@@ -245,7 +196,7 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         (B, H, Nq, dv) in q's dtype.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, x)
+        check_tensor(name, x)
     B, H, Nq, d = q.shape
     Nk = k.shape[2]
     if k.shape[:2] != q.shape[:2] or k.shape[-1] != d:
@@ -254,9 +205,9 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         raise ValueError(f"v: expected (B, H, Nk) = {tuple(k.shape[:3])} like k, got {tuple(v.shape)}")
     if Nq > Nk:
         raise ValueError(f"q: more queries ({Nq}) than keys ({Nk})")
-    mask = _check_mask(key_padding_mask, B, Nk)
+    mask = check_mask(key_padding_mask, B, Nk)
     if rotary is not None:
-        _check_rotary(rotary, d, "the head dim d")
+        check_rotary(rotary, d, "the head dim d")
         if Nq != Nk:
             raise ValueError("rotary: needs as many queries as keys; rotate cached keys when caching them")
         q, k = rotary.rotate(q, positions), rotary.rotate(k, positions)

@@ -17,8 +17,9 @@ import math
 import torch
 from torch import Tensor
 
+from ._checks import check_mask, check_qkv, check_rotary
 from .features import favor_plus
-from .functional import AttentionState, _check_mask, _check_qkv, _check_rotary
+from .functional import AttentionState
 from .rotary import RotaryEmbedding, apply_rotary, resolve_positions
 
 __all__ = ["linear_attention_naive", "favor_attention_naive", "linear_attention_recurrent",
@@ -30,7 +31,7 @@ F64 = torch.float64
 def _rotation(rotary: RotaryEmbedding | None, r: int, positions, N: int, device):
     if rotary is None:
         return None
-    _check_rotary(rotary, r, "the number of features r")
+    check_rotary(rotary, r, "the number of features r")
     cos, sin = rotary.cos_sin(positions, N, device, F64)
     return lambda x: apply_rotary(x, cos, sin, interleaved=rotary.interleaved)
 
@@ -67,14 +68,14 @@ def linear_attention_naive(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = 
     Shapes as ``linear_attention``: qf, kf (B, H, N, r), v (B, H, N, dv), k_logscale (B, H, N). Returns
     (B, H, N, dv) in float64. Rotations are applied as relative ones (``_relative_scores``): exact at any scale.
     """
-    _check_qkv(("qf", "kf"), qf, kf, v)
+    check_qkv(("qf", "kf"), qf, kf, v)
     B, H, N, r = qf.shape
     qf, kf, vv = qf.to(F64), kf.to(F64), v.to(F64)
     keep = torch.ones(B, 1, N, N, dtype=torch.bool, device=qf.device)
     if causal:
         keep = keep & torch.ones(N, N, dtype=torch.bool, device=qf.device).tril()
     if key_padding_mask is not None:
-        keep = keep & _check_mask(key_padding_mask, B, N)[:, None, None, :]
+        keep = keep & check_mask(key_padding_mask, B, N)[:, None, None, :]
     weight = keep.to(F64)  # (B, 1 or H, N, N): exp(s_n - max visible s) on visible keys, 0 elsewhere
     if k_logscale is not None:
         s = k_logscale.to(F64)[:, :, None, :].masked_fill(~keep, -math.inf)  # (B, H, N, N)
@@ -85,16 +86,23 @@ def linear_attention_naive(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = 
     if rotary is None:
         num = qf @ kf.transpose(-1, -2)
     else:
-        _check_rotary(rotary, r, "the number of features r")
+        check_rotary(rotary, r, "the number of features r")
         num = _relative_scores(qf, kf, rotary, pos)
     out = ((num * weight) @ vv) / torch.where(den == 0, 1, den)
     return out.masked_fill(den == 0, 0)
 
 
+def _favor_features(q: Tensor, k: Tensor, projection: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """float64 FAVOR+ features of q and of k, and the keys' log-scales."""
+    W = projection.to(F64)
+    qf, _ = favor_plus(q.to(F64), W, is_query=True)
+    kf, ks = favor_plus(k.to(F64), W, is_query=False)
+    return qf, kf, ks
+
+
 def favor_attention_naive(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, **kwargs) -> Tensor:
     """Quadratic reference of ``favor_attention`` in float64 (``linear_attention_naive`` on FAVOR+ features)."""
-    qf, _ = favor_plus(q.to(F64), projection.to(F64), is_query=True)
-    kf, ks = favor_plus(k.to(F64), projection.to(F64), is_query=False)
+    qf, kf, ks = _favor_features(q, k, projection)
     return linear_attention_naive(qf, kf, v, k_logscale=ks, **kwargs)
 
 
@@ -109,7 +117,7 @@ def linear_attention_recurrent(qf: Tensor, kf: Tensor, v: Tensor, *, rotary: Rot
     Returns (out (B, H, N, dv) float64, the ``AttentionState`` after the last position, in the order of
     ``linear_attention``'s state).
     """
-    _check_qkv(("qf", "kf"), qf, kf, v)
+    check_qkv(("qf", "kf"), qf, kf, v)
     B, H, N, r = qf.shape
     dv = v.shape[-1]
     qf, kf, v = qf.to(F64), kf.to(F64), v.to(F64)
@@ -123,7 +131,7 @@ def linear_attention_recurrent(qf: Tensor, kf: Tensor, v: Tensor, *, rotary: Rot
     rq, rk = (qf, kf) if rot is None else (rot(qf), rot(kf))
     s = qf.new_zeros(B, H, N) if k_logscale is None else k_logscale.to(F64)
     if key_padding_mask is not None:
-        s = s.masked_fill(~_check_mask(key_padding_mask, B, N)[:, None, :], -math.inf)
+        s = s.masked_fill(~check_mask(key_padding_mask, B, N)[:, None, :], -math.inf)
     outs = []
     for t in range(N):
         M_new = torch.maximum(M, s[:, :, t])
@@ -147,6 +155,5 @@ def linear_attention_recurrent(qf: Tensor, kf: Tensor, v: Tensor, *, rotary: Rot
 def favor_attention_recurrent(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, **kwargs
                               ) -> tuple[Tensor, AttentionState]:
     """One-position-at-a-time reference of causal ``favor_attention`` (float64 FAVOR+ features)."""
-    qf, _ = favor_plus(q.to(F64), projection.to(F64), is_query=True)
-    kf, ks = favor_plus(k.to(F64), projection.to(F64), is_query=False)
+    qf, kf, ks = _favor_features(q, k, projection)
     return linear_attention_recurrent(qf, kf, v, k_logscale=ks, **kwargs)

@@ -12,10 +12,10 @@ dtype: at position 16384 a float16 angle would be off by whole radians, and at 1
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
+
+from ._checks import check_int, check_number, check_tensor
 
 __all__ = ["RotaryEmbedding", "apply_rotary", "resolve_positions"]
 
@@ -83,14 +83,11 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, dim: int, base: float = 10000.0, interleaved: bool = True, scale: float = 1.0,
                  max_cached: int = 8192):
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0 or dim % 2:
+        if check_int("dim", dim, 1, "a positive even integer") % 2:
             raise ValueError(f"dim: expected a positive even integer, got {dim!r}")
-        if isinstance(base, bool) or not (isinstance(base, (int, float)) and math.isfinite(base) and base > 1):
-            raise ValueError(f"base: expected a finite number > 1, got {base!r}")
-        if isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-            raise ValueError(f"scale: expected a finite number > 0, got {scale!r}")
-        if isinstance(max_cached, bool) or not isinstance(max_cached, int) or max_cached < 0:
-            raise ValueError(f"max_cached: expected an integer >= 0 (0 disables the cache), got {max_cached!r}")
+        check_number("base", base, lambda b: b > 1, "a finite number > 1")
+        check_number("scale", scale, lambda s: s > 0, "a finite number > 0")
+        check_int("max_cached", max_cached, 0, "an integer >= 0 (0 disables the cache)")
         self.dim, self.base, self.interleaved, self.scale = dim, float(base), bool(interleaved), float(scale)
         self.max_cached = max_cached
         self._cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
@@ -146,12 +143,9 @@ class RotaryEmbedding(nn.Module):
 
     def rotate(self, x: Tensor, positions: int | Tensor | None = None, *, inverse: bool = False) -> Tensor:
         """Apply R_m to ``x`` of shape (..., N, dim); positions as in ``resolve_positions``. Same dtype out."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
+        check_tensor("x", x, dims=None)
         if x.dim() < 2 or x.shape[-1] != self.dim:
             raise ValueError(f"x: expected shape (..., N, {self.dim}), got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
         cos, sin = self.cos_sin(positions, x.shape[-2], x.device, x.dtype)
         return apply_rotary(x, cos, sin, interleaved=self.interleaved, inverse=inverse)
 

@@ -62,7 +62,7 @@ def row_errors(got, ref):
 def favor_condition(q, k, v, W, *, causal, rope, mask):
     """``eq19_condition`` on the exact FAVOR+ features (row and key factors cancel as in ``favor_eq19``). The
     causal path must get distance 0 exactly; the bidirectional one reads a row's own key from its rotated state
-    (see ``linrope.kernels.bidirectional_forward``), so its self term is allowed the rotation rounding too."""
+    (see ``linrope._engine.chunked.bidirectional_forward``), so its self term is allowed the rotation rounding too."""
     lq, lk = favor_log_features(q, W), favor_log_features(k, W)
     qf, kf = torch.exp(lq - lq.amax(-1, keepdim=True)), torch.exp(lk - lk.amax((-1, -2), keepdim=True))
     if rope is None:  # no rotation: every term is a positive product, kappa_m = sum_n w_mn |v_n| / den_m

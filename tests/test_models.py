@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from linrope.models import VARIANTS, ByteLM, ModelConfig, sinusoidal_positions
+from linrope.lab.models import VARIANTS, ByteLM, ModelConfig, sinusoidal_positions
 
 TINY = dict(n_layer=1, dim=16, heads=2, nb_features=8, chunk_size=8)
 

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from linrope.bench import causal_flops, combine_rounds, evaluate, memory_profile, plot_profile
-from linrope.profiling import Record, measure, run_point, run_series
+from linrope.lab.bench import causal_flops, combine_rounds, evaluate, memory_profile, plot_profile
+from linrope.lab.profiling import Record, measure, run_point, run_series
 
 
 def test_measure_returns_a_record_with_time_and_memory():
@@ -14,9 +14,9 @@ def test_measure_returns_a_record_with_time_and_memory():
 
 
 def test_run_point_measures_in_a_fresh_process_and_reports_failures():
-    rec = run_point("linrope.bench:case_linrope", dict(n=256, h=2, d=16, r=32), repeats=1, timeout=120)
+    rec = run_point("linrope.lab.bench.cases:case_linrope", dict(n=256, h=2, d=16, r=32), repeats=1, timeout=120)
     assert rec.status == "ok" and rec.seconds > 0 and rec.peak_mib > 0
-    bad = run_point("linrope.bench:no_such_case", dict(n=1), repeats=1)
+    bad = run_point("linrope.lab.bench.cases:no_such_case", dict(n=1), repeats=1)
     assert bad.status.startswith("failed") and "no_such_case" in bad.status
 
 
@@ -32,7 +32,7 @@ def test_rounds_take_the_median_of_the_processes_medians_and_keep_the_first_memo
 
 
 def test_series_stops_at_the_time_budget():
-    recs = run_series("linrope.bench:case_sdpa", [64, 128, 256], dict(h=1, d=8), time_budget=0.0, repeats=1)
+    recs = run_series("linrope.lab.bench.cases:case_sdpa", [64, 128, 256], dict(h=1, d=8), time_budget=0.0, repeats=1)
     assert recs[0].status == "ok" and all(r.status.startswith("skipped") for r in recs[1:])
 
 
@@ -73,7 +73,7 @@ def test_flop_count_matches_the_formula_by_hand():
 
 
 def test_profile_update_replaces_only_the_remeasured_series(tmp_path):
-    from linrope.bench import merge_profile, read_profile, write_profile
+    from linrope.lab.bench import merge_profile, read_profile, write_profile
 
     def rec(series, mode, n, s):
         return Record("c", dict(series=series, mode=mode, n=n), "ok", s, [s], 1.0)

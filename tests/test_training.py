@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import linrope.train as train_module
-from linrope.data import Corpus, LMTask, SyntheticTask
-from linrope.models import VARIANTS, ModelConfig
-from linrope.plots import plot_curves, read_rows
-from linrope.sweeps import PRESETS, Preset, parse_list, run_long_context, summarize
-from linrope.train import TrainConfig, evaluate, load_model, lr_at, read_metrics, train
+import linrope.lab.train as train_module
+from linrope.lab.data import Corpus, LMTask, SyntheticTask
+from linrope.lab.models import VARIANTS, ModelConfig
+from linrope.lab.plots import plot_curves, read_rows
+from linrope.lab.sweeps import PRESETS, Preset, parse_list, run_long_context, summarize
+from linrope.lab.train import TrainConfig, evaluate, load_model, lr_at, read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(n_layer=1, dim=16, heads=2, nb_features=8, chunk_size=8)
@@ -198,9 +198,9 @@ def test_presets_match_the_documented_configurations():
 DDP_WORKER = textwrap.dedent("""
     import json, sys
     import torch, torch.distributed as dist
-    from linrope.data import Corpus, LMTask
-    from linrope.models import ModelConfig
-    from linrope.train import TrainConfig, leave_distributed, read_metrics, train
+    from linrope.lab.data import Corpus, LMTask
+    from linrope.lab.models import ModelConfig
+    from linrope.lab.train import TrainConfig, leave_distributed, read_metrics, train
     out = sys.argv[1]
     data = torch.frombuffer(bytearray(b"for i in range(10):\\n    print(i * i)\\n" * 80), dtype=torch.uint8)
     task = LMTask(Corpus("tiny", data[:2800], data[2800:]), 24, eval_windows=4)

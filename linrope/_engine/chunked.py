@@ -1,5 +1,7 @@
 """The chunked engine behind ``linear_attention`` and ``favor_attention`` (private; use ``linrope.functional``).
 
+Features come from ``feature_sources.py`` beside this file, a group at a time.
+
 Shapes: B batch, H heads (flattened here to BH), N positions, r features, dv value dim, C chunk size, G
 positions per group.
 
@@ -46,14 +48,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .sources import NEG, FavorFeatures, GivenFeatures, Rotation, Workspace, group_rows, interleaved_order
+from .feature_sources import NEG, FavorFeatures, GivenFeatures, Rotation, Workspace, group_rows, interleaved_order
 
 JUMP_LIMIT = 40.0  # exp(40) ~ 2e17 leaves ~1e21 of float32 headroom for sums over keys, features and values
 DEN_CHUNK = 32  # sub-chunk of the unrotated normalizer under RoPE (a divisor of the chunk is used); measured best
 
 
 @dataclass(frozen=True)
-class Config:
+class EngineConfig:
     causal: bool
     chunk_size: int
     group_size: int
@@ -72,6 +74,17 @@ class Group:
     rescale_out: Tensor | None  # exp(P - M'), applied to the state leaving it (M' the new running max)
     S0: Tensor | None = None  # (BH, r, dv) state entering the group, kept for every other group
     z0: Tensor | None = None  # (BH, r)
+
+
+def empty_state(B: int, H: int, r: int, dv: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor, Tensor]:
+    """The causal state before any key: numerator (B, H, r, dv) and key sum (B, H, r) zero, reference NEG."""
+    S = torch.zeros(B, H, r, dv, dtype=dtype, device=device)
+    return S, S.new_zeros(B, H, r), S.new_full((B, H), NEG)
+
+
+def _groups(N: int, G: int) -> list[tuple[int, int]]:
+    """Positions [0, N) as groups [a, b) of G positions (the last one shorter)."""
+    return [(a, min(a + G, N)) for a in range(0, N, G)]
 
 
 # ---------------------------------------------------------------------------------------------- one group
@@ -105,6 +118,16 @@ def _reverse_scan(X: Tensor, init: Tensor, out: Tensor) -> Tensor:
     return os[0] + xs[0]
 
 
+def _key_sums(ws, k0, z, sub: int) -> tuple[Tensor, Tensor]:
+    """zst (BH, G/sub, r): the unrotated key sum entering each sub-chunk of ``sub`` positions, and z after."""
+    BH, G, r = k0.shape
+    ns = G // sub
+    ksum = ws.get("ksum", BH, ns, r)
+    torch.sum(k0.view(BH, ns, sub, r), 2, out=ksum)
+    zst = ws.get("zst", BH, ns, r)
+    return zst, _exclusive_scan(ksum, z, zst)
+
+
 def _normalizer(ws, fq, k0, z, sub: int, D: Tensor | None = None):
     """den_t = fq_t . z_t with z_t the unrotated key sum up to t, in sub-chunks of ``sub`` positions.
 
@@ -118,10 +141,7 @@ def _normalizer(ws, fq, k0, z, sub: int, D: Tensor | None = None):
     if D is None:
         D = ws.get("D", BH * ns, sub, sub)
         torch.bmm(Qs, Ks.transpose(1, 2), out=D).mul_(_tril(sub, D))
-    ksum = ws.get("ksum", BH, ns, r)
-    torch.sum(k0.view(BH, ns, sub, r), 2, out=ksum)
-    zst = ws.get("zst", BH, ns, r)
-    z_end = _exclusive_scan(ksum, z, zst)
+    zst, z_end = _key_sums(ws, k0, z, sub)
     den = torch.baddbmm(D.sum(-1, keepdim=True), Qs, zst.view(BH * ns, r, 1))  # (BH*ns, sub, 1)
     return den.view(BH, G), z_end, D
 
@@ -136,10 +156,7 @@ def _normalizer_backward(ws, fq, k0, z, dden, dz, sub: int, dfq, dk0, intra: boo
     BH, G, r = fq.shape
     ns = G // sub
     Qs, Ks = fq.view(BH * ns, sub, r), k0.view(BH * ns, sub, r)
-    ksum = ws.get("ksum", BH, ns, r)
-    torch.sum(k0.view(BH, ns, sub, r), 2, out=ksum)
-    zst = ws.get("zst", BH, ns, r)
-    _exclusive_scan(ksum, z, zst)
+    zst, _ = _key_sums(ws, k0, z, sub)
     dd = dden.view(BH * ns, sub, 1)
     wsum = torch.bmm(dd.transpose(1, 2), Qs).view(BH, ns, r)  # d (key sum at each sub-chunk start)
     dks = ws.get("dks", BH, ns, r)
@@ -155,11 +172,10 @@ def _normalizer_backward(ws, fq, k0, z, dden, dz, sub: int, dfq, dk0, intra: boo
     return dz_in
 
 
-def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int, sub: int):
-    """Causal eq. 19 over one group (chunks of C, normalizer sub-chunks of sub | C). qr/kr None without RoPE.
-
-    Returns num (BH, G, dv), den (BH, G), and S, z after the group.
-    """
+def _chunk_products(ws, fq, qr, k0, kr, V, S, C: int):
+    """What both passes over a group start from: the chunks Qc, Kc (BH*nc, C, r) (rotated with RoPE) and Vc
+    (BH*nc, C, dv); Sst (BH, nc, r, dv), the state entering each chunk; A (BH*nc, C, C), the causal scores
+    Qc Kc^T within each chunk; and S after the group."""
     BH, G, r = fq.shape
     nc, dv = G // C, V.shape[-1]
     rope = qr is not None
@@ -172,6 +188,18 @@ def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int, sub: int):
     S_end = _exclusive_scan(KV, S, Sst)
     A = ws.get("A", BH * nc, C, C)
     torch.bmm(Qc, Kc.transpose(1, 2), out=A).mul_(_tril(C, A))
+    return Qc, Kc, Vc, Sst, A, S_end
+
+
+def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int, sub: int):
+    """Causal eq. 19 over one group (chunks of C, normalizer sub-chunks of sub | C). qr/kr None without RoPE.
+
+    Returns num (BH, G, dv), den (BH, G), and S, z after the group.
+    """
+    BH, G, r = fq.shape
+    nc, dv = G // C, V.shape[-1]
+    rope = qr is not None
+    Qc, Kc, Vc, Sst, A, S_end = _chunk_products(ws, fq, qr, k0, kr, V, S, C)
     if rope:
         den, z_end, D = _normalizer(ws, fq, k0, z, sub)
         # at distance 0 the rotations cancel: take fq_t . k0_t unrotated (the normalizer's diagonal) instead of
@@ -194,16 +222,9 @@ def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, sub: in
     BH, G, r = fq.shape
     nc, dv = G // C, V.shape[-1]
     rope = qr is not None
-    Qc = (qr if rope else fq).view(BH * nc, C, r)
-    Kc = (kr if rope else k0).view(BH * nc, C, r)
-    Vc, Gc = V.view(BH * nc, C, dv), g.view(BH * nc, C, dv)
+    Qc, Kc, Vc, Sst, A, _ = _chunk_products(ws, fq, qr, k0, kr, V, S, C)  # as the forward had them
+    Gc = g.view(BH * nc, C, dv)
     tril = _tril(C, fq)
-    KV = ws.get("KV", BH, nc, r, dv)
-    torch.bmm(Kc.transpose(1, 2), Vc, out=KV.view(BH * nc, r, dv))
-    Sst = ws.get("Sst", BH, nc, r, dv)
-    _exclusive_scan(KV, S, Sst)
-    A = ws.get("A", BH * nc, C, C)
-    torch.bmm(Qc, Kc.transpose(1, 2), out=A).mul_(tril)
     dA = ws.get("dA", BH * nc, C, C)
     torch.bmm(Gc, Vc.transpose(1, 2), out=dA)
     if not rope:
@@ -290,7 +311,7 @@ def _output_grads(out, den, dout, buf):
     return g, dden
 
 
-def causal_forward(src, rot, V, S, z, M, cfg: Config, keep_states: bool = True):
+def causal_forward(src, rot, V, S, z, M, cfg: EngineConfig, keep_states: bool = True):
     """Run all groups; returns outputs (BH, N, dv) in V's dtype, den, the final (S, z, M) and the plan (a list
     of ``Group``) the backward replays (without the group states when ``keep_states`` is False)."""
     B, H, N, dv = V.shape
@@ -300,7 +321,7 @@ def causal_forward(src, rot, V, S, z, M, cfg: Config, keep_states: bool = True):
     out, den = V.new_empty(BH, N, dv), S.new_empty(BH, N)
     plan: list[Group] = []
     C0 = cfg.chunk_size
-    work = [(a, min(a + cfg.group_size, N)) for a in range(0, N, cfg.group_size)][::-1]
+    work = _groups(N, cfg.group_size)[::-1]  # a stack: groups pop in order, split ones push their halves
     while work:
         a, b = work.pop()
         if (b - a) > C0 and (b - a) % C0:  # whole chunks, then one short chunk
@@ -333,7 +354,7 @@ def causal_forward(src, rot, V, S, z, M, cfg: Config, keep_states: bool = True):
     return out, den, S, z, M, plan
 
 
-def causal_backward(src, rot, V, out, den, dout, dS, dz, plan: list[Group], cfg: Config):
+def causal_backward(src, rot, V, out, den, dout, dS, dz, plan: list[Group], cfg: EngineConfig):
     B, H, N, dv = V.shape
     BH = B * H
     r = dS.shape[1]
@@ -374,11 +395,7 @@ def causal_backward(src, rot, V, out, den, dout, dS, dz, plan: list[Group], cfg:
 
 
 # ---------------------------------------------------------------------------------------------- bidirectional
-def _groups(N: int, G: int):
-    return [(a, min(a + G, N)) for a in range(0, N, G)]
-
-
-def bidirectional_forward(src, rot, V, r, cfg: Config):
+def bidirectional_forward(src, rot, V, r, cfg: EngineConfig):
     """Accumulate the key state (relative to the running max of the key log-scales), then read it with the
     queries. Returns out (BH, N, dv) in V's dtype, den (BH, N), the final S, z, M and the keys' final reference P.
 
@@ -415,7 +432,7 @@ def bidirectional_forward(src, rot, V, r, cfg: Config):
     return out, den, S, z, M, P
 
 
-def bidirectional_backward(src, rot, V, out, den, dout, S, z, P, cfg: Config):
+def bidirectional_backward(src, rot, V, out, den, dout, S, z, P, cfg: EngineConfig):
     """Gradients of ``bidirectional_forward``: queries first (d S, d z, query gradients), then keys."""
     B, H, N, dv = V.shape
     BH = B * H

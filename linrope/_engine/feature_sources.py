@@ -1,6 +1,6 @@
-"""Where the engine's per-group features come from (private; used by ``linrope.kernels``).
+"""Where the engine's per-group features come from (private; used by ``chunked.py`` beside it).
 
-A *source* (the ``FeatureSource`` protocol) hands ``linrope.kernels`` the features of positions [a, b) as
+A *source* (the ``FeatureSource`` protocol) hands the chunked engine the features of positions [a, b) as
 contiguous (BH, G, r) tensors in the compute dtype, written into reused workspace buffers, and takes their
 gradients back: ``FavorFeatures`` computes FAVOR+ features from raw q, k and a projection (recomputed in the
 backward, never stored); ``GivenFeatures`` serves features computed by the caller. Inputs stay in the caller's

@@ -1,4 +1,4 @@
-"""Training, evaluation and checkpoints for ``linrope.models.ByteLM`` on any task of ``linrope.data``.
+"""Training, evaluation and checkpoints for ``linrope.lab.models.ByteLM`` on any task of ``linrope.lab.data``.
 
 ``train(model_config, train_config, task, run_dir)`` writes to ``run_dir``:
 
@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from .data import IGNORE
-from .features import redraw_projections
+from ..features import redraw_projections
 from .models import ByteLM, ModelConfig
 
 __all__ = ["TrainConfig", "train", "evaluate", "position_losses", "load_checkpoint", "load_model", "read_metrics",

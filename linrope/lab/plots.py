@@ -22,7 +22,7 @@ def _pyplot():
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """The rows of a results CSV written by ``linrope.sweeps`` with numbers parsed (empty cells become None), so
+    """The rows of a results CSV written by ``linrope.lab.sweeps`` with numbers parsed (empty cells become None), so
     that a figure can be redrawn offline, e.g. ``plot_curves(read_rows("results.csv"), "curves.png")``."""
     def parse(text: str):
         if text == "":

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import LinearRotaryAttention, SoftmaxAttention
-from .features import FEATURE_MAPS, redraw_projections
+from ..attention import LinearRotaryAttention, SoftmaxAttention
+from ..features import FEATURE_MAPS, redraw_projections
 
 __all__ = ["Variant", "VARIANTS", "ModelConfig", "RMSNorm", "MLP", "Block", "ByteLM", "sinusoidal_positions"]
 

@@ -43,12 +43,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..reference import favor_attention_naive
 from . import plots
-from .reference import favor_attention_naive
+from .profiling import cpu_name, machine  # noqa: F401  (cpu_name: the header names the CPU)
 
 __all__ = ["THRESHOLD", "DEFAULT_SIGMAS", "METHODS", "PAIRINGS", "favor_log_features",
            "relative_scores", "reference_eq19", "row_errors", "error_stats", "make_inputs", "make_mask",
-           "performer_status", "run_accuracy", "cpu_name"]
+           "performer_status", "run_accuracy"]
 
 THRESHOLD = 1e-3
 DEFAULT_SIGMAS = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
@@ -158,7 +159,7 @@ def error_stats(err: Tensor, threshold: float = THRESHOLD) -> dict:
 # ---------------------------------------------------------------------------------------------- inputs
 def make_inputs(b: int, h: int, n: int, d: int, r: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(z_q, z_k, v, W): standard normal (b, h, n, d) float32 tensors and the float32 orthogonal projection."""
-    from .features import gaussian_orthogonal_matrix
+    from ..features import gaussian_orthogonal_matrix
     W = gaussian_orthogonal_matrix(r, d, generator=torch.Generator().manual_seed(seed)).float()
     g = torch.Generator().manual_seed(seed + 1)
     zq, zk, v = (torch.randn(b, h, n, d, generator=g) for _ in range(3))
@@ -206,10 +207,10 @@ def _run_performer(q, k, v, W, *, causal, mask, eps=None):
     return pp.linear_attention(qf, kf, v)
 
 
-def _method_fn(method: str, r: int, naive):
+def _method_fn(method: str, r: int):
     """A callable (q, k, v, W, causal, pairing, mask) -> out for ``method``."""
-    from .functional import favor_attention
-    from .rotary import RotaryEmbedding
+    from ..functional import favor_attention
+    from ..rotary import RotaryEmbedding
 
     def rotary(pairing):
         return None if pairing is None else RotaryEmbedding(r, base=ROPE_BASE, interleaved=pairing == "interleaved")
@@ -221,7 +222,7 @@ def _method_fn(method: str, r: int, naive):
         return lambda q, k, v, W, causal, pairing, mask: favor_attention(
             q, k, v, W, causal=causal, rotary=rotary(pairing), key_padding_mask=mask, chunk_size=16, group_size=64)
     if method == "linrope-naive":
-        return lambda q, k, v, W, causal, pairing, mask: naive(
+        return lambda q, k, v, W, causal, pairing, mask: favor_attention_naive(
             q, k, v, W, causal=causal, rotary=rotary(pairing), key_padding_mask=mask)
     if method == "performer-pytorch":
         return lambda q, k, v, W, causal, pairing, mask: _run_performer(q, k, v, W, causal=causal, mask=mask)
@@ -231,25 +232,12 @@ def _method_fn(method: str, r: int, naive):
     raise ValueError(f"methods: unknown {method!r}; expected names from {METHODS}")
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (with the number of logical CPUs), or the platform's guess."""
-    import platform
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        if names:
-            return f"{names[0]} x{len(names)}"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
 def library_info() -> str:
     """Which linrope is measured: its version, and the git commit of its checkout with whether the package has
     uncommitted changes (read-only git queries; 'not a git checkout' elsewhere)."""
     import subprocess
-    from . import __version__
-    pkg = Path(__file__).resolve().parent
+    from .. import __version__
+    pkg = Path(__file__).resolve().parents[1]  # linrope/: the library and the lab
     try:
         def git(*args):
             return subprocess.run(["git", "-C", str(pkg), *args], capture_output=True, text=True, timeout=10,
@@ -380,7 +368,7 @@ def run_accuracy(*, sigmas=DEFAULT_SIGMAS, n: int = 512, d: int = 64, r: int = 2
         raise ValueError(f"mask_holes: expected a fraction in [0, 1), got {mask_holes!r}")
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
 
-    naive, naive_module = favor_attention_naive, "linrope.reference"
+    naive_module = favor_attention_naive.__module__  # linrope.reference
     skipped: dict[str, str] = {}
     performer_version = None
     if any(m in PERFORMER for m in methods):
@@ -391,7 +379,7 @@ def run_accuracy(*, sigmas=DEFAULT_SIGMAS, n: int = 512, d: int = 64, r: int = 2
             skipped.update({m: f"skipped: {info}" for m in methods if m in PERFORMER})
     for m, why in skipped.items():
         say(f"{m}: {why}")
-    fns = {m: _method_fn(m, r, naive) for m in methods if m not in skipped}
+    fns = {m: _method_fn(m, r) for m in methods if m not in skipped}
 
     zq, zk, v, W = make_inputs(batch, heads, n, d, r, seed)
     masks = [None] + ([make_mask(batch, n, mask_holes, seed)] if mask_holes > 0 else [])
@@ -429,10 +417,10 @@ def run_accuracy(*, sigmas=DEFAULT_SIGMAS, n: int = 512, d: int = 64, r: int = 2
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    machine = f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    host = machine()
     library = library_info()
     masking = f"; mask: {mask_holes:g} of keys dropped at random + holes (make_mask)" if mask_holes > 0 else ""
-    header = [f"# eq. 19 accuracy against an exact float64 reference ({machine})", "",
+    header = [f"# eq. 19 accuracy against an exact float64 reference ({host})", "",
               f"{library}{'; ' + note if note else ''}; B={batch}, H={heads}, N={n}, d={d}, r={r} "
               f"({batch * heads * n} rows per cell); seed {seed} (W: seed, q/k/v: seed+1, mask: seed+2); q, k "
               f"entries N(0, sigma^2), v N(0, 1); float32 inputs; rope base {ROPE_BASE:g}{masking}",
@@ -441,7 +429,7 @@ def run_accuracy(*, sigmas=DEFAULT_SIGMAS, n: int = 512, d: int = 64, r: int = 2
     plots.write_rows(out / "accuracy.csv", rows)
     table = _tables(rows, header)
     (out / "summary.md").write_text(table)
-    summary = {"threshold": THRESHOLD, "machine": machine, "torch": torch.__version__, "linrope": library,
+    summary = {"threshold": THRESHOLD, "machine": host, "torch": torch.__version__, "linrope": library,
                "note": note,
                "config": {"sigmas": sigmas, "n": n, "d": d, "r": r, "batch": batch, "heads": heads, "seed": seed,
                           "seeds": {"projection": seed, "qkv": seed + 1, "mask": seed + 2},
@@ -468,7 +456,7 @@ def run_accuracy(*, sigmas=DEFAULT_SIGMAS, n: int = 512, d: int = 64, r: int = 2
                                                                "worst": _json_number(x["worst"])} for x in mine}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _plot(rows, out / "accuracy.png", f"eq. 19 (FAVOR+, d={d}, r={r}, N={n}) in float32 vs exact float64; "
-                                      f"{machine}")
+                                      f"{host}")
     say(table)
     say(f"wrote {out / 'accuracy.csv'}, {out / 'summary.json'}, {out / 'summary.md'}, {out / 'accuracy.png'}")
     return rows

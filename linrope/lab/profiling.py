@@ -10,6 +10,7 @@
   tracks live tensors. That setting makes every allocation over 128 KiB fresh page faults, which would distort
   the time, hence the two passes. A timeout or crash becomes a record whose ``status`` says so.
 * ``run_series(case, lengths, ...)``: points over growing N that stop cleanly at a time or memory budget.
+* ``machine()``: the CPU, torch version and thread count, for the headers of tables and figures.
 
 ``case`` names a factory ``"module:function"``; the factory is called with the params and returns a
 zero-argument callable doing the work (e.g. forward+backward of one attention call on prebuilt inputs).
@@ -21,6 +22,7 @@ import importlib
 import json
 import math
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -31,7 +33,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Record", "median_time", "measure", "run_point", "run_series", "rss_bytes"]
+__all__ = ["Record", "median_time", "measure", "run_point", "run_series", "rss_bytes", "cpu_name", "machine"]
 
 MIB = 2**20
 
@@ -116,7 +118,7 @@ def _load(case: str) -> Callable:
 
 def _subprocess(job: dict, env: dict, timeout: float) -> Record:
     try:
-        proc = subprocess.run([sys.executable, "-m", "linrope.profiling", json.dumps(job)], capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "linrope.lab.profiling", json.dumps(job)], capture_output=True,
                               text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return Record(job["case"], job["params"], f"timeout after {timeout:.0f} s", device=job["device"])
@@ -166,6 +168,23 @@ def run_series(case: str, lengths, params: dict, *, time_budget: float = 60.0, m
             elif rec.seconds is not None and rec.seconds > time_budget:
                 stop = f"skipped: N={n} took {rec.seconds:.1f} s > budget {time_budget:.0f} s"
     return records
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (with the number of logical CPUs), or the platform's guess."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        if names:
+            return f"{names[0]} x{len(names)}"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine() -> str:
+    """'CPU, torch version, threads': where a measurement ran."""
+    return f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def _child(job: dict) -> None:

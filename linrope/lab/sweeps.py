@@ -3,7 +3,7 @@ tables and figures. The scripts only parse arguments and call ``run_long_context
 ``run_recall`` or ``run_extrapolation``.
 
 Layout of an output directory ``out``: ``config.json`` (the resolved experiment), ``runs/<variant>_n<N>_s<seed>/``
-(one ``linrope.train`` run each: config, metrics, checkpoint), ``results.csv`` (every metric row of every run),
+(one ``linrope.lab.train`` run each: config, metrics, checkpoint), ``results.csv`` (every metric row of every run),
 ``summary.csv`` / ``summary.md`` (final numbers per variant and length: mean, std and range over seeds, number of
 seeds and steps, skipped steps, flags) and a PNG figure.
 """
@@ -316,7 +316,7 @@ def run_recall(*, task: str = "pair-recall", variants=tuple(VARIANTS), lengths=(
                seeds=(0,), steps: int = 400, batch_size: int = 32, device: str = "cpu",
                out="experiments/results/recall", resume: bool = False, progress: bool = True) -> list[dict]:
     """Associative recall at each length with ``pairs`` key-value pairs (default ``length // 8``): ``task`` is
-    'pair-recall' (one token per pair, ``linrope.data.pair_recall``: learnable in CPU minutes) or 'mqar' (two
+    'pair-recall' (one token per pair, ``linrope.lab.data.pair_recall``: learnable in CPU minutes) or 'mqar' (two
     tokens per pair, Zoology's MQAR: needs an induction head, i.e. far more steps). Writes ``recall.png``
     (accuracy against length)."""
     if task not in ("pair-recall", "mqar"):

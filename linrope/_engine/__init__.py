@@ -1,0 +1,11 @@
+"""The chunked engine behind ``linear_attention`` and ``favor_attention`` (private: use ``linrope.functional``).
+
+* ``feature_sources.py``: where a group's features come from (FAVOR+ computed on the fly, or given), the
+  rotation R_n on interleaved pairs, reusable workspace buffers, and ``NEG`` (the log-scale of "no key").
+* ``chunked.py``: one group (chunks, normalizer sub-chunks), the causal and bidirectional drivers over groups,
+  and the autograd Function that ``linrope.functional`` calls.
+"""
+
+from .chunked import JUMP_LIMIT, EngineConfig, LinearAttentionFunction, empty_state
+
+__all__ = ["EngineConfig", "LinearAttentionFunction", "empty_state", "JUMP_LIMIT"]

@@ -1,0 +1,67 @@
+"""The command line of the performance targets: ``python -m linrope.lab.bench`` or ``python experiments/bench.py``.
+
+Measures every point of ``targets()`` in fresh processes, round-robin over ``--rounds`` rounds (so slow drifts of
+the machine hit every point alike), and prints the table of ratios and the points as markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+
+from tqdm import tqdm
+
+from ..profiling import machine, run_point
+from .cases import CASES, peers_available
+from .targets import combine_rounds, evaluate, targets
+
+__all__ = ["main"]
+
+
+def main(argv=None, prog: str | None = None) -> None:
+    p = argparse.ArgumentParser(prog, description="linrope performance targets, as ratios measured in one run")
+    p.add_argument("--n", type=int, default=16384, help="sequence length of the speed targets")
+    p.add_argument("--n-mem", type=int, default=4096, help="sequence length of the performer memory target")
+    p.add_argument("--no-peers", action="store_true", help="skip performer-pytorch / fast-transformers")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per process (after one warm-up)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="fresh processes per point, interleaved across points; a point's time is the median of "
+                        "its processes' medians (a process's time varies more than runs within it)")
+    p.add_argument("--json", help="write the records and targets here")
+    args = p.parse_args(argv)
+    peers = peers_available()
+    with_peers = not args.no_peers and all(peers.values())
+    if not args.no_peers and not with_peers:
+        print(f"peers missing ({', '.join(k for k, v in peers.items() if not v)}): their targets are skipped")
+    if args.rounds < 1 or args.repeats < 1:
+        p.error(f"--rounds and --repeats must be >= 1, got {args.rounds} and {args.repeats}")
+    points = targets(args.n, args.n_mem, with_peers)
+    records = {}
+    with tqdm(total=len(points) * args.rounds, desc="points", unit="pt") as bar:
+        for k in range(args.rounds):  # round-robin, so slow drifts of the machine hit every point alike
+            for key, case, params in points:
+                if k == 0 or records[key].status == "ok":  # a failed or timed-out point is not run again
+                    rec = run_point(CASES[case], params, repeats=args.repeats, timeout=900, memory=k == 0)
+                    records[key] = rec if k == 0 else combine_rounds(records[key], rec)
+                bar.update()
+    table = evaluate(records, args.n, args.n_mem)
+    print(f"\n{machine()}, {datetime.date.today()}, float32, B=1 H=8 d=64 r=256, forward+backward, "
+          f"median over {args.rounds} fresh processes per point of the median of {args.repeats} runs after a "
+          f"warm-up")
+    print("\n| target | measured | bound | met | how |\n|---|---:|---:|:---:|---|")
+    for t in table:
+        m = "n/a" if t.measured is None else f"{t.measured:.2f}"
+        ok = {True: "yes", False: "**no**", None: "n/a"}[t.met]
+        print(f"| {t.name} | {m} | {t.op} {t.bound:.2f} | {ok} | {t.detail} |")
+    print("\n| point | case | params | median s | peak MiB | status |\n|---|---|---|---:|---:|---|")
+    for key, case, params in points:
+        r = records[key]
+        s = "" if r.seconds is None else f"{r.seconds:.3f}"
+        m = "" if r.peak_mib is None else f"{r.peak_mib:.0f}"
+        print(f"| {key} | {case} | {params} | {s} | {m} | {r.status} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "date": str(datetime.date.today()),
+                       "records": {k: v.to_dict() for k, v in records.items()},
+                       "targets": [dict(t.__dict__, met=t.met) for t in table]}, f, indent=1)

@@ -1,0 +1,108 @@
+"""The performance targets of linrope: which points to measure, and the table of ratios they give.
+
+A point's time is the median over several fresh processes (``combine_rounds``) of each process's median: a
+process's time varies more than runs within it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, replace
+
+from ..profiling import Record
+from .cases import causal_flops
+
+__all__ = ["Target", "targets", "evaluate", "combine_rounds"]
+
+
+@dataclass
+class Target:
+    """``measured = f(records)``; met when ``measured <= bound`` (``op`` '<=') or ``>= bound`` ('>=')."""
+
+    name: str
+    op: str
+    bound: float
+    measured: float | None = None
+    detail: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        if self.measured is None:
+            return None
+        return self.measured <= self.bound if self.op == "<=" else self.measured >= self.bound
+
+
+def targets(n: int = 16384, n_mem: int = 4096, with_peers: bool = True) -> list[tuple[str, str, dict]]:
+    """The points the targets need: (key, case, params)."""
+    pts = [
+        ("ours", "linrope", dict(n=n, causal=True, rope="features")),
+        ("ours_norope", "linrope", dict(n=n, causal=True, rope=None)),
+        ("ours_2n", "linrope", dict(n=2 * n, causal=True, rope="features")),
+        ("ours_mem", "linrope", dict(n=n_mem, causal=True, rope="features")),
+        ("ours_bidir", "linrope", dict(n=n, causal=False, rope="features")),
+        ("sdpa", "sdpa", dict(n=n, causal=True)),
+        ("layer_linear", "layer", dict(n=n, kind="linear")),
+        ("layer_softmax", "layer", dict(n=n, kind="softmax")),
+        ("matmul", "matmul", dict(n=2048)),
+    ]
+    if with_peers:
+        pts += [
+            ("ft", "performer", dict(n=n, causal=True, path="ft")),
+            ("performer_noncuda_mem", "performer", dict(n=n_mem, causal=True, path="default")),
+            ("performer_bidir", "performer", dict(n=n, causal=False)),
+        ]
+    return pts
+
+
+def evaluate(rec: dict[str, Record], n: int = 16384, n_mem: int = 4096) -> list[Target]:
+    """Turn the records of ``targets()`` into the table of ratios."""
+    def measured(key, attr):
+        r = rec.get(key)
+        return getattr(r, attr) if r is not None and r.status == "ok" else None
+
+    def sec(key):
+        return measured(key, "seconds")
+
+    def mib(key):
+        return measured(key, "peak_mib")
+
+    def ratio(a, b):
+        return None if a is None or b is None or b == 0 else a / b
+
+    out = []
+    out.append(Target(f"speed-up over FAVOR+ features + fast-transformers causal kernel, N={n}", ">=", 2.0,
+                      ratio(sec("ft"), sec("ours")), "fast-transformers time / ours"))
+    out.append(Target(f"speed-up over SDPA causal, N={n}", ">=", 5.0, ratio(sec("sdpa"), sec("ours")),
+                      "SDPA time / ours"))
+    out.append(Target(f"memory growth {2 * n}/{n}", "<=", 2.05, ratio(mib("ours_2n"), mib("ours")),
+                      "peak(2N) / peak(N)"))
+    out.append(Target(f"leaner than performer's noncuda causal, N={n_mem}", ">=", 20.0,
+                      ratio(mib("performer_noncuda_mem"), mib("ours_mem")), "performer peak / ours"))
+    out.append(Target(f"RoPE overhead, N={n}", "<=", 1.15, ratio(sec("ours"), sec("ours_norope")),
+                      "with rotary / without"))
+    rate = None if sec("matmul") is None else 2 * 2048**3 / sec("matmul")
+    flops = causal_flops(n)
+    out.append(Target(f"useful FLOP rate / square-matmul rate, N={n}", ">=", 0.30,
+                      None if rate is None or sec("ours") is None else flops / sec("ours") / rate,
+                      f"{flops / 1e9:.1f} GFLOP; matmul {0 if rate is None else rate / 1e9:.0f} GFLOP/s"))
+    out.append(Target(f"layer time vs SoftmaxAttention, N={n}", "<=", 1 / 3,
+                      ratio(sec("layer_linear"), sec("layer_softmax")), "LinearRotaryAttention / SoftmaxAttention"))
+    out.append(Target(f"layer peak memory vs SoftmaxAttention, N={n}", "<=", 1.5,
+                      ratio(mib("layer_linear"), mib("layer_softmax")), "LinearRotaryAttention / SoftmaxAttention"))
+    out.append(Target(f"bidirectional time vs performer FastAttention, N={n}", "<=", 1.0,
+                      ratio(sec("ours_bidir"), sec("performer_bidir")), "ours / performer"))
+    out.append(Target(f"bidirectional memory vs performer FastAttention, N={n}", "<=", 1.0,
+                      ratio(mib("ours_bidir"), mib("performer_bidir")), "ours / performer"))
+    return out
+
+
+def combine_rounds(first: Record, later: Record) -> Record:
+    """``first`` (time and memory) with the timings of another process added: ``times`` gathers every run and
+    ``rounds`` each process's median; ``seconds`` becomes the median of those. A failed round fails the point."""
+    if first.status != "ok":
+        return first
+    if later.status != "ok":
+        return replace(first, status=f"round failed: {later.status}")
+    rounds = (first.rounds or [first.seconds]) + [later.seconds]
+    return replace(first, times=list(first.times) + list(later.times), rounds=rounds,
+                   seconds=statistics.median(rounds))
