@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_int, check_number, check_tensor
+from ._checks import check_int, check_number, check_tensor, is_int
 
 __all__ = ["RotaryEmbedding", "apply_rotary", "resolve_positions"]
 
@@ -115,7 +115,7 @@ class RotaryEmbedding(nn.Module):
         device = torch.device(device)
         # Dynamo cannot trace the Python-side cache mutation; inside a compiled graph the angles are cheap.
         cacheable = not torch.compiler.is_compiling()
-        if positions is None or isinstance(positions, int) and not isinstance(positions, bool):
+        if positions is None or is_int(positions):
             start = 0 if positions is None else positions
             if cacheable and 0 <= start and start + n <= self.max_cached:
                 cos, sin = self._table(start + n, device, dtype)

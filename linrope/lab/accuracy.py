@@ -43,13 +43,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .._checks import check_int
 from ..reference import favor_attention_naive
 from . import plots
-from .profiling import cpu_name, machine  # noqa: F401  (cpu_name: the header names the CPU)
+from .profiling import cpu_name, machine
 
 __all__ = ["THRESHOLD", "DEFAULT_SIGMAS", "METHODS", "PAIRINGS", "favor_log_features",
            "relative_scores", "reference_eq19", "row_errors", "error_stats", "make_inputs", "make_mask",
-           "performer_status", "run_accuracy"]
+           "performer_status", "run_accuracy", "cpu_name"]
 
 THRESHOLD = 1e-3
 DEFAULT_SIGMAS = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
@@ -353,8 +354,7 @@ def run_accuracy(*, sigmas=DEFAULT_SIGMAS, n: int = 512, d: int = 64, r: int = 2
         raise ValueError(f"sigmas: expected positive numbers, got {sigmas}")
     for name, value, low in (("n", n, 1), ("d", d, 1), ("r", r, 2), ("batch", batch, 1), ("heads", heads, 1),
                              ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+        check_int(name, value, low, f"an integer >= {low}")
     if r % 2:
         raise ValueError(f"r: RoPE on the features needs an even number of features, got {r}")
     methods = tuple(METHODS if methods is None else methods)

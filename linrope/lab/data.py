@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .._checks import check_int
+
 __all__ = ["IGNORE", "Corpus", "stdlib_files", "is_validation_file", "stdlib_corpus", "file_corpus", "load_corpus",
            "unigram_bits", "random_windows", "fixed_windows", "associative_recall", "pair_recall", "lookback", "LMTask",
            "SyntheticTask", "SYNTHETIC_TASKS"]
@@ -245,8 +247,7 @@ class LMTask:
     metric = "bpb"
 
     def __init__(self, corpus: Corpus, length: int, eval_windows: int = 16):
-        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-            raise ValueError(f"length: expected a positive integer, got {length!r}")
+        check_int("length", length)
         self.corpus, self.length, self.eval_windows = corpus, length, eval_windows
         self.unigram_bits = unigram_bits(corpus.train)
         fixed_windows(corpus.val, length, 1)  # fail now, not after training, if the split is too short

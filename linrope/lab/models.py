@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_int
 from ..attention import LinearRotaryAttention, SoftmaxAttention
 from ..features import FEATURE_MAPS, redraw_projections
 
@@ -83,16 +84,12 @@ class ModelConfig:
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map: expected one of {sorted(FEATURE_MAPS)}, got {self.feature_map!r}")
         for name in ("n_layer", "dim", "heads", "mlp_ratio", "nb_features", "chunk_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+            check_int(name, getattr(self, name))
         if self.dim % self.heads:
             raise ValueError(f"dim: expected a multiple of heads={self.heads}, got {self.dim}")
-        r = self.redraw_interval
-        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
-            raise ValueError(f"redraw_interval: expected None or a positive integer (optimizer steps), got {r!r}")
-        if isinstance(self.feature_seed, bool) or not isinstance(self.feature_seed, int) or self.feature_seed < 0:
-            raise ValueError(f"feature_seed: expected an integer >= 0, got {self.feature_seed!r}")
+        if self.redraw_interval is not None:
+            check_int("redraw_interval", self.redraw_interval, 1, "None or a positive integer (optimizer steps)")
+        check_int("feature_seed", self.feature_seed, 0)
         if self.abs_scale is not None and not self.abs_scale > 0:
             raise ValueError(f"abs_scale: expected None or a number > 0, got {self.abs_scale!r}")
 

@@ -1,17 +1,20 @@
 """Figures of the experiments, drawn from the rows the runs wrote (so any figure can be rebuilt offline).
 
 Rows are dicts as in ``results.csv``: ``variant``, ``length``, ``seed``, ``step``, ``split`` and the metric.
-Across seeds a line is the mean and the shaded band spans the minimum to the maximum.
+Across seeds a line is the mean and the shaded band spans the minimum to the maximum (``finite_stats``, which
+the tables of ``linrope.lab.sweeps`` use too).
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["read_rows", "write_rows", "plot_curves", "plot_accuracy_vs_length", "plot_extrapolation", "mean_band"]
+__all__ = ["read_rows", "write_rows", "plot_curves", "plot_accuracy_vs_length", "plot_extrapolation",
+           "finite_stats"]
 
 
 def _pyplot():
@@ -47,16 +50,25 @@ def write_rows(path: str | Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
-def mean_band(values: list[float]) -> tuple[float, float, float]:
-    """(mean, min, max) of the finite values (NaN if none)."""
+def finite_stats(values: list[float]) -> dict:
+    """``mean``, ``std`` (sample; 0 for one value), ``min`` and ``max`` of the finite values (all NaN if none)."""
     finite = [v for v in values if v is not None and math.isfinite(v)]
     if not finite:
-        return math.nan, math.nan, math.nan
-    return sum(finite) / len(finite), min(finite), max(finite)
+        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan}
+    std = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    return {"mean": sum(finite) / len(finite), "std": std, "min": min(finite), "max": max(finite)}
 
 
 def _color(i: int):
     return _pyplot().get_cmap("tab10")(i % 10)
+
+
+def _mean_band(ax, xs, groups: list[list[float]], color, label: str | None, fmt: str = "-", band: bool = True):
+    """The mean of each group of values against ``xs``, and the band min..max shaded (unless ``band`` is False)."""
+    stats = [finite_stats(g) for g in groups]
+    ax.plot(xs, [s["mean"] for s in stats], fmt, color=color, label=label)
+    if band:
+        ax.fill_between(xs, [s["min"] for s in stats], [s["max"] for s in stats], color=color, alpha=0.2)
 
 
 def plot_curves(rows: list[dict], path: str | Path, *, metric: str = "bpb", title: str = "",
@@ -85,11 +97,8 @@ def plot_curves(rows: list[dict], path: str | Path, *, metric: str = "bpb", titl
                 if not curve:
                     continue
                 steps = sorted(curve)
-                stats = [mean_band(curve[s]) for s in steps]
                 label = f"{variant} ({len(seeds)} seed{'s' * (len(seeds) != 1)})"
-                ax.plot(steps, [s[0] for s in stats], color=_color(i), label=label)
-                if len(seeds) > 1:
-                    ax.fill_between(steps, [s[1] for s in stats], [s[2] for s in stats], color=_color(i), alpha=0.2)
+                _mean_band(ax, steps, [curve[s] for s in steps], _color(i), label, band=len(seeds) > 1)
             if reference is not None and split == "val":
                 ax.axhline(reference, color="gray", linestyle=":", label=reference_label)
             unit = ("bits per byte" if metric == "bpb" else "loss (nats)") if split == "train" else metric
@@ -126,9 +135,7 @@ def plot_accuracy_vs_length(rows: list[dict], path: str | Path, *, title: str = 
             if r["variant"] == variant:
                 by_len[int(r["length"])].append(float(r["accuracy"]))
         lengths = sorted(by_len)
-        stats = [mean_band(by_len[n]) for n in lengths]
-        ax.plot(lengths, [s[0] for s in stats], "o-", color=_color(i), label=variant)
-        ax.fill_between(lengths, [s[1] for s in stats], [s[2] for s in stats], color=_color(i), alpha=0.2)
+        _mean_band(ax, lengths, [by_len[n] for n in lengths], _color(i), variant, "o-")
     if chance is not None:
         ax.axhline(chance, color="gray", linestyle=":", label="chance")
     ax.set_xscale("log", base=2)
@@ -158,19 +165,15 @@ def plot_extrapolation(rows: list[dict], bucket_rows: list[dict], path: str | Pa
                 if r["variant"] == variant and r["train_length"] == train_len:
                     by_len[int(r["eval_length"])].append(float(r["bpb"]))
             lengths = sorted(by_len)
-            stats = [mean_band(by_len[n]) for n in lengths]
-            left.plot(lengths, [s[0] for s in stats], "o-", color=_color(i),
-                      label=f"{variant} (trained at {train_len})")
-            left.fill_between(lengths, [s[1] for s in stats], [s[2] for s in stats], color=_color(i), alpha=0.2)
+            _mean_band(left, lengths, [by_len[n] for n in lengths], _color(i), f"{variant} (trained at {train_len})",
+                       "o-")
         buckets: dict[int, list[float]] = defaultdict(list)
         for r in bucket_rows:
             if r["variant"] == variant and int(r["eval_length"]) == longest:
                 buckets[int(r["end"])].append(float(r["bpb"]))
         if buckets:
             ends = sorted(buckets)
-            stats = [mean_band(buckets[e]) for e in ends]
-            right.plot(ends, [s[0] for s in stats], "o-", color=_color(i), label=variant)
-            right.fill_between(ends, [s[1] for s in stats], [s[2] for s in stats], color=_color(i), alpha=0.2)
+            _mean_band(right, ends, [buckets[e] for e in ends], _color(i), variant, "o-")
     for i, n in enumerate(sorted({int(r["train_length"]) for r in rows})):
         right.axvline(n, color="gray", linestyle=":", label="training length" if i == 0 else None)
     left.set_xscale("log", base=2)

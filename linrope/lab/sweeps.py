@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from .._checks import is_int
 from . import plots
 from .data import LMTask, SyntheticTask, load_corpus
 from .models import VARIANTS, ModelConfig
@@ -107,9 +107,9 @@ def _check_grid(variants, lengths, seeds) -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"variants: unknown {unknown}; expected names from {sorted(VARIANTS)}")
-    if any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in lengths):
+    if any(not is_int(n) or n < 2 for n in lengths):
         raise ValueError(f"lengths: expected integers >= 2, got {lengths}")
-    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+    if any(not is_int(s) or s < 0 for s in seeds):
         raise ValueError(f"seeds: expected integers >= 0, got {seeds}")
 
 
@@ -158,14 +158,6 @@ def _grid(task_for, variants, lengths, seeds, model: dict, train_cfg: dict, batc
     return finals, curves
 
 
-def _stats(values: list[float]) -> dict:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    if not finite:
-        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan}
-    std = statistics.stdev(finite) if len(finite) > 1 else 0.0
-    return {"mean": sum(finite) / len(finite), "std": std, "min": min(finite), "max": max(finite)}
-
-
 def summarize(finals: list[dict], metric: str, unigram: float | None = None) -> list[dict]:
     """One row per (variant, length): ``metric`` mean/std/min/max over seeds, seeds, steps, skipped steps, flags
     ('nan' if any seed ended non-finite, 'skipped k' for skipped steps, 'unigram' within UNIGRAM_MARGIN bpb of
@@ -175,7 +167,7 @@ def summarize(finals: list[dict], metric: str, unigram: float | None = None) -> 
         for n in sorted({r["length"] for r in finals if r["variant"] == variant}):
             group = [r for r in finals if r["variant"] == variant and r["length"] == n]
             values = [r[metric] if r[metric] is not None else math.nan for r in group]
-            s = _stats(values)
+            s = plots.finite_stats(values)
             flags = []
             if any(not math.isfinite(v) for v in values):
                 flags.append("nan")
@@ -397,7 +389,7 @@ def _extrapolation_markdown(rows: list[dict]) -> str:
                 group = [r for r in rows if r["variant"] == variant and r["train_length"] == n
                          and r["eval_length"] == m]
                 seeds |= {r["seed"] for r in group}
-                s = _stats([r["bpb"] for r in group])
+                s = plots.finite_stats([r["bpb"] for r in group])
                 cells.append(f"{s['mean']:.3f} ± {s['std']:.3f}" if group else "—")
             lines.append(f"| {variant} | {n} | {len(seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from .data import IGNORE
+from .._checks import check_int, check_number, is_int
 from ..features import redraw_projections
 from .models import ByteLM, ModelConfig
 
@@ -64,18 +65,13 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "log_interval", "eval_interval", "ckpt_interval"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+            check_int(name, getattr(self, name))
         checks = (("lr", "a number > 0", lambda v: v > 0),
                   ("min_lr_ratio", "a number in [0, 1]", lambda v: 0 <= v <= 1),
-                  ("warmup", "an integer >= 0", lambda v: isinstance(v, int) and v >= 0),
+                  ("warmup", "an integer >= 0", lambda v: is_int(v) and v >= 0),
                   ("weight_decay", "a number >= 0", lambda v: v >= 0), ("grad_clip", "a number >= 0", lambda v: v >= 0))
         for name, expected, ok in checks:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or not ok(value):
-                raise ValueError(f"{name}: expected {expected}, got {value!r}")
+            check_number(name, getattr(self, name), ok, expected)
         self.betas = tuple(self.betas)
 
 
