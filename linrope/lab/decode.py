@@ -1,0 +1,166 @@
+"""Decoding cost against context length: per-token latency and the memory a layer keeps while it generates.
+
+For each context length L one attention layer (B = 1, causal) is brought to position L, then fed single tokens:
+
+* ``linear``: ``LinearRotaryAttention`` (eq. 19). A prompt of L random inputs runs through the layer in pieces
+  (forward, no grad), carrying the state; the ``AttentionState`` it returns (numerator r x dv, key sum r and a
+  log reference per head) is all that decoding keeps, whatever L.
+* ``softmax``: ``SoftmaxAttention`` with its ``KVCache``. The cache holds the layer's own projections (rotated
+  keys, values) of L random inputs; attention over the prompt itself is not computed (O(L^2): hours at 1M), since
+  the cost of a decoding step depends only on the cache's length, not on its values.
+
+Per point: the median time of one single-token forward (after warm-up), the bytes of the decoding state (exact:
+the tensors' sizes) and the seconds spent bringing the layer to position L. Figures are reported against the
+shortest context of the same kind and, at each L, linear against softmax, both measured in this run.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ..attention import KVCache, LinearRotaryAttention, SoftmaxAttention
+from ..functional import AttentionState
+from . import plots
+from .profiling import machine
+
+__all__ = ["DEFAULT_LENGTHS", "state_bytes", "build_layer", "decode_point", "decode_profile", "plot_decode"]
+
+DEFAULT_LENGTHS = (1024, 4096, 16384, 65536, 262144, 1048576)
+PIECE = 65536  # prompt positions per forward while building the state: bounds the prompt's activations
+
+
+def state_bytes(state) -> int:
+    """Bytes held by a decoding state (``AttentionState`` or ``KVCache``)."""
+    if isinstance(state, AttentionState):
+        tensors = (state.numerator, state.key_sum, state.log_ref)
+    elif isinstance(state, KVCache):
+        tensors = (state.k, state.v) + (() if state.mask is None else (state.mask,))
+    else:
+        raise TypeError(f"state: expected an AttentionState or a KVCache, got {type(state).__name__}")
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def build_layer(kind: str, dim: int, heads: int, dim_head: int, nb_features: int, seed: int = 0):
+    """The causal layer of ``kind`` ('linear' or 'softmax'), in eval mode, with seeded weights."""
+    torch.manual_seed(seed)
+    if kind == "linear":
+        layer = LinearRotaryAttention(dim, heads=heads, dim_head=dim_head, nb_features=nb_features, causal=True,
+                                      seed=seed)
+    elif kind == "softmax":
+        layer = SoftmaxAttention(dim, heads=heads, dim_head=dim_head, causal=True)
+    else:
+        raise ValueError(f"kind: expected 'linear' or 'softmax', got {kind!r}")
+    return layer.eval()
+
+
+@torch.no_grad()
+def _state_at(layer, kind: str, length: int, generator: torch.Generator):
+    """The layer's decoding state after ``length`` random inputs (see the module docstring)."""
+    dim = layer.dim
+    if kind == "linear":
+        state = None
+        for a in range(0, length, PIECE):
+            x = torch.randn(1, min(PIECE, length - a), dim, generator=generator)
+            _, state = layer(x, state=state, return_state=True)
+        return state
+    ks, vs = [], []
+    for a in range(0, length, PIECE):
+        x = torch.randn(1, min(PIECE, length - a), dim, generator=generator)
+        _, k, v = layer.split(x, None, False)
+        if layer.rotary is not None:
+            k = layer.rotary.rotate(k, a)
+        ks.append(k)
+        vs.append(v)
+    return KVCache(torch.cat(ks, 2), torch.cat(vs, 2), None, length)
+
+
+@torch.no_grad()
+def decode_point(kind: str, length: int, *, dim: int = 512, heads: int = 8, dim_head: int = 64,
+                 nb_features: int = 256, tokens: int = 20, warmup: int = 3, seed: int = 0) -> dict:
+    """One point: bring a fresh layer to position ``length``, then time ``tokens`` single-token steps."""
+    layer = build_layer(kind, dim, heads, dim_head, nb_features, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    t0 = time.perf_counter()
+    state = _state_at(layer, kind, length, gen)
+    build_s = time.perf_counter() - t0
+    held = state_bytes(state)
+    times = []
+    for i in range(warmup + tokens):
+        x = torch.randn(1, 1, dim, generator=gen)
+        t0 = time.perf_counter()
+        out, new_state = layer(x, state=state, return_state=True)
+        times.append(time.perf_counter() - t0)
+        assert torch.isfinite(out).all(), f"{kind} at {length}: non-finite output"
+        if kind == "linear":
+            state = new_state  # constant size: keep decoding from it
+        # softmax: keep the cache at ``length`` (appending would grow it by one row per step, 1e-6 of it)
+    return dict(kind=kind, length=length, token_ms=1e3 * statistics.median(times[warmup:]), state_bytes=held,
+                build_s=build_s, tokens=tokens, dim=dim, heads=heads, dim_head=dim_head, nb_features=nb_features)
+
+
+def decode_profile(lengths=DEFAULT_LENGTHS, kinds=("linear", "softmax"), *, max_cache_gib: float = 6.0,
+                   on_point=None, **kwargs) -> list[dict]:
+    """Points for every kind and length; a softmax cache larger than ``max_cache_gib`` is skipped (recorded)."""
+    rows = []
+    for length in sorted(lengths):
+        for kind in kinds:
+            cache = 2 * length * kwargs.get("heads", 8) * kwargs.get("dim_head", 64) * 4 / 2**30
+            if kind == "softmax" and cache > max_cache_gib:
+                row = dict(kind=kind, length=length, status=f"skipped: KV cache {cache:.1f} GiB > {max_cache_gib} GiB")
+            else:
+                row = dict(decode_point(kind, length, **kwargs), status="ok")
+            rows.append(row)
+            if on_point:
+                on_point(row)
+    base = {k: next((r for r in rows if r["kind"] == k and r["status"] == "ok"), None) for k in kinds}
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        b = base[r["kind"]]
+        r["token_vs_shortest"] = r["token_ms"] / b["token_ms"]
+        other = next((o for o in rows if o["length"] == r["length"] and o["kind"] == "softmax" and o["status"] == "ok"),
+                     None)
+        if r["kind"] == "linear" and other is not None:
+            r["token_vs_softmax"] = r["token_ms"] / other["token_ms"]
+            r["state_vs_softmax"] = r["state_bytes"] / other["state_bytes"]
+    return rows
+
+
+def plot_decode(rows: list[dict], path: str | Path, title: str = "") -> None:
+    """Two log-log panels against context length: per-token latency and decoding-state memory."""
+    plt = plots._pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, kind in enumerate(sorted({r["kind"] for r in rows})):
+        ok = [r for r in rows if r["kind"] == kind and r["status"] == "ok"]
+        xs = [r["length"] for r in ok]
+        label = {"linear": "LinearRotaryAttention (eq. 19 state)", "softmax": "SoftmaxAttention (KV cache)"}[kind]
+        axes[0].plot(xs, [r["token_ms"] for r in ok], "o-", color=plots._color(i), label=label)
+        axes[1].plot(xs, [r["state_bytes"] / 2**20 for r in ok], "o-", color=plots._color(i), label=label)
+    for ax, ylabel in zip(axes, ("ms per generated token", "decoding state (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_decode(rows: list[dict], out: str | Path, args: dict) -> Path:
+    """decode.csv, decode.json (rows, machine, arguments) and decode.png under ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plots.write_rows(out / "decode.csv", rows)
+    info = machine()
+    (out / "decode.json").write_text(json.dumps(dict(machine=info, args=args, rows=rows), indent=1))
+    plot_decode(rows, out / "decode.png", title=f"one causal layer (dim {args.get('dim')}, {args.get('heads')} heads, "
+                                               f"r = {args.get('nb_features')}), B = 1; {info}")
+    return out

@@ -1,0 +1,46 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from linrope import AttentionState, KVCache
+from linrope.lab.decode import build_layer, decode_point, decode_profile, state_bytes, write_decode
+
+
+def test_state_bytes_counts_the_tensors():
+    st = AttentionState(torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8), torch.zeros(1, 2), 5)
+    assert state_bytes(st) == 4 * (64 + 16 + 2)
+    kv = KVCache(torch.zeros(1, 2, 10, 4), torch.zeros(1, 2, 10, 4, dtype=torch.float64), None, 10)
+    assert state_bytes(kv) == 80 * 4 + 80 * 8
+    with pytest.raises(TypeError, match="state: expected an AttentionState or a KVCache, got tuple"):
+        state_bytes((1, 2))
+
+
+def test_linear_state_is_constant_and_the_cache_grows_with_the_context():
+    kw = dict(dim=16, heads=2, dim_head=8, nb_features=8, tokens=2, warmup=1)
+    lin = [decode_point("linear", n, **kw) for n in (3, 40)]
+    sm = [decode_point("softmax", n, **kw) for n in (3, 40)]
+    assert lin[0]["state_bytes"] == lin[1]["state_bytes"] == 4 * (2 * 8 * 8 + 2 * 8 + 2)
+    assert sm[1]["state_bytes"] == 40 / 3 * sm[0]["state_bytes"] == 2 * 40 * 2 * 8 * 4
+
+
+def test_profile_skips_caches_over_budget_and_writes_files(tmp_path):
+    rows = decode_profile((4, 64), ("linear", "softmax"), max_cache_gib=1e-6, dim=16, heads=2, dim_head=8,
+                          nb_features=8, tokens=1, warmup=0)
+    assert [r["status"].split(":")[0] for r in rows] == ["ok", "ok", "ok", "skipped"]
+    assert rows[0]["token_vs_softmax"] > 0 and rows[2]["token_vs_shortest"] > 0
+    write_decode(rows, tmp_path, dict(dim=16, heads=2, nb_features=8))
+    assert {p.name for p in tmp_path.iterdir()} == {"decode.csv", "decode.json", "decode.png"}
+
+
+def test_build_layer_rejects_an_unknown_kind():
+    with pytest.raises(ValueError, match="kind: expected 'linear' or 'softmax', got 'flash'"):
+        build_layer("flash", 16, 2, 8, 8)
+
+
+def test_script_help():
+    script = Path(__file__).resolve().parents[1] / "experiments" / "decode.py"
+    out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "ms per generated token" in out.stdout
