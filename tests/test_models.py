@@ -170,3 +170,44 @@ def test_bad_input_names_the_argument_and_what_was_expected():
         ByteLM(dict(attention="linear-rope"))
     with pytest.raises(ValueError, match=r"step: expected an integer >= 1 \(optimizer steps done\), got 0"):
         tiny("linear-rope").step_projections(0)
+
+
+# ---------------------------------------------------------------------------------------------- generation
+@pytest.mark.parametrize("variant", ["softmax-rope", "softmax-abs", "linear-rope", "linear-rope-inputs", "linear-abs",
+                                     "linear-nope", "linear-rope-rotden"])
+def test_decoding_with_states_gives_the_logits_of_full_passes(variant):
+    """Prompt once, then one byte at a time through the blocks' states (eq. 19: AttentionState; softmax:
+    KVCache): every step's logits equal the full pass over the sequence so far (float64, 1e-9)."""
+    torch.manual_seed(0)
+    model = ByteLM(ModelConfig(attention=variant, dim=32, n_layer=2, heads=2, nb_features=16)).double().eval()
+    idx = torch.randint(0, 256, (2, 7))
+    with torch.no_grad():
+        logits, states = model(idx, return_states=True)
+        assert len(states) == 2 and states[0].offset == 7
+        seq = idx
+        for _ in range(5):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat((seq, nxt), 1)
+            logits, states = model(nxt, states=states, return_states=True)
+            full = model(seq)
+            torch.testing.assert_close(logits[:, -1], full[:, -1], rtol=1e-9, atol=1e-9)
+    greedy = model.generate(idx, 5, temperature=0)
+    assert torch.equal(greedy, seq)
+
+
+def test_generate_samples_reproducibly_and_checks_its_arguments():
+    torch.manual_seed(0)
+    model = ByteLM(ModelConfig(attention="linear-rope", dim=32, n_layer=1, heads=2, nb_features=16)).eval()
+    idx = torch.randint(0, 256, (1, 4))
+    a = model.generate(idx, 6, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(1))
+    b = model.generate(idx, 6, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (1, 10) and torch.equal(a, b) and torch.equal(a[:, :4], idx)
+    with torch.no_grad():  # top_k=1 is greedy
+        assert torch.equal(model.generate(idx, 3, top_k=1), model.generate(idx, 3, temperature=0))
+    for kwargs, phrase in ((dict(max_new_tokens=-1), r"max_new_tokens: expected an integer >= 0, got -1"),
+                           (dict(max_new_tokens=2, temperature=-1.0), r"temperature: expected a number >= 0"),
+                           (dict(max_new_tokens=2, top_k=0), r"top_k: expected a positive integer, got 0")):
+        with pytest.raises(ValueError, match=phrase):
+            model.generate(idx, **kwargs)
+    with pytest.raises(ValueError, match=r"states: expected a list of 1 block states"):
+        model(idx, states="nope")

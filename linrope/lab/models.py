@@ -2,18 +2,8 @@
 
 Pre-norm blocks (RMSNorm -> attention -> residual, RMSNorm -> MLP -> residual), tied input/output byte
 embeddings (vocabulary 256), in the spirit of nanoGPT's ``model.py``. The attention is picked by one name,
-``ModelConfig.attention``, from ``VARIANTS``:
-
-=====================  ==================================================================================
-``softmax-rope``       softmax attention, RoPE on q and k: the quality ceiling
-``softmax-abs``        softmax attention, sinusoidal absolute positions added to the embeddings
-``linear-rope``        linear attention, RoPE on the features phi(q), phi(k), normalizer unrotated
-                       (RoFormer eq. 19, the paper's proposal)
-``linear-rope-inputs`` linear attention, RoPE on q and k *before* the feature map (what performer-pytorch does)
-``linear-abs``         linear attention, sinusoidal absolute positions (the classic Performer)
-``linear-nope``        linear attention, no positions at all
-``linear-rope-rotden`` ablation: eq. 19 with the normalizer rotated too; it can vanish or turn negative
-=====================  ==================================================================================
+``ModelConfig.attention``, from ``VARIANTS`` (softmax or linear attention, and where positions enter); each
+entry's ``about`` says what it builds, and the experiment scripts' ``--help`` lists them.
 
 Linear variants use ``ModelConfig.feature_map`` ('favor+' by default, or 'trig', 'relu', 'elu').
 Shape legend: B batch, N sequence length, C model width (``dim``), V vocabulary (256).
@@ -28,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_int
+from .._checks import check_int, check_number
 from ..attention import LinearRotaryAttention, SoftmaxAttention
 from ..features import FEATURE_MAPS, redraw_projections
 
@@ -45,16 +35,26 @@ class Variant:
     rope: str | None                 # the layers' ``rope=`` argument
     absolute: bool                   # add sinusoidal absolute positions to the token embeddings
     rotate_normalizer: bool = False  # ablation of eq. 19 (linear, rope='features' only)
+    about: str = ""                  # one line for a reader (and for --help)
 
 
 VARIANTS: dict[str, Variant] = {
-    "softmax-rope": Variant("softmax", "inputs", absolute=False),
-    "softmax-abs": Variant("softmax", None, absolute=True),
-    "linear-rope": Variant("linear", "features", absolute=False),
-    "linear-rope-inputs": Variant("linear", "inputs", absolute=False),
-    "linear-abs": Variant("linear", None, absolute=True),
-    "linear-nope": Variant("linear", None, absolute=False),
-    "linear-rope-rotden": Variant("linear", "features", absolute=False, rotate_normalizer=True),
+    "softmax-rope": Variant("softmax", "inputs", absolute=False,
+                            about="softmax attention, RoPE on q and k: the quality ceiling"),
+    "softmax-abs": Variant("softmax", None, absolute=True,
+                           about="softmax attention, sinusoidal absolute positions added to the embeddings"),
+    "linear-rope": Variant("linear", "features", absolute=False,
+                           about="linear attention, RoPE on the features phi(q), phi(k), normalizer unrotated "
+                                 "(RoFormer eq. 19, the paper's proposal)"),
+    "linear-rope-inputs": Variant("linear", "inputs", absolute=False,
+                                  about="linear attention, RoPE on q and k before the feature map "
+                                        "(what performer-pytorch does)"),
+    "linear-abs": Variant("linear", None, absolute=True,
+                          about="linear attention, sinusoidal absolute positions (the classic Performer)"),
+    "linear-nope": Variant("linear", None, absolute=False, about="linear attention, no positions at all"),
+    "linear-rope-rotden": Variant("linear", "features", absolute=False, rotate_normalizer=True,
+                                  about="ablation: eq. 19 with the normalizer rotated too; it can vanish or turn "
+                                        "negative"),
 }
 
 
@@ -158,9 +158,14 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(config.dim)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x: Tensor, state=None, return_state: bool = False):
+        """x (B, N, C) -> (B, N, C); with ``return_state``, also the attention's decoding state after x."""
+        a = self.attn(self.norm1(x), state=state, return_state=return_state)
+        if return_state:
+            a, state = a
+        x = x + a
+        x = x + self.mlp(self.norm2(x))
+        return (x, state) if return_state else x
 
 
 class ByteLM(nn.Module):
@@ -191,16 +196,62 @@ class ByteLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: Tensor) -> Tensor:
+    def forward(self, idx: Tensor, states: list | None = None, return_states: bool = False):
+        """Bytes (B, N) -> next-byte logits (B, N, 256).
+
+        Decoding: ``return_states=True`` also returns each block's state (eq. 19 ``AttentionState``s, constant
+        size; ``KVCache``s for softmax), and ``states`` continues from them: the logits are those of one pass
+        over the whole sequence.
+        """
         if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
             what = f"{idx.dtype} tensor of shape {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
             raise ValueError(f"idx: expected a (B, N) int64 tensor of bytes, got {what}")
+        if states is not None and (not isinstance(states, (list, tuple)) or len(states) != len(self.blocks)):
+            raise ValueError(f"states: expected a list of {len(self.blocks)} block states (from return_states=True), "
+                             f"got {type(states).__name__}")
+        offset = 0 if states is None else states[0].offset
         x = self.embed(idx)  # (B, N, C)
         if self.config.variant.absolute:
-            x = x + self.abs_scale * sinusoidal_positions(idx.shape[1], self.config.dim, device=idx.device).to(x.dtype)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x) @ self.embed.weight.t()  # tied embeddings: (B, N, C) x (C, V) -> (B, N, V)
+            pe = sinusoidal_positions(idx.shape[1], self.config.dim, offset=offset, device=idx.device)
+            x = x + self.abs_scale * pe.to(x.dtype)
+        new_states = []
+        for i, block in enumerate(self.blocks):
+            if return_states or states is not None:
+                x, st = block(x, state=None if states is None else states[i], return_state=True)
+                new_states.append(st)
+            else:
+                x = block(x)
+        logits = self.norm(x) @ self.embed.weight.t()  # tied embeddings: (B, N, C) x (C, V) -> (B, N, V)
+        return (logits, new_states) if return_states else logits
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Continue the bytes ``idx`` (B, N) by ``max_new_tokens`` sampled bytes; returns (B, N + max_new_tokens).
+
+        The prompt runs once; each new byte then costs one single-token step through the blocks' states
+        (eq. 19: O(1) per token whatever the context; softmax: a KV cache, O(context)). ``temperature`` 0 picks
+        the most likely byte; ``top_k`` keeps only the k most likely before sampling.
+        """
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=0)
+        temperature = check_number("temperature", temperature, lambda t: t >= 0, "a number >= 0 (0: greedy)")
+        if top_k is not None:
+            top_k = check_int("top_k", top_k, minimum=1)
+        logits, states = self(idx, return_states=True)
+        out = [idx]
+        for _ in range(max_new_tokens):
+            last = logits[:, -1].float()  # (B, V)
+            if temperature == 0:
+                nxt = last.argmax(-1, keepdim=True)
+            else:
+                last = last / temperature
+                if top_k is not None and top_k < last.shape[-1]:
+                    kth = last.topk(top_k, dim=-1).values[:, -1:]
+                    last = last.masked_fill(last < kth, float("-inf"))
+                nxt = torch.multinomial(last.softmax(-1), 1, generator=generator)
+            out.append(nxt)
+            logits, states = self(nxt, states=states, return_states=True)
+        return torch.cat(out, 1)
 
     def step_projections(self, step: int) -> int:
         """``redraw_projections(self, step)``: after optimizer step ``step``, redraw the layers whose
