@@ -16,11 +16,12 @@ import argparse
 from pathlib import Path
 
 from linrope.lab.accuracy import DEFAULT_SIGMAS, METHODS, PAIRINGS, run_accuracy
-from linrope.lab.sweeps import parse_list, run_script
+from linrope.lab.sweeps import listing, parse_list, run_script
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=listing("methods", METHODS),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sigmas", default=",".join(f"{s:g}" for s in DEFAULT_SIGMAS),
                    help="comma-separated standard deviations of the entries of q and k")
     p.add_argument("--n", type=int, default=512, help="sequence length")
@@ -29,7 +30,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seed", type=int, default=0, help="projection: seed, q/k/v: seed+1, mask: seed+2")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated method names (below)")
     p.add_argument("--pairing", default="interleaved", choices=[*PAIRINGS, "both"],
                    help="RoPE pairing of the features: (2i, 2i+1), (i, i + r/2) or both")
     p.add_argument("--no-rope", action="store_true", help="only the configurations without RoPE")

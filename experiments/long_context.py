@@ -15,14 +15,14 @@ metrics.jsonl, ckpt.pt). --resume continues interrupted runs exactly.
 import argparse
 from pathlib import Path
 
-from linrope.lab.models import VARIANTS
-from linrope.lab.sweeps import PRESETS, parse_list, run_long_context, run_script
+from linrope.lab.sweeps import PRESETS, parse_list, run_long_context, run_script, variant_listing
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=variant_listing(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    p.add_argument("--variants", help=f"comma-separated, from: {', '.join(VARIANTS)} (default: the preset's)")
+    p.add_argument("--variants", help="comma-separated variant names (below; default: the preset's)")
     p.add_argument("--lengths", help="comma-separated sequence lengths, e.g. 512,2048 (default: the preset's)")
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default: the preset's)")
     p.add_argument("--steps", type=int, help="optimizer steps per run (default: the preset's)")

@@ -15,12 +15,14 @@ from tqdm import tqdm
 
 from linrope.lab.bench import (PROFILE_SERIES, memory_profile, merge_profile, peers_available, read_profile,
                                write_profile)
+from linrope.lab.sweeps import listing
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=listing("series", list(PROFILE_SERIES)),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[2**i for i in range(10, 17)])
-    p.add_argument("--series", nargs="+", default=None, help=f"subset of: {list(PROFILE_SERIES)}")
+    p.add_argument("--series", nargs="+", default=None, help="some of the series below (quote each name)")
     p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     p.add_argument("--with-peers", action="store_true", help="add performer-pytorch / fast-transformers series")
     p.add_argument("--device", default="cpu")

@@ -23,8 +23,8 @@ from .data import LMTask, SyntheticTask, load_corpus
 from .models import VARIANTS, ModelConfig
 from .train import TrainConfig, distributed_context, load_model, position_losses, read_metrics, train
 
-__all__ = ["Preset", "PRESETS", "parse_list", "add_synthetic_arguments", "run_script", "run_long_context",
-           "run_positions", "run_recall", "run_extrapolation"]
+__all__ = ["Preset", "PRESETS", "parse_list", "listing", "variant_listing", "add_synthetic_arguments", "run_script",
+           "run_long_context", "run_positions", "run_recall", "run_extrapolation"]
 
 LINEAR_POSITION_VARIANTS = ("linear-rope", "linear-rope-inputs", "linear-abs", "linear-nope")
 UNIGRAM_MARGIN = 0.3  # bpb within this of the byte-unigram entropy: the model has learned no context
@@ -80,9 +80,24 @@ def parse_list(text: str | None, kind: type, name: str) -> tuple | None:
     return items
 
 
+def listing(title: str, items) -> str:
+    """Text naming ``items`` one a line, for an argparse epilog under ``RawDescriptionHelpFormatter`` (which does
+    not wrap it): a dict gives each name its description, any other iterable the names alone."""
+    items = items if isinstance(items, dict) else dict.fromkeys(items, "")
+    width = max(map(len, items))
+    return "\n".join([f"{title}:"] + [f"  {name:<{width}}  {about}".rstrip() for name, about in items.items()])
+
+
+def variant_listing() -> str:
+    """The attention variants, one a line with what each builds (the epilog of the scripts that take them)."""
+    return listing("variants", {name: v.about for name, v in VARIANTS.items()})
+
+
 def add_synthetic_arguments(parser, *, out: str, seeds: str, steps: int) -> None:
-    """The arguments shared by the synthetic-task scripts (``positions.py``, ``recall.py``)."""
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant names")
+    """The arguments shared by the synthetic-task scripts (``positions.py``, ``recall.py``); the variants are
+    listed in the epilog."""
+    parser.epilog = variant_listing()
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant names (below)")
     parser.add_argument("--seeds", default=seeds, help="comma-separated seeds")
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--batch-size", type=int, default=32)
