@@ -38,10 +38,16 @@ class KVCache:
 class _Heads(nn.Module):
     """q/k/v and output projections shared by both layers; checks x and the streaming arguments."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, causal: bool, qkv_bias: bool):
+    def __init__(self, dim: int, heads: int, dim_head: int | None, causal: bool, qkv_bias: bool):
         super().__init__()
-        for name, value in (("dim", dim), ("heads", heads), ("dim_head", dim_head)):
-            check_int(name, value)
+        check_int("dim", dim)
+        check_int("heads", heads)
+        if dim_head is None:  # the usual split of the model width
+            if dim % heads:
+                raise ValueError(f"dim_head: expected an integer when dim ({dim}) is not a multiple of heads "
+                                 f"({heads}), got None")
+            dim_head = dim // heads
+        check_int("dim_head", dim_head)
         self.dim, self.heads, self.dim_head, self.causal = dim, heads, dim_head, bool(causal)
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=qkv_bias)
         self.to_out = nn.Linear(heads * dim_head, dim)
@@ -65,6 +71,18 @@ class _Heads(nn.Module):
             q, k, v = (t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
         return q, k, v
 
+    def make_rotary(self, rdim: int, what: str, rope: str, rope_base: float, interleaved: bool, rope_scale: float,
+                    rope_scaling: str, rope_original_length: int | None, rotary_fraction: float) -> RotaryEmbedding:
+        if rdim % 2:
+            raise ValueError(f"{what}: expected an even number to be rotated with rope={rope!r}, got {rdim}")
+        return RotaryEmbedding(rdim, base=rope_base, interleaved=interleaved, scale=rope_scale, scaling=rope_scaling,
+                               original_length=rope_original_length, rotary_fraction=rotary_fraction)
+
+    def temper(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """YaRN's attention factor on q and k (1 unless ``rope_scaling='yarn'``): q.k scaled by its square."""
+        f = 1.0 if self.rotary is None else self.rotary.attention_factor
+        return (q, k) if f == 1.0 else (q * f, k * f)
+
     def merge(self, out: Tensor) -> Tensor:
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
@@ -79,13 +97,17 @@ class LinearRotaryAttention(_Heads):
 
     Args:
         dim: model width; x is (B, N, dim).
-        heads, dim_head: number and size of heads.
+        heads, dim_head: number and size of heads (dim_head None: dim // heads, as in ``SoftmaxAttention``).
         nb_features: r, random features per head (even when ``rope='features'``).
         causal: attend to positions n <= m only (chunked, O(N) memory; supports streaming).
         feature_map: 'favor+' (default; fused path ``favor_attention``), 'trig', 'relu' or 'elu'.
         rope: 'features' (eq. 19: rotate phi(q), phi(k) by R_m in feature space, normalizer unrotated),
             'inputs' (rotate q, k before phi: relative only in expectation over the random draw) or None.
-        rope_base, interleaved, rope_scale: the ``RotaryEmbedding``'s base, pairing and position interpolation.
+        rope_base, interleaved, rope_scale, rope_scaling, rope_original_length, rotary_fraction: the
+            ``RotaryEmbedding``'s base, pairing, context-extension factor s and how it applies ('linear'
+            interpolation, 'ntk' base scaling, 'yarn' with the trained length ``rope_original_length``), and the
+            fraction of pairs rotated (of the features with rope='features', of the head dim with 'inputs').
+            Under 'yarn', q and k are scaled by its attention factor before the feature map.
         rotate_normalizer: ablation only (rope='features'): rotate the normalizer too; it can then vanish or turn
             negative, which is why eq. 19 keeps it unrotated.
         redraw_interval: redraw the random projection every this many optimizer steps (None: never). The layer
@@ -106,12 +128,14 @@ class LinearRotaryAttention(_Heads):
     parameters and buffers. Features are computed in float32 under autocast.
     """
 
-    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, nb_features: int = 256, causal: bool = False,
-                 feature_map: str = "favor+", rope: str | None = "features", rope_base: float = 10000.0,
-                 interleaved: bool = True, rope_scale: float = 1.0, rotate_normalizer: bool = False,
-                 redraw_interval: int | None = None, seed: int | None = None, orthogonal: bool = True,
-                 chunk_size: int = 64, qkv_bias: bool = False):
+    def __init__(self, dim: int, heads: int = 8, dim_head: int | None = None, nb_features: int = 256,
+                 causal: bool = False, feature_map: str = "favor+", rope: str | None = "features",
+                 rope_base: float = 10000.0, interleaved: bool = True, rope_scale: float = 1.0,
+                 rope_scaling: str = "linear", rope_original_length: int | None = None, rotary_fraction: float = 1.0,
+                 rotate_normalizer: bool = False, redraw_interval: int | None = None, seed: int | None = None,
+                 orthogonal: bool = True, chunk_size: int = 64, qkv_bias: bool = False):
         super().__init__(dim, heads, dim_head, causal, qkv_bias)
+        dim_head = self.dim_head
         _check_rope(rope, ROPE_PLACEMENTS)
         kwargs = {} if feature_map == "elu" else dict(orthogonal=orthogonal, seed=seed, redraw_interval=redraw_interval)
         self.feature_map = make_feature_map(feature_map, dim_head, nb_features, **kwargs)
@@ -122,11 +146,10 @@ class LinearRotaryAttention(_Heads):
         self.rotate_normalizer = bool(rotate_normalizer)
         self.rotary = None
         if rope is not None:
-            rdim = self.feature_map.nb_features if rope == "features" else dim_head
-            if rdim % 2:
-                what = "nb_features" if rope == "features" else "dim_head"
-                raise ValueError(f"{what}: expected an even number to be rotated with rope={rope!r}, got {rdim}")
-            self.rotary = RotaryEmbedding(rdim, base=rope_base, interleaved=interleaved, scale=rope_scale)
+            features = rope == "features"
+            self.rotary = self.make_rotary(self.feature_map.nb_features if features else dim_head,
+                                           "nb_features" if features else "dim_head", rope, rope_base, interleaved,
+                                           rope_scale, rope_scaling, rope_original_length, rotary_fraction)
         self.chunk_size = check_int("chunk_size", chunk_size)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, positions: int | Tensor | None = None,
@@ -138,6 +161,7 @@ class LinearRotaryAttention(_Heads):
         if positions is None and state is not None:
             positions = state.offset
         feature_rotary = self.rotary if self.rope == "features" else None
+        q, k = self.temper(q, k)
         if self.rope == "inputs":
             q, k = self.rotary.rotate(q, positions), self.rotary.rotate(k, positions)
         kwargs = dict(causal=self.causal, positions=positions, chunk_size=self.chunk_size,
@@ -160,19 +184,24 @@ class LinearRotaryAttention(_Heads):
 class SoftmaxAttention(_Heads):
     """Multi-head softmax attention (``scaled_dot_product_attention``) with RoPE on q and k.
 
-    Takes the keywords of ``LinearRotaryAttention`` that apply: dim, heads, dim_head, causal, rope ('inputs' or
-    None), rope_base, interleaved, rope_scale, qkv_bias. ``forward`` is the same; its state is a ``KVCache``.
+    Takes the keywords of ``LinearRotaryAttention`` that apply, with the same defaults: dim, heads, dim_head
+    (None: dim // heads), causal, rope, rope_base, interleaved, rope_scale, rope_scaling, rope_original_length,
+    rotary_fraction, qkv_bias. ``forward`` is the same; its state is a ``KVCache``. ``rope`` defaults to 'inputs'
+    here and to 'features' there because each is its layer's own RoPE (softmax has no feature map to rotate).
+    Both return x's dtype.
     """
 
-    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, causal: bool = False,
+    def __init__(self, dim: int, heads: int = 8, dim_head: int | None = None, causal: bool = False,
                  rope: str | None = "inputs", rope_base: float = 10000.0, interleaved: bool = True,
-                 rope_scale: float = 1.0, qkv_bias: bool = False):
+                 rope_scale: float = 1.0, rope_scaling: str = "linear", rope_original_length: int | None = None,
+                 rotary_fraction: float = 1.0, qkv_bias: bool = False):
         super().__init__(dim, heads, dim_head, causal, qkv_bias)
         _check_rope(rope, ("inputs", None))
-        if rope is not None and dim_head % 2:
-            raise ValueError(f"dim_head: expected an even number to be rotated with rope={rope!r}, got {dim_head}")
         self.rope = rope
-        self.rotary = RotaryEmbedding(dim_head, rope_base, interleaved, rope_scale) if rope else None
+        self.rotary = None
+        if rope is not None:
+            self.rotary = self.make_rotary(self.dim_head, "dim_head", rope, rope_base, interleaved, rope_scale,
+                                           rope_scaling, rope_original_length, rotary_fraction)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, positions: int | Tensor | None = None,
                 state: KVCache | None = None, return_state: bool = False):
@@ -182,6 +211,7 @@ class SoftmaxAttention(_Heads):
         offset = 0 if state is None else state.offset
         if positions is None:
             positions = offset
+        q, k = self.temper(q, k)
         if self.rotary is not None:
             q, k = self.rotary.rotate(q, positions), self.rotary.rotate(k, positions)
         mask = key_padding_mask
@@ -192,7 +222,7 @@ class SoftmaxAttention(_Heads):
                 old = state.mask if state.mask is not None else x.new_ones(B, state.k.shape[2], dtype=torch.bool)
                 new = mask if mask is not None else x.new_ones(B, N, dtype=torch.bool)
                 mask = torch.cat((old, new), dim=1)
-        out = self.merge(softmax_attention(q, k, v, causal=self.causal, key_padding_mask=mask))
+        out = self.merge(softmax_attention(q, k, v, causal=self.causal, key_padding_mask=mask).to(x.dtype))
         if return_state:
             return out, KVCache(k, v, mask, offset + x.shape[1])
         return out

@@ -51,7 +51,7 @@ def _relative_scores(qf: Tensor, kf: Tensor, rotary: RotaryEmbedding, positions:
     qa, qb = _pairs(qf, rotary.interleaved)
     ka, kb = _pairs(kf, rotary.interleaved)
     delta = positions[None, :] - positions[:, None]  # (N, N) integer distances n - m
-    angles = rotary._angles(torch.ones(1, dtype=torch.long, device=qf.device))[0]  # theta_i / scale, (r/2,)
+    angles = rotary.frequencies(qf.device)  # theta_i per pair after scaling, (r/2,)
     out = qf.new_zeros(*qf.shape[:3], kf.shape[2])
     for i in range(angles.shape[0]):
         angle = delta.to(F64) * angles[i]

@@ -12,12 +12,16 @@ dtype: at position 16384 a float16 angle would be off by whole radians, and at 1
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from ._checks import check_int, check_number, check_tensor, is_int
 
-__all__ = ["RotaryEmbedding", "apply_rotary", "resolve_positions"]
+__all__ = ["RotaryEmbedding", "apply_rotary", "resolve_positions", "SCALINGS"]
+
+SCALINGS = ("linear", "ntk", "yarn")
 
 
 def resolve_positions(positions: int | Tensor | None, n: int, device: torch.device) -> Tensor:
@@ -66,8 +70,19 @@ class RotaryEmbedding(nn.Module):
             features ``r`` for eq. 19).
         base: frequency base, ``theta_i = base ** (-2 i / dim)``.
         interleaved: pair (2i, 2i+1) if True (RoFormer), (i, i + dim/2) if False (GPT-NeoX / LLaMA).
-        scale: linear position interpolation: positions are multiplied by ``1 / scale``; use ``scale = s``
-            to run at ``s`` times the trained length.
+        scale: the context extension factor s (run at s times the trained length), applied as ``scaling`` says.
+        scaling: how ``scale`` stretches the frequencies:
+            'linear': position interpolation, every theta_i / s (Chen et al. 2023);
+            'ntk': NTK-aware, base * s^(dim / (dim - 2)): high frequencies kept, the lowest one divided by s;
+            'yarn': YaRN (Peng et al., arXiv 2309.00071): pair i is interpolated (theta_i / s) when its
+            wavelength 2 pi / theta_i exceeds ``original_length`` / ``yarn_beta_slow``, kept when it is shorter
+            than ``original_length`` / ``yarn_beta_fast``, and blended linearly in between; with it comes
+            ``attention_factor`` = 0.1 ln s + 1, the factor by which YaRN scales q and k (the layers apply it
+            where q and k meet in a dot product: softmax attention and rope='inputs').
+        original_length: the trained context length, for 'yarn' (required there).
+        yarn_beta_fast, yarn_beta_slow: YaRN's ramp bounds, in rotations per ``original_length`` (32 and 1).
+        rotary_fraction: rotate only the first round(fraction * dim / 2) pairs (GPT-NeoX's ``rotary_pct``); the
+            other pairs keep angle 0, i.e. pass through as pure content channels.
         max_cached: positions in [0, max_cached) are served from cos/sin tables cached per device and dtype,
             grown to the next power of two but never past ``max_cached`` rows: at most ``max_cached * dim * 4``
             bytes per device in float32 (twice that in float64). Any other request (a position past the table or
@@ -81,24 +96,59 @@ class RotaryEmbedding(nn.Module):
     """
 
     def __init__(self, dim: int, base: float = 10000.0, interleaved: bool = True, scale: float = 1.0,
-                 max_cached: int = 8192):
+                 max_cached: int = 8192, scaling: str = "linear", original_length: int | None = None,
+                 yarn_beta_fast: float = 32.0, yarn_beta_slow: float = 1.0, rotary_fraction: float = 1.0):
         super().__init__()
         if check_int("dim", dim, 1, "a positive even integer") % 2:
             raise ValueError(f"dim: expected a positive even integer, got {dim!r}")
         check_number("base", base, lambda b: b > 1, "a finite number > 1")
         check_number("scale", scale, lambda s: s > 0, "a finite number > 0")
         check_int("max_cached", max_cached, 0, "an integer >= 0 (0 disables the cache)")
+        if scaling not in SCALINGS:
+            raise ValueError(f"scaling: expected one of {SCALINGS}, got {scaling!r}")
+        if scaling == "yarn":
+            check_int("original_length", original_length, 1, "the trained context length (a positive integer) "
+                                                                "with scaling='yarn'")
+            check_number("yarn_beta_slow", yarn_beta_slow, lambda b: b > 0, "a number > 0")
+            check_number("yarn_beta_fast", yarn_beta_fast, lambda b: b > yarn_beta_slow,
+                         f"a number > yarn_beta_slow ({yarn_beta_slow})")
+        check_number("rotary_fraction", rotary_fraction, lambda f: 0 < f <= 1, "a number in (0, 1]")
         self.dim, self.base, self.interleaved, self.scale = dim, float(base), bool(interleaved), float(scale)
-        self.max_cached = max_cached
+        self.max_cached, self.scaling, self.original_length = max_cached, scaling, original_length
+        self.yarn_beta_fast, self.yarn_beta_slow = float(yarn_beta_fast), float(yarn_beta_slow)
+        self.rotary_fraction = float(rotary_fraction)
+        self.rotated_pairs = max(1, round(rotary_fraction * dim / 2))
         self._cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
 
     def extra_repr(self) -> str:
+        extra = "" if self.scaling != "yarn" else f", original_length={self.original_length}"
+        part = "" if self.rotary_fraction == 1 else f", rotary_fraction={self.rotary_fraction:g}"
         return (f"dim={self.dim}, base={self.base:g}, interleaved={self.interleaved}, scale={self.scale:g}, "
-                f"max_cached={self.max_cached}")
+                f"scaling={self.scaling!r}{extra}{part}, max_cached={self.max_cached}")
+
+    @property
+    def attention_factor(self) -> float:
+        """YaRN's scale of q and k (0.1 ln s + 1 for s > 1); 1 for the other scalings."""
+        return 0.1 * math.log(self.scale) + 1.0 if self.scaling == "yarn" and self.scale > 1 else 1.0
+
+    def frequencies(self, device=None) -> Tensor:
+        """theta_i per pair (dim/2,), float64, after scaling; 0 for the pairs left unrotated."""
+        theta = self.base ** (-torch.arange(0, self.dim, 2, dtype=torch.float64, device=device) / self.dim)
+        s = self.scale
+        if self.scaling == "linear":
+            theta = theta / s
+        elif self.scaling == "ntk":
+            theta = (self.base * s ** (self.dim / (self.dim - 2))) ** (
+                -torch.arange(0, self.dim, 2, dtype=torch.float64, device=device) / self.dim)
+        else:  # yarn: rotations per trained context decide each pair's blend of interpolated and original
+            rotations = self.original_length * theta / (2 * math.pi)
+            keep = ((rotations - self.yarn_beta_slow) / (self.yarn_beta_fast - self.yarn_beta_slow)).clamp(0, 1)
+            theta = theta / s * (1 - keep) + theta * keep
+        theta[self.rotated_pairs:] = 0.0
+        return theta
 
     def _angles(self, positions: Tensor) -> Tensor:
-        inv_freq = self.base ** (-torch.arange(0, self.dim, 2, dtype=torch.float64, device=positions.device) / self.dim)
-        return positions.to(torch.float64)[:, None] * (inv_freq / self.scale)  # (N, dim/2)
+        return positions.to(torch.float64)[:, None] * self.frequencies(positions.device)  # (N, dim/2)
 
     def _direct(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         angles = self._angles(positions)

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -157,3 +159,45 @@ def small(**kw):
 def test_invalid_arguments_name_the_argument_and_what_was_expected(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# ---------------------------------------------------------------------------------------------- context extension
+def test_dim_head_defaults_to_dim_over_heads_in_both_layers():
+    assert LinearRotaryAttention(48, heads=3).dim_head == 16 == SoftmaxAttention(48, heads=3).dim_head
+    for cls in (LinearRotaryAttention, SoftmaxAttention):
+        with pytest.raises(ValueError, match=r"dim_head: expected an integer when dim \(50\) is not a multiple of "
+                                             r"heads \(3\), got None"):
+            cls(50, heads=3)
+
+
+def test_softmax_layer_with_yarn_equals_the_explicit_computation():
+    """q and k scaled by YaRN's attention factor, rotated with YaRN's frequencies, then softmax (float64)."""
+    torch.manual_seed(0)
+    attn = SoftmaxAttention(32, heads=2, causal=True, rope_scale=4.0, rope_scaling="yarn",
+                            rope_original_length=16).double()
+    x = torch.randn(1, 40, 32, dtype=torch.float64)
+    q, k, v = attn.to_qkv(x).view(1, 40, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    f = 0.1 * math.log(4.0) + 1
+    theta = attn.rotary.frequencies()
+    ang = torch.arange(40, dtype=torch.float64)[:, None] * theta
+    def rot(t):  # interleaved pairs (2i, 2i+1) turned by the angles, written out
+        a, b = t[..., 0::2], t[..., 1::2]
+        return torch.stack((a * ang.cos() - b * ang.sin(), a * ang.sin() + b * ang.cos()), -1).flatten(-2)
+    s = rot(f * q) @ rot(f * k).transpose(-1, -2) / 4.0
+    s = s.masked_fill(torch.ones(40, 40, dtype=torch.bool).triu(1), float("-inf"))
+    ref = attn.to_out((s.softmax(-1) @ v).transpose(1, 2).reshape(1, 40, 32))
+    torch.testing.assert_close(attn(x), ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kwargs", [dict(rope_scale=4.0, rope_scaling="ntk"),
+                                    dict(rope_scale=4.0, rope_scaling="yarn", rope_original_length=16),
+                                    dict(rotary_fraction=0.5)], ids=["ntk", "yarn", "partial"])
+def test_eq19_with_context_extension_stays_exactly_relative(kwargs):
+    """Whatever the frequencies, rotating the features keeps eq. 19 a function of relative positions only:
+    the same input at positions shifted by 1000 gives the same output (the layer scales q, k by YaRN's factor)."""
+    torch.manual_seed(1)
+    attn = layer(causal=True, **kwargs)
+    x = torch.randn(2, 30, 32, dtype=torch.float64)
+    torch.testing.assert_close(attn(x), attn(x, positions=1000), rtol=1e-9, atol=1e-10)
+    if kwargs.get("rope_scaling") == "yarn":
+        assert attn.rotary.attention_factor > 1

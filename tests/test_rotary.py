@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -136,3 +138,62 @@ def test_cache_grows_by_powers_of_two_up_to_max_cached():
 def test_invalid_input_names_the_argument_and_what_was_expected(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# ---------------------------------------------------------------------------------------------- context extension
+def _theta(dim, base=10000.0):
+    return [base ** (-2 * i / dim) for i in range(dim // 2)]
+
+
+def test_ntk_scaling_raises_the_base():
+    """NTK-aware: base * s^(d/(d-2)); the highest frequency is kept, the lowest divided by exactly s."""
+    rot = RotaryEmbedding(16, scale=4.0, scaling="ntk")
+    expected = _theta(16, 10000.0 * 4.0 ** (16 / 14))
+    torch.testing.assert_close(rot.frequencies(), torch.tensor(expected, dtype=torch.float64), rtol=1e-13, atol=0)
+    assert rot.frequencies()[0] == 1.0
+    assert abs(rot.frequencies()[-1] / _theta(16)[-1] - 1 / 4) < 1e-12
+
+
+def test_yarn_frequencies_follow_the_paper():
+    """YaRN (arXiv 2309.00071, eq. 19-20): r = L / lambda_i rotations per trained context; gamma ramps from 0
+    (r < 1: interpolate, theta/s) to 1 (r > 32: keep theta); h(theta) = (1 - gamma) theta / s + gamma theta."""
+    L, s, dim = 512, 8.0, 64
+    rot = RotaryEmbedding(dim, scale=s, scaling="yarn", original_length=L)
+    got = rot.frequencies()
+    for i, theta in enumerate(_theta(dim)):
+        r = L / (2 * math.pi / theta)
+        gamma = 0.0 if r < 1 else 1.0 if r > 32 else (r - 1) / 31
+        assert abs(got[i].item() - ((1 - gamma) * theta / s + gamma * theta)) < 1e-15 * max(theta, 1e-300) + 1e-18
+    assert abs(rot.attention_factor - (0.1 * math.log(s) + 1)) < 1e-15
+    assert RotaryEmbedding(64, scale=8.0).attention_factor == 1.0
+
+
+def test_partial_rotation_leaves_the_other_pairs_unrotated():
+    x = torch.randn(2, 10, 16, dtype=torch.float64)
+    for interleaved in (True, False):
+        rot = RotaryEmbedding(16, interleaved=interleaved, rotary_fraction=0.25)  # 2 of 8 pairs
+        y = rot.rotate(x, 100)
+        R = rotation_matrices(torch.arange(100, 110), 16, interleaved=interleaved)
+        pairs = [(2 * i, 2 * i + 1) if interleaved else (i, i + 8) for i in range(8)]
+        rotated = [c for p in pairs[:2] for c in p]
+        kept = [c for p in pairs[2:] for c in p]
+        torch.testing.assert_close(y[..., kept], x[..., kept], rtol=0, atol=0)
+        full = torch.einsum("nij,bnj->bni", R, x)
+        torch.testing.assert_close(y[..., rotated], full[..., rotated], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, phrase", [
+    pytest.param(dict(scaling="dynamic"), r"scaling: expected one of \('linear', 'ntk', 'yarn'\), got 'dynamic'",
+                 id="scaling-name"),
+    pytest.param(dict(scaling="yarn", scale=4.0), r"original_length: expected the trained context length",
+                 id="yarn-without-length"),
+    pytest.param(dict(scaling="yarn", scale=4.0, original_length=64, yarn_beta_fast=0.5),
+                 r"yarn_beta_fast: expected a number > yarn_beta_slow \(1.0\), got 0.5", id="yarn-betas"),
+    pytest.param(dict(rotary_fraction=0.0), r"rotary_fraction: expected a number in \(0, 1\], got 0.0",
+                 id="fraction-zero"),
+    pytest.param(dict(rotary_fraction=1.5), r"rotary_fraction: expected a number in \(0, 1\], got 1.5",
+                 id="fraction-above-one"),
+])
+def test_context_extension_arguments_are_checked(kwargs, phrase):
+    with pytest.raises(ValueError, match=phrase):
+        RotaryEmbedding(16, **kwargs)
