@@ -84,9 +84,9 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
         positions = offset
     cos = sin = None
     if rotary is not None:
-        cos, sin = rotary.cos_sin(positions, N, v.device, dt)
+        cos, sin = rotary.cos_sin(positions, N, v.device, dt, batch=B)
     else:
-        resolve_positions(positions, N, v.device)  # still validate what the caller passed
+        resolve_positions(positions, N, v.device, B)  # still validate what the caller passed
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, ks, v, S0, z0))
     cfg = EngineConfig(causal=bool(causal), chunk_size=chunk_size, group_size=group_size, dtype=dt,
@@ -118,7 +118,7 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
         causal: restrict to n <= m; computed in chunks of ``chunk_size`` with a running state.
         rotary: a ``RotaryEmbedding`` of dim r rotating the features (eq. 19), or None.
         positions: positions of the N rows (None: 0..N-1, or continuing ``initial_state.offset``; an int
-            offset; or a 1-D integer tensor of length N).
+            offset; an integer tensor (N,); or (B, N) for positions per example, e.g. left-padded batches).
         chunk_size: positions per chunk of the causal path.
         initial_state / return_state: streaming (causal only): start from and/or return an ``AttentionState``.
         key_padding_mask: (B, N) bool, True = keep; padded keys leave numerator and normalizer alike.
@@ -212,7 +212,7 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
             raise ValueError("rotary: needs as many queries as keys; rotate cached keys when caching them")
         q, k = rotary.rotate(q, positions), rotary.rotate(k, positions)
     elif positions is not None:
-        resolve_positions(positions, Nq, q.device)
+        resolve_positions(positions, Nq, q.device, B)
     k, v = k.to(q.dtype), v.to(q.dtype)
     if mask is None and (not causal or Nq == Nk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Nq > 1)

@@ -28,11 +28,11 @@ __all__ = ["linear_attention_naive", "favor_attention_naive", "linear_attention_
 F64 = torch.float64
 
 
-def _rotation(rotary: RotaryEmbedding | None, r: int, positions, N: int, device):
+def _rotation(rotary: RotaryEmbedding | None, r: int, positions, N: int, device, batch: int | None = None):
     if rotary is None:
         return None
     check_rotary(rotary, r, "the number of features r")
-    cos, sin = rotary.cos_sin(positions, N, device, F64)
+    cos, sin = rotary.cos_sin(positions, N, device, F64, batch=batch)
     return lambda x: apply_rotary(x, cos, sin, interleaved=rotary.interleaved)
 
 
@@ -50,7 +50,9 @@ def _relative_scores(qf: Tensor, kf: Tensor, rotary: RotaryEmbedding, positions:
     """
     qa, qb = _pairs(qf, rotary.interleaved)
     ka, kb = _pairs(kf, rotary.interleaved)
-    delta = positions[None, :] - positions[:, None]  # (N, N) integer distances n - m
+    delta = positions[..., None, :] - positions[..., :, None]  # (N, N) integer distances n - m, or (B, N, N)
+    if delta.dim() == 3:
+        delta = delta[:, None]  # (B, 1, N, N): the heads of an example share its positions
     angles = rotary.frequencies(qf.device)  # theta_i per pair after scaling, (r/2,)
     out = qf.new_zeros(*qf.shape[:3], kf.shape[2])
     for i in range(angles.shape[0]):
@@ -81,7 +83,7 @@ def linear_attention_naive(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = 
         s = k_logscale.to(F64)[:, :, None, :].masked_fill(~keep, -math.inf)  # (B, H, N, N)
         top = s.amax(-1, keepdim=True)
         weight = torch.exp(s - torch.where(torch.isfinite(top), top, 0))
-    pos = resolve_positions(positions, N, qf.device)
+    pos = resolve_positions(positions, N, qf.device, B)
     den = ((qf @ kf.transpose(-1, -2)) * weight).sum(-1, keepdim=True)
     if rotary is None:
         num = qf @ kf.transpose(-1, -2)
@@ -127,7 +129,7 @@ def linear_attention_recurrent(qf: Tensor, kf: Tensor, v: Tensor, *, rotary: Rot
     else:
         S, z, offset = initial_state.numerator.to(F64), initial_state.key_sum.to(F64), initial_state.offset
         M = torch.where(initial_state.log_ref > -1e29, initial_state.log_ref.to(F64), -math.inf)
-    rot = _rotation(rotary, r, offset if positions is None else positions, N, qf.device)
+    rot = _rotation(rotary, r, offset if positions is None else positions, N, qf.device, B)
     rq, rk = (qf, kf) if rot is None else (rot(qf), rot(kf))
     s = qf.new_zeros(B, H, N) if k_logscale is None else k_logscale.to(F64)
     if key_padding_mask is not None:

@@ -24,32 +24,39 @@ __all__ = ["RotaryEmbedding", "apply_rotary", "resolve_positions", "SCALINGS"]
 SCALINGS = ("linear", "ntk", "yarn")
 
 
-def resolve_positions(positions: int | Tensor | None, n: int, device: torch.device) -> Tensor:
-    """Turn the ``positions`` argument accepted across linrope into a 1-D int64 tensor of length ``n``.
+def resolve_positions(positions: int | Tensor | None, n: int, device: torch.device, batch: int | None = None
+                      ) -> Tensor:
+    """Turn the ``positions`` argument accepted across linrope into an int64 tensor: (n,), or (batch, n).
 
-    ``None`` means 0..n-1, an int ``p`` means p..p+n-1 (decoding, shifted windows), a tensor must be 1-D,
-    integer and of length ``n``.
+    ``None`` means 0..n-1, an int ``p`` means p..p+n-1 (decoding, shifted windows), a tensor must be integer, of
+    shape (n,), or (batch, n) for positions of each example when ``batch`` is given (packed or left-padded
+    batches).
     """
     if positions is None:
         return torch.arange(n, device=device)
     if isinstance(positions, bool) or not isinstance(positions, (int, Tensor)):
-        raise TypeError("positions: expected None, an int offset or a 1-D integer tensor, "
+        raise TypeError("positions: expected None, an int offset or an integer tensor of shape (N,) or (B, N), "
                         f"got {type(positions).__name__}")
     if isinstance(positions, int):
         return torch.arange(positions, positions + n, device=device)
     if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
         raise TypeError(f"positions: expected an integer tensor, got dtype {positions.dtype}")
-    if positions.dim() != 1 or positions.shape[0] != n:
-        raise ValueError(f"positions: expected shape ({n},) to match the sequence length, got {tuple(positions.shape)}")
+    shapes = [(n,)] + ([] if batch is None else [(batch, n)])
+    if tuple(positions.shape) not in shapes:
+        raise ValueError(f"positions: expected shape {' or '.join(map(str, shapes))} to match the sequence length, "
+                         f"got {tuple(positions.shape)}")
     return positions.to(device=device, dtype=torch.long)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool, inverse: bool = False) -> Tensor:
-    """Rotate the last dimension of ``x`` (..., N, D) by angles given as ``cos``, ``sin`` of shape (N, D/2).
+    """Rotate the last dimension of ``x`` (..., N, D) by angles given as ``cos``, ``sin`` of shape (N, D/2), or
+    (B, N, D/2) for x (B, H, N, D) (positions per example, shared by the heads).
 
     ``inverse=True`` applies R^T (the rotation by minus the angle): the backward of a rotation.
     The arithmetic runs in ``cos.dtype``; the result has ``x.dtype``.
     """
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
     xc = x.to(cos.dtype)
     if inverse:
         sin = -sin
@@ -148,15 +155,16 @@ class RotaryEmbedding(nn.Module):
         return theta
 
     def _angles(self, positions: Tensor) -> Tensor:
-        return positions.to(torch.float64)[:, None] * self.frequencies(positions.device)  # (N, dim/2)
+        return positions.to(torch.float64)[..., None] * self.frequencies(positions.device)  # (..., N, dim/2)
 
     def _direct(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         angles = self._angles(positions)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def cos_sin(self, positions: int | Tensor | None, n: int, device: torch.device, dtype: torch.dtype = torch.float32
-                ) -> tuple[Tensor, Tensor]:
-        """cos and sin of the angles at ``positions`` (see ``resolve_positions``), each of shape (n, dim/2).
+    def cos_sin(self, positions: int | Tensor | None, n: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                batch: int | None = None) -> tuple[Tensor, Tensor]:
+        """cos and sin of the angles at ``positions`` (see ``resolve_positions``), each of shape (n, dim/2), or
+        (batch, n, dim/2) for positions given per example.
 
         ``dtype`` is the compute dtype: float64 gives float64 tables, anything else float32. Never reads a
         tensor's value on the host, except the positions of a CPU tensor (where that costs no device sync).
@@ -170,7 +178,7 @@ class RotaryEmbedding(nn.Module):
             if cacheable and 0 <= start and start + n <= self.max_cached:
                 cos, sin = self._table(start + n, device, dtype)
                 return cos[start:start + n], sin[start:start + n]
-        pos = resolve_positions(positions, n, device)
+        pos = resolve_positions(positions, n, device, batch)
         if cacheable and n and isinstance(positions, Tensor) and pos.device.type == "cpu":
             lo, hi = (int(v) for v in pos.aminmax())
             if lo >= 0 and hi < self.max_cached:
@@ -192,11 +200,13 @@ class RotaryEmbedding(nn.Module):
         return sum(t.numel() * t.element_size() for pair in self._cache.values() for t in pair)
 
     def rotate(self, x: Tensor, positions: int | Tensor | None = None, *, inverse: bool = False) -> Tensor:
-        """Apply R_m to ``x`` of shape (..., N, dim); positions as in ``resolve_positions``. Same dtype out."""
+        """Apply R_m to ``x`` of shape (..., N, dim); positions as in ``resolve_positions``, (B, N) ones for x of
+        shape (B, H, N, dim). Same dtype out."""
         check_tensor("x", x, dims=None)
         if x.dim() < 2 or x.shape[-1] != self.dim:
             raise ValueError(f"x: expected shape (..., N, {self.dim}), got {tuple(x.shape)}")
-        cos, sin = self.cos_sin(positions, x.shape[-2], x.device, x.dtype)
+        batch = x.shape[0] if x.dim() == 4 else None
+        cos, sin = self.cos_sin(positions, x.shape[-2], x.device, x.dtype, batch)
         return apply_rotary(x, cos, sin, interleaved=self.interleaved, inverse=inverse)
 
     def forward(self, x: Tensor, positions: int | Tensor | None = None) -> Tensor:

@@ -201,3 +201,15 @@ def test_eq19_with_context_extension_stays_exactly_relative(kwargs):
     torch.testing.assert_close(attn(x), attn(x, positions=1000), rtol=1e-9, atol=1e-10)
     if kwargs.get("rope_scaling") == "yarn":
         assert attn.rotary.attention_factor > 1
+
+
+@pytest.mark.parametrize("kind, rope", [("linear", "features"), ("linear", "inputs"), ("softmax", "inputs")])
+def test_layers_take_positions_per_example(kind, rope):
+    torch.manual_seed(2)
+    attn = (layer(causal=True, rope=rope) if kind == "linear"
+            else SoftmaxAttention(32, heads=2, causal=True, rope=rope).double())
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    pos = torch.stack((torch.arange(9), torch.arange(9) + 40))
+    both = attn(x, positions=pos)
+    alone = torch.cat([attn(x[i:i + 1], positions=pos[i]) for i in range(2)])
+    torch.testing.assert_close(both, alone, rtol=1e-10, atol=1e-12)

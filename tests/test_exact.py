@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from linrope import AttentionState, RotaryEmbedding, favor_attention, linear_attention
+from linrope import AttentionState, RotaryEmbedding, favor_attention, linear_attention, softmax_attention
 from linrope.features import FavorPlus, favor_plus, gaussian_orthogonal_matrix
 from linrope.reference import (favor_attention_naive, favor_attention_recurrent, linear_attention_naive,
                                linear_attention_recurrent)
@@ -392,3 +392,40 @@ def test_float64_layer_free_path_at_sigma_8_still_finite():
         got = favor_attention(q, k, v, W, causal=causal, rotary=RotaryEmbedding(64), chunk_size=16)
         assert row_errors(got, favor_eq19(q, k, v, W, causal=causal, rope="interleaved")).max() < 1e-8
     assert math.isfinite(float(got.sum()))
+
+
+# ---------------------------------------------------------------------------------------------- positions per example
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half"])
+def test_positions_per_example_equal_running_each_example_alone(causal, interleaved):
+    """(B, N) positions (e.g. left-padded prompts, each example starting at its own offset): outputs and
+    gradients equal B separate calls with 1-D positions, for eq. 19, the references and softmax."""
+    gen = torch.Generator().manual_seed(3)
+    B, H, N, d, r = 3, 2, 21, 8, 12
+    q, k, v = (torch.randn(B, H, N, d, generator=gen, dtype=F64, requires_grad=True) for _ in range(3))
+    W = projection(r, d, 2).double()
+    pos = torch.stack([torch.arange(N) + off for off in (0, 7, 1000)])
+    rot = RotaryEmbedding(r, interleaved=interleaved)
+    got = favor_attention(q, k, v, W, causal=causal, rotary=rot, positions=pos, chunk_size=4, group_size=8)
+    alone = torch.cat([favor_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], W, causal=causal, rotary=rot,
+                                       positions=pos[i]) for i in range(B)])
+    assert_close("per example", alone, got, rtol=1e-10)
+    assert_close("naive", favor_attention_naive(q, k, v, W, causal=causal, rotary=rot, positions=pos), got,
+                 rtol=1e-9)
+    g = torch.randn(got.shape, generator=gen, dtype=F64)
+    for name, a, b in zip("qkv", torch.autograd.grad(alone, (q, k, v), g), torch.autograd.grad(got, (q, k, v), g)):
+        assert_close(f"d{name}", a, b, rtol=1e-9)
+    if causal:
+        loop, _ = favor_attention_recurrent(q, k, v, W, rotary=rot, positions=pos)
+        assert_close("recurrent", loop, got, rtol=1e-9)
+    rot_d = RotaryEmbedding(d, interleaved=interleaved)
+    sm = softmax_attention(q, k, v, causal=causal, rotary=rot_d, positions=pos)
+    sm_alone = torch.cat([softmax_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], causal=causal, rotary=rot_d,
+                                            positions=pos[i]) for i in range(B)])
+    assert_close("softmax per example", sm_alone, sm, rtol=1e-12)
+
+
+def test_positions_per_example_of_the_wrong_shape_are_refused():
+    q = torch.randn(2, 1, 5, 4)
+    with pytest.raises(ValueError, match=r"positions: expected shape \(5,\) or \(2, 5\) to match the sequence"):
+        favor_attention(q, q, q, projection(8, 4), rotary=RotaryEmbedding(8), positions=torch.zeros(3, 5).long())

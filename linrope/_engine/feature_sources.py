@@ -85,7 +85,7 @@ class Rotation:
     """
 
     def __init__(self, cos: Tensor, sin: Tensor):
-        self.cos, self.sin = cos, sin  # (N, r/2)
+        self.cos, self.sin = cos, sin  # (N, r/2), or (B, N, r/2) for positions per example
         self._factors: dict = {}
 
     def factor(self, a: int, b: int, inverse: bool = False) -> Tensor:
@@ -93,11 +93,16 @@ class Rotation:
         if key not in self._factors:
             if len(self._factors) >= 4:  # the backward alternates between two groups, both directions
                 self._factors.pop(next(iter(self._factors)))
-            self._factors[key] = torch.complex(self.cos[a:b], -self.sin[a:b] if inverse else self.sin[a:b])
+            cos, sin = self.cos[..., a:b, :], self.sin[..., a:b, :]
+            self._factors[key] = torch.complex(cos, -sin if inverse else sin)
         return self._factors[key]
 
     def __call__(self, x: Tensor, a: int, b: int, out: Tensor, inverse: bool = False) -> Tensor:
-        torch.mul(_as_complex(x), self.factor(a, b, inverse), out=_as_complex(out))
+        f = self.factor(a, b, inverse)
+        xc, oc = _as_complex(x), _as_complex(out)  # (BH, G, r/2)
+        if f.dim() == 3:  # per example: the heads of an example share its factor
+            xc, oc, f = xc.view(f.shape[0], -1, *xc.shape[1:]), oc.view(f.shape[0], -1, *oc.shape[1:]), f[:, None]
+        torch.mul(xc, f, out=oc)
         return out
 
 
