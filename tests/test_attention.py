@@ -153,7 +153,7 @@ def small(**kw):
     pytest.param(lambda: small()(torch.randn(1, 5, 32), key_padding_mask=torch.ones(1, 5, dtype=torch.long)),
                  TypeError, r"key_padding_mask: expected dtype torch\.bool", id="integer-key_padding_mask"),
     pytest.param(lambda: SoftmaxAttention(32, heads=2, dim_head=16)(torch.randn(1, 5, 32), positions=torch.arange(4)),
-                 ValueError, r"positions: expected shape \(5,\) to match the sequence length",
+                 ValueError, r"positions: expected shape \(5,\) or \(1, 5\) to match the sequence length",
                  id="positions-too-short"),
 ])
 def test_invalid_arguments_name_the_argument_and_what_was_expected(call, error, match):

@@ -316,7 +316,7 @@ BAD_CALLS = [  # (call on the inputs above, the phrase the error must contain: t
                                             positions=torch.arange(10.0)),
                  r"positions: expected an integer tensor", id="positions-float"),
     pytest.param(lambda x: linear_attention(x["qf"], x["kf"], x["v"], positions=torch.arange(9)),
-                 r"positions: expected shape \(10,\) to match the sequence length", id="positions-length"),
+                 r"positions: expected shape \(10,\) or \(2, 10\) to match the sequence length", id="positions-length"),
     pytest.param(lambda x: linear_attention(x["qf"], x["kf"], x["v"], chunk_size=0, causal=True),
                  r"chunk_size: expected a positive integer, got 0", id="chunk-zero"),
     pytest.param(lambda x: linear_attention(x["qf"], x["kf"], x["v"], group_size=True, causal=True),
