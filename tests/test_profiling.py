@@ -81,3 +81,15 @@ def test_profile_update_replaces_only_the_remeasured_series(tmp_path):
     write_profile(old, str(tmp_path))
     merged = merge_profile(read_profile(str(tmp_path)), [rec("eq.19 causal", "fwd", 1024, 0.5)])
     assert [(r.params["series"], r.seconds) for r in merged] == [("sdpa causal", 1.0), ("eq.19 causal", 0.5)]
+
+
+def test_compare_times_an_earlier_commit_beside_this_checkout():
+    """The A/B harness behind BENCHMARKS.md's before/after tables: both versions run, each in its own process
+    with its own library (the earlier one extracted with git archive), and the ratio is reported."""
+    from linrope.lab.bench.compare import compare
+    rows = compare("HEAD", points=(("tiny", "linrope", dict(n=64, h=1, r=8, d=4)),), rounds=1, repeats=1)
+    (row,) = rows
+    assert row["then_status"] == row["now_status"] == "ok", row
+    assert row["then_s"] > 0 and row["now_s"] > 0 and row["now_over_then"] > 0
+    with pytest.raises(ValueError, match="compare: expected a git revision of this repository, got 'no-such-rev'"):
+        compare("no-such-rev", points=(), rounds=1)

@@ -116,9 +116,9 @@ def _load(case: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
-def _subprocess(job: dict, env: dict, timeout: float) -> Record:
+def _subprocess(job: dict, env: dict, timeout: float, runner: str = "linrope.lab.profiling") -> Record:
     try:
-        proc = subprocess.run([sys.executable, "-m", "linrope.lab.profiling", json.dumps(job)], capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", runner, json.dumps(job)], capture_output=True,
                               text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return Record(job["case"], job["params"], f"timeout after {timeout:.0f} s", device=job["device"])
@@ -130,15 +130,19 @@ def _subprocess(job: dict, env: dict, timeout: float) -> Record:
 
 
 def run_point(case: str, params: dict, *, warmup: int = 1, repeats: int = 3, device: str = "cpu",
-              timeout: float = 600.0, threads: int | None = None, memory: bool = True) -> Record:
+              timeout: float = 600.0, threads: int | None = None, memory: bool = True, env: dict | None = None,
+              runner: str = "linrope.lab.profiling") -> Record:
     """Measure ``case(**params)`` in fresh Python processes; see the module docstring. ``memory=False`` skips
-    the CPU memory pass (``peak_mib`` is then the timing process's, inflated by the default allocator)."""
+    the CPU memory pass (``peak_mib`` is then the timing process's, inflated by the default allocator). ``env``
+    (default: this process's) and ``runner`` (the module run with ``-m``, holding this file's ``_child``) let
+    ``linrope.lab.bench.compare`` time another version of the library."""
     job = dict(case=case, params=params, warmup=warmup, repeats=repeats, device=device, threads=threads)
-    timed = _subprocess(job, dict(os.environ), timeout)
+    env = dict(os.environ) if env is None else env
+    timed = _subprocess(job, env, timeout, runner)
     if device.startswith("cuda") or timed.status != "ok" or not memory:
         return timed
     job.update(warmup=0, repeats=1)
-    mem = _subprocess(job, dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072"), timeout)
+    mem = _subprocess(job, dict(env, MALLOC_MMAP_THRESHOLD_="131072"), timeout, runner)
     if mem.status != "ok":
         return Record(case, params, f"memory pass {mem.status}", timed.seconds, timed.times, None, device)
     timed.peak_mib = mem.peak_mib

@@ -29,7 +29,11 @@ def main(argv=None, prog: str | None = None) -> None:
                    help="fresh processes per point, interleaved across points; a point's time is the median of "
                         "its processes' medians (a process's time varies more than runs within it)")
     p.add_argument("--json", help="write the records and targets here")
+    p.add_argument("--compare", metavar="REV", help="instead: time this checkout against git revision REV on the "
+                                                     "points of linrope.lab.bench.compare, interleaved")
     args = p.parse_args(argv)
+    if args.compare:
+        return _compare(p, args)
     peers = peers_available()
     with_peers = not args.no_peers and all(peers.values())
     if not args.no_peers and not with_peers:
@@ -65,3 +69,25 @@ def main(argv=None, prog: str | None = None) -> None:
             json.dump({"machine": machine(), "date": str(datetime.date.today()),
                        "records": {k: v.to_dict() for k, v in records.items()},
                        "targets": [dict(t.__dict__, met=t.met) for t in table]}, f, indent=1)
+
+
+def _compare(p, args) -> None:
+    from .compare import compare
+    if args.rounds < 1 or args.repeats < 1:
+        p.error(f"--rounds and --repeats must be >= 1, got {args.rounds} and {args.repeats}")
+    with tqdm(total=0, desc="points", unit="pt") as bar:
+        try:
+            rows = compare(args.compare, rounds=args.rounds, repeats=args.repeats, on_record=lambda *a: bar.update())
+        except ValueError as e:
+            p.error(str(e))
+    print(f"\n{machine()}, {datetime.date.today()}; {args.compare} (then) against this checkout (now); median over "
+          f"{args.rounds} fresh processes per point and version, interleaved, of the median of {args.repeats} runs")
+    print("\n| point | then s | now s | now / then | then MiB | now MiB |\n|---|---:|---:|---:|---:|---:|")
+    fmt = lambda x, f: "" if x is None else format(x, f)  # noqa: E731
+    for r in rows:
+        print(f"| {r['point']} | {fmt(r['then_s'], '.3f')} | {fmt(r['now_s'], '.3f')} | "
+              f"{fmt(r.get('now_over_then'), '.2f')} | {fmt(r['then_mib'], '.0f')} | {fmt(r['now_mib'], '.0f')} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "date": str(datetime.date.today()), "compare": args.compare,
+                       "rows": rows}, f, indent=1)
