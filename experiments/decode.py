@@ -1,6 +1,7 @@
 """Decoding cost against context length: ms per generated token and the bytes of the decoding state, for one
 causal LinearRotaryAttention layer (eq. 19: a constant-size state) and one SoftmaxAttention layer (a KV cache
-that grows with the context). Writes decode.csv, decode.json and decode.png.
+that grows with the context), the latter both as the layer steps (appending by concatenation) and as a
+preallocated cache would (SDPA over the cache, no copy). Writes decode.csv, decode.json and decode.png.
 
     python experiments/decode.py                                  # 1k .. 1M tokens (~3 minutes on 2 cores)
     python experiments/decode.py --lengths 1024,16384 --tokens 10 # a quick look
@@ -8,14 +9,14 @@ that grows with the context). Writes decode.csv, decode.json and decode.png.
 
 import argparse
 
-from linrope.lab.decode import DEFAULT_LENGTHS, decode_profile, write_decode
+from linrope.lab.decode import DEFAULT_LENGTHS, KINDS, decode_profile, write_decode
 from linrope.lab.sweeps import parse_list, run_script
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)), help="context lengths, comma-separated")
-    p.add_argument("--kinds", default="linear,softmax", help="linear, softmax or both")
+    p.add_argument("--kinds", default=",".join(KINDS), help=f"any of {', '.join(KINDS)}")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--dim-head", type=int, default=64)
@@ -30,8 +31,8 @@ def main():
         kinds = parse_list(args.kinds, str, "kinds")
         if any(n < 1 for n in lengths):
             raise ValueError(f"lengths: expected positive integers, got {lengths}")
-        if any(k not in ("linear", "softmax") for k in kinds):
-            raise ValueError(f"kinds: expected names from ('linear', 'softmax'), got {kinds}")
+        if any(k not in KINDS for k in kinds):
+            raise ValueError(f"kinds: expected names from {KINDS}, got {kinds}")
         if args.tokens < 1:
             raise ValueError(f"tokens: expected an integer >= 1, got {args.tokens}")
 
@@ -45,17 +46,18 @@ def main():
         rows = decode_profile(lengths, kinds, max_cache_gib=args.max_cache_gib, on_point=show, dim=args.dim,
                               heads=args.heads, dim_head=args.dim_head, nb_features=args.nb_features,
                               tokens=args.tokens)
-        print("\n| context | linear ms/token | softmax ms/token | linear / softmax time | linear state | "
-              "softmax state |")
+        print("\n| context | linear ms/token | softmax ms/token (concat / prealloc) | linear / softmax time (concat / "
+              "prealloc) | linear state | softmax cache |")
         print("|---:|---:|---:|---:|---:|---:|")
+        f3 = "{:.3f}".format
         for n in sorted({r["length"] for r in rows}):
-            lin = next((r for r in rows if r["length"] == n and r["kind"] == "linear"), None)
-            sm = next((r for r in rows if r["length"] == n and r["kind"] == "softmax"), None)
-            cell = lambda r, key, f: f(r[key]) if r and r.get("status") == "ok" else "—"  # noqa: E731
-            print(f"| {n} | {cell(lin, 'token_ms', '{:.3f}'.format)} | {cell(sm, 'token_ms', '{:.3f}'.format)} | "
-                  f"{cell(lin, 'token_vs_softmax', '{:.3f}'.format) if lin and 'token_vs_softmax' in lin else '—'} | "
-                  f"{cell(lin, 'state_bytes', lambda b: f'{b / 2**20:.2f} MiB')} | "
-                  f"{cell(sm, 'state_bytes', lambda b: f'{b / 2**20:.1f} MiB')} |")
+            got = {r["kind"]: r for r in rows if r["length"] == n and r["status"] == "ok"}
+            cell = lambda kind, key, f: f(got[kind][key]) if key in got.get(kind, {}) else "—"  # noqa: E731
+            print(f"| {n} | {cell('linear', 'token_ms', f3)} | {cell('softmax', 'token_ms', f3)} / "
+                  f"{cell('softmax-prealloc', 'token_ms', f3)} | {cell('linear', 'token_vs_softmax', f3)} / "
+                  f"{cell('linear', 'token_vs_prealloc', f3)} | "
+                  f"{cell('linear', 'state_bytes', lambda b: f'{b / 2**20:.2f} MiB')} | "
+                  f"{cell('softmax', 'state_bytes', lambda b: f'{b / 2**20:.1f} MiB')} |")
         print(f"wrote {write_decode(rows, args.out, vars(args))}")
 
     run_script(p, run)

@@ -18,6 +18,16 @@ def test_state_bytes_counts_the_tensors():
         state_bytes((1, 2))
 
 
+def test_preallocated_step_equals_the_layer_step():
+    """The floor measured for softmax decoding computes what the layer computes (without the copy)."""
+    from linrope.lab.decode import _prealloc_step, _state_at
+    layer = build_layer("softmax", 16, 2, 8, 8)
+    cache = _state_at(layer, "softmax", 30, torch.Generator().manual_seed(0))
+    x = torch.randn(1, 1, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(_prealloc_step(layer, cache)(x)[0], layer(x, state=cache), rtol=1e-5, atol=1e-6)
+
+
 def test_linear_state_is_constant_and_the_cache_grows_with_the_context():
     kw = dict(dim=16, heads=2, dim_head=8, nb_features=8, tokens=2, warmup=1)
     lin = [decode_point("linear", n, **kw) for n in (3, 40)]
@@ -27,16 +37,18 @@ def test_linear_state_is_constant_and_the_cache_grows_with_the_context():
 
 
 def test_profile_skips_caches_over_budget_and_writes_files(tmp_path):
-    rows = decode_profile((4, 64), ("linear", "softmax"), max_cache_gib=1e-6, dim=16, heads=2, dim_head=8,
-                          nb_features=8, tokens=1, warmup=0)
-    assert [r["status"].split(":")[0] for r in rows] == ["ok", "ok", "ok", "skipped"]
-    assert rows[0]["token_vs_softmax"] > 0 and rows[2]["token_vs_shortest"] > 0
+    rows = decode_profile((4, 64), max_cache_gib=1e-6, dim=16, heads=2, dim_head=8, nb_features=8, tokens=1,
+                          warmup=0)
+    assert [(r["kind"], r["status"].split(":")[0]) for r in rows] == [
+        ("linear", "ok"), ("softmax", "ok"), ("softmax-prealloc", "ok"),
+        ("linear", "ok"), ("softmax", "skipped"), ("softmax-prealloc", "skipped")]
+    assert rows[0]["token_vs_softmax"] > 0 and rows[0]["token_vs_prealloc"] > 0 and rows[3]["token_vs_shortest"] > 0
     write_decode(rows, tmp_path, dict(dim=16, heads=2, nb_features=8))
     assert {p.name for p in tmp_path.iterdir()} == {"decode.csv", "decode.json", "decode.png"}
 
 
 def test_build_layer_rejects_an_unknown_kind():
-    with pytest.raises(ValueError, match="kind: expected 'linear' or 'softmax', got 'flash'"):
+    with pytest.raises(ValueError, match=r"kind: expected one of \('linear', 'softmax', 'softmax-prealloc'\), got 'flash'"):
         build_layer("flash", 16, 2, 8, 8)
 
 

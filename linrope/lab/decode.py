@@ -7,7 +7,11 @@ For each context length L one attention layer (B = 1, causal) is brought to posi
   log reference per head) is all that decoding keeps, whatever L.
 * ``softmax``: ``SoftmaxAttention`` with its ``KVCache``. The cache holds the layer's own projections (rotated
   keys, values) of L random inputs; attention over the prompt itself is not computed (O(L^2): hours at 1M), since
-  the cost of a decoding step depends only on the cache's length, not on its values.
+  the cost of a decoding step depends only on the cache's length, not on its values. The layer's step appends by
+  concatenation (as Hugging Face's ``DynamicCache`` does), which copies the cache: pure, so a state can be reused
+  or branched, but O(L) memory traffic per token.
+* ``softmax-prealloc``: the same layer's step as a preallocated cache would run it: projections, RoPE at
+  position L, then SDPA of the one query over the L cached keys, with no copy: the floor of softmax decoding.
 
 Per point: the median time of one single-token forward (after warm-up), the bytes of the decoding state (exact:
 the tensors' sizes) and the seconds spent bringing the layer to position L. Figures are reported against the
@@ -22,15 +26,17 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..attention import KVCache, LinearRotaryAttention, SoftmaxAttention
 from ..functional import AttentionState
 from . import plots
 from .profiling import machine
 
-__all__ = ["DEFAULT_LENGTHS", "state_bytes", "build_layer", "decode_point", "decode_profile", "plot_decode"]
+__all__ = ["DEFAULT_LENGTHS", "KINDS", "state_bytes", "build_layer", "decode_point", "decode_profile", "plot_decode"]
 
 DEFAULT_LENGTHS = (1024, 4096, 16384, 65536, 262144, 1048576)
+KINDS = ("linear", "softmax", "softmax-prealloc")
 PIECE = 65536  # prompt positions per forward while building the state: bounds the prompt's activations
 
 
@@ -51,10 +57,10 @@ def build_layer(kind: str, dim: int, heads: int, dim_head: int, nb_features: int
     if kind == "linear":
         layer = LinearRotaryAttention(dim, heads=heads, dim_head=dim_head, nb_features=nb_features, causal=True,
                                       seed=seed)
-    elif kind == "softmax":
+    elif kind in ("softmax", "softmax-prealloc"):
         layer = SoftmaxAttention(dim, heads=heads, dim_head=dim_head, causal=True)
     else:
-        raise ValueError(f"kind: expected 'linear' or 'softmax', got {kind!r}")
+        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
     return layer.eval()
 
 
@@ -86,14 +92,17 @@ def decode_point(kind: str, length: int, *, dim: int = 512, heads: int = 8, dim_
     layer = build_layer(kind, dim, heads, dim_head, nb_features, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     t0 = time.perf_counter()
-    state = _state_at(layer, kind, length, gen)
+    state = _state_at(layer, "linear" if kind == "linear" else "softmax", length, gen)
     build_s = time.perf_counter() - t0
-    held = state_bytes(state)
+    held = state_bytes(state)  # softmax-prealloc: counted before the free slot is added
+    step = None
+    if kind == "softmax-prealloc":
+        step, state = _prealloc_step(layer, state), None  # the step holds the cache (and one free slot)
     times = []
     for i in range(warmup + tokens):
         x = torch.randn(1, 1, dim, generator=gen)
         t0 = time.perf_counter()
-        out, new_state = layer(x, state=state, return_state=True)
+        out, new_state = step(x) if step else layer(x, state=state, return_state=True)
         times.append(time.perf_counter() - t0)
         assert torch.isfinite(out).all(), f"{kind} at {length}: non-finite output"
         if kind == "linear":
@@ -103,14 +112,32 @@ def decode_point(kind: str, length: int, *, dim: int = 512, heads: int = 8, dim_
                 build_s=build_s, tokens=tokens, dim=dim, heads=heads, dim_head=dim_head, nb_features=nb_features)
 
 
-def decode_profile(lengths=DEFAULT_LENGTHS, kinds=("linear", "softmax"), *, max_cache_gib: float = 6.0,
+def _prealloc_step(layer: SoftmaxAttention, cache: KVCache):
+    """One decoding step of ``layer`` as a preallocated cache runs it: the new key and value are written into the
+    free slot after the cache (the same slot at every timed step, so the context stays at its length), and the
+    one query attends the cached keys and its own, with no copy of the cache."""
+    L = cache.offset
+    k_buf = torch.cat((cache.k, cache.k[:, :, :1]), 2)  # capacity L + 1 (built once, before timing)
+    v_buf = torch.cat((cache.v, cache.v[:, :, :1]), 2)
+
+    def step(x):
+        q, k, v = layer.split(x, None, False)
+        q, k = layer.rotary.rotate(q, L), layer.rotary.rotate(k, L)
+        k_buf[:, :, L:] = k
+        v_buf[:, :, L:] = v
+        out = F.scaled_dot_product_attention(q, k_buf, v_buf)  # the last query sees every key: no mask
+        return layer.merge(out), None
+    return step
+
+
+def decode_profile(lengths=DEFAULT_LENGTHS, kinds=KINDS, *, max_cache_gib: float = 6.0,
                    on_point=None, **kwargs) -> list[dict]:
     """Points for every kind and length; a softmax cache larger than ``max_cache_gib`` is skipped (recorded)."""
     rows = []
     for length in sorted(lengths):
         for kind in kinds:
             cache = 2 * length * kwargs.get("heads", 8) * kwargs.get("dim_head", 64) * 4 / 2**30
-            if kind == "softmax" and cache > max_cache_gib:
+            if kind != "linear" and cache > max_cache_gib:
                 row = dict(kind=kind, length=length, status=f"skipped: KV cache {cache:.1f} GiB > {max_cache_gib} GiB")
             else:
                 row = dict(decode_point(kind, length, **kwargs), status="ok")
@@ -123,11 +150,14 @@ def decode_profile(lengths=DEFAULT_LENGTHS, kinds=("linear", "softmax"), *, max_
             continue
         b = base[r["kind"]]
         r["token_vs_shortest"] = r["token_ms"] / b["token_ms"]
-        other = next((o for o in rows if o["length"] == r["length"] and o["kind"] == "softmax" and o["status"] == "ok"),
-                     None)
-        if r["kind"] == "linear" and other is not None:
-            r["token_vs_softmax"] = r["token_ms"] / other["token_ms"]
-            r["state_vs_softmax"] = r["state_bytes"] / other["state_bytes"]
+        if r["kind"] != "linear":
+            continue
+        for other_kind, key in (("softmax", "softmax"), ("softmax-prealloc", "prealloc")):
+            other = next((o for o in rows if o["length"] == r["length"] and o["kind"] == other_kind
+                          and o["status"] == "ok"), None)
+            if other is not None:
+                r[f"token_vs_{key}"] = r["token_ms"] / other["token_ms"]
+                r[f"state_vs_{key}"] = r["state_bytes"] / other["state_bytes"]
     return rows
 
 
@@ -138,7 +168,8 @@ def plot_decode(rows: list[dict], path: str | Path, title: str = "") -> None:
     for i, kind in enumerate(sorted({r["kind"] for r in rows})):
         ok = [r for r in rows if r["kind"] == kind and r["status"] == "ok"]
         xs = [r["length"] for r in ok]
-        label = {"linear": "LinearRotaryAttention (eq. 19 state)", "softmax": "SoftmaxAttention (KV cache)"}[kind]
+        label = {"linear": "LinearRotaryAttention (eq. 19 state)", "softmax": "SoftmaxAttention (KVCache, concatenated)",
+                 "softmax-prealloc": "softmax, preallocated cache (SDPA only)"}[kind]
         axes[0].plot(xs, [r["token_ms"] for r in ok], "o-", color=plots._color(i), label=label)
         axes[1].plot(xs, [r["state_bytes"] / 2**20 for r in ok], "o-", color=plots._color(i), label=label)
     for ax, ylabel in zip(axes, ("ms per generated token", "decoding state (MiB)")):
