@@ -95,14 +95,17 @@ def test_favor_attention_float32_is_exact_at_any_scale(sigma, n, chunk, chunks_p
     check_favor_exact(sigma, n, chunk, chunks_per_group, causal, rope, mask, seed)
 
 
-def check_favor_exact(sigma, n, chunk, chunks_per_group, causal, rope, mask, seed):
+def draw_case(sigma, n, mask, seed, *, B, r, dv, H=2, d=64):
+    """q, k with entries of std sigma, v, a projection, a mask of ``mask``'s kind and the rotary, all seeded."""
     gen = torch.Generator().manual_seed(seed)
-    B, H, d, r = 2, 2, 64, 64
     q, k = (sigma * torch.randn(B, H, n, d, generator=gen) for _ in range(2))
-    v = torch.randn(B, H, n, 16, generator=gen)
-    W = projection(r, d, seed)
-    m = make_mask(mask, B, n, gen)
-    rot = rotary_for(rope, r)
+    v = torch.randn(B, H, n, dv, generator=gen)
+    return q, k, v, projection(r, d, seed), make_mask(mask, B, n, gen)
+
+
+def check_favor_exact(sigma, n, chunk, chunks_per_group, causal, rope, mask, seed):
+    q, k, v, W, m = draw_case(sigma, n, mask, seed, B=2, r=64, dv=16)
+    rot = rotary_for(rope, 64)
     got = favor_attention(q, k, v, W, causal=causal, rotary=rot, key_padding_mask=m, chunk_size=chunk,
                           group_size=chunk * chunks_per_group)
     ref = favor_eq19(q, k, v, W, causal=causal, rope=rope, mask=m)
@@ -115,14 +118,9 @@ def check_favor_exact(sigma, n, chunk, chunks_per_group, causal, rope, mask, see
        seed=st.integers(0, 2**16))
 def test_streaming_in_pieces_is_exact_at_any_scale(sigma, pieces, rope, mask, seed):
     """Decoding: the state carried across calls of any sizes (token by token included) gives eq. 19's rows."""
-    gen = torch.Generator().manual_seed(seed)
     n = sum(pieces)
-    B, H, d, r = 1, 2, 64, 32
-    q, k = (sigma * torch.randn(B, H, n, d, generator=gen) for _ in range(2))
-    v = torch.randn(B, H, n, 8, generator=gen)
-    W = projection(r, d, seed)
-    m = make_mask(mask, B, n, gen)
-    rot = rotary_for(rope, r)
+    q, k, v, W, m = draw_case(sigma, n, mask, seed, B=1, r=32, dv=8)
+    rot = rotary_for(rope, 32)
     outs, state, a = [], None, 0
     for size in pieces:
         sl = slice(a, a + size)
