@@ -43,7 +43,8 @@ def pair_split(x, interleaved=True):
 def eq19_relative(qf, kf, v, *, causal, positions, interleaved=True, base=10000.0, mask=None):
     """eq. 19 in float64 from relative rotations, the form that stays exact at any feature scale.
 
-    (R_m q).(R_n k) = q.(R_{n-m} k) = sum_i cos(theta_i (n-m)) (q_a k_a + q_b k_b) + sin(theta_i (n-m)) (q_b k_a - q_a k_b)
+    (R_m q).(R_n k) = q.(R_{n-m} k)
+                    = sum_i cos(theta_i (n-m)) (q_a k_a + q_b k_b) + sin(theta_i (n-m)) (q_b k_a - q_a k_b)
     over the pairs (a, b). With absolute rotations, float64 rounding is eps |q| |k| per product, and |q| |k| can
     exceed q.k by 1e16 when q and k weigh on different members of the pairs (FAVOR+ features at std 5 span e^+-40).
     Here the distance-0 term is exactly the unrotated product, and every other term is rounded relative to

@@ -48,7 +48,8 @@ def test_profile_skips_caches_over_budget_and_writes_files(tmp_path):
 
 
 def test_build_layer_rejects_an_unknown_kind():
-    with pytest.raises(ValueError, match=r"kind: expected one of \('linear', 'softmax', 'softmax-prealloc'\), got 'flash'"):
+    phrase = r"kind: expected one of \('linear', 'softmax', 'softmax-prealloc'\), got 'flash'"
+    with pytest.raises(ValueError, match=phrase):
         build_layer("flash", 16, 2, 8, 8)
 
 

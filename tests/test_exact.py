@@ -20,7 +20,8 @@ from linrope import AttentionState, RotaryEmbedding, favor_attention, linear_att
 from linrope.features import FavorPlus, favor_plus, gaussian_orthogonal_matrix
 from linrope.reference import (favor_attention_naive, favor_attention_recurrent, linear_attention_naive,
                                linear_attention_recurrent)
-from reference import assert_close, eq19, eq19_condition, eq19_relative, favor_eq19, favor_log_features, rotation_matrices
+from reference import (assert_close, eq19, eq19_condition, eq19_relative, favor_eq19, favor_log_features,
+                       rotation_matrices)
 
 F64 = torch.float64
 ROUNDING = 1e-5  # relative error of float32 FAVOR+ features at std 5, d = 64: eps (6e-8) times |x~| |w| (~110)

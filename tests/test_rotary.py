@@ -130,7 +130,8 @@ def test_cache_grows_by_powers_of_two_up_to_max_cached():
     pytest.param(lambda: RotaryEmbedding(8).rotate(torch.randn(3, 8), torch.arange(3.0)), TypeError,
                  r"positions: expected an integer tensor, got dtype torch\.float32", id="positions-float-tensor"),
     pytest.param(lambda: RotaryEmbedding(8).rotate(torch.randn(3, 8), 1.5), TypeError,
-                 r"positions: expected None, an int offset or an integer tensor of shape \(N,\) or \(B, N\), got float", id="positions-float"),
+                 r"positions: expected None, an int offset or an integer tensor of shape \(N,\) or \(B, N\), "
+                 r"got float", id="positions-float"),
     pytest.param(lambda: RotaryEmbedding(8).rotate(torch.randn(3, 8), torch.zeros(3, 1, dtype=torch.long)),
                  ValueError, r"positions: expected shape \(3,\) to match the sequence length, got \(3, 1\)",
                  id="positions-2d"),

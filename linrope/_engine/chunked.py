@@ -295,7 +295,8 @@ def _query_features(src, rot, ws, a, b, r):
 
 
 def _divide(num: Tensor, den: Tensor, out: Tensor) -> None:
-    """out = num / den row by row, 0 where den == 0 (rows that see no key: their numerator is 0 too)."""
+    """out = num / den row by row, 0 where den == 0: a row that sees no key, or (features of your own) one whose
+    features are orthogonal to every key it sees, whose rotated numerator need not vanish: 0 is the convention."""
     empty = den == 0
     torch.div(num, torch.where(empty, 1, den).unsqueeze(-1), out=out)
     out.masked_fill_(empty.unsqueeze(-1), 0)

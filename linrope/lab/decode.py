@@ -168,7 +168,8 @@ def plot_decode(rows: list[dict], path: str | Path, title: str = "") -> None:
     for i, kind in enumerate(sorted({r["kind"] for r in rows})):
         ok = [r for r in rows if r["kind"] == kind and r["status"] == "ok"]
         xs = [r["length"] for r in ok]
-        label = {"linear": "LinearRotaryAttention (eq. 19 state)", "softmax": "SoftmaxAttention (KVCache, concatenated)",
+        label = {"linear": "LinearRotaryAttention (eq. 19 state)",
+                 "softmax": "SoftmaxAttention (KVCache, concatenated)",
                  "softmax-prealloc": "softmax, preallocated cache (SDPA only)"}[kind]
         axes[0].plot(xs, [r["token_ms"] for r in ok], "o-", color=plots._color(i), label=label)
         axes[1].plot(xs, [r["state_bytes"] / 2**20 for r in ok], "o-", color=plots._color(i), label=label)
