@@ -43,12 +43,19 @@ def check_tensor(name: str, x, dims: int | None = 4) -> Tensor:
     return x
 
 
-def check_qkv(names: tuple[str, str], q: Tensor, k: Tensor, v: Tensor) -> None:
-    """q, k (B, H, N, d) and v (B, H, N, dv), named ``names`` and 'v' in the messages."""
+def check_qkv(names: tuple[str, str], q: Tensor, k: Tensor, v: Tensor, cross: bool = False) -> None:
+    """q, k (B, H, N, d) and v (B, H, N, dv), named ``names`` and 'v' in the messages; with ``cross``, keys and
+    values may have their own length M: k (B, H, M, d), v (B, H, M, dv)."""
     for name, x in zip((*names, "v"), (q, k, v)):
         check_tensor(name, x)
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"{names[0]}, {names[1]}: last dimensions differ: {tuple(q.shape)} vs {tuple(k.shape)}")
+    if cross:
+        if k.shape[:2] != q.shape[:2]:
+            raise ValueError(f"{names[1]}: expected (B, H) = {tuple(q.shape[:2])} like {names[0]}, got {tuple(k.shape)}")
+        if v.shape[:3] != k.shape[:3]:
+            raise ValueError(f"v: expected (B, H, M) = {tuple(k.shape[:3])} like {names[1]}, got {tuple(v.shape)}")
+        return
     for name, x in ((names[1], k), ("v", v)):
         if x.shape[:3] != q.shape[:3]:
             raise ValueError(f"{name}: expected (B, H, N) = {tuple(q.shape[:3])} like {names[0]}, got {tuple(x.shape)}")

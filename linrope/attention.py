@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -52,10 +53,21 @@ class _Heads(nn.Module):
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=qkv_bias)
         self.to_out = nn.Linear(heads * dim_head, dim)
 
-    def split(self, x: Tensor, state, return_state: bool) -> tuple[Tensor, Tensor, Tensor]:
+    def split(self, x: Tensor, state, return_state: bool, context: Tensor | None = None
+              ) -> tuple[Tensor, Tensor, Tensor]:
+        """q from x, k and v from x or, for cross-attention, from ``context``: each (B, heads, N or M, dim_head)."""
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x: expected shape (B, N, {self.dim}), got {shape}")
+        if context is not None:
+            if self.causal:
+                raise ValueError("context: expected None for a layer built with causal=True (cross-attention "
+                                 "reads every key of the context: causal=False)")
+            if not isinstance(context, Tensor) or context.dim() != 3 or context.shape[0] != x.shape[0] \
+                    or context.shape[-1] != self.dim:
+                shape = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
+                raise ValueError(f"context: expected shape (B, M, {self.dim}) with B = {x.shape[0]} like x, "
+                                 f"got {shape}")
         if not self.causal:  # incremental decoding needs a causal layer: later tokens would change earlier rows
             if state is not None:
                 raise ValueError("state: expected None for a layer built with causal=False "
@@ -63,7 +75,15 @@ class _Heads(nn.Module):
             if return_state:
                 raise ValueError("return_state: expected False for a layer built with causal=False "
                                  "(decoding needs causal=True)")
-        q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads).unbind(0)
+        if context is None:
+            qkv = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+            q, k, v = qkv.unbind(0)
+        else:  # the same parameters, split: q from x, k and v from the context
+            hd = self.heads * self.dim_head
+            W, b = self.to_qkv.weight, self.to_qkv.bias
+            q = rearrange(F.linear(x, W[:hd], None if b is None else b[:hd]), "b n (h d) -> b h n d", h=self.heads)
+            kv = F.linear(context, W[hd:], None if b is None else b[hd:])
+            k, v = rearrange(kv, "b m (two h d) -> two b h m d", two=2, h=self.heads).unbind(0)
         if torch.compiler.is_compiling():
             # Views of an intermediate leaving a compiled graph (here into the engine, which dynamo does not
             # trace) crash on a warm AOTAutograd cache in torch 2.13 (their view replay reads a garbage shape);
@@ -85,6 +105,19 @@ class _Heads(nn.Module):
 
     def merge(self, out: Tensor) -> Tensor:
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+def _keys(key_padding_mask, context, context_mask, context_positions):
+    """The keys' mask and positions: x's own, or the context's for cross-attention."""
+    if context is None:
+        for name, value in (("context_mask", context_mask), ("context_positions", context_positions)):
+            if value is not None:
+                raise ValueError(f"{name}: expected None without a context (it describes the context's keys)")
+        return key_padding_mask, None
+    if key_padding_mask is not None:
+        raise ValueError("key_padding_mask: expected None with a context (the keys are the context's: use "
+                         "context_mask)")
+    return context_mask, (0 if context_positions is None else context_positions)
 
 
 def _check_rope(rope, allowed) -> None:
@@ -153,8 +186,10 @@ class LinearRotaryAttention(_Heads):
         self.chunk_size = check_int("chunk_size", chunk_size)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, positions: int | Tensor | None = None,
-                state: AttentionState | None = None, return_state: bool = False):
-        q, k, v = self.split(x, state, return_state)
+                state: AttentionState | None = None, return_state: bool = False, context: Tensor | None = None,
+                context_mask: Tensor | None = None, context_positions: int | Tensor | None = None):
+        q, k, v = self.split(x, state, return_state, context)
+        key_padding_mask, key_positions = _keys(key_padding_mask, context, context_mask, context_positions)
         if state is not None and not isinstance(state, AttentionState):
             raise TypeError(f"state: expected an AttentionState (returned with return_state=True), "
                             f"got {type(state).__name__}")
@@ -162,18 +197,21 @@ class LinearRotaryAttention(_Heads):
             positions = state.offset
         feature_rotary = self.rotary if self.rope == "features" else None
         q, k = self.temper(q, k)
+        kpos = positions if context is None else key_positions
         if self.rope == "inputs":
-            q, k = self.rotary.rotate(q, positions), self.rotary.rotate(k, positions)
+            q, k = self.rotary.rotate(q, positions), self.rotary.rotate(k, kpos)
         kwargs = dict(causal=self.causal, positions=positions, chunk_size=self.chunk_size,
-                      initial_state=state, return_state=return_state, key_padding_mask=key_padding_mask)
+                      initial_state=state, return_state=return_state, key_padding_mask=key_padding_mask,
+                      key_positions=None if self.rope == "inputs" else key_positions)
         if isinstance(self.feature_map, FavorPlus) and not self.rotate_normalizer:
             out = favor_attention(q, k, v, self.feature_map.projection, rotary=feature_rotary, **kwargs)
         else:
             qf, _ = self.feature_map(q, is_query=True)
             kf, ks = self.feature_map(k, is_query=False)
             if self.rotate_normalizer:
-                qf, kf = self.rotary.rotate(qf, positions), self.rotary.rotate(kf, positions)
+                qf, kf = self.rotary.rotate(qf, positions), self.rotary.rotate(kf, kpos)
                 feature_rotary = None
+                kwargs["key_positions"] = None
             out = linear_attention(qf, kf, v, rotary=feature_rotary, k_logscale=ks, **kwargs)
         if return_state:
             out, new_state = out
@@ -204,8 +242,10 @@ class SoftmaxAttention(_Heads):
                                            rope_scaling, rope_original_length, rotary_fraction)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, positions: int | Tensor | None = None,
-                state: KVCache | None = None, return_state: bool = False):
-        q, k, v = self.split(x, state, return_state)
+                state: KVCache | None = None, return_state: bool = False, context: Tensor | None = None,
+                context_mask: Tensor | None = None, context_positions: int | Tensor | None = None):
+        q, k, v = self.split(x, state, return_state, context)
+        key_padding_mask, key_positions = _keys(key_padding_mask, context, context_mask, context_positions)
         if state is not None and not isinstance(state, KVCache):
             raise TypeError(f"state: expected a KVCache, got {type(state).__name__}")
         offset = 0 if state is None else state.offset
@@ -213,7 +253,8 @@ class SoftmaxAttention(_Heads):
             positions = offset
         q, k = self.temper(q, k)
         if self.rotary is not None:
-            q, k = self.rotary.rotate(q, positions), self.rotary.rotate(k, positions)
+            kpos = positions if context is None else key_positions
+            q, k = self.rotary.rotate(q, positions), self.rotary.rotate(k, kpos)
         mask = key_padding_mask
         if state is not None:
             k, v = torch.cat((state.k, k), dim=2), torch.cat((state.v, v), dim=2)

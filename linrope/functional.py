@@ -53,12 +53,24 @@ class AttentionState:
 
 
 # ---------------------------------------------------------------------------------------------- linear attention
+def _cross(q: Tensor, k: Tensor, causal, key_positions) -> bool:
+    """Whether keys come from another sequence (cross-attention): their own length or positions. Non-causal only."""
+    cross = key_positions is not None or (isinstance(k, Tensor) and isinstance(q, Tensor) and k.dim() == q.dim()
+                                          and k.shape[-2] != q.shape[-2])
+    if cross and causal:
+        raise ValueError("key_positions: expected None and keys as long as the queries with causal=True (causal "
+                         "attention reads keys at the queries' positions; cross-attention is causal=False)")
+    return cross
+
+
 @torch.compiler.disable  # opaque to dynamo: a compiled model calls the eager engine (a graph break)
 def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, group_size, initial_state,
-         return_state, key_padding_mask):
-    B, H, N, dv = v.shape
-    if N < 1:
-        raise ValueError("v: the sequence length N must be at least 1")
+         return_state, key_padding_mask, key_positions=None, cross=False):
+    B, H, N, dv = v.shape  # N: keys (the queries' length too, but in cross-attention)
+    Nq = q.shape[2]
+    if N < 1 or Nq < 1:
+        raise ValueError("v: the sequence length N must be at least 1" if N < 1 else
+                         "q: the sequence length N must be at least 1")
     chunk_size = check_int("chunk_size", chunk_size)
     if group_size is None:  # bound each (B*H, G, r) work buffer to ~1 MiB of float32: cache-sized, lean
         group_size = max(1, GROUP_ELEMENTS // (B * H * r * chunk_size)) * chunk_size
@@ -82,11 +94,15 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
         S0, z0, M0 = empty_state(B, H, r, dv, dt, v.device)
     if positions is None:
         positions = offset
-    cos = sin = None
+    cos = sin = kcos = ksin = None
     if rotary is not None:
-        cos, sin = rotary.cos_sin(positions, N, v.device, dt, batch=B)
-    else:
-        resolve_positions(positions, N, v.device, B)  # still validate what the caller passed
+        cos, sin = rotary.cos_sin(positions, Nq, v.device, dt, batch=B)
+        if cross:  # keys at their own positions, 0..M-1 by default
+            kcos, ksin = rotary.cos_sin(key_positions, N, v.device, dt, batch=B)
+    else:  # still validate what the caller passed
+        resolve_positions(positions, Nq, v.device, B)
+        if cross:
+            resolve_positions(key_positions, N, v.device, B)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, ks, v, S0, z0))
     cfg = EngineConfig(causal=bool(causal), chunk_size=chunk_size, group_size=group_size, dtype=dt,
@@ -94,7 +110,7 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
     # inputs go in as they are (half stays half: autograd keeps them); the engine casts each group
     out, S, z, M = LinearAttentionFunction.apply(
         kind, cfg, rotary is not None and rotary.interleaved, q, k, ks, v, W if W is None else W.to(dt), mask,
-        cos, sin, S0, z0, M0)
+        cos, sin, kcos, ksin, S0, z0, M0)
     if return_state:
         return out, AttentionState(S, z, M, offset + N)
     return out
@@ -104,7 +120,7 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
                      positions: int | Tensor | None = None, chunk_size: int = 64,
                      initial_state: AttentionState | None = None, return_state: bool = False,
                      key_padding_mask: Tensor | None = None, k_logscale: Tensor | None = None,
-                     group_size: int | None = None):
+                     group_size: int | None = None, key_positions: int | Tensor | None = None):
     """Normalized linear attention on features; RoFormer eq. 19 when ``rotary`` is given.
 
     out_m = sum_n (R_m qf_m).(R_n kf'_n) v_n / sum_n qf_m.kf'_n, with kf'_n = kf_n exp(k_logscale_n), n over all
@@ -113,8 +129,9 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
 
     Args:
         qf: (B, H, N, r) query features (non-negative for a positive normalizer).
-        kf: (B, H, N, r) key features.
-        v: (B, H, N, dv) values.
+        kf: (B, H, N, r) key features; (B, H, M, r) for cross-attention (``causal=False``): keys and values of
+            another sequence, at ``key_positions`` (default 0..M-1).
+        v: (B, H, N, dv) values; (B, H, M, dv) for cross-attention.
         causal: restrict to n <= m; computed in chunks of ``chunk_size`` with a running state.
         rotary: a ``RotaryEmbedding`` of dim r rotating the features (eq. 19), or None.
         positions: positions of the N rows (None: 0..N-1, or continuing ``initial_state.offset``; an int
@@ -133,7 +150,8 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
         autocast says; half-precision inputs are kept (for the backward) in half precision. The backward
         recomputes features group by group; double backward is not supported (it raises).
     """
-    check_qkv(("qf", "kf"), qf, kf, v)
+    cross = _cross(qf, kf, causal, key_positions)
+    check_qkv(("qf", "kf"), qf, kf, v, cross)
     r = qf.shape[-1]
     check_rotary(rotary, r, "the number of features r")
     if k_logscale is not None:
@@ -143,13 +161,15 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
                              f"got {tuple(k_logscale.shape)}")
     return _run("features", qf, kf, k_logscale, v, None, r, causal=causal, rotary=rotary, positions=positions,
                 chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,
-                return_state=return_state, key_padding_mask=key_padding_mask)
+                return_state=return_state, key_padding_mask=key_padding_mask, key_positions=key_positions,
+                cross=cross)
 
 
 def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, causal: bool = False,
                     rotary: RotaryEmbedding | None = None, positions: int | Tensor | None = None,
                     chunk_size: int = 64, initial_state: AttentionState | None = None, return_state: bool = False,
-                    key_padding_mask: Tensor | None = None, group_size: int | None = None):
+                    key_padding_mask: Tensor | None = None, group_size: int | None = None,
+                    key_positions: int | Tensor | None = None):
     """FAVOR+ attention from raw q, k, v; eq. 19 with ``rotary``. Features are recomputed in the backward.
 
     Equal to ``linear_attention(*favor features of q and k*, v, ...)`` with features ``favor_plus(x, projection)``
@@ -157,7 +177,8 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
     scale of q and k that float32 can hold: key magnitudes travel as log-scales and nothing is clamped.
 
     Args:
-        q, k: (B, H, N, d); v: (B, H, N, dv).
+        q, k: (B, H, N, d); v: (B, H, N, dv). Cross-attention (``causal=False``): k (B, H, M, d), v (B, H, M, dv)
+            from another sequence, at ``key_positions`` (default 0..M-1).
         projection: (r, d) random projection, e.g. ``FavorPlus.projection``. It is not differentiated, so it
             must not require grad (to learn it, compute features with ``favor_plus`` and use ``linear_attention``).
         rotary: a ``RotaryEmbedding`` of dim r (it rotates the features), or None.
@@ -166,7 +187,8 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
     Returns:
         (B, H, N, dv) in v's dtype (and the ``AttentionState`` with ``return_state``).
     """
-    check_qkv(("q", "k"), q, k, v)
+    cross = _cross(q, k, causal, key_positions)
+    check_qkv(("q", "k"), q, k, v, cross)
     check_tensor("projection", projection, dims=2)
     if projection.shape[1] != q.shape[-1]:
         raise ValueError(f"projection: expected shape (r, d) with d = {q.shape[-1]}, got {tuple(projection.shape)}")
@@ -177,19 +199,21 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
     check_rotary(rotary, r, "the number of features r (projection rows)")
     return _run("favor", q, k, None, v, projection, r, causal=causal, rotary=rotary, positions=positions,
                 chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,
-                return_state=return_state, key_padding_mask=key_padding_mask)
+                return_state=return_state, key_padding_mask=key_padding_mask, key_positions=key_positions,
+                cross=cross)
 
 
 # ---------------------------------------------------------------------------------------------- softmax baseline
 def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                       rotary: RotaryEmbedding | None = None, positions: int | Tensor | None = None,
-                      key_padding_mask: Tensor | None = None) -> Tensor:
+                      key_padding_mask: Tensor | None = None, key_positions: int | Tensor | None = None) -> Tensor:
     """Softmax attention softmax(q k^T / sqrt(d)) v through ``scaled_dot_product_attention``.
 
     Args:
         q: (B, H, Nq, d); k: (B, H, Nk, d); v: (B, H, Nk, dv).
         causal: query i attends keys j <= i + Nk - Nq (aligned at the end, as when decoding with a cache).
-        rotary: a ``RotaryEmbedding`` of dim d applied to q and k at ``positions`` (needs Nq == Nk).
+        rotary: a ``RotaryEmbedding`` of dim d applied to q at ``positions`` and to k at ``key_positions``
+            (default: ``positions`` when Nq == Nk; 0..Nk-1 for cross-attention, ``causal=False``).
         key_padding_mask: (B, Nk) bool, True = keep. Rows that see no key return 0 (SDPA would give NaN).
 
     Returns:
@@ -203,16 +227,22 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         raise ValueError(f"k: expected (B, H, Nk, d) with (B, H, d) = {(B, H, d)} like q, got {tuple(k.shape)}")
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(f"v: expected (B, H, Nk) = {tuple(k.shape[:3])} like k, got {tuple(v.shape)}")
-    if Nq > Nk:
-        raise ValueError(f"q: more queries ({Nq}) than keys ({Nk})")
+    if causal and Nq > Nk:
+        raise ValueError(f"q: more queries ({Nq}) than keys ({Nk}) with causal=True")
+    if causal and key_positions is not None:  # causal keys sit at the end of the queries' own sequence (a cache)
+        raise ValueError("key_positions: expected None with causal=True (cross-attention is causal=False)")
+    cross = key_positions is not None or (Nq != Nk and not causal)
     mask = check_mask(key_padding_mask, B, Nk)
     if rotary is not None:
         check_rotary(rotary, d, "the head dim d")
-        if Nq != Nk:
-            raise ValueError("rotary: needs as many queries as keys; rotate cached keys when caching them")
-        q, k = rotary.rotate(q, positions), rotary.rotate(k, positions)
-    elif positions is not None:
+        if Nq != Nk and causal:
+            raise ValueError("rotary: needs as many queries as keys with causal=True; rotate cached keys when "
+                             "caching them")
+        q, k = rotary.rotate(q, positions), rotary.rotate(k, key_positions if cross else positions)
+    else:
         resolve_positions(positions, Nq, q.device, B)
+        if cross:
+            resolve_positions(key_positions, Nk, q.device, B)
     k, v = k.to(q.dtype), v.to(q.dtype)
     if mask is None and (not causal or Nq == Nk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Nq > 1)

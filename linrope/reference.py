@@ -41,8 +41,10 @@ def _pairs(x: Tensor, interleaved: bool) -> tuple[Tensor, Tensor]:
     return (x[..., 0::2], x[..., 1::2]) if interleaved else (x[..., : r // 2], x[..., r // 2:])
 
 
-def _relative_scores(qf: Tensor, kf: Tensor, rotary: RotaryEmbedding, positions: Tensor) -> Tensor:
-    """(R_m qf_m).(R_n kf_n) for all m, n (B, H, N, N) as qf_m . (R_{n-m} kf_n), pair by pair.
+def _relative_scores(qf: Tensor, kf: Tensor, rotary: RotaryEmbedding, positions: Tensor,
+                     key_positions: Tensor | None = None) -> Tensor:
+    """(R_m qf_m).(R_n kf_n) for all m, n (B, H, N, M) as qf_m . (R_{n-m} kf_n), pair by pair; keys at
+    ``key_positions`` (default: the queries' ``positions``).
 
     Rotating each side by its absolute angle rounds every product to eps |qf| |kf|, which exceeds qf . kf by up
     to 1e16 when FAVOR+ features at large activations weigh on different members of a pair: even float64 then
@@ -50,7 +52,8 @@ def _relative_scores(qf: Tensor, kf: Tensor, rotary: RotaryEmbedding, positions:
     """
     qa, qb = _pairs(qf, rotary.interleaved)
     ka, kb = _pairs(kf, rotary.interleaved)
-    delta = positions[..., None, :] - positions[..., :, None]  # (N, N) integer distances n - m, or (B, N, N)
+    kpos = positions if key_positions is None else key_positions
+    delta = kpos[..., None, :] - positions[..., :, None]  # (N, M) integer distances n - m, or (B, N, M)
     if delta.dim() == 3:
         delta = delta[:, None]  # (B, 1, N, N): the heads of an example share its positions
     angles = rotary.frequencies(qf.device)  # theta_i per pair after scaling, (r/2,)
@@ -64,32 +67,39 @@ def _relative_scores(qf: Tensor, kf: Tensor, rotary: RotaryEmbedding, positions:
 
 def linear_attention_naive(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
                            rotary: RotaryEmbedding | None = None, positions: int | Tensor | None = None,
-                           key_padding_mask: Tensor | None = None, k_logscale: Tensor | None = None) -> Tensor:
+                           key_padding_mask: Tensor | None = None, k_logscale: Tensor | None = None,
+                           key_positions: int | Tensor | None = None) -> Tensor:
     """Quadratic eq. 19 in float64: out_m = sum_n (R_m qf_m).(R_n kf'_n) v_n / sum_n qf_m.kf'_n over visible n.
 
-    Shapes as ``linear_attention``: qf, kf (B, H, N, r), v (B, H, N, dv), k_logscale (B, H, N). Returns
+    Shapes as ``linear_attention``: qf, kf (B, H, N, r), v (B, H, N, dv), k_logscale (B, H, N); cross-attention
+    (``causal=False``): kf (B, H, M, r), v (B, H, M, dv) at ``key_positions`` (default 0..M-1). Returns
     (B, H, N, dv) in float64. Rotations are applied as relative ones (``_relative_scores``): exact at any scale.
     """
-    check_qkv(("qf", "kf"), qf, kf, v)
+    cross = key_positions is not None or kf.shape[2] != qf.shape[2]
+    if cross and causal:
+        raise ValueError("key_positions: expected None and keys as long as the queries with causal=True")
+    check_qkv(("qf", "kf"), qf, kf, v, cross)
     B, H, N, r = qf.shape
+    M = kf.shape[2]
     qf, kf, vv = qf.to(F64), kf.to(F64), v.to(F64)
-    keep = torch.ones(B, 1, N, N, dtype=torch.bool, device=qf.device)
+    keep = torch.ones(B, 1, N, M, dtype=torch.bool, device=qf.device)
     if causal:
         keep = keep & torch.ones(N, N, dtype=torch.bool, device=qf.device).tril()
     if key_padding_mask is not None:
-        keep = keep & check_mask(key_padding_mask, B, N)[:, None, None, :]
+        keep = keep & check_mask(key_padding_mask, B, M)[:, None, None, :]
     weight = keep.to(F64)  # (B, 1 or H, N, N): exp(s_n - max visible s) on visible keys, 0 elsewhere
     if k_logscale is not None:
         s = k_logscale.to(F64)[:, :, None, :].masked_fill(~keep, -math.inf)  # (B, H, N, N)
         top = s.amax(-1, keepdim=True)
         weight = torch.exp(s - torch.where(torch.isfinite(top), top, 0))
     pos = resolve_positions(positions, N, qf.device, B)
+    kpos = resolve_positions(key_positions, M, qf.device, B) if cross else None
     den = ((qf @ kf.transpose(-1, -2)) * weight).sum(-1, keepdim=True)
     if rotary is None:
         num = qf @ kf.transpose(-1, -2)
     else:
         check_rotary(rotary, r, "the number of features r")
-        num = _relative_scores(qf, kf, rotary, pos)
+        num = _relative_scores(qf, kf, rotary, pos, kpos)
     out = ((num * weight) @ vv) / torch.where(den == 0, 1, den)
     return out.masked_fill(den == 0, 0)
 

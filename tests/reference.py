@@ -40,7 +40,7 @@ def pair_split(x, interleaved=True):
     return (x[..., 0::2], x[..., 1::2]) if interleaved else (x[..., : r // 2], x[..., r // 2:])
 
 
-def eq19_relative(qf, kf, v, *, causal, positions, interleaved=True, base=10000.0, mask=None):
+def eq19_relative(qf, kf, v, *, causal, positions, interleaved=True, base=10000.0, mask=None, key_positions=None):
     """eq. 19 in float64 from relative rotations, the form that stays exact at any feature scale.
 
     (R_m q).(R_n k) = q.(R_{n-m} k)
@@ -57,7 +57,8 @@ def eq19_relative(qf, kf, v, *, causal, positions, interleaved=True, base=10000.
     qa, qb = pair_split(qf, interleaved)
     ka, kb = pair_split(kf, interleaved)
     pos = torch.as_tensor(positions, dtype=torch.float64)
-    delta = pos[None, :] - pos[:, None]  # (N, N): n - m
+    kpos = pos if key_positions is None else torch.as_tensor(key_positions, dtype=torch.float64)
+    delta = kpos[None, :] - pos[:, None]  # (N, M): n - m (keys of another sequence: cross-attention)
     num = torch.zeros(*qf.shape[:3], kf.shape[2], dtype=torch.float64)
     for i in range(r // 2):
         angle = delta * base ** (-2 * i / r)

@@ -213,3 +213,59 @@ def test_layers_take_positions_per_example(kind, rope):
     both = attn(x, positions=pos)
     alone = torch.cat([attn(x[i:i + 1], positions=pos[i]) for i in range(2)])
     torch.testing.assert_close(both, alone, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- cross-attention
+@pytest.mark.parametrize("rope", ["features", "inputs", None])
+def test_linear_layer_cross_attention_equals_the_explicit_computation(rope):
+    """q from x, k and v from the context with the same projection weights; queries at ``positions``, keys at
+    ``context_positions``; equal to linrope.reference on the projected features (float64)."""
+    from linrope.features import favor_plus
+    from linrope.reference import linear_attention_naive
+    torch.manual_seed(3)
+    attn = layer(causal=False, rope=rope)
+    x, ctx = torch.randn(2, 9, 32, dtype=torch.float64), torch.randn(2, 14, 32, dtype=torch.float64)
+    cmask = torch.rand(2, 14) > 0.2
+    got = attn(x, positions=50, context=ctx, context_mask=cmask, context_positions=torch.arange(14) * 3)
+    W = attn.to_qkv.weight
+    q = (x @ W[:32].t()).view(2, 9, 2, 16).transpose(1, 2)
+    k = (ctx @ W[32:64].t()).view(2, 14, 2, 16).transpose(1, 2)
+    v = (ctx @ W[64:].t()).view(2, 14, 2, 16).transpose(1, 2)
+    kpos = torch.arange(14) * 3
+    if rope == "inputs":
+        q, k = attn.rotary.rotate(q, 50), attn.rotary.rotate(k, kpos)
+    qf, _ = favor_plus(q, attn.feature_map.projection.double(), is_query=True)
+    kf, ks = favor_plus(k, attn.feature_map.projection.double(), is_query=False)
+    out = linear_attention_naive(qf, kf, v, rotary=attn.rotary if rope == "features" else None, positions=50,
+                                 key_positions=kpos, key_padding_mask=cmask, k_logscale=ks)
+    ref = attn.to_out(out.transpose(1, 2).reshape(2, 9, 32))
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10)
+
+
+def test_softmax_layer_cross_attention_equals_the_explicit_computation():
+    torch.manual_seed(4)
+    attn = SoftmaxAttention(32, heads=2).double()
+    x, ctx = torch.randn(1, 6, 32, dtype=torch.float64), torch.randn(1, 11, 32, dtype=torch.float64)
+    got = attn(x, context=ctx, positions=7)
+    W = attn.to_qkv.weight
+    q = attn.rotary.rotate((x @ W[:32].t()).view(1, 6, 2, 16).transpose(1, 2), 7)
+    k = attn.rotary.rotate((ctx @ W[32:64].t()).view(1, 11, 2, 16).transpose(1, 2), 0)
+    v = (ctx @ W[64:].t()).view(1, 11, 2, 16).transpose(1, 2)
+    ref = attn.to_out(((q @ k.transpose(-1, -2) / 4.0).softmax(-1) @ v).transpose(1, 2).reshape(1, 6, 32))
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("make, call, phrase", [
+    pytest.param(lambda: layer(causal=True), dict(context=torch.randn(1, 4, 32, dtype=torch.float64)),
+                 r"context: expected None for a layer built with causal=True", id="causal-layer"),
+    pytest.param(lambda: layer(), dict(context=torch.randn(1, 4, 31, dtype=torch.float64)),
+                 r"context: expected shape \(B, M, 32\) with B = 1 like x", id="context-width"),
+    pytest.param(lambda: layer(), dict(context=torch.randn(1, 4, 32, dtype=torch.float64),
+                                       key_padding_mask=torch.ones(1, 5, dtype=torch.bool)),
+                 r"key_padding_mask: expected None with a context", id="self-mask-with-context"),
+    pytest.param(lambda: SoftmaxAttention(32, heads=2).double(), dict(context_mask=torch.ones(1, 4, dtype=torch.bool)),
+                 r"context_mask: expected None without a context", id="context-mask-alone"),
+])
+def test_cross_attention_arguments_are_checked(make, call, phrase):
+    with pytest.raises(ValueError, match=phrase):
+        make()(torch.randn(1, 5, 32, dtype=torch.float64), **call)

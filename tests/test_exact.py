@@ -428,3 +428,35 @@ def test_positions_per_example_of_the_wrong_shape_are_refused():
     q = torch.randn(2, 1, 5, 4)
     with pytest.raises(ValueError, match=r"positions: expected shape \(5,\) or \(2, 5\) to match the sequence"):
         favor_attention(q, q, q, projection(8, 4), rotary=RotaryEmbedding(8), positions=torch.zeros(3, 5).long())
+
+
+# ---------------------------------------------------------------------------------------------- cross-attention
+@pytest.mark.parametrize("rope", [None, "interleaved", "half"])
+@pytest.mark.parametrize("M", [5, 23, 40])
+def test_cross_attention_equals_eq19_over_the_context(rope, M):
+    """Queries of one sequence (N = 23, positions from 100) over the keys of another (M, at 0..M-1 or given):
+    eq. 19 in float64 with relative rotations (tests/reference.py), outputs and gradients, masks included."""
+    gen = torch.Generator().manual_seed(M)
+    B, H, N, d, r = 2, 2, 23, 16, 32
+    q = (3 * torch.randn(B, H, N, d, generator=gen, dtype=F64)).requires_grad_()
+    k = (3 * torch.randn(B, H, M, d, generator=gen, dtype=F64)).requires_grad_()
+    v = torch.randn(B, H, M, 4, generator=gen, dtype=F64, requires_grad=True)
+    W = projection(r, d, 1).double()
+    mask = torch.rand(B, M, generator=gen) > 0.3
+    kpos = torch.arange(M) * 2
+    rot = rotary_for(rope, r)
+    got = favor_attention(q, k, v, W, rotary=rot, positions=100, key_positions=kpos, key_padding_mask=mask,
+                          chunk_size=4, group_size=8)
+    lq, lk = favor_log_features(q, W), favor_log_features(k, W)
+    qf, kf = torch.exp(lq - lq.amax(-1, keepdim=True)), torch.exp(lk - lk.amax((-1, -2), keepdim=True))
+    if rope is None:
+        ref = eq19(qf, kf, v, causal=False, mask=mask)
+    else:  # relative rotations between query position 100 + m and key position 2 n
+        ref = eq19_relative(qf, kf, v, causal=False, positions=torch.arange(100, 100 + N), key_positions=kpos,
+                            interleaved=rope == "interleaved", mask=mask)
+    assert_close("cross", ref, got, rtol=1e-9)
+    naive = linear_attention_naive(qf, kf, v, rotary=rot, positions=100, key_positions=kpos, key_padding_mask=mask)
+    assert_close("library reference", ref, naive, rtol=1e-10)
+    g = torch.randn(ref.shape, generator=gen, dtype=F64)
+    for name, a, b in zip("qkv", torch.autograd.grad(ref, (q, k, v), g), torch.autograd.grad(got, (q, k, v), g)):
+        assert_close(f"d{name}", a, b, rtol=1e-8)

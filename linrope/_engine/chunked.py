@@ -396,9 +396,11 @@ def causal_backward(src, rot, V, out, den, dout, dS, dz, plan: list[Group], cfg:
 
 
 # ---------------------------------------------------------------------------------------------- bidirectional
-def bidirectional_forward(src, rot, V, r, cfg: EngineConfig):
+def bidirectional_forward(src, rot, rot_k, V, Nq: int, r, cfg: EngineConfig):
     """Accumulate the key state (relative to the running max of the key log-scales), then read it with the
-    queries. Returns out (BH, N, dv) in V's dtype, den (BH, N), the final S, z, M and the keys' final reference P.
+    queries. Keys and values are V's N positions, rotated by ``rot_k``; queries are ``Nq`` positions rotated by
+    ``rot`` (cross-attention: another sequence, other positions). Returns out (BH, Nq, dv) in V's dtype, den
+    (BH, Nq), the final S, z, M and the keys' final reference P.
 
     Unlike the causal path, a row's own key (distance 0) is read from the rotated state like every other key:
     its product R_t fq_t . R_t k0_t is rounded to eps |fq_t| |k0_t| rather than to its value fq_t . k0_t. Rows
@@ -421,11 +423,11 @@ def bidirectional_forward(src, rot, V, r, cfg: EngineConfig):
             S.mul_(e[:, None, None]), z.mul_(e[:, None])
             M = M_new
         k0 = src.key_finish(a, b, u, logscale, P, ws.get("k0", BH, b - a, r))
-        kr = _rotated(rot, k0, a, b, ws, "kr")
+        kr = _rotated(rot_k, k0, a, b, ws, "kr")
         S.baddbmm_((k0 if kr is None else kr).transpose(1, 2), group_rows(V, a, b, ws.get("v", BH, b - a, dv)))
         z.add_(k0.sum(1))
-    out, den = V.new_empty(BH, N, dv), S.new_empty(BH, N)
-    for a, b in _groups(N, cfg.group_size):
+    out, den = V.new_empty(BH, Nq, dv), S.new_empty(BH, Nq)
+    for a, b in _groups(Nq, cfg.group_size):
         fq, qr = _query_features(src, rot, ws, a, b, r)
         d = torch.bmm(fq, z.unsqueeze(-1)).squeeze(-1)
         den[:, a:b] = d
@@ -433,14 +435,14 @@ def bidirectional_forward(src, rot, V, r, cfg: EngineConfig):
     return out, den, S, z, M, P
 
 
-def bidirectional_backward(src, rot, V, out, den, dout, S, z, P, cfg: EngineConfig):
+def bidirectional_backward(src, rot, rot_k, V, out, den, dout, S, z, P, cfg: EngineConfig):
     """Gradients of ``bidirectional_forward``: queries first (d S, d z, query gradients), then keys."""
     B, H, N, dv = V.shape
     BH = B * H
     r = S.shape[1]
     ws = Workspace(V.device, cfg.dtype)
     dS, dz = torch.zeros_like(S), torch.zeros_like(z)
-    for a, b in _groups(N, cfg.group_size):  # queries: d S, d z, and the query gradients
+    for a, b in _groups(out.shape[1], cfg.group_size):  # queries: d S, d z, and the query gradients
         fq, qr = _query_features(src, rot, ws, a, b, r)
         g, dden = _output_grads(out[:, a:b], den[:, a:b], dout[:, a:b], ws.get("g", BH, b - a, dv))
         dS.baddbmm_((fq if qr is None else qr).transpose(1, 2), g)
@@ -451,11 +453,11 @@ def bidirectional_backward(src, rot, V, out, den, dout, S, z, P, cfg: EngineConf
         src.query_grad(a, b, fq, dfq.baddbmm_(dden.unsqueeze(-1), z.unsqueeze(1)))
     dV = V.new_empty(BH, N, dv)
     for a, b in _groups(N, cfg.group_size):  # keys, at the final reference P
-        k0, kr, logscale, _, _ = _group_features(src, rot, ws, a, b, P=P)
+        k0, kr, logscale, _, _ = _group_features(src, rot_k, ws, a, b, P=P)
         dV[:, a:b] = torch.bmm(k0 if kr is None else kr, dS)
         dk0 = torch.bmm(group_rows(V, a, b, ws.get("v", BH, b - a, dv)), dS.transpose(1, 2))
         if kr is not None:
-            dk0 = rot(dk0, a, b, ws.get("tmp", *dk0.shape), inverse=True)
+            dk0 = rot_k(dk0, a, b, ws.get("tmp", *dk0.shape), inverse=True)
         src.key_grad(a, b, k0, dk0.add_(dz.unsqueeze(1)), logscale, P)
     return dV
 
@@ -471,13 +473,13 @@ class LinearAttentionFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, kind, cfg, interleaved, q, k, ks, v, W, mask, cos, sin, S0, z0, M0):
+    def forward(ctx, kind, cfg, interleaved, q, k, ks, v, W, mask, cos, sin, kcos, ksin, S0, z0, M0):
         B, H, N, dv = v.shape
         r = W.shape[0] if kind == "favor" else q.shape[-1]
         perm = interleaved_order(r, v.device) if cos is not None and not interleaved else None
         ctx.meta = (kind, cfg, perm, B, H)
         with torch.autocast(v.device.type, enabled=False):
-            src, rot = _prepare(ctx.meta, q, k, ks, W, mask, cos, sin)
+            src, rot, rot_k = _prepare(ctx.meta, q, k, ks, W, mask, cos, sin, kcos, ksin)
             if cfg.causal:
                 S0, z0 = _to_internal(S0, perm), _to_internal(z0, perm)
                 out, den, S, z, M, plan = causal_forward(src, rot, v, S0.reshape(B * H, r, dv),
@@ -485,13 +487,13 @@ class LinearAttentionFunction(torch.autograd.Function):
                                                          keep_states=cfg.needs_grad)
                 ctx.plan = plan
             else:
-                out, den, S, z, M, ctx.ref = bidirectional_forward(src, rot, v, r, cfg)
-        ctx.save_for_backward(q, k, ks, v, W, mask, cos, sin, out, den)
+                out, den, S, z, M, ctx.ref = bidirectional_forward(src, rot, rot_k, v, q.shape[2], r, cfg)
+        ctx.save_for_backward(q, k, ks, v, W, mask, cos, sin, kcos, ksin, out, den)
         ctx.final = (S, z, M)
         S = _to_user(S.view(B, H, r, dv), perm)
         z = _to_user(z.view(B, H, r), perm)
         ctx.mark_non_differentiable(M)
-        return out.view(B, H, N, dv), S, z, M.view(B, H)
+        return out.view(B, H, q.shape[2], dv), S, z, M.view(B, H)
 
     @staticmethod
     def backward(ctx, dout, dS, dz, _dM):
@@ -499,10 +501,10 @@ class LinearAttentionFunction(torch.autograd.Function):
             raise RuntimeError("linear_attention / favor_attention: double backward (create_graph=True) is not "
                                "supported: the backward is hand-written and cannot itself be differentiated")
         kind, cfg, perm, B, H = ctx.meta
-        q, k, ks, v, W, mask, cos, sin, out, den = ctx.saved_tensors
+        q, k, ks, v, W, mask, cos, sin, kcos, ksin, out, den = ctx.saved_tensors
         S, z, _ = ctx.final
         with torch.autocast(v.device.type, enabled=False):
-            src, rot = _prepare(ctx.meta, q, k, ks, W, mask, cos, sin)
+            src, rot, rot_k = _prepare(ctx.meta, q, k, ks, W, mask, cos, sin, kcos, ksin)
             dout = torch.zeros_like(out) if dout is None else dout.reshape(out.shape)
             r = S.shape[1]
             if cfg.causal:
@@ -512,20 +514,24 @@ class LinearAttentionFunction(torch.autograd.Function):
                 dS0 = _to_user(dS0.view(B, H, r, -1), perm)
                 dz0 = _to_user(dz0.view(B, H, r), perm)
             else:
-                dV, dS0, dz0 = bidirectional_backward(src, rot, v, out, den, dout, S, z, ctx.ref, cfg), None, None
+                dV = bidirectional_backward(src, rot, rot_k, v, out, den, dout, S, z, ctx.ref, cfg)
+                dS0 = dz0 = None
         shape = lambda t, like: None if t is None else t.view(like.shape)  # noqa: E731
         return (None, None, None, shape(src.dq, q), shape(src.dk, k), shape(src.dks, ks), dV.view(v.shape),
-                None, None, None, None, dS0, dz0, None)
+                None, None, None, None, None, None, dS0, dz0, None)
 
 
-def _prepare(meta, q, k, ks, W, mask, cos, sin):
+def _prepare(meta, q, k, ks, W, mask, cos, sin, kcos, ksin):
+    """The feature source and the rotations of queries and keys (the same one unless keys have their own
+    positions: cross-attention)."""
     kind, cfg, perm, B, H = meta
     rot = None if cos is None else Rotation(cos, sin)
+    rot_k = rot if kcos is None else Rotation(kcos, ksin)
     if kind == "favor":
         src = FavorFeatures(q, k, W if perm is None else W[perm], mask, cfg.dtype)
     else:
         src = GivenFeatures(q, k, ks, mask, perm, cfg.dtype)
-    return src, rot
+    return src, rot, rot_k
 
 
 def _to_internal(t: Tensor, perm: Tensor | None) -> Tensor:

@@ -137,8 +137,8 @@ class FavorFeatures:
         self.BH, self.r = B * H, W.shape[0]
         self.Ws = W.to(dtype) * d ** -0.25  # u = x @ Ws^T
         self.scale2 = d ** -0.5
-        self.half_sq = (0.5 * self.scale2) * k.to(dtype).square().sum(-1).reshape(B * H, N)  # |k~|^2 / 2
-        self.dq, self.dk, self.dks = q.new_empty(B * H, N, d), k.new_empty(B * H, N, d), None
+        self.half_sq = (0.5 * self.scale2) * k.to(dtype).square().sum(-1).reshape(B * H, -1)  # |k~|^2 / 2
+        self.dq, self.dk, self.dks = q.new_empty(B * H, N, d), k.new_empty(B * H, k.shape[2], d), None
 
     def query(self, a, b, buf):
         torch.matmul(group_rows(self.q, a, b, dtype=self.dtype), self.Ws.t(), out=buf)
@@ -173,11 +173,11 @@ class GivenFeatures:
     def __init__(self, qf, kf, ks, mask, perm, dtype):
         B, H, N, r = qf.shape
         self.qf, self.kf, self.mask, self.perm, self.dtype = qf, kf, _flat_mask(mask, H), perm, dtype
-        self.ks = None if ks is None else ks.reshape(B * H, N)
+        self.ks = None if ks is None else ks.reshape(B * H, -1)
         self.BH, self.r = B * H, r
         self.inv = None if perm is None else torch.argsort(perm)
-        self.dq, self.dk = qf.new_empty(B * H, N, r), kf.new_empty(B * H, N, r)
-        self.dks = None if ks is None else ks.new_empty(B * H, N)
+        self.dq, self.dk = qf.new_empty(B * H, N, r), kf.new_empty(B * H, kf.shape[2], r)
+        self.dks = None if ks is None else ks.new_empty(B * H, ks.shape[2])
 
     def _take(self, x, a, b, buf):
         if self.perm is not None:
