@@ -39,10 +39,14 @@ class KVCache:
 class _Heads(nn.Module):
     """q/k/v and output projections shared by both layers; checks x and the streaming arguments."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int | None, causal: bool, qkv_bias: bool):
+    def __init__(self, dim: int, heads: int, dim_head: int | None, causal: bool, qkv_bias: bool,
+                 kv_heads: int | None = None):
         super().__init__()
         check_int("dim", dim)
         check_int("heads", heads)
+        kv_heads = heads if kv_heads is None else check_int("kv_heads", kv_heads)
+        if heads % kv_heads:
+            raise ValueError(f"kv_heads: expected a divisor of heads ({heads}), got {kv_heads}")
         if dim_head is None:  # the usual split of the model width
             if dim % heads:
                 raise ValueError(f"dim_head: expected an integer when dim ({dim}) is not a multiple of heads "
@@ -50,7 +54,8 @@ class _Heads(nn.Module):
             dim_head = dim // heads
         check_int("dim_head", dim_head)
         self.dim, self.heads, self.dim_head, self.causal = dim, heads, dim_head, bool(causal)
-        self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=qkv_bias)
+        self.kv_heads = kv_heads
+        self.to_qkv = nn.Linear(dim, (heads + 2 * kv_heads) * dim_head, bias=qkv_bias)  # q, then k, then v
         self.to_out = nn.Linear(heads * dim_head, dim)
 
     def split(self, x: Tensor, state, return_state: bool, context: Tensor | None = None
@@ -75,21 +80,26 @@ class _Heads(nn.Module):
             if return_state:
                 raise ValueError("return_state: expected False for a layer built with causal=False "
                                  "(decoding needs causal=True)")
-        if context is None:
+        if context is None and self.kv_heads == self.heads:
             qkv = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
             q, k, v = qkv.unbind(0)
-        else:  # the same parameters, split: q from x, k and v from the context
+        else:  # the same parameters, split: q from x, k and v from the context (or x), kv_heads of them
             hd = self.heads * self.dim_head
             W, b = self.to_qkv.weight, self.to_qkv.bias
             q = rearrange(F.linear(x, W[:hd], None if b is None else b[:hd]), "b n (h d) -> b h n d", h=self.heads)
-            kv = F.linear(context, W[hd:], None if b is None else b[hd:])
-            k, v = rearrange(kv, "b m (two h d) -> two b h m d", two=2, h=self.heads).unbind(0)
+            kv = F.linear(x if context is None else context, W[hd:], None if b is None else b[hd:])
+            k, v = rearrange(kv, "b m (two h d) -> two b h m d", two=2, h=self.kv_heads).unbind(0)
         if torch.compiler.is_compiling():
             # Views of an intermediate leaving a compiled graph (here into the engine, which dynamo does not
             # trace) crash on a warm AOTAutograd cache in torch 2.13 (their view replay reads a garbage shape);
             # fresh tensors leave the graph instead. Eager keeps the views: no copy.
             q, k, v = (t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
         return q, k, v
+
+    def share_kv(self, t: Tensor) -> Tensor:
+        """(B, kv_heads, ...) -> (B, heads, ...): query head h reads kv head h // (heads / kv_heads)."""
+        g = self.heads // self.kv_heads
+        return t if g == 1 else t.repeat_interleave(g, dim=1)
 
     def make_rotary(self, rdim: int, what: str, rope: str, rope_base: float, interleaved: bool, rope_scale: float,
                     rope_scaling: str, rope_original_length: int | None, rotary_fraction: float) -> RotaryEmbedding:
@@ -131,6 +141,8 @@ class LinearRotaryAttention(_Heads):
     Args:
         dim: model width; x is (B, N, dim).
         heads, dim_head: number and size of heads (dim_head None: dim // heads, as in ``SoftmaxAttention``).
+        kv_heads: grouped-query attention: keys and values get this many heads (a divisor of ``heads``; default
+            ``heads``), query head h reading kv head h // (heads / kv_heads). The decoding state keeps kv_heads.
         nb_features: r, random features per head (even when ``rope='features'``).
         causal: attend to positions n <= m only (chunked, O(N) memory; supports streaming).
         feature_map: 'favor+' (default; fused path ``favor_attention``), 'trig', 'relu' or 'elu'.
@@ -166,8 +178,8 @@ class LinearRotaryAttention(_Heads):
                  rope_base: float = 10000.0, interleaved: bool = True, rope_scale: float = 1.0,
                  rope_scaling: str = "linear", rope_original_length: int | None = None, rotary_fraction: float = 1.0,
                  rotate_normalizer: bool = False, redraw_interval: int | None = None, seed: int | None = None,
-                 orthogonal: bool = True, chunk_size: int = 64, qkv_bias: bool = False):
-        super().__init__(dim, heads, dim_head, causal, qkv_bias)
+                 orthogonal: bool = True, chunk_size: int = 64, qkv_bias: bool = False, kv_heads: int | None = None):
+        super().__init__(dim, heads, dim_head, causal, qkv_bias, kv_heads)
         dim_head = self.dim_head
         _check_rope(rope, ROPE_PLACEMENTS)
         kwargs = {} if feature_map == "elu" else dict(orthogonal=orthogonal, seed=seed, redraw_interval=redraw_interval)
@@ -200,6 +212,10 @@ class LinearRotaryAttention(_Heads):
         kpos = positions if context is None else key_positions
         if self.rope == "inputs":
             q, k = self.rotary.rotate(q, positions), self.rotary.rotate(k, kpos)
+        k, v = self.share_kv(k), self.share_kv(v)
+        if state is not None:
+            state = AttentionState(self.share_kv(state.numerator), self.share_kv(state.key_sum),
+                                   self.share_kv(state.log_ref), state.offset)
         kwargs = dict(causal=self.causal, positions=positions, chunk_size=self.chunk_size,
                       initial_state=state, return_state=return_state, key_padding_mask=key_padding_mask,
                       key_positions=None if self.rope == "inputs" else key_positions)
@@ -214,7 +230,9 @@ class LinearRotaryAttention(_Heads):
                 kwargs["key_positions"] = None
             out = linear_attention(qf, kf, v, rotary=feature_rotary, k_logscale=ks, **kwargs)
         if return_state:
-            out, new_state = out
+            out, st = out
+            g = self.heads // self.kv_heads  # the heads of a group hold the same state: keep one
+            new_state = AttentionState(st.numerator[:, ::g], st.key_sum[:, ::g], st.log_ref[:, ::g], st.offset)
             return self.merge(out.to(x.dtype)), new_state
         return self.merge(out.to(x.dtype))
 
@@ -224,7 +242,7 @@ class SoftmaxAttention(_Heads):
 
     Takes the keywords of ``LinearRotaryAttention`` that apply, with the same defaults: dim, heads, dim_head
     (None: dim // heads), causal, rope, rope_base, interleaved, rope_scale, rope_scaling, rope_original_length,
-    rotary_fraction, qkv_bias. ``forward`` is the same; its state is a ``KVCache``. ``rope`` defaults to 'inputs'
+    rotary_fraction, qkv_bias, kv_heads (the ``KVCache`` then holds kv_heads heads). ``forward`` is the same; its state is a ``KVCache``. ``rope`` defaults to 'inputs'
     here and to 'features' there because each is its layer's own RoPE (softmax has no feature map to rotate).
     Both return x's dtype.
     """
@@ -232,8 +250,8 @@ class SoftmaxAttention(_Heads):
     def __init__(self, dim: int, heads: int = 8, dim_head: int | None = None, causal: bool = False,
                  rope: str | None = "inputs", rope_base: float = 10000.0, interleaved: bool = True,
                  rope_scale: float = 1.0, rope_scaling: str = "linear", rope_original_length: int | None = None,
-                 rotary_fraction: float = 1.0, qkv_bias: bool = False):
-        super().__init__(dim, heads, dim_head, causal, qkv_bias)
+                 rotary_fraction: float = 1.0, qkv_bias: bool = False, kv_heads: int | None = None):
+        super().__init__(dim, heads, dim_head, causal, qkv_bias, kv_heads)
         _check_rope(rope, ("inputs", None))
         self.rope = rope
         self.rotary = None
@@ -263,7 +281,8 @@ class SoftmaxAttention(_Heads):
                 old = state.mask if state.mask is not None else x.new_ones(B, state.k.shape[2], dtype=torch.bool)
                 new = mask if mask is not None else x.new_ones(B, N, dtype=torch.bool)
                 mask = torch.cat((old, new), dim=1)
-        out = self.merge(softmax_attention(q, k, v, causal=self.causal, key_padding_mask=mask).to(x.dtype))
+        out = softmax_attention(q, self.share_kv(k), self.share_kv(v), causal=self.causal, key_padding_mask=mask)
+        out = self.merge(out.to(x.dtype))
         if return_state:
             return out, KVCache(k, v, mask, offset + x.shape[1])
         return out

@@ -269,3 +269,42 @@ def test_softmax_layer_cross_attention_equals_the_explicit_computation():
 def test_cross_attention_arguments_are_checked(make, call, phrase):
     with pytest.raises(ValueError, match=phrase):
         make()(torch.randn(1, 5, 32, dtype=torch.float64), **call)
+
+
+# ---------------------------------------------------------------------------------------------- grouped-query attention
+def _repeated(gqa, full):
+    """Load into ``full`` (kv_heads = heads) the weights of ``gqa`` with each kv head repeated for its group."""
+    H, Hkv, d = gqa.heads, gqa.kv_heads, gqa.dim_head
+    W = gqa.to_qkv.weight
+    Wq, Wk, Wv = W[:H * d], W[H * d:(H + Hkv) * d], W[(H + Hkv) * d:]
+    rep = lambda w: w.view(Hkv, d, -1).repeat_interleave(H // Hkv, 0).reshape(H * d, -1)  # noqa: E731
+    state = dict(gqa.state_dict(), **{"to_qkv.weight": torch.cat((Wq, rep(Wk), rep(Wv)))})
+    full.load_state_dict(state)
+    return full
+
+
+@pytest.mark.parametrize("kind, rope", [("linear", "features"), ("linear", "inputs"), ("linear", None),
+                                        ("softmax", "inputs")])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_grouped_query_attention_equals_the_explicit_repeat(kind, rope, causal):
+    torch.manual_seed(5)
+    make = ((lambda kv: LinearRotaryAttention(32, heads=4, nb_features=16, causal=causal, rope=rope, seed=1,
+                                              kv_heads=kv))
+            if kind == "linear" else (lambda kv: SoftmaxAttention(32, heads=4, causal=causal, kv_heads=kv)))
+    gqa = make(2).double()
+    full = _repeated(gqa, make(4).double())
+    x = torch.randn(2, 13, 32, dtype=torch.float64)
+    torch.testing.assert_close(gqa(x), full(x), rtol=1e-10, atol=1e-12)
+    if causal:  # decoding keeps kv_heads in the state, and equals the full pass token by token
+        state, outs = None, []
+        for t in range(13):
+            o, state = gqa(x[:, t:t + 1], state=state, return_state=True)
+            outs.append(o)
+        torch.testing.assert_close(torch.cat(outs, 1), gqa(x), rtol=1e-9, atol=1e-11)
+        held = state.numerator if kind == "linear" else state.k
+        assert held.shape[1] == 2
+
+
+def test_kv_heads_must_divide_heads():
+    with pytest.raises(ValueError, match=r"kv_heads: expected a divisor of heads \(4\), got 3"):
+        LinearRotaryAttention(32, heads=4, kv_heads=3)
