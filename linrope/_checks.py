@@ -52,7 +52,8 @@ def check_qkv(names: tuple[str, str], q: Tensor, k: Tensor, v: Tensor, cross: bo
         raise ValueError(f"{names[0]}, {names[1]}: last dimensions differ: {tuple(q.shape)} vs {tuple(k.shape)}")
     if cross:
         if k.shape[:2] != q.shape[:2]:
-            raise ValueError(f"{names[1]}: expected (B, H) = {tuple(q.shape[:2])} like {names[0]}, got {tuple(k.shape)}")
+            raise ValueError(f"{names[1]}: expected (B, H) = {tuple(q.shape[:2])} like {names[0]}, "
+                             f"got {tuple(k.shape)}")
         if v.shape[:3] != k.shape[:3]:
             raise ValueError(f"v: expected (B, H, M) = {tuple(k.shape[:3])} like {names[1]}, got {tuple(v.shape)}")
         return

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ._checks import check_int
 from .features import FavorPlus, make_feature_map
-from .functional import AttentionState, favor_attention, linear_attention, softmax_attention
+from .functional import AttentionState, document_positions, favor_attention, linear_attention, softmax_attention
 from .rotary import RotaryEmbedding
 
 __all__ = ["LinearRotaryAttention", "SoftmaxAttention", "KVCache", "ROPE_PLACEMENTS"]
@@ -130,6 +130,15 @@ def _keys(key_padding_mask, context, context_mask, context_positions):
     return context_mask, (0 if context_positions is None else context_positions)
 
 
+def _packed_positions(cu_seqlens, positions, x: Tensor, context):
+    """Packed documents (``cu_seqlens``): positions restart at each document unless given."""
+    if cu_seqlens is None:
+        return positions
+    if context is not None:
+        raise ValueError("cu_seqlens: expected no context (packed documents attend within themselves)")
+    return document_positions(cu_seqlens, x.shape[1], x.device) if positions is None else positions
+
+
 def _check_rope(rope, allowed) -> None:
     if rope not in allowed:
         raise ValueError(f"rope: expected one of {allowed}, got {rope!r}")
@@ -163,10 +172,14 @@ class LinearRotaryAttention(_Heads):
         chunk_size: chunk of the causal path.
         qkv_bias: bias in the q/k/v projection.
 
-    ``forward(x, key_padding_mask=None, positions=None, state=None, return_state=False)``: x (B, N, dim),
-    key_padding_mask (B, N) bool with True = keep, positions as in ``RotaryEmbedding.rotate`` (default: continue
-    from ``state.offset``). Returns (B, N, dim), and the ``AttentionState`` with ``return_state=True`` (causal).
-    A query that sees no key (all its keys padded) gets 0; every other row is divided by its exact normalizer.
+    ``forward(x, key_padding_mask=None, positions=None, state=None, return_state=False, context=None,
+    context_mask=None, context_positions=None, cu_seqlens=None)``: x (B, N, dim), key_padding_mask (B, N) bool
+    with True = keep, positions (N,) or (B, N) as in ``RotaryEmbedding.rotate`` (default: continue from
+    ``state.offset``). Cross-attention (causal=False): keys and values from ``context`` (B, M, dim), masked by
+    ``context_mask`` (B, M), at ``context_positions`` (default 0..M-1). Packed documents: ``cu_seqlens`` (B = 1,
+    cumulative lengths), positions restarting at each. Returns (B, N, dim), and the ``AttentionState`` with
+    ``return_state=True`` (causal). A query that sees no key (all its keys padded) gets 0; every other row is
+    divided by its exact normalizer.
 
     Forward leaves the module as it was (no counters, no redraws), so ``torch.utils.checkpoint`` recomputes
     exactly what the first pass computed, and ``torch.compile``, autocast and DDP see a pure function of the
@@ -199,9 +212,11 @@ class LinearRotaryAttention(_Heads):
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, positions: int | Tensor | None = None,
                 state: AttentionState | None = None, return_state: bool = False, context: Tensor | None = None,
-                context_mask: Tensor | None = None, context_positions: int | Tensor | None = None):
+                context_mask: Tensor | None = None, context_positions: int | Tensor | None = None,
+                cu_seqlens: Tensor | None = None):
         q, k, v = self.split(x, state, return_state, context)
         key_padding_mask, key_positions = _keys(key_padding_mask, context, context_mask, context_positions)
+        positions = _packed_positions(cu_seqlens, positions, x, context)
         if state is not None and not isinstance(state, AttentionState):
             raise TypeError(f"state: expected an AttentionState (returned with return_state=True), "
                             f"got {type(state).__name__}")
@@ -218,7 +233,7 @@ class LinearRotaryAttention(_Heads):
                                    self.share_kv(state.log_ref), state.offset)
         kwargs = dict(causal=self.causal, positions=positions, chunk_size=self.chunk_size,
                       initial_state=state, return_state=return_state, key_padding_mask=key_padding_mask,
-                      key_positions=None if self.rope == "inputs" else key_positions)
+                      key_positions=None if self.rope == "inputs" else key_positions, cu_seqlens=cu_seqlens)
         if isinstance(self.feature_map, FavorPlus) and not self.rotate_normalizer:
             out = favor_attention(q, k, v, self.feature_map.projection, rotary=feature_rotary, **kwargs)
         else:
@@ -242,9 +257,10 @@ class SoftmaxAttention(_Heads):
 
     Takes the keywords of ``LinearRotaryAttention`` that apply, with the same defaults: dim, heads, dim_head
     (None: dim // heads), causal, rope, rope_base, interleaved, rope_scale, rope_scaling, rope_original_length,
-    rotary_fraction, qkv_bias, kv_heads (the ``KVCache`` then holds kv_heads heads). ``forward`` is the same; its state is a ``KVCache``. ``rope`` defaults to 'inputs'
-    here and to 'features' there because each is its layer's own RoPE (softmax has no feature map to rotate).
-    Both return x's dtype.
+    rotary_fraction, qkv_bias, kv_heads (the ``KVCache`` then holds kv_heads heads). ``forward`` is the same
+    (``context``, ``cu_seqlens`` included); its state is a ``KVCache``. ``rope`` defaults to 'inputs' here and to
+    'features' there because each is its layer's own RoPE (softmax has no feature map to rotate). Both return
+    x's dtype.
     """
 
     def __init__(self, dim: int, heads: int = 8, dim_head: int | None = None, causal: bool = False,
@@ -261,9 +277,13 @@ class SoftmaxAttention(_Heads):
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, positions: int | Tensor | None = None,
                 state: KVCache | None = None, return_state: bool = False, context: Tensor | None = None,
-                context_mask: Tensor | None = None, context_positions: int | Tensor | None = None):
+                context_mask: Tensor | None = None, context_positions: int | Tensor | None = None,
+                cu_seqlens: Tensor | None = None):
         q, k, v = self.split(x, state, return_state, context)
         key_padding_mask, key_positions = _keys(key_padding_mask, context, context_mask, context_positions)
+        positions = _packed_positions(cu_seqlens, positions, x, context)
+        if cu_seqlens is not None and (state is not None or return_state):
+            raise ValueError("cu_seqlens: expected no state/return_state (packed documents each start afresh)")
         if state is not None and not isinstance(state, KVCache):
             raise TypeError(f"state: expected a KVCache, got {type(state).__name__}")
         offset = 0 if state is None else state.offset
@@ -281,7 +301,8 @@ class SoftmaxAttention(_Heads):
                 old = state.mask if state.mask is not None else x.new_ones(B, state.k.shape[2], dtype=torch.bool)
                 new = mask if mask is not None else x.new_ones(B, N, dtype=torch.bool)
                 mask = torch.cat((old, new), dim=1)
-        out = softmax_attention(q, self.share_kv(k), self.share_kv(v), causal=self.causal, key_padding_mask=mask)
+        out = softmax_attention(q, self.share_kv(k), self.share_kv(v), causal=self.causal, key_padding_mask=mask,
+                                cu_seqlens=cu_seqlens)
         out = self.merge(out.to(x.dtype))
         if return_state:
             return out, KVCache(k, v, mask, offset + x.shape[1])

@@ -53,6 +53,43 @@ class AttentionState:
 
 
 # ---------------------------------------------------------------------------------------------- linear attention
+def documents(cu_seqlens, B: int, N: int) -> list[tuple[int, int]]:
+    """[start, end) of each document packed in one row, from ``cu_seqlens`` (fla's convention: a 1-D integer
+    tensor 0 = c_0 < c_1 < ... < c_D = N of cumulative lengths; the batch must be one packed row)."""
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() \
+            or cu_seqlens.dtype == torch.bool or cu_seqlens.numel() < 2:
+        what = f"shape {tuple(cu_seqlens.shape)}, dtype {cu_seqlens.dtype}" if isinstance(cu_seqlens, Tensor) \
+            else type(cu_seqlens).__name__
+        raise ValueError(f"cu_seqlens: expected a 1-D integer tensor of cumulative lengths (0, ..., N), got {what}")
+    cuts = [int(c) for c in cu_seqlens.tolist()]
+    if cuts[0] != 0 or cuts[-1] != N or any(b <= a for a, b in zip(cuts, cuts[1:])):
+        raise ValueError(f"cu_seqlens: expected strictly increasing values from 0 to N = {N}, got {cuts}")
+    if B != 1:
+        raise ValueError(f"cu_seqlens: expected one packed row (B = 1), got B = {B}")
+    return list(zip(cuts, cuts[1:]))
+
+
+def document_positions(cu_seqlens, N: int, device=None) -> Tensor:
+    """(N,) positions restarting at 0 at each document of ``cu_seqlens`` (see ``documents``)."""
+    pos = torch.arange(N, device=device)
+    for a, b in documents(cu_seqlens, 1, N):
+        pos[a:b] -= a
+    return pos
+
+
+def _per_document(run_one, cu_seqlens, B: int, N: int, positions, key_padding_mask, streaming: bool) -> Tensor:
+    """Packed sequences: ``run_one(slice, positions, mask)`` on each document alone, outputs concatenated.
+    Positions restart at each document (None), or follow the given int offset or (N,) / (B, N) tensor."""
+    if streaming:
+        raise ValueError("cu_seqlens: expected no initial_state/return_state (packed documents each start afresh)")
+    outs = []
+    for a, b in documents(cu_seqlens, B, N):
+        pos = positions[..., a:b] if isinstance(positions, Tensor) else positions
+        mask = None if key_padding_mask is None else key_padding_mask[:, a:b]
+        outs.append(run_one(slice(a, b), pos, mask))
+    return torch.cat(outs, 2)
+
+
 def _cross(q: Tensor, k: Tensor, causal, key_positions) -> bool:
     """Whether keys come from another sequence (cross-attention): their own length or positions. Non-causal only."""
     cross = key_positions is not None or (isinstance(k, Tensor) and isinstance(q, Tensor) and k.dim() == q.dim()
@@ -120,7 +157,8 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
                      positions: int | Tensor | None = None, chunk_size: int = 64,
                      initial_state: AttentionState | None = None, return_state: bool = False,
                      key_padding_mask: Tensor | None = None, k_logscale: Tensor | None = None,
-                     group_size: int | None = None, key_positions: int | Tensor | None = None):
+                     group_size: int | None = None, key_positions: int | Tensor | None = None,
+                     cu_seqlens: Tensor | None = None):
     """Normalized linear attention on features; RoFormer eq. 19 when ``rotary`` is given.
 
     out_m = sum_n (R_m qf_m).(R_n kf'_n) v_n / sum_n qf_m.kf'_n, with kf'_n = kf_n exp(k_logscale_n), n over all
@@ -143,6 +181,9 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
             that exp-type features never overflow; None means 0.
         group_size: positions whose features are processed at once (rounded up to whole chunks); None sizes
             each (B*H, group, r) work buffer to about 1 MiB (measured fastest on a 2-core Zen 4).
+        cu_seqlens: packed variable-length sequences (B = 1): a 1-D integer tensor of cumulative lengths
+            (0, ..., N), fla's convention. Documents do not see each other, positions restart at each document
+            (unless ``positions`` is given), the causal state starts afresh. Each document runs as its own call.
 
     Returns:
         (B, H, N, dv) in v's dtype; with ``return_state``, also the ``AttentionState`` after the last row.
@@ -159,17 +200,22 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
         if k_logscale.shape != kf.shape[:3]:
             raise ValueError(f"k_logscale: expected shape (B, H, N) = {tuple(kf.shape[:3])}, "
                              f"got {tuple(k_logscale.shape)}")
-    return _run("features", qf, kf, k_logscale, v, None, r, causal=causal, rotary=rotary, positions=positions,
-                chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,
-                return_state=return_state, key_padding_mask=key_padding_mask, key_positions=key_positions,
-                cross=cross)
+    run = lambda sl, pos, mask: _run(  # noqa: E731
+        "features", qf[:, :, sl], kf[:, :, sl], None if k_logscale is None else k_logscale[:, :, sl],
+        v[:, :, sl], None, r, causal=causal, rotary=rotary, positions=pos, chunk_size=chunk_size,
+        group_size=group_size, initial_state=initial_state, return_state=return_state, key_padding_mask=mask,
+        key_positions=key_positions, cross=cross)
+    if cu_seqlens is not None and not cross:
+        return _per_document(run, cu_seqlens, v.shape[0], v.shape[2], positions, key_padding_mask,
+                             initial_state is not None or return_state)
+    return run(slice(None), positions, key_padding_mask)
 
 
 def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, causal: bool = False,
                     rotary: RotaryEmbedding | None = None, positions: int | Tensor | None = None,
                     chunk_size: int = 64, initial_state: AttentionState | None = None, return_state: bool = False,
                     key_padding_mask: Tensor | None = None, group_size: int | None = None,
-                    key_positions: int | Tensor | None = None):
+                    key_positions: int | Tensor | None = None, cu_seqlens: Tensor | None = None):
     """FAVOR+ attention from raw q, k, v; eq. 19 with ``rotary``. Features are recomputed in the backward.
 
     Equal to ``linear_attention(*favor features of q and k*, v, ...)`` with features ``favor_plus(x, projection)``
@@ -197,16 +243,21 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
                          "differentiate it; detach it, or use favor_plus features with linear_attention)")
     r = projection.shape[0]
     check_rotary(rotary, r, "the number of features r (projection rows)")
-    return _run("favor", q, k, None, v, projection, r, causal=causal, rotary=rotary, positions=positions,
-                chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,
-                return_state=return_state, key_padding_mask=key_padding_mask, key_positions=key_positions,
-                cross=cross)
+    run = lambda sl, pos, mask: _run(  # noqa: E731
+        "favor", q[:, :, sl], k[:, :, sl], None, v[:, :, sl], projection, r, causal=causal, rotary=rotary,
+        positions=pos, chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,
+        return_state=return_state, key_padding_mask=mask, key_positions=key_positions, cross=cross)
+    if cu_seqlens is not None and not cross:
+        return _per_document(run, cu_seqlens, v.shape[0], v.shape[2], positions, key_padding_mask,
+                             initial_state is not None or return_state)
+    return run(slice(None), positions, key_padding_mask)
 
 
 # ---------------------------------------------------------------------------------------------- softmax baseline
 def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                       rotary: RotaryEmbedding | None = None, positions: int | Tensor | None = None,
-                      key_padding_mask: Tensor | None = None, key_positions: int | Tensor | None = None) -> Tensor:
+                      key_padding_mask: Tensor | None = None, key_positions: int | Tensor | None = None,
+                      cu_seqlens: Tensor | None = None) -> Tensor:
     """Softmax attention softmax(q k^T / sqrt(d)) v through ``scaled_dot_product_attention``.
 
     Args:
@@ -215,10 +266,19 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         rotary: a ``RotaryEmbedding`` of dim d applied to q at ``positions`` and to k at ``key_positions``
             (default: ``positions`` when Nq == Nk; 0..Nk-1 for cross-attention, ``causal=False``).
         key_padding_mask: (B, Nk) bool, True = keep. Rows that see no key return 0 (SDPA would give NaN).
+        cu_seqlens: packed documents in one row, as in ``linear_attention`` (each runs alone).
 
     Returns:
         (B, H, Nq, dv) in q's dtype.
     """
+    if cu_seqlens is not None:
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            check_tensor(name, x)
+        if k.shape[2] != q.shape[2] or key_positions is not None:
+            raise ValueError("cu_seqlens: expected keys at the queries' positions (no cross-attention when packed)")
+        return _per_document(lambda sl, pos, mask: softmax_attention(
+            q[:, :, sl], k[:, :, sl], v[:, :, sl], causal=causal, rotary=rotary, positions=pos,
+            key_padding_mask=mask), cu_seqlens, q.shape[0], q.shape[2], positions, key_padding_mask, False)
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, x)
     B, H, Nq, d = q.shape

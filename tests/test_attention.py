@@ -203,11 +203,18 @@ def test_eq19_with_context_extension_stays_exactly_relative(kwargs):
         assert attn.rotary.attention_factor > 1
 
 
-@pytest.mark.parametrize("kind, rope", [("linear", "features"), ("linear", "inputs"), ("softmax", "inputs")])
+CAUSAL_LAYERS = [("linear", "features"), ("linear", "inputs"), ("softmax", "inputs")]
+
+
+def causal_layer(kind, rope):
+    return (layer(causal=True, rope=rope) if kind == "linear"
+            else SoftmaxAttention(32, heads=2, causal=True, rope=rope).double())
+
+
+@pytest.mark.parametrize("kind, rope", CAUSAL_LAYERS)
 def test_layers_take_positions_per_example(kind, rope):
     torch.manual_seed(2)
-    attn = (layer(causal=True, rope=rope) if kind == "linear"
-            else SoftmaxAttention(32, heads=2, causal=True, rope=rope).double())
+    attn = causal_layer(kind, rope)
     x = torch.randn(2, 9, 32, dtype=torch.float64)
     pos = torch.stack((torch.arange(9), torch.arange(9) + 40))
     both = attn(x, positions=pos)
@@ -308,3 +315,14 @@ def test_grouped_query_attention_equals_the_explicit_repeat(kind, rope, causal):
 def test_kv_heads_must_divide_heads():
     with pytest.raises(ValueError, match=r"kv_heads: expected a divisor of heads \(4\), got 3"):
         LinearRotaryAttention(32, heads=4, kv_heads=3)
+
+
+@pytest.mark.parametrize("kind, rope", CAUSAL_LAYERS)
+def test_layers_run_packed_documents_as_if_alone(kind, rope):
+    torch.manual_seed(7)
+    attn = causal_layer(kind, rope)
+    x = torch.randn(1, 20, 32, dtype=torch.float64)
+    cuts = [0, 6, 13, 20]
+    packed = attn(x, cu_seqlens=torch.tensor(cuts))
+    alone = torch.cat([attn(x[:, a:b]) for a, b in zip(cuts, cuts[1:])], 1)
+    torch.testing.assert_close(packed, alone, rtol=1e-10, atol=1e-12)

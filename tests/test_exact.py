@@ -460,3 +460,53 @@ def test_cross_attention_equals_eq19_over_the_context(rope, M):
     g = torch.randn(ref.shape, generator=gen, dtype=F64)
     for name, a, b in zip("qkv", torch.autograd.grad(ref, (q, k, v), g), torch.autograd.grad(got, (q, k, v), g)):
         assert_close(f"d{name}", a, b, rtol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------- packed sequences
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_packed_documents_equal_each_document_alone(causal):
+    """cu_seqlens (fla's convention): documents in one row do not see each other, positions restart, the causal
+    state starts afresh; outputs and gradients equal separate calls, and eq. 19 in float64 per document."""
+    gen = torch.Generator().manual_seed(6)
+    cuts = [0, 7, 8, 30, 41]
+    q, k, v = (2 * torch.randn(1, 2, 41, 8, generator=gen, dtype=F64, requires_grad=True) for _ in range(3))
+    W, rot = projection(16, 8).double(), RotaryEmbedding(16)
+    mask = torch.rand(1, 41, generator=gen) > 0.2
+    got = favor_attention(q, k, v, W, causal=causal, rotary=rot, key_padding_mask=mask, chunk_size=4,
+                          cu_seqlens=torch.tensor(cuts))
+    alone = torch.cat([favor_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], W, causal=causal, rotary=rot,
+                                       key_padding_mask=mask[:, a:b]) for a, b in zip(cuts, cuts[1:])], 2)
+    assert_close("packed", alone, got, rtol=1e-12)
+    ref = torch.cat([favor_eq19(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], W, causal=causal, rope="interleaved",
+                                mask=mask[:, a:b]) for a, b in zip(cuts, cuts[1:])], 2)
+    assert_close("eq. 19 per document", ref, got, rtol=1e-9)
+    g = torch.randn(got.shape, generator=gen, dtype=F64)
+    for name, a, b in zip("qkv", torch.autograd.grad(alone, (q, k, v), g), torch.autograd.grad(got, (q, k, v), g)):
+        assert_close(f"d{name}", a, b, rtol=1e-12)
+    sm = softmax_attention(q, k, v, causal=causal, rotary=RotaryEmbedding(8), cu_seqlens=torch.tensor(cuts))
+    sm_alone = torch.cat([softmax_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], causal=causal,
+                                            rotary=RotaryEmbedding(8)) for a, b in zip(cuts, cuts[1:])], 2)
+    assert_close("softmax packed", sm_alone, sm, rtol=1e-12)
+
+
+@pytest.mark.parametrize("cu, phrase", [
+    pytest.param(torch.tensor([0, 5, 4, 10]), r"cu_seqlens: expected strictly increasing values from 0 to N = 10",
+                 id="decreasing"),
+    pytest.param(torch.tensor([0, 5, 9]), r"cu_seqlens: expected strictly increasing values from 0 to N = 10",
+                 id="short"),
+    pytest.param(torch.tensor([0.0, 10.0]), r"cu_seqlens: expected a 1-D integer tensor of cumulative lengths",
+                 id="float"),
+])
+def test_packed_arguments_are_checked(cu, phrase):
+    q = torch.randn(1, 1, 10, 4)
+    with pytest.raises(ValueError, match=phrase):
+        favor_attention(q, q, q, projection(8, 4), cu_seqlens=cu)
+
+
+def test_packed_rows_must_be_one_and_not_streamed():
+    q = torch.randn(2, 1, 10, 4)
+    with pytest.raises(ValueError, match=r"cu_seqlens: expected one packed row \(B = 1\), got B = 2"):
+        favor_attention(q, q, q, projection(8, 4), cu_seqlens=torch.tensor([0, 4, 10]))
+    with pytest.raises(ValueError, match=r"cu_seqlens: expected no initial_state/return_state"):
+        favor_attention(q[:1], q[:1], q[:1], projection(8, 4), causal=True, return_state=True,
+                        cu_seqlens=torch.tensor([0, 4, 10]))
