@@ -96,6 +96,24 @@ class _Heads(nn.Module):
             q, k, v = (t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
         return q, k, v
 
+    def inputs(self, x, key_padding_mask, positions, state, return_state, context, context_mask, context_positions,
+               cu_seqlens, state_type):
+        """Everything both layers' ``forward`` checks and derives first: (q, k, v, the keys' mask, the keys'
+        positions (cross-attention), the queries' positions (restarting per document when packed))."""
+        q, k, v = self.split(x, state, return_state, context)
+        key_padding_mask, key_positions = _keys(key_padding_mask, context, context_mask, context_positions)
+        if state is not None and not isinstance(state, state_type):
+            expected = {AttentionState: "an AttentionState (returned with return_state=True)", KVCache: "a KVCache"}
+            raise TypeError(f"state: expected {expected[state_type]}, got {type(state).__name__}")
+        if cu_seqlens is not None:
+            if state is not None or return_state:
+                raise ValueError("cu_seqlens: expected no state/return_state (packed documents each start afresh)")
+            if context is not None:
+                raise ValueError("cu_seqlens: expected no context (packed documents attend within themselves)")
+            if positions is None:
+                positions = document_positions(cu_seqlens, x.shape[1], x.device)
+        return q, k, v, key_padding_mask, key_positions, positions
+
     def share_kv(self, t: Tensor) -> Tensor:
         """(B, kv_heads, ...) -> (B, heads, ...): query head h reads kv head h // (heads / kv_heads)."""
         g = self.heads // self.kv_heads
@@ -128,15 +146,6 @@ def _keys(key_padding_mask, context, context_mask, context_positions):
         raise ValueError("key_padding_mask: expected None with a context (the keys are the context's: use "
                          "context_mask)")
     return context_mask, (0 if context_positions is None else context_positions)
-
-
-def _packed_positions(cu_seqlens, positions, x: Tensor, context):
-    """Packed documents (``cu_seqlens``): positions restart at each document unless given."""
-    if cu_seqlens is None:
-        return positions
-    if context is not None:
-        raise ValueError("cu_seqlens: expected no context (packed documents attend within themselves)")
-    return document_positions(cu_seqlens, x.shape[1], x.device) if positions is None else positions
 
 
 def _check_rope(rope, allowed) -> None:
@@ -214,12 +223,9 @@ class LinearRotaryAttention(_Heads):
                 state: AttentionState | None = None, return_state: bool = False, context: Tensor | None = None,
                 context_mask: Tensor | None = None, context_positions: int | Tensor | None = None,
                 cu_seqlens: Tensor | None = None):
-        q, k, v = self.split(x, state, return_state, context)
-        key_padding_mask, key_positions = _keys(key_padding_mask, context, context_mask, context_positions)
-        positions = _packed_positions(cu_seqlens, positions, x, context)
-        if state is not None and not isinstance(state, AttentionState):
-            raise TypeError(f"state: expected an AttentionState (returned with return_state=True), "
-                            f"got {type(state).__name__}")
+        q, k, v, key_padding_mask, key_positions, positions = self.inputs(
+            x, key_padding_mask, positions, state, return_state, context, context_mask, context_positions,
+            cu_seqlens, AttentionState)
         if positions is None and state is not None:
             positions = state.offset
         feature_rotary = self.rotary if self.rope == "features" else None
@@ -279,13 +285,9 @@ class SoftmaxAttention(_Heads):
                 state: KVCache | None = None, return_state: bool = False, context: Tensor | None = None,
                 context_mask: Tensor | None = None, context_positions: int | Tensor | None = None,
                 cu_seqlens: Tensor | None = None):
-        q, k, v = self.split(x, state, return_state, context)
-        key_padding_mask, key_positions = _keys(key_padding_mask, context, context_mask, context_positions)
-        positions = _packed_positions(cu_seqlens, positions, x, context)
-        if cu_seqlens is not None and (state is not None or return_state):
-            raise ValueError("cu_seqlens: expected no state/return_state (packed documents each start afresh)")
-        if state is not None and not isinstance(state, KVCache):
-            raise TypeError(f"state: expected a KVCache, got {type(state).__name__}")
+        q, k, v, key_padding_mask, key_positions, positions = self.inputs(
+            x, key_padding_mask, positions, state, return_state, context, context_mask, context_positions,
+            cu_seqlens, KVCache)
         offset = 0 if state is None else state.offset
         if positions is None:
             positions = offset
