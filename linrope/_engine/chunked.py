@@ -19,7 +19,8 @@ How, and why:
   scan over chunks), ``baddbmm`` for the inter-chunk term. torch.cumsum is avoided: along a non-innermost dim
   it runs 30-80x slower than an elementwise pass on CPU; short Python scans over slices are cheaper.
 * The normalizer is never rotated. Without RoPE it is the row sum of the masked score matrix (free); with RoPE
-  it is fq . (running key sum), the key sum scanned within chunks (no second C x C product).
+  it is fq . (running key sum): masked unrotated products within sub-chunks of up to 32 positions (which also
+  give the distance-0 terms below) and a short scan of key sums across them.
 * The rotation runs on interleaved pairs viewed as complex numbers: one complex multiply, a single memory pass,
   where cos/sin arithmetic takes four. With the half-split pairing the feature order is permuted on the way in
   (projection rows, or feature columns) and states on the way out: dot products, hence outputs, do not depend
