@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -173,8 +175,7 @@ def test_bad_input_names_the_argument_and_what_was_expected():
 
 
 # ---------------------------------------------------------------------------------------------- generation
-@pytest.mark.parametrize("variant", ["softmax-rope", "softmax-abs", "linear-rope", "linear-rope-inputs", "linear-abs",
-                                     "linear-nope", "linear-rope-rotden"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_decoding_with_states_gives_the_logits_of_full_passes(variant):
     """Prompt once, then one byte at a time through the blocks' states (eq. 19: AttentionState; softmax:
     KVCache): every step's logits equal the full pass over the sequence so far (float64, 1e-9)."""
@@ -211,3 +212,38 @@ def test_generate_samples_reproducibly_and_checks_its_arguments():
             model.generate(idx, **kwargs)
     with pytest.raises(ValueError, match=r"states: expected a list of 1 block states"):
         model(idx, states="nope")
+
+
+# ---------------------------------------------------------------------------------------------- position baselines
+def test_t5_buckets_follow_the_definition():
+    """Distances 0..15 get their own bucket; 16..127 share logarithmic buckets 16..31; beyond 128, bucket 31;
+    a later key (positive relative position) counts as distance 0 (the causal mask removes it)."""
+    from linrope.lab.models import t5_buckets
+    n = torch.arange(0, 300)
+    got = t5_buckets(-n)
+    expected = [d if d < 16 else min(31, 16 + int(math.log(d / 16) / math.log(128 / 16) * 16)) for d in n.tolist()]
+    assert got.tolist() == expected
+    assert got[:16].tolist() == list(range(16)) and got[128:].eq(31).all() and t5_buckets(torch.tensor([3]))[0] == 0
+
+
+def test_t5_attention_equals_the_explicit_biased_softmax():
+    torch.manual_seed(1)
+    model = tiny("softmax-t5").double().eval()
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 40, 16, dtype=torch.float64)
+    W = attn.inner.to_qkv.weight
+    q, k, v = ((x @ W[i * 16:(i + 1) * 16].t()).view(2, 40, 2, 8).transpose(1, 2) for i in range(3))
+    from linrope.lab.models import t5_buckets
+    rel = torch.arange(40)[None, :] - torch.arange(40)[:, None]
+    bias = attn.bias.weight[t5_buckets(rel)].permute(2, 0, 1).masked_fill(rel > 0, float("-inf"))
+    s = q @ k.transpose(-1, -2) / math.sqrt(8) + bias
+    ref = attn.to_out((s.softmax(-1) @ v).transpose(1, 2).reshape(2, 40, 16))
+    torch.testing.assert_close(attn(x), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_learned_positions_stop_at_max_len():
+    model = tiny("linear-learned", max_len=16).eval()
+    assert model(torch.randint(0, 256, (1, 16))).shape == (1, 16, 256)
+    with pytest.raises(ValueError, match=r"idx: positions up to 16 need max_len > that; learned absolute positions "
+                                         r"stop at max_len = 16"):
+        model(torch.randint(0, 256, (1, 17)))

@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_int, check_number
-from ..attention import LinearRotaryAttention, SoftmaxAttention
+from ..attention import KVCache, LinearRotaryAttention, SoftmaxAttention
 from ..features import FEATURE_MAPS, redraw_projections
 
-__all__ = ["Variant", "VARIANTS", "ModelConfig", "RMSNorm", "MLP", "Block", "ByteLM", "sinusoidal_positions"]
+__all__ = ["Variant", "VARIANTS", "CORE_VARIANTS", "T5Attention", "t5_buckets", "ModelConfig", "RMSNorm", "MLP",
+           "Block", "ByteLM", "sinusoidal_positions"]
 
 VOCAB_SIZE = 256  # bytes
 
@@ -36,6 +37,8 @@ class Variant:
     absolute: bool                   # add sinusoidal absolute positions to the token embeddings
     rotate_normalizer: bool = False  # ablation of eq. 19 (linear, rope='features' only)
     about: str = ""                  # one line for a reader (and for --help)
+    learned: bool = False            # add learned absolute position embeddings (BERT, GPT-2); up to max_len
+    t5: bool = False                 # softmax only: T5's bucketed relative bias on the logits (Raffel et al. 2020)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -55,7 +58,18 @@ VARIANTS: dict[str, Variant] = {
     "linear-rope-rotden": Variant("linear", "features", absolute=False, rotate_normalizer=True,
                                   about="ablation: eq. 19 with the normalizer rotated too; it can vanish or turn "
                                         "negative"),
+    "softmax-learned": Variant("softmax", None, absolute=False, learned=True,
+                               about="baseline: softmax attention, learned absolute positions (BERT, GPT-2)"),
+    "linear-learned": Variant("linear", None, absolute=False, learned=True,
+                              about="baseline: linear attention, learned absolute positions"),
+    "softmax-t5": Variant("softmax", None, absolute=False, t5=True,
+                          about="baseline: softmax attention, T5's bucketed relative bias (no place in linear "
+                                "attention)"),
 }
+# the variants the presets and the synthetic tasks run by default: eq. 19, its comparisons and the ablation; the
+# position baselines above are there to be named (``--variants softmax-learned,...``)
+CORE_VARIANTS = ("softmax-rope", "softmax-abs", "linear-rope", "linear-rope-inputs", "linear-abs", "linear-nope",
+                 "linear-rope-rotden")
 
 
 @dataclass
@@ -77,19 +91,23 @@ class ModelConfig:
                                      # At unit scale they swamp the std-0.02 embeddings and a small model stays
                                      # at the unigram level (~4.9 bits per byte).
     init_std: float = 0.02
+    max_len: int = 4096              # learned absolute positions: the table's length (positions 0..max_len-1)
+    t5_buckets: int = 32             # T5 relative bias: buckets, half exact, half logarithmic up to
+    t5_max_distance: int = 128       # this distance (T5's defaults)
 
     def __post_init__(self):
         if self.attention not in VARIANTS:
             raise ValueError(f"attention: expected one of {sorted(VARIANTS)}, got {self.attention!r}")
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map: expected one of {sorted(FEATURE_MAPS)}, got {self.feature_map!r}")
-        for name in ("n_layer", "dim", "heads", "mlp_ratio", "nb_features", "chunk_size"):
+        for name in ("n_layer", "dim", "heads", "mlp_ratio", "nb_features", "chunk_size", "max_len", "t5_max_distance"):
             check_int(name, getattr(self, name))
         if self.dim % self.heads:
             raise ValueError(f"dim: expected a multiple of heads={self.heads}, got {self.dim}")
         if self.redraw_interval is not None:
             check_int("redraw_interval", self.redraw_interval, 1, "None or a positive integer (optimizer steps)")
         check_int("feature_seed", self.feature_seed, 0)
+        check_int("t5_buckets", self.t5_buckets, 2)
         if self.abs_scale is not None and not self.abs_scale > 0:
             raise ValueError(f"abs_scale: expected None or a number > 0, got {self.abs_scale!r}")
 
@@ -137,10 +155,49 @@ class MLP(nn.Module):
         return self.proj(F.gelu(self.fc(x)))
 
 
+def t5_buckets(relative: Tensor, buckets: int = 32, max_distance: int = 128) -> Tensor:
+    """T5's bucket of each causal relative position (key - query <= 0): distances below buckets/2 get one bucket
+    each, longer ones share logarithmically sized buckets up to ``max_distance``, beyond it the last bucket."""
+    n = (-relative).clamp_min(0)
+    exact = buckets // 2
+    far = exact + (torch.log(n.clamp_min(1).float() / exact) / math.log(max_distance / exact)
+                   * (buckets - exact)).long()
+    return torch.where(n < exact, n, far.clamp_max(buckets - 1))
+
+
+class T5Attention(nn.Module):
+    """Causal softmax attention with T5's learned relative bias per head and bucket on the logits, through
+    SDPA's float mask; the projections and ``KVCache`` of ``SoftmaxAttention`` (without RoPE)."""
+
+    def __init__(self, dim: int, heads: int, buckets: int, max_distance: int):
+        super().__init__()
+        self.inner = SoftmaxAttention(dim, heads=heads, causal=True, rope=None)
+        self.bias = nn.Embedding(buckets, heads)
+        self.buckets, self.max_distance = buckets, max_distance
+
+    @property
+    def to_out(self) -> nn.Linear:  # the residual projection, scaled at init like every block's
+        return self.inner.to_out
+
+    def forward(self, x: Tensor, state: KVCache | None = None, return_state: bool = False):
+        q, k, v, *_ = self.inner.inputs(x, None, None, state, return_state, None, None, None, None, KVCache)
+        offset = 0 if state is None else state.offset
+        if state is not None:
+            k, v = torch.cat((state.k, k), 2), torch.cat((state.v, v), 2)
+        rel = (torch.arange(k.shape[2], device=x.device)[None, :]
+               - torch.arange(offset, offset + x.shape[1], device=x.device)[:, None])  # key - query, (N, M)
+        bias = self.bias(t5_buckets(rel, self.buckets, self.max_distance)).permute(2, 0, 1)  # (H, N, M)
+        bias = bias.masked_fill(rel > 0, float("-inf")).to(q.dtype)
+        out = self.inner.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=bias).to(x.dtype))
+        return (out, KVCache(k, v, None, offset + x.shape[1])) if return_state else out
+
+
 def make_attention(config: ModelConfig, layer: int) -> nn.Module:
     """The causal attention layer of block ``layer`` for ``config.attention``; input and output (B, N, C)."""
     v = config.variant
     dim_head = config.dim // config.heads
+    if v.t5:
+        return T5Attention(config.dim, config.heads, config.t5_buckets, config.t5_max_distance)
     if v.kind == "softmax":
         return SoftmaxAttention(config.dim, heads=config.heads, dim_head=dim_head, causal=True, rope=v.rope,
                                 rope_base=config.rope_base)
@@ -181,6 +238,7 @@ class ByteLM(nn.Module):
         self.norm = RMSNorm(config.dim)
         # The sinusoid is scaled to the embeddings' RMS: at unit RMS it drowns the token signal at init.
         self.abs_scale = (config.abs_scale if config.abs_scale is not None else config.init_std) * math.sqrt(2)
+        self.pos_embed = nn.Embedding(config.max_len, config.dim) if config.variant.learned else None
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 n_layer) so the residual stream's variance stays put.
         for block in self.blocks:
@@ -214,6 +272,11 @@ class ByteLM(nn.Module):
         if self.config.variant.absolute:
             pe = sinusoidal_positions(idx.shape[1], self.config.dim, offset=offset, device=idx.device)
             x = x + self.abs_scale * pe.to(x.dtype)
+        if self.pos_embed is not None:
+            if offset + idx.shape[1] > self.config.max_len:
+                raise ValueError(f"idx: positions up to {offset + idx.shape[1] - 1} need max_len > that; learned "
+                                 f"absolute positions stop at max_len = {self.config.max_len}")
+            x = x + self.pos_embed(torch.arange(offset, offset + idx.shape[1], device=idx.device))
         new_states = []
         for i, block in enumerate(self.blocks):
             if return_states or states is not None:
