@@ -77,9 +77,12 @@ def document_positions(cu_seqlens, N: int, device=None) -> Tensor:
     return pos
 
 
-def _per_document(run_one, cu_seqlens, B: int, N: int, positions, key_padding_mask, streaming: bool) -> Tensor:
+def _per_document(run_one, cu_seqlens, B: int, N: int, positions, key_padding_mask, streaming: bool,
+                  cross: bool) -> Tensor:
     """Packed sequences: ``run_one(slice, positions, mask)`` on each document alone, outputs concatenated.
     Positions restart at each document (None), or follow the given int offset or (N,) / (B, N) tensor."""
+    if cross:
+        raise ValueError("cu_seqlens: expected keys at the queries' positions (no cross-attention when packed)")
     if streaming:
         raise ValueError("cu_seqlens: expected no initial_state/return_state (packed documents each start afresh)")
     outs = []
@@ -205,9 +208,9 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
         v[:, :, sl], None, r, causal=causal, rotary=rotary, positions=pos, chunk_size=chunk_size,
         group_size=group_size, initial_state=initial_state, return_state=return_state, key_padding_mask=mask,
         key_positions=key_positions, cross=cross)
-    if cu_seqlens is not None and not cross:
+    if cu_seqlens is not None:
         return _per_document(run, cu_seqlens, v.shape[0], v.shape[2], positions, key_padding_mask,
-                             initial_state is not None or return_state)
+                             initial_state is not None or return_state, cross)
     return run(slice(None), positions, key_padding_mask)
 
 
@@ -247,9 +250,9 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
         "favor", q[:, :, sl], k[:, :, sl], None, v[:, :, sl], projection, r, causal=causal, rotary=rotary,
         positions=pos, chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,
         return_state=return_state, key_padding_mask=mask, key_positions=key_positions, cross=cross)
-    if cu_seqlens is not None and not cross:
+    if cu_seqlens is not None:
         return _per_document(run, cu_seqlens, v.shape[0], v.shape[2], positions, key_padding_mask,
-                             initial_state is not None or return_state)
+                             initial_state is not None or return_state, cross)
     return run(slice(None), positions, key_padding_mask)
 
 
@@ -274,11 +277,10 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     if cu_seqlens is not None:
         for name, x in (("q", q), ("k", k), ("v", v)):
             check_tensor(name, x)
-        if k.shape[2] != q.shape[2] or key_positions is not None:
-            raise ValueError("cu_seqlens: expected keys at the queries' positions (no cross-attention when packed)")
         return _per_document(lambda sl, pos, mask: softmax_attention(
             q[:, :, sl], k[:, :, sl], v[:, :, sl], causal=causal, rotary=rotary, positions=pos,
-            key_padding_mask=mask), cu_seqlens, q.shape[0], q.shape[2], positions, key_padding_mask, False)
+            key_padding_mask=mask), cu_seqlens, q.shape[0], q.shape[2], positions, key_padding_mask, False,
+            k.shape[2] != q.shape[2] or key_positions is not None)
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, x)
     B, H, Nq, d = q.shape

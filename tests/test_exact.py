@@ -507,6 +507,11 @@ def test_packed_rows_must_be_one_and_not_streamed():
     q = torch.randn(2, 1, 10, 4)
     with pytest.raises(ValueError, match=r"cu_seqlens: expected one packed row \(B = 1\), got B = 2"):
         favor_attention(q, q, q, projection(8, 4), cu_seqlens=torch.tensor([0, 4, 10]))
+    for call in (lambda: favor_attention(q[:1], q[:1, :, :6], q[:1, :, :6], projection(8, 4),
+                                         cu_seqlens=torch.tensor([0, 4, 10])),
+                 lambda: softmax_attention(q[:1], q[:1, :, :6], q[:1, :, :6], cu_seqlens=torch.tensor([0, 4, 10]))):
+        with pytest.raises(ValueError, match=r"cu_seqlens: expected keys at the queries' positions"):
+            call()  # cross-attention keys: packing would be silently ignored
     with pytest.raises(ValueError, match=r"cu_seqlens: expected no initial_state/return_state"):
         favor_attention(q[:1], q[:1], q[:1], projection(8, 4), causal=True, return_state=True,
                         cu_seqlens=torch.tensor([0, 4, 10]))
