@@ -1,10 +1,13 @@
+import json
 import math
 
 import pytest
 import torch
 
-from linrope.lab.bench import causal_flops, combine_rounds, evaluate, memory_profile, plot_profile
-from linrope.lab.profiling import Record, measure, run_point, run_series
+from linrope.lab.bench import causal_flops, combine_rounds, evaluate, memory_profile, plot_profile, targets
+from linrope.lab.profiling import VECTOR_FLAGS, Record, machine_info, measure, run_point, run_series, vector_extensions
+
+TINY = dict(sgemm_n=64, bmm=(4, 8, 16, 8), repeats=3)  # machine_info in a few milliseconds
 
 
 def test_measure_returns_a_record_with_time_and_memory():
@@ -50,18 +53,32 @@ def test_targets_are_ratios_of_the_records():
         return Record("c", {}, "ok", s, [s], m)
     recs = {"ours": rec(1.0, 100), "ours_norope": rec(0.8, 90), "ours_2n": rec(2.0, 201), "ours_mem": rec(0.2, 50),
             "ours_bidir": rec(0.5, 80), "sdpa": rec(6.0, 200), "layer_linear": rec(1.5, 600),
-            "layer_softmax": rec(6.0, 500), "matmul": rec(2 * 2048**3 / 160e9, 1), "ft": rec(2.5, 1000),
+            "layer_softmax": rec(6.0, 500), "ft": rec(2.5, 1000),
             "performer_noncuda_mem": rec(6.0, 2400), "performer_bidir": rec(1.7, 880)}
-    t = {x.name.split(",")[0]: x for x in evaluate(recs)}
-    assert t["speed-up over FAVOR+ features + fast-transformers causal kernel"].measured == pytest.approx(2.5)
+    t = {x.name.split(",")[0]: x for x in evaluate(recs, sgemm_gflops=160.0)}
+    ft = t["speed-up over FAVOR+ features + fast-transformers causal kernel"]
+    assert ft.measured == pytest.approx(2.5) and ft.bound == 2.5 and ft.met
     assert t["speed-up over SDPA causal"].met
     assert t["memory growth 32768/16384"].measured == pytest.approx(2.01) and t["memory growth 32768/16384"].met
     assert t["RoPE overhead"].measured == pytest.approx(1.25) and not t["RoPE overhead"].met
     assert t["layer peak memory vs SoftmaxAttention"].measured == pytest.approx(1.2)
-    assert t["useful FLOP rate / square-matmul rate"].measured == pytest.approx(causal_flops(16384) / 1.0 / 160e9)
+    layer = t["layer time vs SoftmaxAttention"]
+    assert layer.measured == pytest.approx(0.25) and layer.met
+    flop = t["useful FLOP rate / square-matmul rate"]
+    assert flop.measured == pytest.approx(causal_flops(16384) / 1.0 / 160e9) and flop.bound == 0.40
+    assert "160 GFLOP/s in this run" in flop.detail
+    # the raised bounds of issue 14: values that met the old ones (2x, 1.15, 0.30) fail now
+    recs.update(ft=rec(2.2, 1000), ours_norope=rec(1.0 / 1.12, 90))
+    t = {x.name.split(",")[0]: x for x in evaluate(recs, sgemm_gflops=causal_flops(16384) / 0.35 / 1e9)}
+    assert not t["speed-up over FAVOR+ features + fast-transformers causal kernel"].met
+    assert not t["RoPE overhead"].met
+    assert t["useful FLOP rate / square-matmul rate"].measured == pytest.approx(0.35)
+    assert not t["useful FLOP rate / square-matmul rate"].met
     del recs["ft"]
-    assert {x.name.split(",")[0]: x for x in evaluate(recs)}[
-        "speed-up over FAVOR+ features + fast-transformers causal kernel"].met is None
+    t = {x.name.split(",")[0]: x for x in evaluate(recs)}  # no peer, no sgemm rate: n/a, not failed
+    assert t["speed-up over FAVOR+ features + fast-transformers causal kernel"].met is None
+    assert t["useful FLOP rate / square-matmul rate"].met is None
+    assert "matmul" not in {key for key, _, _ in targets()}  # the rate comes from machine_info, not a point
 
 
 def test_flop_count_matches_the_formula_by_hand():
@@ -93,3 +110,74 @@ def test_compare_times_an_earlier_commit_beside_this_checkout():
     assert row["then_s"] > 0 and row["now_s"] > 0 and row["now_over_then"] > 0
     with pytest.raises(ValueError, match="compare: expected a git revision of this repository, got 'no-such-rev'"):
         compare("no-such-rev", points=(), rounds=1)
+
+
+def test_machine_info_measures_the_rates_and_names_the_cpu():
+    info = machine_info(**TINY)
+    assert info.cpu.strip() and info.logical_cpus >= 1 and info.threads == torch.get_num_threads() >= 1
+    assert info.torch == torch.__version__ and info.torch_capability
+    assert info.sgemm_n == 64 and info.bmm == (4, 8, 16, 8) and info.repeats == 3
+    for rate in (info.sgemm_gflops, info.bmm_gflops):
+        assert math.isfinite(rate) and 0 < rate < 1e5  # GFLOP/s: positive, and not a timer artefact
+    assert set(info.extensions) <= set(VECTOR_FLAGS)
+    block = info.markdown().splitlines()
+    assert block[1] == "|---|---|" and all(ln.startswith("| ") and ln.endswith(" |") for ln in block[:1] + block[2:])
+    assert any(info.cpu in ln for ln in block)
+    assert "| sgemm 64x64 float32 | " in info.markdown() and "| bmm 4 x (8x16 @ 16x8) float32 | " in info.markdown()
+    assert info.to_dict()["sgemm_gflops"] == info.sgemm_gflops
+    with pytest.raises(ValueError, match="machine_info: sizes and repeats must be >= 1"):
+        machine_info(sgemm_n=0)
+
+
+def test_vector_extensions_name_the_relevant_flags_present_in_cpuinfo():
+    x86 = ["processor\t: 0", "model name\t: Some CPU",
+           "flags\t\t: fpu sse sse2 avx fma avx2 avx512f avx512bw avx512_bf16 amx_tile amx_bf16 avx512_vnni", "",
+           "processor\t: 1", "flags\t\t: fpu"]  # the first CPU's flags count
+    assert vector_extensions(x86) == ["avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+                                      "amx_tile", "amx_bf16"]
+    assert vector_extensions(["Features\t: fp asimd evtstrm sve bf16"]) == ["asimd", "sve", "bf16"]
+    assert vector_extensions(["flags\t: fpu sse2"]) == [] and vector_extensions([]) == []
+
+
+def _fake_run_point(case, params, **kw):
+    s = 2.0 if "sdpa" in case or params.get("kind") == "softmax" else 0.5
+    return Record(case, params, "ok", s * params["n"] / 64, [s], 10.0 * params["n"] / 64)
+
+
+def test_bench_cli_prints_and_stores_the_machine_block(monkeypatch, capsys, tmp_path):
+    """The bench measures the machine in its own process before the points, prints the block beside its tables
+    and stores it in --json; the FLOP-rate target divides by the sgemm rate of that very measurement."""
+    from linrope.lab.bench import cli
+    seen = []
+
+    def tiny_machine_info():
+        seen.append(machine_info(**TINY))
+        return seen[-1]
+    monkeypatch.setattr(cli, "machine_info", tiny_machine_info)
+    monkeypatch.setattr(cli, "run_point", lambda *a, **kw: (seen and _fake_run_point(*a, **kw)) or pytest.fail(
+        "a point ran before the machine was measured"))
+    out_json = tmp_path / "t.json"
+    cli.main(["--n", "64", "--n-mem", "64", "--rounds", "1", "--repeats", "1", "--no-peers", "--json", str(out_json)])
+    out = capsys.readouterr().out
+    (info,) = seen
+    assert info.markdown() in out
+    assert out.index("| machine |") < out.index("| target |")
+    assert f"| CPU | {info.cpu} (" in out and "| vector extensions | " in out and "GFLOP/s |" in out
+    saved = json.loads(out_json.read_text())
+    assert saved["machine_info"]["sgemm_gflops"] == info.sgemm_gflops
+    assert saved["machine_info"]["cpu"] == info.cpu and saved["machine_info"]["bmm"] == [4, 8, 16, 8]
+    flop = next(t for t in saved["targets"] if t["name"].startswith("useful FLOP rate"))
+    assert flop["measured"] == pytest.approx(causal_flops(64) / 0.5 / (info.sgemm_gflops * 1e9))
+
+
+def test_bench_compare_prints_and_stores_the_machine_block(monkeypatch, capsys, tmp_path):
+    from linrope.lab.bench import cli, compare
+    monkeypatch.setattr(cli, "machine_info", lambda: machine_info(**TINY))
+    row = dict(point="tiny", params={}, then_s=1.0, now_s=0.5, then_mib=1.0, now_mib=1.0, now_over_then=0.5)
+    monkeypatch.setattr(compare, "compare", lambda *a, **kw: [row])
+    out_json = tmp_path / "c.json"
+    cli.main(["--compare", "HEAD", "--rounds", "1", "--repeats", "1", "--json", str(out_json)])
+    out = capsys.readouterr().out
+    assert "| machine |" in out and "| sgemm 64x64 float32 | " in out and "| tiny | 1.000 | 0.500 |" in out
+    saved = json.loads(out_json.read_text())
+    assert saved["machine_info"]["sgemm_n"] == 64 and saved["machine_info"]["sgemm_gflops"] > 0

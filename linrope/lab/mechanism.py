@@ -81,7 +81,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -96,6 +95,7 @@ from ..functional import favor_attention, linear_attention, softmax_attention
 from ..rotary import RotaryEmbedding, apply_rotary
 from .data import IGNORE, lookback, pair_recall
 from .plots import finite_stats, write_rows
+from .profiling import cpu_name as _profiling_cpu_name
 
 __all__ = [
     "CONES", "rope_frequencies", "linear_frequencies", "Design", "DESIGNS", "design_matrix", "kernel", "cone_lstsq",
@@ -652,14 +652,8 @@ def toy_summary(results: list[dict], at=(300, 1000)) -> list[dict]:
 
 # ============================================================================================ outputs
 def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    """The CPU's model name (``linrope.lab.profiling.cpu_name`` without the count of logical CPUs)."""
+    return _profiling_cpu_name(count=False)
 
 
 def _fmt_snr(s: float) -> str:

@@ -11,6 +11,10 @@
   the time, hence the two passes. A timeout or crash becomes a record whose ``status`` says so.
 * ``run_series(case, lengths, ...)``: points over growing N that stop cleanly at a time or memory budget.
 * ``machine()``: the CPU, torch version and thread count, for the headers of tables and figures.
+* ``machine_info()``: the same and more, measured: the CPU model, its vector extensions (from /proc/cpuinfo),
+  the thread count, and this process's float32 rates of a 2048 x 2048 sgemm and of a small batched matmul
+  (2048 x (64x256 @ 256x64), the shape class of the engine's chunk products), median of a few runs after a
+  warm-up. The benchmarks print it beside their tables (``MachineInfo.markdown()``) and store it in their JSON.
 
 ``case`` names a factory ``"module:function"``; the factory is called with the params and returns a
 zero-argument callable doing the work (e.g. forward+backward of one attention call on prebuilt inputs).
@@ -33,7 +37,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Record", "median_time", "measure", "run_point", "run_series", "rss_bytes", "cpu_name", "machine"]
+__all__ = ["Record", "median_time", "measure", "run_point", "run_series", "rss_bytes", "cpu_name", "machine",
+           "vector_extensions", "MachineInfo", "machine_info"]
 
 MIB = 2**20
 
@@ -174,21 +179,104 @@ def run_series(case: str, lengths, params: dict, *, time_budget: float = 60.0, m
     return records
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (with the number of logical CPUs), or the platform's guess."""
+def _cpuinfo() -> list[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        if names:
-            return f"{names[0]} x{len(names)}"
+            return f.read().splitlines()
     except OSError:
-        pass
+        return []
+
+
+def cpu_name(count: bool = True) -> str:
+    """The CPU model from /proc/cpuinfo, with the number of logical CPUs (``"... x2"``) unless ``count=False``,
+    or the platform's guess."""
+    names = [ln.split(":", 1)[1].strip() for ln in _cpuinfo() if ln.startswith("model name")]
+    if names:
+        return f"{names[0]} x{len(names)}" if count else names[0]
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+# The /proc/cpuinfo flags that matter to float32/bfloat16 matmuls and elementwise kernels, in the order printed:
+# x86 (AVX up to AMX) and Arm ("Features": NEON, SVE, bf16/i8mm).
+VECTOR_FLAGS = ("avx", "avx2", "fma", "avx_vnni", "avx512f", "avx512dq", "avx512cd", "avx512bw",
+                "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
+                "amx_fp16", "asimd", "asimdhp", "sve", "sve2", "bf16", "i8mm")
+
+
+def vector_extensions(lines: list[str] | None = None) -> list[str]:
+    """The vector extensions of ``VECTOR_FLAGS`` that the first CPU of /proc/cpuinfo (or ``lines``) lists."""
+    for ln in _cpuinfo() if lines is None else lines:
+        key = ln.split(":", 1)[0].strip()
+        if key in ("flags", "Features") and ":" in ln:
+            have = set(ln.split(":", 1)[1].split())
+            return [f for f in VECTOR_FLAGS if f in have]
+    return []
 
 
 def machine() -> str:
     """'CPU, torch version, threads': where a measurement ran."""
     return f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+@dataclass
+class MachineInfo:
+    """Where a benchmark ran, with the machine's measured float32 matmul rates (GFLOP/s, this process's
+    threads). ``bmm`` is (batch, m, k, n): ``batch`` products of m x k by k x n."""
+
+    cpu: str
+    logical_cpus: int
+    extensions: list
+    torch_capability: str  # the vector width ATen's kernels dispatch to here ("AVX512", "AVX2", "DEFAULT", ...)
+    threads: int
+    torch: str
+    sgemm_n: int
+    sgemm_gflops: float
+    bmm: tuple
+    bmm_gflops: float
+    repeats: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def markdown(self) -> str:
+        """The machine block printed beside the benchmark tables: a two-column markdown table."""
+        b, m, k, n = self.bmm
+        rows = [("CPU", f"{self.cpu} ({self.logical_cpus} logical CPUs)"),
+                ("vector extensions", f"{' '.join(self.extensions) or 'none found'} (torch kernels: "
+                                      f"{self.torch_capability})"),
+                ("threads", f"{self.threads} (torch {self.torch})"),
+                (f"sgemm {self.sgemm_n}x{self.sgemm_n} float32", f"{self.sgemm_gflops:.3g} GFLOP/s"),
+                (f"bmm {b} x ({m}x{k} @ {k}x{n}) float32", f"{self.bmm_gflops:.3g} GFLOP/s")]
+        return "\n".join([f"| machine | measured in this process, median of {self.repeats} runs after a warm-up |",
+                          "|---|---|", *(f"| {a} | {v} |" for a, v in rows)])
+
+
+def machine_info(*, sgemm_n: int = 2048, bmm: tuple = (2048, 64, 256, 64), repeats: int = 5, seed: int = 0
+                 ) -> MachineInfo:
+    """The CPU, its vector extensions, the thread count and the measured float32 rates of an ``sgemm_n``-square
+    matmul and of a batched matmul of shape ``bmm`` = (batch, m, k, n), each the median of ``repeats`` runs
+    after a warm-up (into preallocated outputs, so allocation is not timed). About 1-2 s at the defaults."""
+    if sgemm_n < 1 or min(bmm) < 1 or repeats < 1:
+        raise ValueError(f"machine_info: sizes and repeats must be >= 1, got sgemm_n={sgemm_n}, bmm={bmm}, "
+                         f"repeats={repeats}")
+    g = torch.Generator().manual_seed(seed)
+    a, b_ = (torch.randn(sgemm_n, sgemm_n, generator=g) for _ in range(2))
+    out = torch.empty(sgemm_n, sgemm_n)
+    sgemm_s, _ = median_time(lambda: torch.mm(a, b_, out=out), warmup=1, repeats=repeats)
+    nb, m, k, n = bmm
+    x, y = torch.randn(nb, m, k, generator=g), torch.randn(nb, k, n, generator=g)
+    xy = torch.empty(nb, m, n)
+    bmm_s, _ = median_time(lambda: torch.bmm(x, y, out=xy), warmup=1, repeats=repeats)
+    lines = _cpuinfo()
+    logical = sum(ln.startswith("processor") for ln in lines) or os.cpu_count() or 1
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = "unknown"
+    return MachineInfo(cpu=cpu_name(count=False), logical_cpus=logical, extensions=vector_extensions(lines),
+                       torch_capability=capability, threads=torch.get_num_threads(), torch=torch.__version__,
+                       sgemm_n=sgemm_n, sgemm_gflops=2 * sgemm_n**3 / max(sgemm_s, 1e-9) / 1e9, bmm=tuple(bmm),
+                       bmm_gflops=2 * nb * m * k * n / max(bmm_s, 1e-9) / 1e9, repeats=repeats)
 
 
 def _child(job: dict) -> None:

@@ -1,7 +1,9 @@
 """The command line of the performance targets: ``python -m linrope.lab.bench`` or ``python experiments/bench.py``.
 
-Measures every point of ``targets()`` in fresh processes, round-robin over ``--rounds`` rounds (so slow drifts of
-the machine hit every point alike), and prints the table of ratios and the points as markdown.
+Measures the machine first (``linrope.lab.profiling.machine_info``: CPU model, vector extensions, threads, and the
+sgemm and small-bmm rates measured in this process), then every point of ``targets()`` in fresh processes,
+round-robin over ``--rounds`` rounds (so slow drifts of the machine hit every point alike), and prints the machine
+block, the table of ratios and the points as markdown. ``--json`` stores the machine block too.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 
 from tqdm import tqdm
 
-from ..profiling import machine, run_point
+from ..profiling import machine, machine_info, run_point
 from .cases import CASES, peers_available
 from .targets import combine_rounds, evaluate, targets
 
@@ -34,12 +36,13 @@ def main(argv=None, prog: str | None = None) -> None:
     args = p.parse_args(argv)
     if args.compare:
         return _compare(p, args)
+    if args.rounds < 1 or args.repeats < 1:
+        p.error(f"--rounds and --repeats must be >= 1, got {args.rounds} and {args.repeats}")
     peers = peers_available()
     with_peers = not args.no_peers and all(peers.values())
     if not args.no_peers and not with_peers:
         print(f"peers missing ({', '.join(k for k, v in peers.items() if not v)}): their targets are skipped")
-    if args.rounds < 1 or args.repeats < 1:
-        p.error(f"--rounds and --repeats must be >= 1, got {args.rounds} and {args.repeats}")
+    info = machine_info()  # in this process, before the points (whose subprocesses use the same thread count)
     points = targets(args.n, args.n_mem, with_peers)
     records = {}
     with tqdm(total=len(points) * args.rounds, desc="points", unit="pt") as bar:
@@ -49,10 +52,11 @@ def main(argv=None, prog: str | None = None) -> None:
                     rec = run_point(CASES[case], params, repeats=args.repeats, timeout=900, memory=k == 0)
                     records[key] = rec if k == 0 else combine_rounds(records[key], rec)
                 bar.update()
-    table = evaluate(records, args.n, args.n_mem)
+    table = evaluate(records, args.n, args.n_mem, sgemm_gflops=info.sgemm_gflops)
     print(f"\n{machine()}, {datetime.date.today()}, float32, B=1 H=8 d=64 r=256, forward+backward, "
           f"median over {args.rounds} fresh processes per point of the median of {args.repeats} runs after a "
           f"warm-up")
+    print("\n" + info.markdown())
     print("\n| target | measured | bound | met | how |\n|---|---:|---:|:---:|---|")
     for t in table:
         m = "n/a" if t.measured is None else f"{t.measured:.2f}"
@@ -66,7 +70,7 @@ def main(argv=None, prog: str | None = None) -> None:
         print(f"| {key} | {case} | {params} | {s} | {m} | {r.status} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "date": str(datetime.date.today()),
+            json.dump({"machine": machine(), "machine_info": info.to_dict(), "date": str(datetime.date.today()),
                        "records": {k: v.to_dict() for k, v in records.items()},
                        "targets": [dict(t.__dict__, met=t.met) for t in table]}, f, indent=1)
 
@@ -75,6 +79,7 @@ def _compare(p, args) -> None:
     from .compare import compare
     if args.rounds < 1 or args.repeats < 1:
         p.error(f"--rounds and --repeats must be >= 1, got {args.rounds} and {args.repeats}")
+    info = machine_info()  # in this process, before the points
     with tqdm(total=0, desc="points", unit="pt") as bar:
         try:
             rows = compare(args.compare, rounds=args.rounds, repeats=args.repeats, on_record=lambda *a: bar.update())
@@ -82,6 +87,7 @@ def _compare(p, args) -> None:
             p.error(str(e))
     print(f"\n{machine()}, {datetime.date.today()}; {args.compare} (then) against this checkout (now); median over "
           f"{args.rounds} fresh processes per point and version, interleaved, of the median of {args.repeats} runs")
+    print("\n" + info.markdown())
     print("\n| point | then s | now s | now / then | then MiB | now MiB |\n|---|---:|---:|---:|---:|---:|")
     fmt = lambda x, f: "" if x is None else format(x, f)  # noqa: E731
     for r in rows:
@@ -89,5 +95,5 @@ def _compare(p, args) -> None:
               f"{fmt(r.get('now_over_then'), '.2f')} | {fmt(r['then_mib'], '.0f')} | {fmt(r['now_mib'], '.0f')} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "date": str(datetime.date.today()), "compare": args.compare,
-                       "rows": rows}, f, indent=1)
+            json.dump({"machine": machine(), "machine_info": info.to_dict(), "date": str(datetime.date.today()),
+                       "compare": args.compare, "rows": rows}, f, indent=1)

@@ -1,7 +1,9 @@
 """The performance targets of linrope: which points to measure, and the table of ratios they give.
 
 A point's time is the median over several fresh processes (``combine_rounds``) of each process's median: a
-process's time varies more than runs within it.
+process's time varies more than runs within it. The FLOP-rate target divides by the 2048 x 2048 sgemm rate that
+``linrope.lab.profiling.machine_info`` measured in the same run (the bench process, before the points), so the
+bound means the same on every CPU.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ def targets(n: int = 16384, n_mem: int = 4096, with_peers: bool = True) -> list[
         ("sdpa", "sdpa", dict(n=n, causal=True)),
         ("layer_linear", "layer", dict(n=n, kind="linear")),
         ("layer_softmax", "layer", dict(n=n, kind="softmax")),
-        ("matmul", "matmul", dict(n=2048)),
     ]
     if with_peers:
         pts += [
@@ -54,8 +55,11 @@ def targets(n: int = 16384, n_mem: int = 4096, with_peers: bool = True) -> list[
     return pts
 
 
-def evaluate(rec: dict[str, Record], n: int = 16384, n_mem: int = 4096) -> list[Target]:
-    """Turn the records of ``targets()`` into the table of ratios."""
+def evaluate(rec: dict[str, Record], n: int = 16384, n_mem: int = 4096, sgemm_gflops: float | None = None
+             ) -> list[Target]:
+    """Turn the records of ``targets()`` into the table of ratios. ``sgemm_gflops``: the machine's 2048 x 2048
+    float32 sgemm rate measured in the same run (``MachineInfo.sgemm_gflops``); without it the FLOP-rate target
+    is n/a."""
     def measured(key, attr):
         r = rec.get(key)
         return getattr(r, attr) if r is not None and r.status == "ok" else None
@@ -70,7 +74,7 @@ def evaluate(rec: dict[str, Record], n: int = 16384, n_mem: int = 4096) -> list[
         return None if a is None or b is None or b == 0 else a / b
 
     out = []
-    out.append(Target(f"speed-up over FAVOR+ features + fast-transformers causal kernel, N={n}", ">=", 2.0,
+    out.append(Target(f"speed-up over FAVOR+ features + fast-transformers causal kernel, N={n}", ">=", 2.5,
                       ratio(sec("ft"), sec("ours")), "fast-transformers time / ours"))
     out.append(Target(f"speed-up over SDPA causal, N={n}", ">=", 5.0, ratio(sec("sdpa"), sec("ours")),
                       "SDPA time / ours"))
@@ -78,13 +82,14 @@ def evaluate(rec: dict[str, Record], n: int = 16384, n_mem: int = 4096) -> list[
                       "peak(2N) / peak(N)"))
     out.append(Target(f"leaner than performer's noncuda causal, N={n_mem}", ">=", 20.0,
                       ratio(mib("performer_noncuda_mem"), mib("ours_mem")), "performer peak / ours"))
-    out.append(Target(f"RoPE overhead, N={n}", "<=", 1.15, ratio(sec("ours"), sec("ours_norope")),
+    out.append(Target(f"RoPE overhead, N={n}", "<=", 1.10, ratio(sec("ours"), sec("ours_norope")),
                       "with rotary / without"))
-    rate = None if sec("matmul") is None else 2 * 2048**3 / sec("matmul")
+    rate = sgemm_gflops * 1e9 if sgemm_gflops else None
     flops = causal_flops(n)
-    out.append(Target(f"useful FLOP rate / square-matmul rate, N={n}", ">=", 0.30,
+    out.append(Target(f"useful FLOP rate / square-matmul rate, N={n}", ">=", 0.40,
                       None if rate is None or sec("ours") is None else flops / sec("ours") / rate,
-                      f"{flops / 1e9:.1f} GFLOP; matmul {0 if rate is None else rate / 1e9:.0f} GFLOP/s"))
+                      f"{flops / 1e9:.1f} GFLOP; 2048² sgemm "
+                      f"{'not measured' if rate is None else f'{rate / 1e9:.0f} GFLOP/s'} in this run"))
     out.append(Target(f"layer time vs SoftmaxAttention, N={n}", "<=", 1 / 3,
                       ratio(sec("layer_linear"), sec("layer_softmax")), "LinearRotaryAttention / SoftmaxAttention"))
     out.append(Target(f"layer peak memory vs SoftmaxAttention, N={n}", "<=", 1.5,
