@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ._checks import check_int
 from .features import FavorPlus, make_feature_map
+from ._engine.parallel import rank_offset
 from .functional import AttentionState, document_positions, favor_attention, linear_attention, softmax_attention
 from .rotary import RotaryEmbedding
 
@@ -180,6 +181,12 @@ class LinearRotaryAttention(_Heads):
         orthogonal: orthogonal random features.
         chunk_size: chunk of the causal path.
         qkv_bias: bias in the q/k/v projection.
+        group: sequence parallelism (a ``torch.distributed`` process group, see ``linear_attention``): x is this
+            rank's contiguous slice of each sequence, slices in rank order; positions default to the global ones
+            and the output is this rank's slice of the whole sequence's. A model built with it runs unchanged;
+            every rank makes the same calls. With ``return_state`` every rank gets the state after the whole
+            sequence: to decode on one process from there, set ``layer.group = None`` (the parameters and the
+            state_dict are the same either way).
 
     ``forward(x, key_padding_mask=None, positions=None, state=None, return_state=False, context=None,
     context_mask=None, context_positions=None, cu_seqlens=None)``: x (B, N, dim), key_padding_mask (B, N) bool
@@ -200,9 +207,11 @@ class LinearRotaryAttention(_Heads):
                  rope_base: float = 10000.0, interleaved: bool = True, rope_scale: float = 1.0,
                  rope_scaling: str = "linear", rope_original_length: int | None = None, rotary_fraction: float = 1.0,
                  rotate_normalizer: bool = False, redraw_interval: int | None = None, seed: int | None = None,
-                 orthogonal: bool = True, chunk_size: int = 64, qkv_bias: bool = False, kv_heads: int | None = None):
+                 orthogonal: bool = True, chunk_size: int = 64, qkv_bias: bool = False, kv_heads: int | None = None,
+                 group=None):
         super().__init__(dim, heads, dim_head, causal, qkv_bias, kv_heads)
         dim_head = self.dim_head
+        self.group = group  # not a parameter or buffer: the state_dict is the same with and without it
         _check_rope(rope, ROPE_PLACEMENTS)
         kwargs = {} if feature_map == "elu" else dict(orthogonal=orthogonal, seed=seed, redraw_interval=redraw_interval)
         self.feature_map = make_feature_map(feature_map, dim_head, nb_features, **kwargs)
@@ -226,7 +235,10 @@ class LinearRotaryAttention(_Heads):
         q, k, v, key_padding_mask, key_positions, positions = self.inputs(
             x, key_padding_mask, positions, state, return_state, context, context_mask, context_positions,
             cu_seqlens, AttentionState)
-        if positions is None and state is not None:
+        if positions is None and self.group is not None:  # global positions: the functions find them, or here
+            if self.rope == "inputs":  # where q and k are rotated before the feature map
+                positions = (0 if state is None else state.offset) + rank_offset(self.group, x.shape[1])[0]
+        elif positions is None and state is not None:
             positions = state.offset
         feature_rotary = self.rotary if self.rope == "features" else None
         q, k = self.temper(q, k)
@@ -239,7 +251,8 @@ class LinearRotaryAttention(_Heads):
                                    self.share_kv(state.log_ref), state.offset)
         kwargs = dict(causal=self.causal, positions=positions, chunk_size=self.chunk_size,
                       initial_state=state, return_state=return_state, key_padding_mask=key_padding_mask,
-                      key_positions=None if self.rope == "inputs" else key_positions, cu_seqlens=cu_seqlens)
+                      key_positions=None if self.rope == "inputs" else key_positions, cu_seqlens=cu_seqlens,
+                      group=self.group)
         if isinstance(self.feature_map, FavorPlus) and not self.rotate_normalizer:
             out = favor_attention(q, k, v, self.feature_map.projection, rotary=feature_rotary, **kwargs)
         else:
@@ -263,8 +276,9 @@ class SoftmaxAttention(_Heads):
 
     Takes the keywords of ``LinearRotaryAttention`` that apply, with the same defaults: dim, heads, dim_head
     (None: dim // heads), causal, rope, rope_base, interleaved, rope_scale, rope_scaling, rope_original_length,
-    rotary_fraction, qkv_bias, kv_heads (the ``KVCache`` then holds kv_heads heads). ``forward`` is the same
-    (``context``, ``cu_seqlens`` included); its state is a ``KVCache``. ``rope`` defaults to 'inputs' here and to
+    rotary_fraction, qkv_bias, kv_heads (the ``KVCache`` then holds kv_heads heads); ``group`` only as None
+    (softmax has no sequence-parallel path here: every rank would need every key, ring attention). ``forward``
+    is the same (``context``, ``cu_seqlens`` included); its state is a ``KVCache``. ``rope`` defaults to 'inputs' here and to
     'features' there because each is its layer's own RoPE (softmax has no feature map to rotate). Both return
     x's dtype.
     """
@@ -272,7 +286,11 @@ class SoftmaxAttention(_Heads):
     def __init__(self, dim: int, heads: int = 8, dim_head: int | None = None, causal: bool = False,
                  rope: str | None = "inputs", rope_base: float = 10000.0, interleaved: bool = True,
                  rope_scale: float = 1.0, rope_scaling: str = "linear", rope_original_length: int | None = None,
-                 rotary_fraction: float = 1.0, qkv_bias: bool = False, kv_heads: int | None = None):
+                 rotary_fraction: float = 1.0, qkv_bias: bool = False, kv_heads: int | None = None, group=None):
+        if group is not None:
+            raise ValueError("group: expected None: SoftmaxAttention has no sequence-parallel path (every rank would "
+                             "need every key and value, ring attention); LinearRotaryAttention(group=...) exchanges "
+                             "states only")
         super().__init__(dim, heads, dim_head, causal, qkv_bias, kv_heads)
         _check_rope(rope, ("inputs", None))
         self.rope = rope

@@ -12,6 +12,8 @@ Their references (quadratic and one-position-at-a-time, float64) are in ``linrop
 
 Causal linear attention is chunked (``chunk_size``) and never builds an N x N or N x r x dv tensor. Streaming
 passes an ``AttentionState`` in and out: a sequence fed in pieces of any sizes gives the output of one pass.
+Sequence parallelism (``group=``) splits one sequence across the ranks of a ``torch.distributed`` group, which
+exchange states only.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_int, check_mask, check_qkv, check_rotary, check_tensor
-from ._engine import EngineConfig, LinearAttentionFunction, empty_state
+from ._engine import EngineConfig, KeyStateFunction, LinearAttentionFunction, empty_state
+from ._engine import parallel
 from .features import compute_dtype
 from .rotary import RotaryEmbedding, resolve_positions
 
@@ -49,7 +52,7 @@ class AttentionState:
     offset: int
 
     def detach(self) -> "AttentionState":
-        return AttentionState(self.numerator.detach(), self.key_sum.detach(), self.log_ref, self.offset)
+        return AttentionState(self.numerator.detach(), self.key_sum.detach(), self.log_ref.detach(), self.offset)
 
 
 # ---------------------------------------------------------------------------------------------- linear attention
@@ -93,6 +96,11 @@ def _per_document(run_one, cu_seqlens, B: int, N: int, positions, key_padding_ma
     return torch.cat(outs, 2)
 
 
+def _no_group(group) -> None:
+    if group is not None:
+        raise ValueError("cu_seqlens: expected group=None (packed documents and sequence parallelism do not mix)")
+
+
 def _cross(q: Tensor, k: Tensor, causal, key_positions) -> bool:
     """Whether keys come from another sequence (cross-attention): their own length or positions. Non-causal only."""
     cross = key_positions is not None or (isinstance(k, Tensor) and isinstance(q, Tensor) and k.dim() == q.dim()
@@ -105,7 +113,7 @@ def _cross(q: Tensor, k: Tensor, causal, key_positions) -> bool:
 
 @torch.compiler.disable  # opaque to dynamo: a compiled model calls the eager engine (a graph break)
 def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, group_size, initial_state,
-         return_state, key_padding_mask, key_positions=None, cross=False):
+         return_state, key_padding_mask, key_positions=None, cross=False, group=None):
     B, H, N, dv = v.shape  # N: keys (the queries' length too, but in cross-attention)
     Nq = q.shape[2]
     if N < 1 or Nq < 1:
@@ -119,6 +127,16 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
     if not causal and (initial_state is not None or return_state):
         raise ValueError("initial_state/return_state: streaming needs causal=True")
     dt = compute_dtype(q, k, v)
+    needs_grad = torch.is_grad_enabled() and (any(t is not None and t.requires_grad for t in (q, k, ks, v)) or (
+        isinstance(initial_state, AttentionState) and (initial_state.numerator.requires_grad
+                                                       or initial_state.key_sum.requires_grad)))
+    lay = None
+    if group is not None:
+        if cross:
+            raise ValueError("group: expected self-attention (sequence parallelism splits one sequence; "
+                             "cross-attention keys are not supported)")
+        lay = parallel.layout(group, N, (B, H, r, dv, causal, kind == "favor", ks is not None, needs_grad,
+                                         rotary is not None, initial_state is not None, return_state), v.device)
     if initial_state is not None:
         if not isinstance(initial_state, AttentionState):
             raise TypeError(f"initial_state: expected an AttentionState, got {type(initial_state).__name__}")
@@ -132,8 +150,8 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
     else:
         offset = 0
         S0, z0, M0 = empty_state(B, H, r, dv, dt, v.device)
-    if positions is None:
-        positions = offset
+    if positions is None:  # under sequence parallelism: after the earlier ranks' positions
+        positions = offset + (0 if lay is None else lay.offset)
     cos = sin = kcos = ksin = None
     if rotary is not None:
         cos, sin = rotary.cos_sin(positions, Nq, v.device, dt, batch=B)
@@ -143,16 +161,27 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
         resolve_positions(positions, Nq, v.device, B)
         if cross:
             resolve_positions(key_positions, N, v.device, B)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, ks, v, S0, z0))
     cfg = EngineConfig(causal=bool(causal), chunk_size=chunk_size, group_size=group_size, dtype=dt,
-                   needs_grad=needs_grad)
+                       needs_grad=needs_grad)
+    interleaved = rotary is not None and rotary.interleaved
+    if lay is not None:  # every rank's keys as states: the earlier ranks' (causal) or the others' (bidirectional)
+        Sk, zk, Mk = KeyStateFunction.apply(kind, cfg, interleaved, k, ks, v, W if W is None else W.to(dt), mask,
+                                            cos, sin)
+        every = parallel.gather_states(Sk, zk, Mk, lay)
+        ranks = torch.arange(lay.size, device=v.device)
+        use = ranks < lay.rank if causal else ranks != lay.rank
+        if initial_state is not None:  # it precedes rank 0's first position
+            every = tuple(torch.cat((s0[None], e)) for s0, e in zip((S0, z0, M0), every))
+            use = torch.cat((use.new_ones(1), use))
+        if return_state:  # every rank returns the state after the whole sequence (the last rank's)
+            final = AttentionState(*parallel.combine(*every, torch.ones_like(use)),
+                                   offset + lay.total)
+        S0, z0, M0 = parallel.combine(*every, use)
     # inputs go in as they are (half stays half: autograd keeps them); the engine casts each group
     out, S, z, M = LinearAttentionFunction.apply(
-        kind, cfg, rotary is not None and rotary.interleaved, q, k, ks, v, W if W is None else W.to(dt), mask,
-        cos, sin, kcos, ksin, S0, z0, M0)
+        kind, cfg, interleaved, q, k, ks, v, W if W is None else W.to(dt), mask, cos, sin, kcos, ksin, S0, z0, M0)
     if return_state:
-        return out, AttentionState(S, z, M, offset + N)
+        return out, (final if lay is not None else AttentionState(S, z, M, offset + N))
     return out
 
 
@@ -161,7 +190,7 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
                      initial_state: AttentionState | None = None, return_state: bool = False,
                      key_padding_mask: Tensor | None = None, k_logscale: Tensor | None = None,
                      group_size: int | None = None, key_positions: int | Tensor | None = None,
-                     cu_seqlens: Tensor | None = None):
+                     cu_seqlens: Tensor | None = None, group=None):
     """Normalized linear attention on features; RoFormer eq. 19 when ``rotary`` is given.
 
     out_m = sum_n (R_m qf_m).(R_n kf'_n) v_n / sum_n qf_m.kf'_n, with kf'_n = kf_n exp(k_logscale_n), n over all
@@ -187,6 +216,14 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
         cu_seqlens: packed variable-length sequences (B = 1): a 1-D integer tensor of cumulative lengths
             (0, ..., N), fla's convention. Documents do not see each other, positions restart at each document
             (unless ``positions`` is given), the causal state starts afresh. Each document runs as its own call.
+        group: sequence parallelism: a ``torch.distributed`` process group (e.g. ``dist.group.WORLD``) whose
+            ranks each hold a contiguous slice of one sequence, in rank order (lengths may differ, each >= 1):
+            qf, kf, v, k_logscale, key_padding_mask are this rank's slice, positions default to the global ones
+            (the earlier ranks' lengths plus the local index), and the result is this rank's slice of the output
+            of the whole sequence; gradients reach every rank's inputs as in one process. Ranks exchange states
+            only (one all-gather of (r, dv) states per head, an all-reduce of them in the backward). Every rank
+            makes the same call and runs the backward. An ``initial_state`` (the same on every rank) precedes
+            rank 0; ``return_state`` gives every rank the state after the whole sequence.
 
     Returns:
         (B, H, N, dv) in v's dtype; with ``return_state``, also the ``AttentionState`` after the last row.
@@ -207,8 +244,9 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
         "features", qf[:, :, sl], kf[:, :, sl], None if k_logscale is None else k_logscale[:, :, sl],
         v[:, :, sl], None, r, causal=causal, rotary=rotary, positions=pos, chunk_size=chunk_size,
         group_size=group_size, initial_state=initial_state, return_state=return_state, key_padding_mask=mask,
-        key_positions=key_positions, cross=cross)
+        key_positions=key_positions, cross=cross, group=group)
     if cu_seqlens is not None:
+        _no_group(group)
         return _per_document(run, cu_seqlens, v.shape[0], v.shape[2], positions, key_padding_mask,
                              initial_state is not None or return_state, cross)
     return run(slice(None), positions, key_padding_mask)
@@ -218,7 +256,7 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
                     rotary: RotaryEmbedding | None = None, positions: int | Tensor | None = None,
                     chunk_size: int = 64, initial_state: AttentionState | None = None, return_state: bool = False,
                     key_padding_mask: Tensor | None = None, group_size: int | None = None,
-                    key_positions: int | Tensor | None = None, cu_seqlens: Tensor | None = None):
+                    key_positions: int | Tensor | None = None, cu_seqlens: Tensor | None = None, group=None):
     """FAVOR+ attention from raw q, k, v; eq. 19 with ``rotary``. Features are recomputed in the backward.
 
     Equal to ``linear_attention(*favor features of q and k*, v, ...)`` with features ``favor_plus(x, projection)``
@@ -249,8 +287,9 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
     run = lambda sl, pos, mask: _run(  # noqa: E731
         "favor", q[:, :, sl], k[:, :, sl], None, v[:, :, sl], projection, r, causal=causal, rotary=rotary,
         positions=pos, chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,
-        return_state=return_state, key_padding_mask=mask, key_positions=key_positions, cross=cross)
+        return_state=return_state, key_padding_mask=mask, key_positions=key_positions, cross=cross, group=group)
     if cu_seqlens is not None:
+        _no_group(group)
         return _per_document(run, cu_seqlens, v.shape[0], v.shape[2], positions, key_padding_mask,
                              initial_state is not None or return_state, cross)
     return run(slice(None), positions, key_padding_mask)

@@ -381,6 +381,41 @@ def test_state_detach_keeps_offset_and_values():
     assert d.offset == 7 and not d.numerator.requires_grad and torch.equal(d.numerator, st_.numerator)
 
 
+@pytest.mark.parametrize("kind", ["favor", "features"])
+def test_truncated_backprop_through_detached_states(kind):
+    """Training on a long sequence in pieces, each starting from the previous piece's state detached: every
+    piece's backward stays inside the piece (the returned log_ref is not differentiable: it used to carry the
+    graph of the piece before, whose freed saved tensors crashed the third piece's backward)."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 30, 8, generator=gen, dtype=F64, requires_grad=True) for _ in range(3))
+    W, rot = projection(16, 8).double(), RotaryEmbedding(16)
+
+    def piece(a, b, state):
+        sl = slice(a, b)
+        if kind == "favor":
+            return favor_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], W, causal=True, rotary=rot,
+                                   initial_state=state, return_state=True)
+        (qf, _), (kf, ks) = favor_plus(q[:, :, sl], W, is_query=True), favor_plus(k[:, :, sl], W, is_query=False)
+        return linear_attention(qf, kf, v[:, :, sl], causal=True, rotary=rot, k_logscale=ks, initial_state=state,
+                                return_state=True)
+
+    state = None
+    for a in (0, 10, 20):
+        out, new = piece(a, a + 10, None if state is None else state.detach())
+        assert not new.log_ref.requires_grad
+        out.sum().backward()
+        got = [t.grad[:, :, a:a + 10].clone() for t in (q, k, v)]
+        for t in (q, k, v):
+            t.grad = None
+        again, _ = piece(a, a + 10, None if state is None else state.detach())  # the same piece alone
+        again.sum().backward()
+        for g, t in zip(got, (q, k, v)):
+            torch.testing.assert_close(g, t.grad[:, :, a:a + 10])
+            assert t.grad[:, :, :a].abs().max() == 0 if a else True  # nothing reaches earlier pieces
+            t.grad = None
+        state = new
+
+
 def test_float64_layer_free_path_at_sigma_8_still_finite():
     """Beyond the float32 range of the issue: float64 inputs at std 8 stay exact (log-scales, no clamp)."""
     gen = torch.Generator().manual_seed(5)

@@ -3,9 +3,10 @@
 * ``feature_sources.py``: where a group's features come from (FAVOR+ computed on the fly, or given), the
   rotation R_n on interleaved pairs, reusable workspace buffers, and ``NEG`` (the log-scale of "no key").
 * ``chunked.py``: one group (chunks, normalizer sub-chunks), the causal and bidirectional drivers over groups,
-  and the autograd Function that ``linrope.functional`` calls.
+  and the autograd Functions that ``linrope.functional`` calls.
+* ``parallel.py``: sequence parallelism (``group=``): per-rank key states, one all-gather, their combination.
 """
 
-from .chunked import JUMP_LIMIT, EngineConfig, LinearAttentionFunction, empty_state
+from .chunked import JUMP_LIMIT, EngineConfig, KeyStateFunction, LinearAttentionFunction, empty_state
 
-__all__ = ["EngineConfig", "LinearAttentionFunction", "empty_state", "JUMP_LIMIT"]
+__all__ = ["EngineConfig", "KeyStateFunction", "LinearAttentionFunction", "empty_state", "JUMP_LIMIT"]

@@ -397,27 +397,17 @@ def causal_backward(src, rot, V, out, den, dout, dS, dz, plan: list[Group], cfg:
 
 
 # ---------------------------------------------------------------------------------------------- bidirectional
-def bidirectional_forward(src, rot, rot_k, V, Nq: int, r, cfg: EngineConfig):
-    """Accumulate the key state (relative to the running max of the key log-scales), then read it with the
-    queries. Keys and values are V's N positions, rotated by ``rot_k``; queries are ``Nq`` positions rotated by
-    ``rot`` (cross-attention: another sequence, other positions). Returns out (BH, Nq, dv) in V's dtype, den
-    (BH, Nq), the final S, z, M and the keys' final reference P.
-
-    Unlike the causal path, a row's own key (distance 0) is read from the rotated state like every other key:
-    its product R_t fq_t . R_t k0_t is rounded to eps |fq_t| |k0_t| rather than to its value fq_t . k0_t. Rows
-    that their own key dominates while their features and its sit in different members of the pairs (std ~5
-    activations) can lose digits there; removing that needs each row to read states that never held its own key
-    (a two-sided sweep, about twice this cost).
-    """
-    B, H, N, dv = V.shape
-    BH = B * H
+def key_state(src, rot_k, V, S, z, M, cfg: EngineConfig):
+    """Add the keys and values of V's N positions (keys rotated by ``rot_k``) to the state (S, z) kept relative
+    to M, the running max of the key log-scales: S (BH, r, dv), z (BH, r), M (BH,), updated in place. Returns
+    S, z, M and P, the reference the state ends at (M, or 0 while there is no key; None if keys carry no
+    log-scale)."""
+    BH, r, dv = S.shape
     ws = Workspace(V.device, cfg.dtype)
-    S = torch.zeros(BH, r, dv, device=V.device, dtype=cfg.dtype)
-    z, M = S.new_zeros(BH, r), S.new_full((BH,), NEG)
     P = None
-    for a, b in _groups(N, cfg.group_size):
+    for a, b in _groups(V.shape[2], cfg.group_size):
         u, logscale = src.key_logscale(a, b, ws.get("k0", BH, b - a, r))
-        if logscale is not None:  # M: the largest key so far; P: M, or 0 while there is no key
+        if logscale is not None:
             M_new = torch.maximum(M, logscale.amax(-1))
             P = torch.where(M_new > NEG / 2, M_new, torch.zeros_like(M_new))
             e = torch.exp(M - P)
@@ -427,31 +417,15 @@ def bidirectional_forward(src, rot, rot_k, V, Nq: int, r, cfg: EngineConfig):
         kr = _rotated(rot_k, k0, a, b, ws, "kr")
         S.baddbmm_((k0 if kr is None else kr).transpose(1, 2), group_rows(V, a, b, ws.get("v", BH, b - a, dv)))
         z.add_(k0.sum(1))
-    out, den = V.new_empty(BH, Nq, dv), S.new_empty(BH, Nq)
-    for a, b in _groups(Nq, cfg.group_size):
-        fq, qr = _query_features(src, rot, ws, a, b, r)
-        d = torch.bmm(fq, z.unsqueeze(-1)).squeeze(-1)
-        den[:, a:b] = d
-        _divide(torch.bmm(fq if qr is None else qr, S), d, out[:, a:b])
-    return out, den, S, z, M, P
+    return S, z, M, P
 
 
-def bidirectional_backward(src, rot, rot_k, V, out, den, dout, S, z, P, cfg: EngineConfig):
-    """Gradients of ``bidirectional_forward``: queries first (d S, d z, query gradients), then keys."""
-    B, H, N, dv = V.shape
-    BH = B * H
-    r = S.shape[1]
+def key_state_backward(src, rot_k, V, dS, dz, P, cfg: EngineConfig) -> Tensor:
+    """Gradients of ``key_state`` given those of the final (S, z) (BH, r, dv), (BH, r): key gradients go to
+    ``src``; returns dV (BH, N, dv)."""
+    BH, r, dv = dS.shape
+    N = V.shape[2]
     ws = Workspace(V.device, cfg.dtype)
-    dS, dz = torch.zeros_like(S), torch.zeros_like(z)
-    for a, b in _groups(out.shape[1], cfg.group_size):  # queries: d S, d z, and the query gradients
-        fq, qr = _query_features(src, rot, ws, a, b, r)
-        g, dden = _output_grads(out[:, a:b], den[:, a:b], dout[:, a:b], ws.get("g", BH, b - a, dv))
-        dS.baddbmm_((fq if qr is None else qr).transpose(1, 2), g)
-        dz.add_(torch.bmm(dden.unsqueeze(1), fq).squeeze(1))
-        dfq = torch.bmm(g, S.transpose(1, 2))
-        if qr is not None:
-            dfq = rot(dfq, a, b, ws.get("tmp", *dfq.shape), inverse=True)
-        src.query_grad(a, b, fq, dfq.baddbmm_(dden.unsqueeze(-1), z.unsqueeze(1)))
     dV = V.new_empty(BH, N, dv)
     for a, b in _groups(N, cfg.group_size):  # keys, at the final reference P
         k0, kr, logscale, _, _ = _group_features(src, rot_k, ws, a, b, P=P)
@@ -463,6 +437,48 @@ def bidirectional_backward(src, rot, rot_k, V, out, den, dout, S, z, P, cfg: Eng
     return dV
 
 
+def bidirectional_forward(src, rot, rot_k, V, Nq: int, S, z, M, cfg: EngineConfig):
+    """Accumulate the key state onto (S, z, M) (zero and NEG for one process; the other ranks' keys under
+    sequence parallelism), then read it with the queries. Keys and values are V's N positions, rotated by
+    ``rot_k``; queries are ``Nq`` positions rotated by ``rot`` (cross-attention: another sequence, other
+    positions). Returns out (BH, Nq, dv) in V's dtype, den (BH, Nq), the final S, z, M and reference P.
+
+    Unlike the causal path, a row's own key (distance 0) is read from the rotated state like every other key:
+    its product R_t fq_t . R_t k0_t is rounded to eps |fq_t| |k0_t| rather than to its value fq_t . k0_t. Rows
+    that their own key dominates while their features and its sit in different members of the pairs (std ~5
+    activations) can lose digits there; removing that needs each row to read states that never held its own key
+    (a two-sided sweep, about twice this cost).
+    """
+    BH, r, dv = S.shape
+    S, z, M, P = key_state(src, rot_k, V, S, z, M, cfg)
+    ws = Workspace(V.device, cfg.dtype)
+    out, den = V.new_empty(BH, Nq, dv), S.new_empty(BH, Nq)
+    for a, b in _groups(Nq, cfg.group_size):
+        fq, qr = _query_features(src, rot, ws, a, b, r)
+        d = torch.bmm(fq, z.unsqueeze(-1)).squeeze(-1)
+        den[:, a:b] = d
+        _divide(torch.bmm(fq if qr is None else qr, S), d, out[:, a:b])
+    return out, den, S, z, M, P
+
+
+def bidirectional_backward(src, rot, rot_k, V, out, den, dout, S, z, P, cfg: EngineConfig):
+    """Gradients of ``bidirectional_forward``: queries first (d S, d z, query gradients), then keys. Returns dV
+    and the gradients of the final S, z."""
+    BH, r, dv = S.shape
+    ws = Workspace(V.device, cfg.dtype)
+    dS, dz = torch.zeros_like(S), torch.zeros_like(z)
+    for a, b in _groups(out.shape[1], cfg.group_size):  # queries: d S, d z, and the query gradients
+        fq, qr = _query_features(src, rot, ws, a, b, r)
+        g, dden = _output_grads(out[:, a:b], den[:, a:b], dout[:, a:b], ws.get("g", BH, b - a, dv))
+        dS.baddbmm_((fq if qr is None else qr).transpose(1, 2), g)
+        dz.add_(torch.bmm(dden.unsqueeze(1), fq).squeeze(1))
+        dfq = torch.bmm(g, S.transpose(1, 2))
+        if qr is not None:
+            dfq = rot(dfq, a, b, ws.get("tmp", *dfq.shape), inverse=True)
+        src.query_grad(a, b, fq, dfq.baddbmm_(dden.unsqueeze(-1), z.unsqueeze(1)))
+    return key_state_backward(src, rot_k, V, dS, dz, P, cfg), dS, dz
+
+
 # ---------------------------------------------------------------------------------------------- autograd
 class LinearAttentionFunction(torch.autograd.Function):
     """out, S, z, M = f(q, k, ks, v, S0, z0); q, k are features (kind 'features') or raw inputs ('favor').
@@ -470,7 +486,9 @@ class LinearAttentionFunction(torch.autograd.Function):
     Tensors arrive as (B, H, N, .) in the caller's dtypes (kept as they are: half stays half), states as
     (B, H, r, dv), (B, H, r), (B, H) in the compute dtype ``cfg.dtype``; ``interleaved`` is the pairing of
     ``cos``/``sin`` (the engine works on interleaved pairs). ``out`` has v's dtype. Autocast is off inside:
-    features, states and normalizer are computed in ``cfg.dtype`` whatever autocast says.
+    features, states and normalizer are computed in ``cfg.dtype`` whatever autocast says. The state (S0, z0, M0)
+    is where the causal scan starts (streaming); bidirectional, it holds keys seen elsewhere (the other ranks
+    under sequence parallelism), zero for one process.
     """
 
     @staticmethod
@@ -479,28 +497,28 @@ class LinearAttentionFunction(torch.autograd.Function):
         r = W.shape[0] if kind == "favor" else q.shape[-1]
         perm = interleaved_order(r, v.device) if cos is not None and not interleaved else None
         ctx.meta = (kind, cfg, perm, B, H)
+        S0 = _to_internal(S0, perm).reshape(B * H, r, dv)
+        z0, M0 = _to_internal(z0, perm).reshape(B * H, r), M0.reshape(B * H)
         with torch.autocast(v.device.type, enabled=False):
             src, rot, rot_k = _prepare(ctx.meta, q, k, ks, W, mask, cos, sin, kcos, ksin)
             if cfg.causal:
-                S0, z0 = _to_internal(S0, perm), _to_internal(z0, perm)
-                out, den, S, z, M, plan = causal_forward(src, rot, v, S0.reshape(B * H, r, dv),
-                                                         z0.reshape(B * H, r), M0.reshape(B * H), cfg,
-                                                         keep_states=cfg.needs_grad)
+                out, den, S, z, M, plan = causal_forward(src, rot, v, S0, z0, M0, cfg, keep_states=cfg.needs_grad)
                 ctx.plan = plan
-            else:
-                out, den, S, z, M, ctx.ref = bidirectional_forward(src, rot, rot_k, v, q.shape[2], r, cfg)
+            else:  # the state is summed into in place: a copy (S0 may be the caller's, or a view of it)
+                out, den, S, z, M, ctx.ref = bidirectional_forward(src, rot, rot_k, v, q.shape[2], S0.clone(),
+                                                                   z0.clone(), M0, cfg)
+                ctx.M0 = M0
         ctx.save_for_backward(q, k, ks, v, W, mask, cos, sin, kcos, ksin, out, den)
         ctx.final = (S, z, M)
         S = _to_user(S.view(B, H, r, dv), perm)
         z = _to_user(z.view(B, H, r), perm)
-        ctx.mark_non_differentiable(M)
-        return out.view(B, H, q.shape[2], dv), S, z, M.view(B, H)
+        M = M.view(B, H)
+        ctx.mark_non_differentiable(M)  # the tensor returned: a log-scale, not differentiated
+        return out.view(B, H, q.shape[2], dv), S, z, M
 
     @staticmethod
     def backward(ctx, dout, dS, dz, _dM):
-        if torch.is_grad_enabled():  # create_graph=True: the hand-written backward is not differentiable itself
-            raise RuntimeError("linear_attention / favor_attention: double backward (create_graph=True) is not "
-                               "supported: the backward is hand-written and cannot itself be differentiated")
+        _no_double_backward()
         kind, cfg, perm, B, H = ctx.meta
         q, k, ks, v, W, mask, cos, sin, kcos, ksin, out, den = ctx.saved_tensors
         S, z, _ = ctx.final
@@ -512,14 +530,59 @@ class LinearAttentionFunction(torch.autograd.Function):
                 dS = torch.zeros_like(S) if dS is None else _to_internal(dS, perm).reshape(S.shape)
                 dz = torch.zeros_like(z) if dz is None else _to_internal(dz, perm).reshape(z.shape)
                 dV, dS0, dz0 = causal_backward(src, rot, v, out, den, dout, dS, dz, ctx.plan, cfg)
-                dS0 = _to_user(dS0.view(B, H, r, -1), perm)
-                dz0 = _to_user(dz0.view(B, H, r), perm)
-            else:
-                dV = bidirectional_backward(src, rot, rot_k, v, out, den, dout, S, z, ctx.ref, cfg)
-                dS0 = dz0 = None
+            else:  # S = S0 exp(M0 - P) + this call's keys (only the outputs are differentiated here)
+                dV, dS0, dz0 = bidirectional_backward(src, rot, rot_k, v, out, den, dout, S, z, ctx.ref, cfg)
+                if ctx.ref is not None:
+                    e = torch.exp(ctx.M0 - ctx.ref)
+                    dS0, dz0 = dS0 * e[:, None, None], dz0 * e[:, None]
+            dS0 = _to_user(dS0.view(B, H, r, -1), perm)
+            dz0 = _to_user(dz0.view(B, H, r), perm)
         shape = lambda t, like: None if t is None else t.view(like.shape)  # noqa: E731
         return (None, None, None, shape(src.dq, q), shape(src.dk, k), shape(src.dks, ks), dV.view(v.shape),
                 None, None, None, None, None, None, dS0, dz0, None)
+
+
+class KeyStateFunction(torch.autograd.Function):
+    """S, z, M = the state of keys k (with log-scales ks) and values v alone, from zero: what one rank
+    contributes under sequence parallelism. k rotated by cos/sin (their pairing ``interleaved``) if given.
+    Shapes and dtypes as in ``LinearAttentionFunction``; S, z in the caller's feature order, relative to M."""
+
+    @staticmethod
+    def forward(ctx, kind, cfg, interleaved, k, ks, v, W, mask, cos, sin):
+        B, H, N, dv = v.shape
+        r = W.shape[0] if kind == "favor" else k.shape[-1]
+        perm = interleaved_order(r, v.device) if cos is not None and not interleaved else None
+        ctx.meta = (kind, cfg, perm, B, H)
+        S, z, M = (t.flatten(0, 1) for t in empty_state(B, H, r, dv, cfg.dtype, v.device))
+        with torch.autocast(v.device.type, enabled=False):
+            src, rot, _ = _prepare(ctx.meta, None, k, ks, W, mask, cos, sin, None, None)
+            S, z, M, ctx.ref = key_state(src, rot, v, S, z, M, cfg)
+        ctx.save_for_backward(k, ks, v, W, mask, cos, sin)
+        M = M.view(B, H)
+        ctx.mark_non_differentiable(M)
+        return _to_user(S.view(B, H, r, dv), perm), _to_user(z.view(B, H, r), perm), M
+
+    @staticmethod
+    def backward(ctx, dS, dz, _dM):
+        _no_double_backward()
+        kind, cfg, perm, B, H = ctx.meta
+        k, ks, v, W, mask, cos, sin = ctx.saved_tensors
+        with torch.autocast(v.device.type, enabled=False):
+            src, rot, _ = _prepare(ctx.meta, None, k, ks, W, mask, cos, sin, None, None)
+            r = src.r
+            dS = (torch.zeros(B * H, r, v.shape[-1], dtype=cfg.dtype, device=v.device) if dS is None
+                  else _to_internal(dS.to(cfg.dtype), perm).reshape(B * H, r, -1))
+            dz = (torch.zeros(B * H, r, dtype=cfg.dtype, device=v.device) if dz is None
+                  else _to_internal(dz.to(cfg.dtype), perm).reshape(B * H, r))
+            dV = key_state_backward(src, rot, v, dS, dz, ctx.ref, cfg)
+        shape = lambda t, like: None if t is None else t.view(like.shape)  # noqa: E731
+        return (None, None, None, shape(src.dk, k), shape(src.dks, ks), dV.view(v.shape), None, None, None, None)
+
+
+def _no_double_backward() -> None:
+    if torch.is_grad_enabled():  # create_graph=True: the hand-written backward is not differentiable itself
+        raise RuntimeError("linear_attention / favor_attention: double backward (create_graph=True) is not "
+                           "supported: the backward is hand-written and cannot itself be differentiated")
 
 
 def _prepare(meta, q, k, ks, W, mask, cos, sin, kcos, ksin):
@@ -528,7 +591,7 @@ def _prepare(meta, q, k, ks, W, mask, cos, sin, kcos, ksin):
     kind, cfg, perm, B, H = meta
     rot = None if cos is None else Rotation(cos, sin)
     rot_k = rot if kcos is None else Rotation(kcos, ksin)
-    if kind == "favor":
+    if kind == "favor":  # q is None for a state of keys alone
         src = FavorFeatures(q, k, W if perm is None else W[perm], mask, cfg.dtype)
     else:
         src = GivenFeatures(q, k, ks, mask, perm, cfg.dtype)

@@ -131,14 +131,15 @@ class FavorFeatures:
     group constant exp(-P). The 1/sqrt(r) of Performer cancels and is dropped.
     """
 
-    def __init__(self, q, k, W, mask, dtype):
-        B, H, N, d = q.shape
+    def __init__(self, q, k, W, mask, dtype):  # q None: keys only
+        B, H, M, d = k.shape
         self.q, self.k, self.mask, self.dtype = q, k, _flat_mask(mask, H), dtype
         self.BH, self.r = B * H, W.shape[0]
         self.Ws = W.to(dtype) * d ** -0.25  # u = x @ Ws^T
         self.scale2 = d ** -0.5
         self.half_sq = (0.5 * self.scale2) * k.to(dtype).square().sum(-1).reshape(B * H, -1)  # |k~|^2 / 2
-        self.dq, self.dk, self.dks = q.new_empty(B * H, N, d), k.new_empty(B * H, k.shape[2], d), None
+        self.dq = None if q is None else q.new_empty(B * H, q.shape[2], d)
+        self.dk, self.dks = k.new_empty(B * H, M, d), None
 
     def query(self, a, b, buf):
         torch.matmul(group_rows(self.q, a, b, dtype=self.dtype), self.Ws.t(), out=buf)
@@ -170,13 +171,14 @@ class FavorFeatures:
 class GivenFeatures:
     """Precomputed features qf, kf (B, H, N, r), optional key log-scales ks (B, H, N); ``perm`` reorders features."""
 
-    def __init__(self, qf, kf, ks, mask, perm, dtype):
-        B, H, N, r = qf.shape
+    def __init__(self, qf, kf, ks, mask, perm, dtype):  # qf None: keys only
+        B, H, M, r = kf.shape
         self.qf, self.kf, self.mask, self.perm, self.dtype = qf, kf, _flat_mask(mask, H), perm, dtype
         self.ks = None if ks is None else ks.reshape(B * H, -1)
         self.BH, self.r = B * H, r
         self.inv = None if perm is None else torch.argsort(perm)
-        self.dq, self.dk = qf.new_empty(B * H, N, r), kf.new_empty(B * H, kf.shape[2], r)
+        self.dq = None if qf is None else qf.new_empty(B * H, qf.shape[2], r)
+        self.dk = kf.new_empty(B * H, M, r)
         self.dks = None if ks is None else ks.new_empty(B * H, ks.shape[2])
 
     def _take(self, x, a, b, buf):
