@@ -21,7 +21,7 @@ from ._engine.parallel import rank_offset
 from .functional import AttentionState, document_positions, favor_attention, linear_attention, softmax_attention
 from .rotary import RotaryEmbedding
 
-__all__ = ["LinearRotaryAttention", "SoftmaxAttention", "KVCache", "ROPE_PLACEMENTS"]
+__all__ = ["LinearRotaryAttention", "SoftmaxAttention", "KVCache", "ROPE_PLACEMENTS", "multiscale_decays"]
 
 ROPE_PLACEMENTS = ("features", "inputs", None)
 
@@ -149,6 +149,30 @@ def _keys(key_padding_mask, context, context_mask, context_positions):
     return context_mask, (0 if context_positions is None else context_positions)
 
 
+def multiscale_decays(heads: int) -> tuple[float, ...]:
+    """RetNet's per-head decay rates gamma_h = 1 - 2^(-5-h): half-lives from ~22 positions to ~2^(4+heads)."""
+    return tuple(1.0 - 2.0 ** (-5 - h) for h in range(heads))
+
+
+def _decays(decay, heads: int, causal: bool) -> tuple[float, ...] | None:
+    if decay is None:
+        return None
+    if isinstance(decay, str):
+        if decay != "multiscale":
+            raise ValueError(f"decay: expected None, 'multiscale', a float or {heads} floats, got {decay!r}")
+        gammas = multiscale_decays(heads)
+    else:
+        try:
+            gammas = tuple(float(g) for g in (decay if isinstance(decay, (tuple, list)) else [decay] * heads))
+        except (TypeError, ValueError):
+            raise ValueError(f"decay: expected None, 'multiscale', a float or {heads} floats, got {decay!r}") from None
+    if len(gammas) != heads or not all(0 < g <= 1 for g in gammas):
+        raise ValueError(f"decay: expected a float or heads = {heads} floats in (0, 1], got {decay!r}")
+    if not causal:
+        raise ValueError("decay: expected None for a layer built with causal=False (a decay weighs the past)")
+    return gammas
+
+
 def _check_rope(rope, allowed) -> None:
     if rope not in allowed:
         raise ValueError(f"rope: expected one of {allowed}, got {rope!r}")
@@ -181,6 +205,10 @@ class LinearRotaryAttention(_Heads):
         orthogonal: orthogonal random features.
         chunk_size: chunk of the causal path.
         qkv_bias: bias in the q/k/v projection.
+        decay: causal only: weigh the key at distance m - n by gamma_h^(m - n) in numerator and normalizer alike
+            (RetNet's decay; against attention dilution): None, a float gamma in (0, 1] for every head, one per
+            head, or 'multiscale' (RetNet's gamma_h = 1 - 2^(-5-h), short to long ranges across heads). Exact in
+            streaming and decoding (the state decays).
         group: sequence parallelism (a ``torch.distributed`` process group, see ``linear_attention``): x is this
             rank's contiguous slice of each sequence, slices in rank order; positions default to the global ones
             and the output is this rank's slice of the whole sequence's. A model built with it runs unchanged;
@@ -208,9 +236,10 @@ class LinearRotaryAttention(_Heads):
                  rope_scaling: str = "linear", rope_original_length: int | None = None, rotary_fraction: float = 1.0,
                  rotate_normalizer: bool = False, redraw_interval: int | None = None, seed: int | None = None,
                  orthogonal: bool = True, chunk_size: int = 64, qkv_bias: bool = False, kv_heads: int | None = None,
-                 group=None):
+                 decay: float | str | tuple | None = None, group=None):
         super().__init__(dim, heads, dim_head, causal, qkv_bias, kv_heads)
         dim_head = self.dim_head
+        self.decay = _decays(decay, heads, self.causal)  # fixed rates: a tuple, so no dtype cast ever rounds them
         self.group = group  # not a parameter or buffer: the state_dict is the same with and without it
         _check_rope(rope, ROPE_PLACEMENTS)
         kwargs = {} if feature_map == "elu" else dict(orthogonal=orthogonal, seed=seed, redraw_interval=redraw_interval)
@@ -252,7 +281,7 @@ class LinearRotaryAttention(_Heads):
         kwargs = dict(causal=self.causal, positions=positions, chunk_size=self.chunk_size,
                       initial_state=state, return_state=return_state, key_padding_mask=key_padding_mask,
                       key_positions=None if self.rope == "inputs" else key_positions, cu_seqlens=cu_seqlens,
-                      group=self.group)
+                      group=self.group, decay=self.decay)
         if isinstance(self.feature_map, FavorPlus) and not self.rotate_normalizer:
             out = favor_attention(q, k, v, self.feature_map.projection, rotary=feature_rotary, **kwargs)
         else:

@@ -27,6 +27,7 @@ from torch import Tensor
 from ._checks import check_int, check_mask, check_qkv, check_rotary, check_tensor
 from ._engine import EngineConfig, KeyStateFunction, LinearAttentionFunction, empty_state
 from ._engine import parallel
+from ._engine.feature_sources import LOG_DTYPE
 from .features import compute_dtype
 from .rotary import RotaryEmbedding, resolve_positions
 
@@ -113,7 +114,7 @@ def _cross(q: Tensor, k: Tensor, causal, key_positions) -> bool:
 
 @torch.compiler.disable  # opaque to dynamo: a compiled model calls the eager engine (a graph break)
 def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, group_size, initial_state,
-         return_state, key_padding_mask, key_positions=None, cross=False, group=None):
+         return_state, key_padding_mask, key_positions=None, cross=False, group=None, decay=None):
     B, H, N, dv = v.shape  # N: keys (the queries' length too, but in cross-attention)
     Nq = q.shape[2]
     if N < 1 or Nq < 1:
@@ -127,6 +128,7 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
     if not causal and (initial_state is not None or return_state):
         raise ValueError("initial_state/return_state: streaming needs causal=True")
     dt = compute_dtype(q, k, v)
+    lam = _decay_rates(decay, H, causal, v.device)
     needs_grad = torch.is_grad_enabled() and (any(t is not None and t.requires_grad for t in (q, k, ks, v)) or (
         isinstance(initial_state, AttentionState) and (initial_state.numerator.requires_grad
                                                        or initial_state.key_sum.requires_grad)))
@@ -136,7 +138,8 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
             raise ValueError("group: expected self-attention (sequence parallelism splits one sequence; "
                              "cross-attention keys are not supported)")
         lay = parallel.layout(group, N, (B, H, r, dv, causal, kind == "favor", ks is not None, needs_grad,
-                                         rotary is not None, initial_state is not None, return_state), v.device)
+                                         rotary is not None, initial_state is not None, return_state,
+                                         lam is not None), v.device)
     if initial_state is not None:
         if not isinstance(initial_state, AttentionState):
             raise TypeError(f"initial_state: expected an AttentionState, got {type(initial_state).__name__}")
@@ -146,7 +149,9 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
                              f"{(B, H, r)} and log_ref {(B, H)}, got {tuple(S0.shape)}, {tuple(z0.shape)}, "
                              f"{tuple(M0.shape)}")
         offset = initial_state.offset
-        S0, z0, M0 = S0.to(dt), z0.to(dt), M0.to(dt)
+        S0, z0, M0 = S0.to(dt), z0.to(dt), M0.to(LOG_DTYPE)
+        if lam is not None:  # the state's log_ref is that of its sums decayed to its last position, offset - 1
+            M0 = M0 + lam * (offset - 1)
     else:
         offset = 0
         S0, z0, M0 = empty_state(B, H, r, dv, dt, v.device)
@@ -163,10 +168,14 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
             resolve_positions(key_positions, N, v.device, B)
     cfg = EngineConfig(causal=bool(causal), chunk_size=chunk_size, group_size=group_size, dtype=dt,
                        needs_grad=needs_grad)
+    kb = None
+    if lam is not None:  # gamma^(m - n) = e^(-lam m) e^(lam n): the row factor cancels in out_m, keys get lam * n
+        pos = resolve_positions(positions, Nq, v.device, B).to(LOG_DTYPE)
+        kb = (lam[:, None] * pos[..., None, :]).expand(B, H, N).reshape(B * H, N)
     interleaved = rotary is not None and rotary.interleaved
     if lay is not None:  # every rank's keys as states: the earlier ranks' (causal) or the others' (bidirectional)
-        Sk, zk, Mk = KeyStateFunction.apply(kind, cfg, interleaved, k, ks, v, W if W is None else W.to(dt), mask,
-                                            cos, sin)
+        Sk, zk, Mk = KeyStateFunction.apply(kind, cfg, interleaved, k, ks, kb, v, W if W is None else W.to(dt),
+                                            mask, cos, sin)
         every = parallel.gather_states(Sk, zk, Mk, lay)
         ranks = torch.arange(lay.size, device=v.device)
         use = ranks < lay.rank if causal else ranks != lay.rank
@@ -174,15 +183,40 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
             every = tuple(torch.cat((s0[None], e)) for s0, e in zip((S0, z0, M0), every))
             use = torch.cat((use.new_ones(1), use))
         if return_state:  # every rank returns the state after the whole sequence (the last rank's)
-            final = AttentionState(*parallel.combine(*every, torch.ones_like(use)),
-                                   offset + lay.total)
+            final = _state_out(*parallel.combine(*every, torch.ones_like(use)), offset + lay.total, lam)
         S0, z0, M0 = parallel.combine(*every, use)
     # inputs go in as they are (half stays half: autograd keeps them); the engine casts each group
     out, S, z, M = LinearAttentionFunction.apply(
-        kind, cfg, interleaved, q, k, ks, v, W if W is None else W.to(dt), mask, cos, sin, kcos, ksin, S0, z0, M0)
+        kind, cfg, interleaved, q, k, ks, kb, v, W if W is None else W.to(dt), mask, cos, sin, kcos, ksin, S0, z0,
+        M0)
     if return_state:
-        return out, (final if lay is not None else AttentionState(S, z, M, offset + N))
+        return out, (final if lay is not None else _state_out(S, z, M, offset + N, lam))
     return out
+
+
+def _state_out(S, z, M, offset: int, lam) -> AttentionState:
+    """The state after ``offset`` positions; with a decay, its log_ref refers to the sums as they stand at the last
+    position (offset - 1), not to the engine's keys weighted by e^(lam n), whose log-scales grow with n."""
+    return AttentionState(S, z, M if lam is None else M - lam * (offset - 1), offset)
+
+
+def _decay_rates(decay, H: int, causal: bool, device) -> Tensor | None:
+    """lam = -log(gamma) (H,) in ``LOG_DTYPE`` from ``decay``: None, a float or H floats gamma in (0, 1]."""
+    if decay is None:
+        return None
+    try:
+        gamma = torch.as_tensor(decay, dtype=LOG_DTYPE).flatten().to(device)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"decay: expected a float or {H} floats in (0, 1], got {decay!r}") from None
+    if gamma.numel() == 1:
+        gamma = gamma.expand(H)
+    if gamma.numel() != H or not bool(((gamma > 0) & (gamma <= 1)).all()):
+        raise ValueError(f"decay: expected a float or H = {H} floats in (0, 1] (gamma per head), got "
+                         f"{gamma.tolist() if gamma.numel() <= 16 else tuple(gamma.shape)}")
+    if not causal:
+        raise ValueError("decay: expected causal=True (a decay gamma^(m - n) weighs the past; bidirectional "
+                         "attention has no direction to decay along)")
+    return -gamma.log()
 
 
 def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False, rotary: RotaryEmbedding | None = None,
@@ -190,7 +224,7 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
                      initial_state: AttentionState | None = None, return_state: bool = False,
                      key_padding_mask: Tensor | None = None, k_logscale: Tensor | None = None,
                      group_size: int | None = None, key_positions: int | Tensor | None = None,
-                     cu_seqlens: Tensor | None = None, group=None):
+                     cu_seqlens: Tensor | None = None, group=None, decay: float | Tensor | None = None):
     """Normalized linear attention on features; RoFormer eq. 19 when ``rotary`` is given.
 
     out_m = sum_n (R_m qf_m).(R_n kf'_n) v_n / sum_n qf_m.kf'_n, with kf'_n = kf_n exp(k_logscale_n), n over all
@@ -224,6 +258,10 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
             only (one all-gather of (r, dv) states per head, an all-reduce of them in the backward). Every rank
             makes the same call and runs the backward. An ``initial_state`` (the same on every rank) precedes
             rank 0; ``return_state`` gives every rank the state after the whole sequence.
+        decay: causal only: gamma in (0, 1], one float or one per head (H,): every term of the numerator *and*
+            the normalizer of row m is weighted by gamma^(p_m - p_n) (p the positions), as in RetNet: the state
+            decays as it is carried (streaming and decoding included). Computed exactly as a key log-scale
+            log(1/gamma) p_n, kept in float64: the row's factor gamma^(p_m) cancels between the two sums.
 
     Returns:
         (B, H, N, dv) in v's dtype; with ``return_state``, also the ``AttentionState`` after the last row.
@@ -244,7 +282,7 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
         "features", qf[:, :, sl], kf[:, :, sl], None if k_logscale is None else k_logscale[:, :, sl],
         v[:, :, sl], None, r, causal=causal, rotary=rotary, positions=pos, chunk_size=chunk_size,
         group_size=group_size, initial_state=initial_state, return_state=return_state, key_padding_mask=mask,
-        key_positions=key_positions, cross=cross, group=group)
+        key_positions=key_positions, cross=cross, group=group, decay=decay)
     if cu_seqlens is not None:
         _no_group(group)
         return _per_document(run, cu_seqlens, v.shape[0], v.shape[2], positions, key_padding_mask,
@@ -256,7 +294,8 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
                     rotary: RotaryEmbedding | None = None, positions: int | Tensor | None = None,
                     chunk_size: int = 64, initial_state: AttentionState | None = None, return_state: bool = False,
                     key_padding_mask: Tensor | None = None, group_size: int | None = None,
-                    key_positions: int | Tensor | None = None, cu_seqlens: Tensor | None = None, group=None):
+                    key_positions: int | Tensor | None = None, cu_seqlens: Tensor | None = None, group=None,
+                    decay: float | Tensor | None = None):
     """FAVOR+ attention from raw q, k, v; eq. 19 with ``rotary``. Features are recomputed in the backward.
 
     Equal to ``linear_attention(*favor features of q and k*, v, ...)`` with features ``favor_plus(x, projection)``
@@ -287,7 +326,8 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
     run = lambda sl, pos, mask: _run(  # noqa: E731
         "favor", q[:, :, sl], k[:, :, sl], None, v[:, :, sl], projection, r, causal=causal, rotary=rotary,
         positions=pos, chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,
-        return_state=return_state, key_padding_mask=mask, key_positions=key_positions, cross=cross, group=group)
+        return_state=return_state, key_padding_mask=mask, key_positions=key_positions, cross=cross, group=group,
+        decay=decay)
     if cu_seqlens is not None:
         _no_group(group)
         return _per_document(run, cu_seqlens, v.shape[0], v.shape[2], positions, key_padding_mask,

@@ -36,6 +36,11 @@ def _rotation(rotary: RotaryEmbedding | None, r: int, positions, N: int, device,
     return lambda x: apply_rotary(x, cos, sin, interleaved=rotary.interleaved)
 
 
+def _log_gamma(decay, H: int) -> Tensor:
+    """log gamma per head (H,) from a float or H floats."""
+    return torch.as_tensor(decay, dtype=F64).flatten().expand(H).log()
+
+
 def _pairs(x: Tensor, interleaved: bool) -> tuple[Tensor, Tensor]:
     r = x.shape[-1]
     return (x[..., 0::2], x[..., 1::2]) if interleaved else (x[..., : r // 2], x[..., r // 2:])
@@ -68,8 +73,9 @@ def _relative_scores(qf: Tensor, kf: Tensor, rotary: RotaryEmbedding, positions:
 def linear_attention_naive(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
                            rotary: RotaryEmbedding | None = None, positions: int | Tensor | None = None,
                            key_padding_mask: Tensor | None = None, k_logscale: Tensor | None = None,
-                           key_positions: int | Tensor | None = None) -> Tensor:
-    """Quadratic eq. 19 in float64: out_m = sum_n (R_m qf_m).(R_n kf'_n) v_n / sum_n qf_m.kf'_n over visible n.
+                           key_positions: int | Tensor | None = None, decay=None) -> Tensor:
+    """Quadratic eq. 19 in float64: out_m = sum_n (R_m qf_m).(R_n kf'_n) v_n / sum_n qf_m.kf'_n over visible n,
+    each term of both sums times gamma_h^(p_m - p_n) with ``decay`` (causal: gamma (H,) per head, p the positions).
 
     Shapes as ``linear_attention``: qf, kf (B, H, N, r), v (B, H, N, dv), k_logscale (B, H, N); cross-attention
     (``causal=False``): kf (B, H, M, r), v (B, H, M, dv) at ``key_positions`` (default 0..M-1). Returns
@@ -88,11 +94,19 @@ def linear_attention_naive(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = 
     if key_padding_mask is not None:
         keep = keep & check_mask(key_padding_mask, B, M)[:, None, None, :]
     weight = keep.to(F64)  # (B, 1 or H, N, N): exp(s_n - max visible s) on visible keys, 0 elsewhere
-    if k_logscale is not None:
-        s = k_logscale.to(F64)[:, :, None, :].masked_fill(~keep, -math.inf)  # (B, H, N, N)
+    pos = resolve_positions(positions, N, qf.device, B)
+    if k_logscale is not None or decay is not None:
+        s = qf.new_zeros(B, H, 1, M) if k_logscale is None else k_logscale.to(F64)[:, :, None, :]
+        if decay is not None:  # log gamma^(p_m - p_n), per head
+            if not causal:
+                raise ValueError("decay: expected causal=True")
+            dist_ = (pos[..., :, None] - pos[..., None, :]).to(F64)  # (N, N) or (B, N, N)
+            if dist_.dim() == 3:
+                dist_ = dist_[:, None]
+            s = s + _log_gamma(decay, H).view(1, H, 1, 1) * dist_
+        s = s.masked_fill(~keep, -math.inf)  # (B, H, N, N)
         top = s.amax(-1, keepdim=True)
         weight = torch.exp(s - torch.where(torch.isfinite(top), top, 0))
-    pos = resolve_positions(positions, N, qf.device, B)
     kpos = resolve_positions(key_positions, M, qf.device, B) if cross else None
     den = ((qf @ kf.transpose(-1, -2)) * weight).sum(-1, keepdim=True)
     if rotary is None:
@@ -120,12 +134,15 @@ def favor_attention_naive(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *
 
 def linear_attention_recurrent(qf: Tensor, kf: Tensor, v: Tensor, *, rotary: RotaryEmbedding | None = None,
                                positions: int | Tensor | None = None, key_padding_mask: Tensor | None = None,
-                               k_logscale: Tensor | None = None, initial_state: AttentionState | None = None
-                               ) -> tuple[Tensor, AttentionState]:
+                               k_logscale: Tensor | None = None, initial_state: AttentionState | None = None,
+                               decay=None) -> tuple[Tensor, AttentionState]:
     """Causal eq. 19 one position at a time, in float64: the loop that decoding runs, written plainly.
 
     For t = 0..N-1: M = max(M, s_t); S = S e^(M_old - M) + R_t kf_t e^(s_t - M) v_t^T;
     z = z e^(M_old - M) + kf_t e^(s_t - M); out_t = (R_t qf_t) S / (qf_t . z), 0 if qf_t . z == 0.
+    With ``decay`` (gamma (H,) per head), S and z are first multiplied by gamma^(p_t - p_(t-1)) (positions p
+    consecutive: by gamma), so a key at distance m - n weighs gamma^(m - n): the state decays as it is carried.
+    The log-scale reference then lives in the log of the *decayed* sums: M drops by the same log gamma.
     Returns (out (B, H, N, dv) float64, the ``AttentionState`` after the last position, in the order of
     ``linear_attention``'s state).
     """
@@ -144,8 +161,15 @@ def linear_attention_recurrent(qf: Tensor, kf: Tensor, v: Tensor, *, rotary: Rot
     s = qf.new_zeros(B, H, N) if k_logscale is None else k_logscale.to(F64)
     if key_padding_mask is not None:
         s = s.masked_fill(~check_mask(key_padding_mask, B, N)[:, None, :], -math.inf)
+    pos = resolve_positions(offset if positions is None else positions, N, qf.device, B).to(F64)
+    pos = pos.expand(B, N) if pos.dim() == 1 else pos
+    log_gamma = None if decay is None else _log_gamma(decay, H).view(1, H)
     outs = []
     for t in range(N):
+        if log_gamma is not None and t > 0:  # carry the state one step: it decays with the distance travelled
+            M = M + log_gamma * (pos[:, t] - pos[:, t - 1])[:, None]
+        elif log_gamma is not None and initial_state is not None:  # from the state's offset to the first position
+            M = M + log_gamma * (pos[:, 0] - (initial_state.offset - 1))[:, None]
         M_new = torch.maximum(M, s[:, :, t])
         ref = torch.where(torch.isfinite(M_new), M_new, 0)
         decay = torch.exp(torch.where(torch.isfinite(M), M, ref) - ref)  # old sums are 0 while M is -inf

@@ -28,6 +28,10 @@ CASES = {
     "favor-causal-halfsplit-holes": dict(fn="favor", causal=True, rope="half", lengths=(48, 80), mask="holes"),
     "favor-causal-large-activations": dict(fn="favor", causal=True, rope="interleaved", lengths=(60, 68), std=3.0),
     "favor-causal-stream": dict(fn="favor", causal=True, rope="interleaved", lengths=(30, 50), initial=37),
+    "favor-causal-decay-stream": dict(fn="favor", causal=True, rope="interleaved", lengths=(33, 47), initial=21,
+                                      decay=(0.8, 0.97)),
+    "features-causal-decay-holes": dict(fn="features", causal=True, rope="half", lengths=(41, 39), mask="holes",
+                                        decay=(0.9, 0.5)),
     "favor-bidir-rope-uneven": dict(fn="favor", causal=False, rope="interleaved", lengths=(50, 78)),
     "favor-bidir-rank-padded": dict(fn="favor", causal=False, rope="interleaved", lengths=(64, 40),
                                     mask="second-rank"),
@@ -74,7 +78,7 @@ def _call(case, x, sl, group, rotary, state=None, return_state=False):
     kw = dict(causal=case["causal"], rotary=rotary, chunk_size=16, group_size=32, group=group,
               key_padding_mask=None if x["mask"] is None else x["mask"][:, sl],
               positions=None if x["positions"] is None else x["positions"][:, sl],
-              initial_state=state, return_state=return_state)
+              initial_state=state, return_state=return_state, decay=case.get("decay"))
     q, k, v = (x[n][:, :, sl] for n in ("q", "k", "v"))
     if case["fn"] == "favor":
         return favor_attention(q, k, v, x["W"], **kw)

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .feature_sources import NEG, FavorFeatures, GivenFeatures, Rotation, Workspace, group_rows, interleaved_order
+from .feature_sources import LOG_DTYPE, NEG, FavorFeatures, GivenFeatures, Rotation, Workspace, group_rows, interleaved_order
 
 JUMP_LIMIT = 40.0  # exp(40) ~ 2e17 leaves ~1e21 of float32 headroom for sums over keys, features and values
 DEN_CHUNK = 32  # sub-chunk of the unrotated normalizer under RoPE (a divisor of the chunk is used); measured best
@@ -80,7 +80,7 @@ class Group:
 def empty_state(B: int, H: int, r: int, dv: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor, Tensor]:
     """The causal state before any key: numerator (B, H, r, dv) and key sum (B, H, r) zero, reference NEG."""
     S = torch.zeros(B, H, r, dv, dtype=dtype, device=device)
-    return S, S.new_zeros(B, H, r), S.new_full((B, H), NEG)
+    return S, S.new_zeros(B, H, r), S.new_full((B, H), NEG, dtype=LOG_DTYPE)
 
 
 def _groups(N: int, G: int) -> list[tuple[int, int]]:
@@ -338,7 +338,7 @@ def causal_forward(src, rot, V, S, z, M, cfg: EngineConfig, keep_states: bool = 
             continue
         group = Group(a, b, P, None, None)
         if P is not None:
-            group.rescale_in = torch.exp(M - P)
+            group.rescale_in = torch.exp(M - P).to(cfg.dtype)
             S, z = S * group.rescale_in[:, None, None], z * group.rescale_in[:, None]
         if keep_states and len(plan) % 2 == 0:  # the backward rebuilds the other states from the one before
             group.S0, group.z0 = S, z
@@ -351,7 +351,7 @@ def causal_forward(src, rot, V, S, z, M, cfg: EngineConfig, keep_states: bool = 
         _divide(num, d, out[:, a:b])
         if P is not None:  # M follows real keys only (a group without any keeps M, and P was a stand-in)
             M = torch.maximum(M, logscale.amax(-1))
-            group.rescale_out = torch.exp(P - torch.where(M > NEG / 2, M, P))
+            group.rescale_out = torch.exp(P - torch.where(M > NEG / 2, M, P)).to(cfg.dtype)
             S, z = S * group.rescale_out[:, None, None], z * group.rescale_out[:, None]
     return out, den, S, z, M, plan
 
@@ -410,7 +410,7 @@ def key_state(src, rot_k, V, S, z, M, cfg: EngineConfig):
         if logscale is not None:
             M_new = torch.maximum(M, logscale.amax(-1))
             P = torch.where(M_new > NEG / 2, M_new, torch.zeros_like(M_new))
-            e = torch.exp(M - P)
+            e = torch.exp(M - P).to(S.dtype)
             S.mul_(e[:, None, None]), z.mul_(e[:, None])
             M = M_new
         k0 = src.key_finish(a, b, u, logscale, P, ws.get("k0", BH, b - a, r))
@@ -482,6 +482,7 @@ def bidirectional_backward(src, rot, rot_k, V, out, den, dout, S, z, P, cfg: Eng
 # ---------------------------------------------------------------------------------------------- autograd
 class LinearAttentionFunction(torch.autograd.Function):
     """out, S, z, M = f(q, k, ks, v, S0, z0); q, k are features (kind 'features') or raw inputs ('favor').
+    kb (BH, N) ``LOG_DTYPE`` or None: a log-bias added to the keys' log-scales (a decay), not differentiated.
 
     Tensors arrive as (B, H, N, .) in the caller's dtypes (kept as they are: half stays half), states as
     (B, H, r, dv), (B, H, r), (B, H) in the compute dtype ``cfg.dtype``; ``interleaved`` is the pairing of
@@ -492,7 +493,7 @@ class LinearAttentionFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, kind, cfg, interleaved, q, k, ks, v, W, mask, cos, sin, kcos, ksin, S0, z0, M0):
+    def forward(ctx, kind, cfg, interleaved, q, k, ks, kb, v, W, mask, cos, sin, kcos, ksin, S0, z0, M0):
         B, H, N, dv = v.shape
         r = W.shape[0] if kind == "favor" else q.shape[-1]
         perm = interleaved_order(r, v.device) if cos is not None and not interleaved else None
@@ -500,7 +501,7 @@ class LinearAttentionFunction(torch.autograd.Function):
         S0 = _to_internal(S0, perm).reshape(B * H, r, dv)
         z0, M0 = _to_internal(z0, perm).reshape(B * H, r), M0.reshape(B * H)
         with torch.autocast(v.device.type, enabled=False):
-            src, rot, rot_k = _prepare(ctx.meta, q, k, ks, W, mask, cos, sin, kcos, ksin)
+            src, rot, rot_k = _prepare(ctx.meta, q, k, ks, kb, W, mask, cos, sin, kcos, ksin)
             if cfg.causal:
                 out, den, S, z, M, plan = causal_forward(src, rot, v, S0, z0, M0, cfg, keep_states=cfg.needs_grad)
                 ctx.plan = plan
@@ -508,7 +509,7 @@ class LinearAttentionFunction(torch.autograd.Function):
                 out, den, S, z, M, ctx.ref = bidirectional_forward(src, rot, rot_k, v, q.shape[2], S0.clone(),
                                                                    z0.clone(), M0, cfg)
                 ctx.M0 = M0
-        ctx.save_for_backward(q, k, ks, v, W, mask, cos, sin, kcos, ksin, out, den)
+        ctx.save_for_backward(q, k, ks, kb, v, W, mask, cos, sin, kcos, ksin, out, den)
         ctx.final = (S, z, M)
         S = _to_user(S.view(B, H, r, dv), perm)
         z = _to_user(z.view(B, H, r), perm)
@@ -520,10 +521,10 @@ class LinearAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout, dS, dz, _dM):
         _no_double_backward()
         kind, cfg, perm, B, H = ctx.meta
-        q, k, ks, v, W, mask, cos, sin, kcos, ksin, out, den = ctx.saved_tensors
+        q, k, ks, kb, v, W, mask, cos, sin, kcos, ksin, out, den = ctx.saved_tensors
         S, z, _ = ctx.final
         with torch.autocast(v.device.type, enabled=False):
-            src, rot, rot_k = _prepare(ctx.meta, q, k, ks, W, mask, cos, sin, kcos, ksin)
+            src, rot, rot_k = _prepare(ctx.meta, q, k, ks, kb, W, mask, cos, sin, kcos, ksin)
             dout = torch.zeros_like(out) if dout is None else dout.reshape(out.shape)
             r = S.shape[1]
             if cfg.causal:
@@ -533,12 +534,12 @@ class LinearAttentionFunction(torch.autograd.Function):
             else:  # S = S0 exp(M0 - P) + this call's keys (only the outputs are differentiated here)
                 dV, dS0, dz0 = bidirectional_backward(src, rot, rot_k, v, out, den, dout, S, z, ctx.ref, cfg)
                 if ctx.ref is not None:
-                    e = torch.exp(ctx.M0 - ctx.ref)
+                    e = torch.exp(ctx.M0 - ctx.ref).to(dS0.dtype)
                     dS0, dz0 = dS0 * e[:, None, None], dz0 * e[:, None]
             dS0 = _to_user(dS0.view(B, H, r, -1), perm)
             dz0 = _to_user(dz0.view(B, H, r), perm)
         shape = lambda t, like: None if t is None else t.view(like.shape)  # noqa: E731
-        return (None, None, None, shape(src.dq, q), shape(src.dk, k), shape(src.dks, ks), dV.view(v.shape),
+        return (None, None, None, shape(src.dq, q), shape(src.dk, k), shape(src.dks, ks), None, dV.view(v.shape),
                 None, None, None, None, None, None, dS0, dz0, None)
 
 
@@ -548,16 +549,16 @@ class KeyStateFunction(torch.autograd.Function):
     Shapes and dtypes as in ``LinearAttentionFunction``; S, z in the caller's feature order, relative to M."""
 
     @staticmethod
-    def forward(ctx, kind, cfg, interleaved, k, ks, v, W, mask, cos, sin):
+    def forward(ctx, kind, cfg, interleaved, k, ks, kb, v, W, mask, cos, sin):
         B, H, N, dv = v.shape
         r = W.shape[0] if kind == "favor" else k.shape[-1]
         perm = interleaved_order(r, v.device) if cos is not None and not interleaved else None
         ctx.meta = (kind, cfg, perm, B, H)
         S, z, M = (t.flatten(0, 1) for t in empty_state(B, H, r, dv, cfg.dtype, v.device))
         with torch.autocast(v.device.type, enabled=False):
-            src, rot, _ = _prepare(ctx.meta, None, k, ks, W, mask, cos, sin, None, None)
+            src, rot, _ = _prepare(ctx.meta, None, k, ks, kb, W, mask, cos, sin, None, None)
             S, z, M, ctx.ref = key_state(src, rot, v, S, z, M, cfg)
-        ctx.save_for_backward(k, ks, v, W, mask, cos, sin)
+        ctx.save_for_backward(k, ks, kb, v, W, mask, cos, sin)
         M = M.view(B, H)
         ctx.mark_non_differentiable(M)
         return _to_user(S.view(B, H, r, dv), perm), _to_user(z.view(B, H, r), perm), M
@@ -566,9 +567,9 @@ class KeyStateFunction(torch.autograd.Function):
     def backward(ctx, dS, dz, _dM):
         _no_double_backward()
         kind, cfg, perm, B, H = ctx.meta
-        k, ks, v, W, mask, cos, sin = ctx.saved_tensors
+        k, ks, kb, v, W, mask, cos, sin = ctx.saved_tensors
         with torch.autocast(v.device.type, enabled=False):
-            src, rot, _ = _prepare(ctx.meta, None, k, ks, W, mask, cos, sin, None, None)
+            src, rot, _ = _prepare(ctx.meta, None, k, ks, kb, W, mask, cos, sin, None, None)
             r = src.r
             dS = (torch.zeros(B * H, r, v.shape[-1], dtype=cfg.dtype, device=v.device) if dS is None
                   else _to_internal(dS.to(cfg.dtype), perm).reshape(B * H, r, -1))
@@ -576,7 +577,8 @@ class KeyStateFunction(torch.autograd.Function):
                   else _to_internal(dz.to(cfg.dtype), perm).reshape(B * H, r))
             dV = key_state_backward(src, rot, v, dS, dz, ctx.ref, cfg)
         shape = lambda t, like: None if t is None else t.view(like.shape)  # noqa: E731
-        return (None, None, None, shape(src.dk, k), shape(src.dks, ks), dV.view(v.shape), None, None, None, None)
+        return (None, None, None, shape(src.dk, k), shape(src.dks, ks), None, dV.view(v.shape), None, None, None,
+                None)
 
 
 def _no_double_backward() -> None:
@@ -585,16 +587,16 @@ def _no_double_backward() -> None:
                            "supported: the backward is hand-written and cannot itself be differentiated")
 
 
-def _prepare(meta, q, k, ks, W, mask, cos, sin, kcos, ksin):
+def _prepare(meta, q, k, ks, kb, W, mask, cos, sin, kcos, ksin):
     """The feature source and the rotations of queries and keys (the same one unless keys have their own
     positions: cross-attention)."""
     kind, cfg, perm, B, H = meta
     rot = None if cos is None else Rotation(cos, sin)
     rot_k = rot if kcos is None else Rotation(kcos, ksin)
     if kind == "favor":  # q is None for a state of keys alone
-        src = FavorFeatures(q, k, W if perm is None else W[perm], mask, cfg.dtype)
+        src = FavorFeatures(q, k, W if perm is None else W[perm], mask, cfg.dtype, kb)
     else:
-        src = GivenFeatures(q, k, ks, mask, perm, cfg.dtype)
+        src = GivenFeatures(q, k, ks, mask, perm, cfg.dtype, kb)
     return src, rot, rot_k
 
 

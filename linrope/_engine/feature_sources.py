@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 
 NEG = -1e30  # log-scale of "no key": exp(NEG - P) == 0 without the NaNs of -inf - -inf
+LOG_DTYPE = torch.float64  # key log-scales, references and states' log_ref: a decay adds log(gamma) * position,
+# which grows without bound; in float64 differences of nearby log-scales stay exact (float32: eps * |value|)
 
 
 class FeatureSource(Protocol):
@@ -24,6 +26,7 @@ class FeatureSource(Protocol):
     compute dtype. Keys come in two steps so that the engine can pick a reference P from their log-scales before
     exponentiating: ``key_logscale`` -> (u, logscale), then ``key_finish`` -> k0 = features * exp(logscale - P).
     Gradients are written into ``dq``, ``dk`` (and ``dks`` for given log-scales), (BH, N, .) in the input dtypes.
+    Log-scales are ``LOG_DTYPE``; a key log-bias (BH, N) (a decay: log(1/gamma) times the position) adds to them.
     """
 
     BH: int
@@ -131,13 +134,16 @@ class FavorFeatures:
     group constant exp(-P). The 1/sqrt(r) of Performer cancels and is dropped.
     """
 
-    def __init__(self, q, k, W, mask, dtype):  # q None: keys only
+    def __init__(self, q, k, W, mask, dtype, bias=None):  # q None: keys only
         B, H, M, d = k.shape
         self.q, self.k, self.mask, self.dtype = q, k, _flat_mask(mask, H), dtype
         self.BH, self.r = B * H, W.shape[0]
         self.Ws = W.to(dtype) * d ** -0.25  # u = x @ Ws^T
         self.scale2 = d ** -0.5
-        self.half_sq = (0.5 * self.scale2) * k.to(dtype).square().sum(-1).reshape(B * H, -1)  # |k~|^2 / 2
+        # |k~|^2 / 2, less the log-bias: what a key's log-scale subtracts from max_i u
+        self.half_sq = ((0.5 * self.scale2) * k.to(dtype).square().sum(-1).reshape(B * H, -1)).to(LOG_DTYPE)
+        if bias is not None:
+            self.half_sq = self.half_sq - bias
         self.dq = None if q is None else q.new_empty(B * H, q.shape[2], d)
         self.dk, self.dks = k.new_empty(B * H, M, d), None
 
@@ -147,13 +153,13 @@ class FavorFeatures:
 
     def key_logscale(self, a, b, buf):
         torch.matmul(group_rows(self.k, a, b, dtype=self.dtype), self.Ws.t(), out=buf)
-        logscale = buf.amax(-1).sub_(self.half_sq[:, a:b])
+        logscale = buf.amax(-1).to(LOG_DTYPE).sub_(self.half_sq[:, a:b])
         if self.mask is not None:
             logscale.masked_fill_(~self.mask[:, a:b], NEG)
         return buf, logscale
 
     def key_finish(self, a, b, u, logscale, ref, buf):
-        u.sub_((self.half_sq[:, a:b] + ref[:, None]).unsqueeze(-1))
+        u.sub_((self.half_sq[:, a:b] + ref[:, None]).to(u.dtype).unsqueeze(-1))  # moderate: exact in u's dtype
         if self.mask is not None:  # before exp: a padded key may lie far above the reference (inf * 0 = nan)
             u.masked_fill_(~self.mask[:, a:b, None], -math.inf)
         return u.exp_()
@@ -171,10 +177,11 @@ class FavorFeatures:
 class GivenFeatures:
     """Precomputed features qf, kf (B, H, N, r), optional key log-scales ks (B, H, N); ``perm`` reorders features."""
 
-    def __init__(self, qf, kf, ks, mask, perm, dtype):  # qf None: keys only
+    def __init__(self, qf, kf, ks, mask, perm, dtype, bias=None):  # qf None: keys only
         B, H, M, r = kf.shape
         self.qf, self.kf, self.mask, self.perm, self.dtype = qf, kf, _flat_mask(mask, H), perm, dtype
         self.ks = None if ks is None else ks.reshape(B * H, -1)
+        self.bias = bias
         self.BH, self.r = B * H, r
         self.inv = None if perm is None else torch.argsort(perm)
         self.dq = None if qf is None else qf.new_empty(B * H, qf.shape[2], r)
@@ -195,9 +202,11 @@ class GivenFeatures:
 
     def key_logscale(self, a, b, buf):
         fk = self._take(self.kf, a, b, buf)
-        if self.ks is None:
+        if self.ks is None and self.bias is None:
             return fk, None
-        logscale = self.ks[:, a:b].to(self.dtype, copy=True)
+        logscale = (self.bias[:, a:b].clone() if self.ks is None else self.ks[:, a:b].to(LOG_DTYPE, copy=True))
+        if self.ks is not None and self.bias is not None:
+            logscale += self.bias[:, a:b]
         if self.mask is not None:
             logscale.masked_fill_(~self.mask[:, a:b], NEG)
         return fk, logscale
@@ -205,7 +214,7 @@ class GivenFeatures:
     def _weight(self, a, b, logscale, ref):
         """exp(logscale - ref) per key (BH, G), 0 for padded keys (their log-scale is NEG); None if all 1."""
         if logscale is not None:
-            return torch.exp(logscale - ref[:, None])
+            return torch.exp(logscale - ref[:, None]).to(self.dtype)
         return None if self.mask is None else self.mask[:, a:b].to(self.dtype)
 
     def key_finish(self, a, b, fk, logscale, ref, buf):
@@ -221,7 +230,7 @@ class GivenFeatures:
         self._put(self.dq, a, b, dfq)
 
     def key_grad(self, a, b, k0, dk0, logscale, ref):
-        if logscale is not None:
+        if self.dks is not None:
             self.dks[:, a:b] = (dk0 * k0).sum(-1)
         w = self._weight(a, b, logscale, ref)
         self._put(self.dk, a, b, dk0 if w is None else dk0.mul_(w.unsqueeze(-1)))

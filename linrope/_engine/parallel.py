@@ -41,7 +41,7 @@ class Layout:
 
 
 _META = ("B", "H", "r", "dv", "causal", "FAVOR+ (else given features)", "k_logscale given", "requires grad",
-         "rotary given", "initial_state given", "return_state")
+         "rotary given", "initial_state given", "return_state", "decay given")
 
 
 def layout(group, N: int, meta: tuple, device) -> Layout:
@@ -97,11 +97,11 @@ class _AllGather(torch.autograd.Function):
 
 def gather_states(S: Tensor, z: Tensor, M: Tensor, lay: Layout) -> tuple[Tensor, Tensor, Tensor]:
     """Every rank's (S, z, M): (P, B, H, r, dv), (P, B, H, r), (P, B, H). One collective each way."""
-    flat = torch.cat((S.flatten(), z.flatten(), M.detach().flatten()))
+    flat = torch.cat((S.flatten().to(M.dtype), z.flatten().to(M.dtype), M.detach().flatten()))  # M: float64
     every = _AllGather.apply(flat, lay)
     nS, nz = S.numel(), z.numel()
     P = lay.size
-    return (every[:, :nS].view(P, *S.shape), every[:, nS:nS + nz].view(P, *z.shape),
+    return (every[:, :nS].view(P, *S.shape).to(S.dtype), every[:, nS:nS + nz].view(P, *z.shape).to(z.dtype),
             every[:, nS + nz:].detach().view(P, *M.shape))
 
 
@@ -113,5 +113,5 @@ def combine(S: Tensor, z: Tensor, M: Tensor, use: Tensor) -> tuple[Tensor, Tenso
     other ranks wait in."""
     Mu = torch.where(use[:, None, None], M, torch.full_like(M, NEG))
     Mc = Mu.amax(0)
-    e = torch.exp(Mu - Mc) * use[:, None, None]  # a state with no key: exp(NEG - NEG) = 1, times its zero sums
+    e = (torch.exp(Mu - Mc) * use[:, None, None]).to(S.dtype)  # no key: exp(NEG - NEG) = 1, times zero sums
     return (S * e[..., None, None]).sum(0), (z * e[..., None]).sum(0), Mc
