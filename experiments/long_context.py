@@ -5,6 +5,8 @@ standard library's own sources (no download) or any local file such as enwik8.
     python experiments/long_context.py --preset cpu-long       # ~65 min: softmax-rope + 4 linear variants, 3 seeds
     python experiments/long_context.py --preset paper --data enwik8 --device cuda   # RoFormer sec. 4.4
     torchrun --nproc_per_node=2 experiments/long_context.py --preset quick --out /tmp/ddp   # DDP (gloo on CPU)
+    torchrun --nproc_per_node=2 experiments/long_context.py --variants linear-rope --sequence-parallel --out /tmp/sp
+        # sequence parallelism: each rank holds half of every sequence (linear variants only); same curve as 1 rank
 
 Writes to --out (default experiments/results/long_context/<preset>): results.csv (every logged row),
 summary.md / summary.csv (final validation bits per byte per variant and length: mean, std and range over seeds,
@@ -30,6 +32,9 @@ def main():
     p.add_argument("--data", help="a local byte file (enwik8: 90M/5M/5M split); default: the stdlib sources")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: the preset's)")
     p.add_argument("--grad-accum", type=int, help="micro-batches per step (same batch, less memory)")
+    p.add_argument("--sequence-parallel", type=int, nargs="?", const=0, default=1, metavar="P",
+                   help="under torchrun: P ranks hold one sequence, each a contiguous 1/P of it, the rest of the "
+                        "world is data parallel (no value: P = world size; linear variants only)")
     p.add_argument("--out", help="output folder (default: experiments/results/long_context/<preset>)")
     p.add_argument("--resume", action="store_true", help="skip finished runs and continue interrupted ones")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -38,7 +43,8 @@ def main():
     run_script(p, lambda: run_long_context(
         a.preset, variants=parse_list(a.variants, str, "variants"), lengths=parse_list(a.lengths, int, "lengths"),
         seeds=parse_list(a.seeds, int, "seeds"), steps=a.steps, feature_map=a.feature_map, data=a.data,
-        device=a.device, grad_accum=a.grad_accum, out=out, resume=a.resume, progress=not a.no_progress))
+        device=a.device, grad_accum=a.grad_accum, sequence_parallel=a.sequence_parallel, out=out, resume=a.resume,
+        progress=not a.no_progress))
 
 
 if __name__ == "__main__":

@@ -7,12 +7,20 @@ of taking the machine down.
     python experiments/memory.py --with-peers          # + performer-pytorch and fast-transformers
     python experiments/memory.py --series "eq.19 causal" --update      # re-measure one series, keep the rest
     python experiments/memory.py --device cuda --lengths 1024 2048 4096 8192 16384 32768 65536 131072
+
+Sequence parallelism (``linrope.lab.parallel_profile``): peak memory per rank and time of one eq. 19 causal
+forward+backward (B=1 H=8 d=64 r=256) with the sequence split across P gloo processes of one thread each, P = 1
+being the plain call; writes memory_sp.csv, ratios.csv, memory_sp.json and memory_sp.png (default --out
+experiments/results/memory_sp):
+
+    python experiments/memory.py --sequence-parallel 1 2 --lengths 4096 8192 16384 32768 65536 131072 262144
 """
 
 import argparse
 
 from tqdm import tqdm
 
+from linrope.lab import parallel_profile
 from linrope.lab.bench import (PROFILE_SERIES, memory_profile, merge_profile, peers_available, read_profile,
                                write_profile)
 from linrope.lab.sweeps import listing
@@ -30,8 +38,14 @@ def main():
     p.add_argument("--memory-budget", type=float, default=16384.0, help="skip points projected above this (MiB)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--update", action="store_true", help="replace only the measured series in --out's results")
-    p.add_argument("--out", default="experiments/results/memory")
+    p.add_argument("--sequence-parallel", type=int, nargs="+", metavar="P",
+                   help="instead of the series: eq. 19 causal fwd+bwd split across P gloo ranks, for each P given "
+                        "(e.g. 1 2); peak memory is per rank")
+    p.add_argument("--out", help="default: experiments/results/memory (memory_sp with --sequence-parallel)")
     args = p.parse_args()
+    if args.sequence_parallel:
+        return sequence_parallel(p, args)
+    args.out = args.out or "experiments/results/memory"
     if args.with_peers and not all(peers_available().values()):
         p.error(f"--with-peers: not installed here: {peers_available()}")
     bar = tqdm(desc="points", unit="pt")
@@ -47,6 +61,30 @@ def main():
         s = "" if r["seconds"] is None else f"{r['seconds']:.3f} s"
         m = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f} MiB"
         print(f"{r['series']:<38} {r['mode']:<8} N={r['n']:<7} {s:>10} {m:>10}  {r['status']}")
+
+
+def sequence_parallel(p, args):
+    out = args.out or "experiments/results/memory_sp"
+    if args.update or args.series or args.with_peers or args.device != "cpu":
+        p.error("--sequence-parallel: runs on CPU (gloo) and takes none of --update, --series, --with-peers, "
+                "--device")
+    bar = tqdm(desc="points", unit="pt")
+    try:
+        records = parallel_profile.sequence_parallel_profile(
+            args.lengths, args.sequence_parallel, time_budget=args.time_budget,
+            memory_budget_mib=args.memory_budget, repeats=args.repeats, timeout=max(600.0, 8 * args.time_budget),
+            on_record=lambda r: bar.update())
+    except ValueError as e:
+        p.error(str(e))
+    bar.close()
+    parallel_profile.write_sequence_parallel_profile(records, out, {"args": vars(args)})
+    for r in records:
+        s = "" if r.seconds is None else f"{r.seconds:.3f} s"
+        m = "" if r.peak_mib is None else f"{r.peak_mib:.0f} MiB"
+        print(f"P={r.params['ranks']:<3} N={r.params['n']:<7} {s:>10} {m:>10}  {r.status}")
+    for row in parallel_profile.ratios(records):
+        print(f"N={row['n']:<7} P={row['ranks']}/P=1: memory per rank x{row['memory_ratio']:.3f}, "
+              f"time x{row['time_ratio']:.3f}")
 
 
 if __name__ == "__main__":

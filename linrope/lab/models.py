@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .._checks import check_int, check_number
 from ..attention import KVCache, LinearRotaryAttention, SoftmaxAttention
+from .._engine.parallel import rank_offset
 from ..features import FEATURE_MAPS, redraw_projections
 
 __all__ = ["Variant", "VARIANTS", "CORE_VARIANTS", "T5Attention", "t5_buckets", "ModelConfig", "RMSNorm", "MLP",
@@ -192,8 +193,9 @@ class T5Attention(nn.Module):
         return (out, KVCache(k, v, None, offset + x.shape[1])) if return_state else out
 
 
-def make_attention(config: ModelConfig, layer: int) -> nn.Module:
-    """The causal attention layer of block ``layer`` for ``config.attention``; input and output (B, N, C)."""
+def make_attention(config: ModelConfig, layer: int, group=None) -> nn.Module:
+    """The causal attention layer of block ``layer`` for ``config.attention``; input and output (B, N, C).
+    ``group``: sequence parallelism (linear variants only, see ``ByteLM``)."""
     v = config.variant
     dim_head = config.dim // config.heads
     if v.t5:
@@ -204,14 +206,15 @@ def make_attention(config: ModelConfig, layer: int) -> nn.Module:
     return LinearRotaryAttention(config.dim, heads=config.heads, dim_head=dim_head, nb_features=config.nb_features,
                                  causal=True, feature_map=config.feature_map, rope=v.rope, rope_base=config.rope_base,
                                  rotate_normalizer=v.rotate_normalizer, redraw_interval=config.redraw_interval,
-                                 seed=config.feature_seed * 1000 + layer, chunk_size=config.chunk_size)
+                                 seed=config.feature_seed * 1000 + layer, chunk_size=config.chunk_size,
+                                 group=group)
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer: int, group=None):
         super().__init__()
         self.norm1 = RMSNorm(config.dim)
-        self.attn = make_attention(config, layer)
+        self.attn = make_attention(config, layer, group)
         self.norm2 = RMSNorm(config.dim)
         self.mlp = MLP(config)
 
@@ -226,15 +229,28 @@ class Block(nn.Module):
 
 
 class ByteLM(nn.Module):
-    """Causal byte-level language model: ``forward(idx)`` maps bytes (B, N) to next-byte logits (B, N, 256)."""
+    """Causal byte-level language model: ``forward(idx)`` maps bytes (B, N) to next-byte logits (B, N, 256).
 
-    def __init__(self, config: ModelConfig):
+    ``group``: sequence parallelism, a ``torch.distributed`` process group (linear variants only): ``idx`` is this
+    rank's contiguous slice of each sequence (slices in rank order), the attention layers exchange their states
+    across the group (``LinearRotaryAttention(group=...)``), absolute positions (sinusoidal or learned) start at
+    the slice's global offset, and the logits are this rank's slice of the whole sequence's. Every rank of the
+    group makes the same calls. Parameters and ``state_dict`` are those of the model without a group; a
+    parameter's gradient on one rank is that rank's share (their sum over the group is the whole sequence's).
+    """
+
+    def __init__(self, config: ModelConfig, group=None):
         super().__init__()
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config: expected a ModelConfig, got {type(config).__name__}")
+        if group is not None and config.variant.kind != "linear":
+            raise ValueError(f"group: sequence parallelism needs linear attention, but variant "
+                             f"{config.attention!r} is softmax attention (every rank would need every key and value: "
+                             f"ring attention, not implemented); use a linear variant")
         self.config = config
+        self.group = group  # not a parameter or buffer
         self.embed = nn.Embedding(VOCAB_SIZE, config.dim)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, i, group) for i in range(config.n_layer))
         self.norm = RMSNorm(config.dim)
         # The sinusoid is scaled to the embeddings' RMS: at unit RMS it drowns the token signal at init.
         self.abs_scale = (config.abs_scale if config.abs_scale is not None else config.init_std) * math.sqrt(2)
@@ -268,13 +284,17 @@ class ByteLM(nn.Module):
             raise ValueError(f"states: expected a list of {len(self.blocks)} block states (from return_states=True), "
                              f"got {type(states).__name__}")
         offset = 0 if states is None else states[0].offset
+        end = offset + idx.shape[1]  # one past the last position of the whole sequence
+        if self.group is not None and (self.config.variant.absolute or self.pos_embed is not None):
+            before, total = rank_offset(self.group, idx.shape[1])  # this rank's slice within the sequence
+            offset, end = offset + before, offset + total
         x = self.embed(idx)  # (B, N, C)
         if self.config.variant.absolute:
             pe = sinusoidal_positions(idx.shape[1], self.config.dim, offset=offset, device=idx.device)
             x = x + self.abs_scale * pe.to(x.dtype)
         if self.pos_embed is not None:
-            if offset + idx.shape[1] > self.config.max_len:
-                raise ValueError(f"idx: positions up to {offset + idx.shape[1] - 1} need max_len > that; learned "
+            if end > self.config.max_len:  # the whole sequence's end: every rank of a group raises alike
+                raise ValueError(f"idx: positions up to {end - 1} need max_len > that; learned "
                                  f"absolute positions stop at max_len = {self.config.max_len}")
             x = x + self.pos_embed(torch.arange(offset, offset + idx.shape[1], device=idx.device))
         new_states = []

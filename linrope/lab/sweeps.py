@@ -139,7 +139,8 @@ def _finished_with(run_dir: Path, mc: ModelConfig, tc: TrainConfig) -> bool:
         return False
     saved = json.loads((run_dir / "config.json").read_text())
     now = json.loads(json.dumps({"model": mc.to_dict(), "train": {**asdict(tc), "device": None}}))
-    return saved["model"] == now["model"] and {**saved["train"], "device": None} == now["train"]
+    defaults = json.loads(json.dumps(asdict(TrainConfig())))  # fields added since the run: their default then
+    return saved["model"] == now["model"] and {**defaults, **saved["train"], "device": None} == now["train"]
 
 
 def _grid(task_for, variants, lengths, seeds, model: dict, train_cfg: dict, batch_for, out: Path, resume: bool,
@@ -220,11 +221,15 @@ def _write_outputs(out: Path, finals, curves, summary, metric, header, name) -> 
 
 
 def run_long_context(preset: str | Preset = "quick", *, variants=None, lengths=None, seeds=None, steps=None,
-                     feature_map=None, data=None, device=None, grad_accum=None, out="experiments/results/long_context",
-                     resume: bool = False, progress: bool = True) -> list[dict]:
+                     feature_map=None, data=None, device=None, grad_accum=None, sequence_parallel: int = 1,
+                     out="experiments/results/long_context", resume: bool = False, progress: bool = True) -> list[dict]:
     """Language modelling on the byte corpus for every variant x length x seed of ``PRESETS[preset]`` (or of a
     ``Preset`` given directly; any keyword argument overrides it); writes results, summary and
-    ``long_context.png`` to ``out`` and returns the summary rows (bits per byte)."""
+    ``long_context.png`` to ``out`` and returns the summary rows (bits per byte).
+
+    ``sequence_parallel``: under torchrun, ranks holding one sequence, each a contiguous 1/P of it (0: all of
+    them); the other axis is data parallel (see ``linrope.lab.train``). Linear variants only: a softmax variant
+    raises before anything trains. The batch is the same as in one process, so the loss curves match it."""
     if isinstance(preset, Preset):
         p, preset = preset, "custom"
     elif preset in PRESETS:
@@ -239,6 +244,18 @@ def run_long_context(preset: str | Preset = "quick", *, variants=None, lengths=N
     if torch.device(train_cfg.get("device", "cpu")).type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: CUDA is not available here; pass --device cpu")
     _, world, _ = distributed_context(train_cfg.get("device", "cpu"))  # joins the process group under torchrun
+    sp = world if sequence_parallel == 0 else sequence_parallel
+    if not is_int(sp) or sp < 1 or world % sp:
+        raise ValueError(f"sequence_parallel: expected 0 (the world size) or a divisor of the world size {world}, "
+                         f"got {sequence_parallel!r}")
+    softmax = [v for v in p.variants if VARIANTS[v].kind != "linear"]
+    if sp > 1 and softmax:
+        raise ValueError(f"variants: sequence parallelism needs linear attention; {softmax} are softmax attention "
+                         f"(every rank would need every key: ring attention, not implemented); pass linear ones, e.g. "
+                         f"--variants linear-rope")
+    if sp > 1 and min(p.lengths) < sp:
+        raise ValueError(f"lengths: expected at least {sp} positions (one per rank of a sequence), got {p.lengths}")
+    train_cfg["sequence_parallel"] = sp
     corpus = load_corpus(data)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -252,10 +269,11 @@ def run_long_context(preset: str | Preset = "quick", *, variants=None, lengths=N
         (out / "config.json").write_text(json.dumps({"preset": preset, "variants": p.variants, "lengths": p.lengths,
                                                      "seeds": p.seeds, "tokens_per_step": p.tokens_per_step,
                                                      "eval_tokens": p.eval_tokens, "model": model, "train": train_cfg,
-                                                     "corpus": corpus.describe(), "world_size": world}, indent=2))
+                                                     "corpus": corpus.describe(), "world_size": world,
+                                                     "sequence_parallel": sp}, indent=2))
 
-    def batch_for(n: int) -> int:  # a multiple of the world size and accumulation, at least one per rank
-        unit = world * train_cfg.get("grad_accum", 1)
+    def batch_for(n: int) -> int:  # a multiple of the data-parallel replicas and accumulation, >= 1 per replica
+        unit = world // sp * train_cfg.get("grad_accum", 1)
         return max(unit, p.tokens_per_step // n // unit * unit)
 
     finals, curves = _grid(lambda n: LMTask(corpus, n, eval_windows=max(2, p.eval_tokens // n)), p.variants,

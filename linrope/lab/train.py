@@ -14,6 +14,14 @@ A step whose loss or gradient is not finite is skipped (no optimizer update) and
 variant (``linear-rope-rotden``) finishes its run and reports how often it blew up instead of crashing.
 Under ``torchrun`` the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on CUDA); every rank
 builds the same model and feature projections from the same seeds, and draws its own data.
+
+Sequence parallelism (``TrainConfig.sequence_parallel = P`` > 1, linear variants only): the world's ranks form
+world/P data-parallel replicas of P consecutive ranks; the P ranks of a replica draw the same windows and each
+holds a contiguous 1/P of every window's positions (``sequence_slice``), its attention layers exchanging states
+over the replica's group (``ByteLM(group=...)``). Each rank's loss is its tokens' loss sum over the replica's
+token count, times P: DDP averages gradients over all world ranks, and a rank's parameter gradient is its share
+of its replica's, so the average over the world is the mean over replicas of each replica's whole-sequence
+gradient, as in one process. Logged and validation losses are means over every token of every rank.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from ..features import redraw_projections
 from .models import ByteLM, ModelConfig
 
 __all__ = ["TrainConfig", "train", "evaluate", "position_losses", "load_checkpoint", "load_model", "read_metrics",
-           "lr_at", "distributed_context", "leave_distributed"]
+           "lr_at", "distributed_context", "leave_distributed", "sequence_parallel_group", "sequence_slice"]
 
 
 @dataclass
@@ -50,6 +58,7 @@ class TrainConfig:
     steps: int = 400              # optimizer steps
     batch_size: int = 8           # sequences per optimizer step, over all ranks and accumulation steps
     grad_accum: int = 1           # micro-batches per step on each rank
+    sequence_parallel: int = 1    # ranks holding one sequence (each a contiguous 1/P of it); a divisor of the world
     lr: float = 1e-3              # peak learning rate (AdamW)
     warmup: int = 50              # linear warmup steps, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.1     # 1.0 keeps the learning rate constant after warmup
@@ -64,7 +73,8 @@ class TrainConfig:
     amp: bool = False             # bfloat16 autocast on CUDA; ignored on CPU
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "grad_accum", "log_interval", "eval_interval", "ckpt_interval"):
+        for name in ("steps", "batch_size", "grad_accum", "sequence_parallel", "log_interval", "eval_interval",
+                     "ckpt_interval"):
             check_int(name, getattr(self, name))
         checks = (("lr", "a number > 0", lambda v: v > 0),
                   ("min_lr_ratio", "a number in [0, 1]", lambda v: 0 <= v <= 1),
@@ -102,6 +112,53 @@ def distributed_context(device: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, dev
 
 
+_SP_GROUPS: dict = {}  # P -> (the default group it was made in, this rank's group of P)
+
+
+def sequence_parallel_group(size: int):
+    """This rank's sequence-parallel group: the world's ranks in consecutive blocks of ``size`` (ranks 0..P-1,
+    P..2P-1, ...); None for ``size`` 1. Made once per size and world (every rank creates every block's group, in
+    the same order, as ``torch.distributed.new_group`` requires), so call it on every rank alike."""
+    size = check_int("sequence_parallel", size)
+    if size == 1:
+        return None
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world % size:
+        raise ValueError(f"sequence_parallel: expected a divisor of the world size {world} (ranks per sequence), "
+                         f"got {size}")
+    made = _SP_GROUPS.get(size)
+    if made is None or made[0] is not dist.group.WORLD:  # none yet, or made before the process group was re-made
+        rank, mine = dist.get_rank(), None
+        for start in range(0, world, size):
+            g = dist.new_group(list(range(start, start + size)))
+            if start <= rank < start + size:
+                mine = g
+        made = _SP_GROUPS[size] = (dist.group.WORLD, mine)
+    return made[1]
+
+
+def sequence_slice(n: int, size: int, index: int) -> slice:
+    """The positions of a length-``n`` sequence held by rank ``index`` of ``size``: contiguous, in rank order,
+    the first ``n % size`` ranks one longer."""
+    base, extra = divmod(n, size)
+    start = index * base + min(index, extra)
+    return slice(start, start + base + (index < extra))
+
+
+def _layout(group) -> tuple[int, int, int, int | None]:
+    """(data-parallel replica of this rank, replicas, ranks per sequence P, this rank's index within its
+    sequence's P ranks or None) for a model run with sequence-parallel ``group`` (None: plain data parallelism)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if group is None:
+        return rank, world, 1, None
+    size = dist.get_world_size(group)
+    first = rank // size * size
+    if dist.get_process_group_ranks(group) != list(range(first, first + size)):
+        raise ValueError(f"group: expected the consecutive ranks {first}..{first + size - 1} "
+                         f"(sequence_parallel_group), got {dist.get_process_group_ranks(group)}")
+    return rank // size, world // size, size, dist.get_rank(group)
+
+
 def leave_distributed() -> None:
     """End of a torchrun job: free the finished DDP wrappers, wait for every rank (rank 0 may still be writing
     tables and plots), then leave the process group. Without it a gloo rank sometimes aborts at exit ("terminate
@@ -121,17 +178,30 @@ def _loss(logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
 
 
+def _slice_loss(logits: Tensor, y: Tensor, group) -> Tensor:
+    """This rank's share of the mean loss of the sequences split across ``group``: its targets' loss sum over
+    the scored targets of the whole group (summed over the ranks, the loss of one process on the whole)."""
+    total = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
+    count = (y != IGNORE).sum().to(total.dtype)
+    dist.all_reduce(count, group=group)
+    return total / count
+
+
 @torch.no_grad()
 def evaluate(model: ByteLM, x: Tensor, y: Tensor, *, batch_size: int = 8, amp: bool = False) -> dict:
     """Loss (nats per scored target), bits per byte (= loss / ln 2 for byte targets) and accuracy of ``model`` on
-    x, y (W, N). Under DDP each rank scores its share of the W rows and the sums are all-reduced."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    x, y (W, N). Under DDP each rank scores its share of the W rows and the sums are all-reduced; with sequence
+    parallelism (``model.group``) each data-parallel replica scores its share of the rows, each of its ranks its
+    slice of their positions."""
+    replica, replicas, size, index = _layout(getattr(model, "group", None))
+    cols = slice(None) if index is None else sequence_slice(x.shape[1], size, index)
+    world = replicas * size
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    for i in range(rank * batch_size, x.shape[0], world * batch_size):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+    for i in range(replica * batch_size, x.shape[0], replicas * batch_size):
+        xb, yb = x[i:i + batch_size, cols].to(device), y[i:i + batch_size, cols].to(device)
         with _autocast(device, amp):
             logits = model(xb).float()
         keep = yb != IGNORE
@@ -235,25 +305,38 @@ def train(model_config: ModelConfig, cfg: TrainConfig, task, run_dir: str | Path
     from tqdm.auto import tqdm
 
     rank, world, device = distributed_context(cfg.device)
-    if cfg.batch_size % (world * cfg.grad_accum):
-        raise ValueError(f"batch_size: expected a multiple of world size x grad_accum = {world} x {cfg.grad_accum}, "
+    sp = cfg.sequence_parallel
+    if world % sp:
+        raise ValueError(f"sequence_parallel: expected a divisor of the world size {world}, got {sp}")
+    if sp > 1 and model_config.variant.kind != "linear":
+        raise ValueError(f"sequence_parallel: expected 1 for variant {model_config.attention!r} (softmax attention "
+                         f"has no sequence-parallel path), got {sp}")
+    if task.length < sp:
+        raise ValueError(f"sequence_parallel: expected at most the sequence length {task.length} ranks, got {sp}")
+    sp_group = sequence_parallel_group(sp)
+    replica, replicas, _, index = _layout(sp_group)
+    if cfg.batch_size % (replicas * cfg.grad_accum):
+        unit = "world size" if sp == 1 else f"data-parallel replicas (world size {world} / sequence_parallel {sp})"
+        raise ValueError(f"batch_size: expected a multiple of {unit} x grad_accum = {replicas} x {cfg.grad_accum}, "
                          f"got {cfg.batch_size}")
-    micro = cfg.batch_size // (world * cfg.grad_accum)
+    micro = cfg.batch_size // (replicas * cfg.grad_accum)
+    cols = slice(None) if index is None else sequence_slice(task.length, sp, index)
     run_dir = Path(run_dir)
     ckpt_path, metrics_path = run_dir / "ckpt.pt", run_dir / "metrics.jsonl"
     torch.manual_seed(cfg.seed)
-    model = ByteLM(model_config).to(device)
+    model = ByteLM(model_config, group=sp_group).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
-    gen = torch.Generator().manual_seed(cfg.seed * 65_537 + rank + 1)  # each rank its own data stream
+    gen = torch.Generator().manual_seed(cfg.seed * 65_537 + replica + 1)  # each replica its own data stream
     step, skipped, elapsed, acc = 0, 0, 0.0, [0.0, 0]  # acc: interval loss sum, finite count
     config = {"model": model_config.to_dict(), "train": asdict(cfg), "task": task.describe(), "world_size": world}
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         _check_same("model config", ckpt["model_config"], config["model"])
-        _check_same("training config", ckpt["train_config"], config["train"], ignore=("device",))
+        saved = {**asdict(TrainConfig()), **ckpt["train_config"]}  # fields added since: their default then
+        _check_same("training config", saved, config["train"], ignore=("device",))
         if len(ckpt["rng"]) != world:
             raise ValueError(f"resume: expected a checkpoint written by {world} ranks (the world size now), got one "
                              f"written by {len(ckpt['rng'])}")
@@ -312,13 +395,19 @@ def train(model_config: ModelConfig, cfg: TrainConfig, task, run_dir: str | Path
             # DDP all-reduces gradients on the last micro-batch only
             with ddp.no_sync() if world > 1 and i < cfg.grad_accum - 1 else nullcontext():
                 with _autocast(device, cfg.amp):
-                    loss = _loss(ddp(x.to(device)), y.to(device)) / cfg.grad_accum
+                    if sp_group is None:
+                        loss = _loss(ddp(x.to(device)), y.to(device)) / cfg.grad_accum
+                        shown = loss
+                    else:  # this rank's share of its replica's loss; x P: DDP averages over all P x replicas ranks
+                        logits = ddp(x[:, cols].to(device))
+                        shown = _slice_loss(logits, y[:, cols].to(device), sp_group) / cfg.grad_accum
+                        loss = shown * sp
                 loss.backward()  # always, even when non-finite: every DDP rank must join the gradient all-reduce
-            loss_sum += loss.detach()
+            loss_sum += shown.detach()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf"))
         if world > 1:
-            dist.all_reduce(loss_sum)
-            loss_sum /= world
+            dist.all_reduce(loss_sum)  # the replicas' losses (each the sum of its ranks' shares)
+            loss_sum /= replicas
         if torch.isfinite(norm) and torch.isfinite(loss_sum):  # gradients are all-reduced: all ranks agree
             opt.step()
         else:
