@@ -133,12 +133,24 @@ def test_toy_trains_three_steps():
                                               steps=3, eval_at=(3,), eval_sequences=4, batch_size=4))
 
 
+def test_decay_toy_is_the_library_call_with_decay():
+    """The toy's decay variant is favor_attention(decay=gamma): its last-row weights decay with the distance."""
+    toy = M.OneLayerToy(M.ToyConfig(attention="linear-nope-decay", gamma=0.5, length=16, d=8, dv=8, r=8))
+    w = toy.weights_last_row()  # content-free, no RoPE: the weight at distance t is gamma^t / sum
+    assert abs(w.sum() - 1) < 1e-5 and abs(w[1] / w[0] - 0.5) < 1e-5 and abs(w[5] / w[4] - 0.5) < 1e-5
+
+
 def test_specs_and_optimum_needs_lookback():
     assert M.parse_spec("linear-rope@r=32,steps=300") == ("linear-rope", {"r": 32, "steps": 300})
     with pytest.raises(ValueError):
         M.parse_spec("linear-rope@r=x")
     with pytest.raises(ValueError):
         M.parse_spec("no-such")
+    assert M.parse_spec("linear-rope-decay@gamma=0.95+distance=32") == ("linear-rope-decay",
+                                                                        {"gamma": 0.95, "distance": 32})
+    for bad in ("linear-rope-decay@gamma=1.5", "linear-rope-decay@gamma=fast"):
+        with pytest.raises(ValueError, match="gamma= in"):
+            M.parse_spec(bad)
     with pytest.raises(ValueError):
         M.OneLayerToy(M.ToyConfig(attention="linear-rope-optimum", task="pair-recall"))
 

@@ -407,6 +407,8 @@ ATTENTIONS = {
     "linear-rope-theta": "eq. 19 with learned theta_i only",
     "linear-rope-phase": "eq. 19 with a learned per-pair phase only",
     "linear-nope": "FAVOR+, no positions",
+    "linear-rope-decay": "eq. 19 with a decay gamma^(m-n) on numerator and normalizer (RetNet's; gamma= in the spec)",
+    "linear-nope-decay": "FAVOR+ with the decay gamma^(m-n), no RoPE",
     "linear-rope-c": "content-free only: eq. 19's kernel with c learned directly (Re c >= 0), no feature map",
     "linear-rope-optimum": "content-free only: the fixed eq. 19 kernel K(m - n) of the selectivity optimum (Re c >= 0)",
 }
@@ -417,11 +419,11 @@ class ToyAttention(nn.Module):
     """One causal attention head of kind ``name`` (``ATTENTIONS``): forward(q, k, v) with (B, 1, N, d|dv)."""
 
     def __init__(self, name: str, d: int, r: int, *, seed: int, base: float = 10000.0, n: int = 64, target: int = 8,
-                 ridge: float = 1e-4):
+                 ridge: float = 1e-4, gamma: float = 0.9):
         super().__init__()
         if name not in ATTENTIONS:
             raise ValueError(f"attention: expected one of {sorted(ATTENTIONS)}, got {name!r}")
-        self.name = name
+        self.name, self.gamma = name, gamma
         if name == "linear-rope-optimum":  # K(Delta) of the best c (base ``base``, r features), fixed
             best = best_selectivity(rope_frequencies(r, base), n=n, target=target, cone="positive", ridge=ridge)
             self.register_buffer("kernel", torch.tensor(best["K"] / abs(best["K"][target]), dtype=torch.float32))
@@ -460,6 +462,9 @@ class ToyAttention(nn.Module):
             return favor_attention(q, k, v, self.projection, causal=True, rotary=self.rotary_r)
         if n == "linear-nope":
             return favor_attention(q, k, v, self.projection, causal=True)
+        if n in ("linear-rope-decay", "linear-nope-decay"):
+            rot = self.rotary_r if n == "linear-rope-decay" else None
+            return favor_attention(q, k, v, self.projection, causal=True, rotary=rot, decay=self.gamma)
         qf, _ = favor_plus(q, self.projection, is_query=True)
         kf, ks = favor_plus(k, self.projection, is_query=False)
         if n == "linear-rope-copy":
@@ -483,6 +488,7 @@ class ToyConfig:
     r: int = 64                # random features (eq. 19 rotates r/2 pairs)
     base: float = 10000.0
     ridge: float = 1e-4        # 'linear-rope-optimum': the ridge of its selectivity problem
+    gamma: float = 0.9         # '*-decay': the decay per position
     batch_size: int = 32
     lr: float = 1e-2
     warmup: int = 20
@@ -523,7 +529,7 @@ class OneLayerToy(nn.Module):
         if cfg.attention in POSITIONAL_ONLY and not self.content_free:
             raise ValueError(f"attention: {cfg.attention!r} is a kernel of the distance alone (task 'lookback' only)")
         self.attn = ToyAttention(cfg.attention, cfg.d, cfg.r, seed=cfg.seed, base=cfg.base, n=cfg.length,
-                                 target=cfg.distance, ridge=cfg.ridge)
+                                 target=cfg.distance, ridge=cfg.ridge, gamma=cfg.gamma)
         self.readout = nn.Linear(cfg.dv, cfg.vocab)
 
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -596,15 +602,24 @@ def train_toy(cfg: ToyConfig) -> dict:
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
-    """'linear-rope' -> ('linear-rope', {}); 'linear-rope@r=32' -> ('linear-rope', {'r': 32}) (integer ToyConfig
-    fields after '@', comma-separated)."""
+    """'linear-rope' -> ('linear-rope', {}); 'linear-rope@r=32' -> ('linear-rope', {'r': 32}) (ToyConfig fields
+    after '@', separated by ',' or '+' (the command line splits specs on ','): integers r, d, dv, steps,
+    distance; gamma a float in (0, 1])."""
     name, _, rest = spec.partition("@")
     over = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, rest.replace("+", ",").split(",")):
         key, _, value = item.partition("=")
-        if key not in ("r", "d", "dv", "steps") or not value.isdigit():
-            raise ValueError(f"attentions: cannot read {item!r} in {spec!r} (expected r=, d=, dv= or steps= an "
-                             f"integer)")
+        if key == "gamma":
+            try:
+                over[key] = float(value)
+            except ValueError:
+                over[key] = -1.0
+            if not 0 < over[key] <= 1:
+                raise ValueError(f"attentions: cannot read {item!r} in {spec!r} (expected gamma= in (0, 1])")
+            continue
+        if key not in ("r", "d", "dv", "steps", "distance") or not value.isdigit():
+            raise ValueError(f"attentions: cannot read {item!r} in {spec!r} (expected r=, d=, dv=, steps= or "
+                             f"distance= an integer, or gamma= a float)")
         over[key] = int(value)
     if name not in ATTENTIONS:
         raise ValueError(f"attentions: expected names from {sorted(ATTENTIONS)}, got {name!r}")
