@@ -9,7 +9,7 @@ of taking the machine down.
     python experiments/memory.py --device cuda --lengths 1024 2048 4096 8192 16384 32768 65536 131072
 
 Sequence parallelism (``linrope.lab.parallel_profile``): peak memory per rank and time of one eq. 19 causal
-forward+backward (B=1 H=8 d=64 r=256) with the sequence split across P gloo processes of one thread each, P = 1
+call (B=1 H=8 d=64 r=256; --modes) with the sequence split across P gloo processes of one thread each, P = 1
 being the plain call; writes memory_sp.csv, ratios.csv, memory_sp.json and memory_sp.png (default --out
 experiments/results/memory_sp):
 
@@ -71,7 +71,7 @@ def sequence_parallel(p, args):
     bar = tqdm(desc="points", unit="pt")
     try:
         records = parallel_profile.sequence_parallel_profile(
-            args.lengths, args.sequence_parallel, time_budget=args.time_budget,
+            args.lengths, args.sequence_parallel, args.modes, time_budget=args.time_budget,
             memory_budget_mib=args.memory_budget, repeats=args.repeats, timeout=max(600.0, 8 * args.time_budget),
             on_record=lambda r: bar.update())
     except ValueError as e:
@@ -81,9 +81,9 @@ def sequence_parallel(p, args):
     for r in records:
         s = "" if r.seconds is None else f"{r.seconds:.3f} s"
         m = "" if r.peak_mib is None else f"{r.peak_mib:.0f} MiB"
-        print(f"P={r.params['ranks']:<3} N={r.params['n']:<7} {s:>10} {m:>10}  {r.status}")
+        print(f"{r.params['mode']:<8} P={r.params['ranks']:<3} N={r.params['n']:<7} {s:>10} {m:>10}  {r.status}")
     for row in parallel_profile.ratios(records):
-        print(f"N={row['n']:<7} P={row['ranks']}/P=1: memory per rank x{row['memory_ratio']:.3f}, "
+        print(f"{row['mode']:<8} N={row['n']:<7} P={row['ranks']}/P=1: memory per rank x{row['memory_ratio']:.3f}, "
               f"time x{row['time_ratio']:.3f}")
 
 

@@ -183,14 +183,15 @@ def test_two_replicas_of_two_sequence_parallel_ranks_train_like_one_process(tmp_
 
 def test_memory_profile_path_at_tiny_n(tmp_path):
     """The sequence-parallel memory profile end to end at N = 64 (2 gloo ranks, one pass), and its tables."""
-    shape = dict(b=1, h=2, d=8, r=16, causal=True)
+    shape = dict(b=1, h=2, d=8, r=16, causal=True, mode="fwd+bwd", backward=True)
     one = profiling.measure(parallel_profile.case_sequence_parallel(64, ranks=1, **shape), warmup=0, repeats=1,
                             case=parallel_profile.CASE, params=dict(shape, n=64, ranks=1))
     two = profiling.run_point(parallel_profile.CASE, dict(shape, n=64, ranks=2), warmup=0, repeats=1, threads=1,
                               memory=False, runner=parallel_profile.RUNNER, timeout=120)
     assert two.status == "ok" and two.seconds > 0 and two.peak_mib >= 0, two.status
     rows = parallel_profile.write_sequence_parallel_profile([one, two], str(tmp_path))
-    assert [(r["ranks"], r["n"]) for r in rows] == [(1, 64), (2, 64)]
-    assert [r["n"] for r in parallel_profile.ratios([one, two])] == [64]
+    assert [(r["mode"], r["ranks"], r["n"]) for r in rows] == [("fwd+bwd", 1, 64), ("fwd+bwd", 2, 64)]
+    assert [(r["n"], r["ranks"]) for r in parallel_profile.ratios([one, two])] == [(64, 2)]
     for name in ("memory_sp.csv", "ratios.csv", "memory_sp.json", "memory_sp.png"):
         assert (tmp_path / name).stat().st_size > 0
+    assert parallel_profile.read_sequence_parallel_profile(str(tmp_path)) == [one, two]

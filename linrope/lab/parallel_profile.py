@@ -1,6 +1,6 @@
 """Peak memory per rank and time against N with sequence parallelism (``experiments/memory.py
---sequence-parallel``): one eq. 19 causal ``favor_attention`` call, forward+backward, on one sequence split across
-P gloo ranks, at the shape of the single-process memory profile's "eq.19 causal" series (B=1, H=8, d=64, r=256,
+--sequence-parallel``): one eq. 19 causal ``favor_attention`` call, forward or forward+backward, on one sequence
+split across P gloo ranks, at the shape of the single-process memory profile's "eq.19 causal" series (B=1, H=8, d=64, r=256,
 float32).
 
 Each point runs through ``linrope.lab.profiling.run_point`` with this module as the runner: a fresh launcher
@@ -28,8 +28,8 @@ from . import profiling
 from .plots import write_rows
 from .train import sequence_slice
 
-__all__ = ["CASE", "RUNNER", "SHAPE", "case_sequence_parallel", "sequence_parallel_profile", "ratios",
-           "write_sequence_parallel_profile"]
+__all__ = ["CASE", "RUNNER", "SHAPE", "MODES", "case_sequence_parallel", "sequence_parallel_profile", "ratios",
+           "write_sequence_parallel_profile", "read_sequence_parallel_profile"]
 
 CASE = "linrope.lab.parallel_profile:case_sequence_parallel"
 RUNNER = "linrope.lab.parallel_profile"
@@ -114,34 +114,47 @@ def _launch(job: dict) -> None:
     print(json.dumps(rec.to_dict()), flush=True)
 
 
-def sequence_parallel_profile(lengths, ranks=(1, 2), *, time_budget: float = 60.0, memory_budget_mib: float = 10240.0,
-                              repeats: int = 3, timeout: float = 600.0, on_record=None, **shape) -> list:
-    """Peak memory per rank (the largest of the P ranks') and time (the slowest rank's median) against N, forward
-    + backward, for each P in ``ranks``; each series stops at the budgets (``profiling.run_series``: after a point
-    slower than ``time_budget`` s, or before one projected above ``memory_budget_mib`` per rank). ``shape``
-    overrides ``SHAPE`` (b, h, d, r, causal). Records carry ``params['ranks']``."""
+MODES = ("fwd", "fwd+bwd")
+
+
+def sequence_parallel_profile(lengths, ranks=(1, 2), modes=("fwd+bwd",), *, time_budget: float = 60.0,
+                              memory_budget_mib: float = 10240.0, repeats: int = 3, timeout: float = 600.0,
+                              on_record=None, **shape) -> list:
+    """Peak memory per rank (the largest of the P ranks') and time (the slowest rank's median) against N for
+    each P in ``ranks`` and each mode ('fwd', 'fwd+bwd'); each series stops at the budgets
+    (``profiling.run_series``: after a point slower than ``time_budget`` s, or before one projected above
+    ``memory_budget_mib`` per rank). ``shape`` overrides ``SHAPE`` (b, h, d, r, causal). Records carry
+    ``params['ranks']`` and ``params['mode']``."""
     for p in ranks:
         if not isinstance(p, int) or p < 1:
             raise ValueError(f"sequence_parallel: expected ranks per sequence >= 1, got {p!r}")
         if min(lengths) < p:
             raise ValueError(f"lengths: expected at least {p} positions (one per rank), got {min(lengths)}")
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ValueError(f"modes: expected some of {MODES}, got {bad}")
     out = []
-    for p in ranks:
-        params = dict(SHAPE, **shape, ranks=p, backward=True, device="cpu")
-        out += profiling.run_series(CASE, lengths, params, time_budget=time_budget,
-                                    memory_budget_mib=memory_budget_mib, on_record=on_record, repeats=repeats,
-                                    timeout=timeout, threads=1, runner=RUNNER, device="cpu")
+    for mode in modes:
+        for p in ranks:
+            params = dict(SHAPE, **shape, ranks=p, mode=mode, backward=mode == "fwd+bwd", device="cpu")
+            out += profiling.run_series(CASE, lengths, params, time_budget=time_budget,
+                                        memory_budget_mib=memory_budget_mib, on_record=on_record, repeats=repeats,
+                                        timeout=timeout, threads=1, runner=RUNNER, device="cpu")
     return out
 
 
+def _mode(r) -> str:
+    return r.params.get("mode", "fwd+bwd" if r.params.get("backward", True) else "fwd")
+
+
 def ratios(records) -> list[dict]:
-    """Per N measured at P = 1: each P's per-rank peak memory and time over P = 1's."""
-    base = {r.params["n"]: r for r in records if r.params["ranks"] == 1 and r.status == "ok"}
+    """Per N and mode measured at P = 1: each P's per-rank peak memory and time over P = 1's."""
+    base = {(r.params["n"], _mode(r)): r for r in records if r.params["ranks"] == 1 and r.status == "ok"}
     rows = []
     for r in records:
-        b = base.get(r.params["n"])
+        b = base.get((r.params["n"], _mode(r)))
         if r.params["ranks"] > 1 and r.status == "ok" and b is not None:
-            rows.append({"n": r.params["n"], "ranks": r.params["ranks"],
+            rows.append({"mode": _mode(r), "n": r.params["n"], "ranks": r.params["ranks"],
                          "memory_ratio": r.peak_mib / b.peak_mib if b.peak_mib else math.nan,
                          "time_ratio": r.seconds / b.seconds if b.seconds else math.nan})
     return rows
@@ -152,22 +165,34 @@ def _plot(records, path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
-    for p in sorted({r.params["ranks"] for r in records}):
-        pts = sorted((r.params["n"], r.peak_mib, r.seconds) for r in records
-                     if r.params["ranks"] == p and r.status == "ok")
-        if pts:
-            n, mib, sec = zip(*pts)
-            label = "P = 1 (one process)" if p == 1 else f"P = {p} (gloo, {p} processes)"
-            axes[0].plot(n, mib, marker="o", label=label)
-            axes[1].plot(n, sec, marker="o", label=label)
-    for row_p in sorted({row["ranks"] for row in ratios(records)}):
-        rows = [row for row in ratios(records) if row["ranks"] == row_p]
-        axes[2].plot([row["n"] for row in rows], [row["memory_ratio"] for row in rows], marker="o",
-                     label=f"peak memory per rank, P = {row_p} / P = 1")
-        axes[2].plot([row["n"] for row in rows], [row["time_ratio"] for row in rows], marker="s", ls="--",
-                     label=f"time, P = {row_p} / P = 1")
-        axes[2].axhline(1 / row_p, color="gray", lw=0.8, ls=":")
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+    modes = [m for m in MODES if any(_mode(r) == m for r in records)]
+    style = {"fwd+bwd": "-", "fwd": "--"}
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    every = sorted({r.params["ranks"] for r in records})
+    for mode in modes:
+        for p in every:
+            pts = sorted((r.params["n"], r.peak_mib, r.seconds) for r in records
+                         if r.params["ranks"] == p and _mode(r) == mode and r.status == "ok")
+            if pts:
+                n, mib, sec = zip(*pts)
+                label = f"{mode}, " + ("P = 1 (one process)" if p == 1 else f"P = {p} (gloo, {p} processes)")
+                kw = dict(marker="o", ls=style[mode], color=colors[every.index(p) % len(colors)], label=label)
+                axes[0].plot(n, mib, **kw)
+                axes[1].plot(n, sec, **kw)
+    rows = ratios(records)
+    for mode in modes:
+        for p in sorted({row["ranks"] for row in rows}):
+            mine = [row for row in rows if row["ranks"] == p and row["mode"] == mode]
+            if mine:
+                n = [row["n"] for row in mine]
+                axes[2].plot(n, [row["memory_ratio"] for row in mine], marker="o", ls=style[mode], color=colors[2],
+                             label=f"peak memory per rank, {mode}, P = {p} / P = 1")
+                axes[2].plot(n, [row["time_ratio"] for row in mine], marker="s", ls=style[mode], color=colors[3],
+                             label=f"time, {mode}, P = {p} / P = 1")
+    for p in sorted({row["ranks"] for row in rows}):
+        axes[2].axhline(1 / p, color="gray", lw=0.8, ls=":")
+    top = max([1.2] + [1.1 * v for row in rows for v in (row["memory_ratio"], row["time_ratio"]) if v == v])
     for ax, ylabel, log in ((axes[0], "peak RSS increase per rank (MiB)", True), (axes[1], "time (s)", True),
                             (axes[2], "ratio to P = 1", False)):
         ax.set_xscale("log", base=2)
@@ -176,11 +201,11 @@ def _plot(records, path: str, title: str) -> None:
         ax.set_xlabel("sequence length N (whole sequence)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[2].set_ylim(0, 1.2)
-    axes[0].set_title("peak memory per rank, forward+backward")
-    axes[1].set_title("time of forward+backward (slowest rank)")
-    axes[2].set_title("P = 2 over P = 1 (dotted: 1/P)")
+        ax.legend(fontsize=7)
+    axes[2].set_ylim(0, top)
+    axes[0].set_title("peak memory per rank (largest of the P ranks)")
+    axes[1].set_title("time (slowest rank's median)")
+    axes[2].set_title("over P = 1 (dotted: 1/P)")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -188,11 +213,11 @@ def _plot(records, path: str, title: str) -> None:
 
 
 def write_sequence_parallel_profile(records, out: str, meta: dict | None = None) -> list[dict]:
-    """Write ``memory_sp.csv`` (one row per point), ``ratios.csv`` (P > 1 over P = 1 at each N),
+    """Write ``memory_sp.csv`` (one row per point), ``ratios.csv`` (P > 1 over P = 1 at each N and mode),
     ``memory_sp.json`` (machine, ``meta``, records) and ``memory_sp.png`` under ``out``; returns the point rows."""
     os.makedirs(out, exist_ok=True)
-    rows = [dict(ranks=r.params["ranks"], n=r.params["n"], seconds=r.seconds, peak_mib=r.peak_mib, status=r.status)
-            for r in records]
+    rows = [dict(mode=_mode(r), ranks=r.params["ranks"], n=r.params["n"], seconds=r.seconds, peak_mib=r.peak_mib,
+                 status=r.status) for r in records]
     write_rows(os.path.join(out, "memory_sp.csv"), rows)
     write_rows(os.path.join(out, "ratios.csv"), ratios(records))
     shape = {k: records[0].params[k] for k in SHAPE} if records else dict(SHAPE)
@@ -204,6 +229,12 @@ def write_sequence_parallel_profile(records, out: str, meta: dict | None = None)
           f"{where}; eq. 19 causal favor_attention, B={shape['b']} H={shape['h']} d={shape['d']} r={shape['r']} "
           f"float32, 1 thread per rank")
     return rows
+
+
+def read_sequence_parallel_profile(out: str) -> list:
+    """The records of an earlier ``write_sequence_parallel_profile`` (to redraw the figure)."""
+    with open(os.path.join(out, "memory_sp.json")) as f:
+        return [profiling.Record(**r) for r in json.load(f)["records"]]
 
 
 if __name__ == "__main__":
