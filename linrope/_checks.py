@@ -75,13 +75,16 @@ def check_mask(mask, B: int, N: int) -> Tensor | None:
     return mask
 
 
-def check_rotary(rotary, dim: int, what: str) -> None:
-    """None, or a ``RotaryEmbedding`` of dim ``dim`` (``what`` says what that dim is)."""
-    from .rotary import RotaryEmbedding  # here, not at the top: rotary.py uses the checks above
+def check_rotary(rotary, dim: int, what: str, learned: bool = False) -> None:
+    """None, or a ``RotaryEmbedding`` of dim ``dim`` (``what`` says what that dim is); with ``learned``, a
+    ``LearnedRotary`` too (eq. 19's rotation of features, where the engine turns the pairs itself)."""
+    from .rotary import LearnedRotary, RotaryEmbedding  # here, not at the top: rotary.py uses the checks above
 
     if rotary is None:
         return
-    if not isinstance(rotary, RotaryEmbedding):
-        raise TypeError(f"rotary: expected a linrope.RotaryEmbedding or None, got {type(rotary).__name__}")
+    kinds = (RotaryEmbedding, LearnedRotary) if learned else RotaryEmbedding
+    if not isinstance(rotary, kinds):
+        expected = "a linrope.RotaryEmbedding, a LearnedRotary" if learned else "a linrope.RotaryEmbedding"
+        raise TypeError(f"rotary: expected {expected} or None, got {type(rotary).__name__}")
     if rotary.dim != dim:
         raise ValueError(f"rotary: its dim ({rotary.dim}) must equal {what} ({dim})")

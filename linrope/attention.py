@@ -19,7 +19,7 @@ from ._checks import check_int
 from .features import FavorPlus, make_feature_map
 from ._engine.parallel import rank_offset
 from .functional import AttentionState, document_positions, favor_attention, linear_attention, softmax_attention
-from .rotary import RotaryEmbedding
+from .rotary import LearnedRotary, RotaryEmbedding
 
 __all__ = ["LinearRotaryAttention", "SoftmaxAttention", "KVCache", "ROPE_PLACEMENTS", "multiscale_decays"]
 
@@ -196,6 +196,9 @@ class LinearRotaryAttention(_Heads):
             interpolation, 'ntk' base scaling, 'yarn' with the trained length ``rope_original_length``), and the
             fraction of pairs rotated (of the features with rope='features', of the head dim with 'inputs').
             Under 'yarn', q and k are scaled by its attention factor before the feature map.
+        rope_learned: rope='features' with learned rotations (``LearnedRotary``, causal): per head, frequencies
+            theta initialised at this RoPE's and a per-pair phase on the queries (0 at first), so a pair can peak
+            away from distance 0; still exactly relative. The decoding state then keeps every query head.
         rotate_normalizer: ablation only (rope='features'): rotate the normalizer too; it can then vanish or turn
             negative, which is why eq. 19 keeps it unrotated.
         redraw_interval: redraw the random projection every this many optimizer steps (None: never). The layer
@@ -236,7 +239,7 @@ class LinearRotaryAttention(_Heads):
                  rope_scaling: str = "linear", rope_original_length: int | None = None, rotary_fraction: float = 1.0,
                  rotate_normalizer: bool = False, redraw_interval: int | None = None, seed: int | None = None,
                  orthogonal: bool = True, chunk_size: int = 64, qkv_bias: bool = False, kv_heads: int | None = None,
-                 decay: float | str | tuple | None = None, group=None):
+                 decay: float | str | tuple | None = None, rope_learned: bool = False, group=None):
         super().__init__(dim, heads, dim_head, causal, qkv_bias, kv_heads)
         dim_head = self.dim_head
         self.decay = _decays(decay, heads, self.causal)  # fixed rates: a tuple, so no dtype cast ever rounds them
@@ -255,6 +258,13 @@ class LinearRotaryAttention(_Heads):
             self.rotary = self.make_rotary(self.feature_map.nb_features if features else dim_head,
                                            "nb_features" if features else "dim_head", rope, rope_base, interleaved,
                                            rope_scale, rope_scaling, rope_original_length, rotary_fraction)
+        self.rope_learned = bool(rope_learned)
+        if self.rope_learned:
+            if rope != "features" or rotate_normalizer or not self.causal:
+                raise ValueError(f"rope_learned: expected False unless rope='features', causal=True and "
+                                 f"rotate_normalizer=False, got rope={rope!r}, causal={causal}, "
+                                 f"rotate_normalizer={rotate_normalizer}")
+            self.rotary = LearnedRotary(self.rotary.dim, heads, init=self.rotary)
         self.chunk_size = check_int("chunk_size", chunk_size)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, positions: int | Tensor | None = None,
@@ -275,7 +285,7 @@ class LinearRotaryAttention(_Heads):
         if self.rope == "inputs":
             q, k = self.rotary.rotate(q, positions), self.rotary.rotate(k, kpos)
         k, v = self.share_kv(k), self.share_kv(v)
-        if state is not None:
+        if state is not None and not self.rope_learned:  # one state per kv head (learned: per query head)
             state = AttentionState(self.share_kv(state.numerator), self.share_kv(state.key_sum),
                                    self.share_kv(state.log_ref), state.offset)
         kwargs = dict(causal=self.causal, positions=positions, chunk_size=self.chunk_size,
@@ -294,7 +304,8 @@ class LinearRotaryAttention(_Heads):
             out = linear_attention(qf, kf, v, rotary=feature_rotary, k_logscale=ks, **kwargs)
         if return_state:
             out, st = out
-            g = self.heads // self.kv_heads  # the heads of a group hold the same state: keep one
+            # the heads of a group hold the same state: keep one (learned rotations differ per query head)
+            g = 1 if self.rope_learned else self.heads // self.kv_heads
             new_state = AttentionState(st.numerator[:, ::g], st.key_sum[:, ::g], st.log_ref[:, ::g], st.offset)
             return self.merge(out.to(x.dtype)), new_state
         return self.merge(out.to(x.dtype))

@@ -29,7 +29,7 @@ from ._engine import EngineConfig, KeyStateFunction, LinearAttentionFunction, em
 from ._engine import parallel
 from ._engine.feature_sources import LOG_DTYPE
 from .features import compute_dtype
-from .rotary import RotaryEmbedding, resolve_positions
+from .rotary import LearnedRotary, RotaryEmbedding, resolve_positions
 
 GROUP_ELEMENTS = 2**18  # float32 elements per (B*H, group, r) work buffer when group_size is None (1 MiB)
 
@@ -129,8 +129,21 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
         raise ValueError("initial_state/return_state: streaming needs causal=True")
     dt = compute_dtype(q, k, v)
     lam = _decay_rates(decay, H, causal, v.device)
-    needs_grad = torch.is_grad_enabled() and (any(t is not None and t.requires_grad for t in (q, k, ks, v)) or (
-        isinstance(initial_state, AttentionState) and (initial_state.numerator.requires_grad
+    learned = isinstance(rotary, LearnedRotary)
+    theta = phase = apos = None
+    if learned:
+        theta, phase = rotary.theta, rotary.phase
+        if not causal:
+            raise ValueError("rotary: a LearnedRotary needs causal=True (its phase turns queries against earlier "
+                             "keys)")
+        if rotary.heads != H:
+            raise ValueError(f"rotary: a LearnedRotary of {rotary.heads} heads for H = {H} heads")
+        if group is not None:
+            raise ValueError("group: expected None with a LearnedRotary (sequence parallelism takes fixed "
+                             "rotations)")
+    needs_grad = torch.is_grad_enabled() and (any(t is not None and t.requires_grad for t in (q, k, ks, v, theta, phase))
+                                              or (isinstance(initial_state, AttentionState)
+                                                  and (initial_state.numerator.requires_grad
                                                        or initial_state.key_sum.requires_grad)))
     lay = None
     if group is not None:
@@ -158,7 +171,9 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
     if positions is None:  # under sequence parallelism: after the earlier ranks' positions
         positions = offset + (0 if lay is None else lay.offset)
     cos = sin = kcos = ksin = None
-    if rotary is not None:
+    if learned:  # the engine turns the pairs by theta p (+ phase for queries), p in float64
+        apos = resolve_positions(positions, Nq, v.device, B).to(LOG_DTYPE)
+    elif rotary is not None:
         cos, sin = rotary.cos_sin(positions, Nq, v.device, dt, batch=B)
         if cross:  # keys at their own positions, 0..M-1 by default
             kcos, ksin = rotary.cos_sin(key_positions, N, v.device, dt, batch=B)
@@ -188,7 +203,7 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
     # inputs go in as they are (half stays half: autograd keeps them); the engine casts each group
     out, S, z, M = LinearAttentionFunction.apply(
         kind, cfg, interleaved, q, k, ks, kb, v, W if W is None else W.to(dt), mask, cos, sin, kcos, ksin, S0, z0,
-        M0)
+        M0, theta, phase, apos)
     if return_state:
         return out, (final if lay is not None else _state_out(S, z, M, offset + N, lam))
     return out
@@ -237,7 +252,8 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
             another sequence, at ``key_positions`` (default 0..M-1).
         v: (B, H, N, dv) values; (B, H, M, dv) for cross-attention.
         causal: restrict to n <= m; computed in chunks of ``chunk_size`` with a running state.
-        rotary: a ``RotaryEmbedding`` of dim r rotating the features (eq. 19), or None.
+        rotary: a ``RotaryEmbedding`` of dim r rotating the features (eq. 19), a ``LearnedRotary`` (causal:
+            learned frequencies and phases per head; gradients reach them), or None.
         positions: positions of the N rows (None: 0..N-1, or continuing ``initial_state.offset``; an int
             offset; an integer tensor (N,); or (B, N) for positions per example, e.g. left-padded batches).
         chunk_size: positions per chunk of the causal path.
@@ -272,7 +288,7 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
     cross = _cross(qf, kf, causal, key_positions)
     check_qkv(("qf", "kf"), qf, kf, v, cross)
     r = qf.shape[-1]
-    check_rotary(rotary, r, "the number of features r")
+    check_rotary(rotary, r, "the number of features r", learned=True)
     if k_logscale is not None:
         check_tensor("k_logscale", k_logscale, dims=3)
         if k_logscale.shape != kf.shape[:3]:
@@ -307,7 +323,7 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
             from another sequence, at ``key_positions`` (default 0..M-1).
         projection: (r, d) random projection, e.g. ``FavorPlus.projection``. It is not differentiated, so it
             must not require grad (to learn it, compute features with ``favor_plus`` and use ``linear_attention``).
-        rotary: a ``RotaryEmbedding`` of dim r (it rotates the features), or None.
+        rotary: a ``RotaryEmbedding`` of dim r (it rotates the features), a ``LearnedRotary``, or None.
         Other arguments as in ``linear_attention``.
 
     Returns:
@@ -322,7 +338,7 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
         raise ValueError("projection: expected a tensor that does not require grad (favor_attention does not "
                          "differentiate it; detach it, or use favor_plus features with linear_attention)")
     r = projection.shape[0]
-    check_rotary(rotary, r, "the number of features r (projection rows)")
+    check_rotary(rotary, r, "the number of features r (projection rows)", learned=True)
     run = lambda sl, pos, mask: _run(  # noqa: E731
         "favor", q[:, :, sl], k[:, :, sl], None, v[:, :, sl], projection, r, causal=causal, rotary=rotary,
         positions=pos, chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,

@@ -20,7 +20,7 @@ from torch import Tensor
 from ._checks import check_mask, check_qkv, check_rotary
 from .features import favor_plus
 from .functional import AttentionState
-from .rotary import RotaryEmbedding, apply_rotary, resolve_positions
+from .rotary import LearnedRotary, RotaryEmbedding, apply_rotary, resolve_positions
 
 __all__ = ["linear_attention_naive", "favor_attention_naive", "linear_attention_recurrent",
            "favor_attention_recurrent"]
@@ -46,7 +46,7 @@ def _pairs(x: Tensor, interleaved: bool) -> tuple[Tensor, Tensor]:
     return (x[..., 0::2], x[..., 1::2]) if interleaved else (x[..., : r // 2], x[..., r // 2:])
 
 
-def _relative_scores(qf: Tensor, kf: Tensor, rotary: RotaryEmbedding, positions: Tensor,
+def _relative_scores(qf: Tensor, kf: Tensor, rotary: RotaryEmbedding | LearnedRotary, positions: Tensor,
                      key_positions: Tensor | None = None) -> Tensor:
     """(R_m qf_m).(R_n kf_n) for all m, n (B, H, N, M) as qf_m . (R_{n-m} kf_n), pair by pair; keys at
     ``key_positions`` (default: the queries' ``positions``).
@@ -61,10 +61,15 @@ def _relative_scores(qf: Tensor, kf: Tensor, rotary: RotaryEmbedding, positions:
     delta = kpos[..., None, :] - positions[..., :, None]  # (N, M) integer distances n - m, or (B, N, M)
     if delta.dim() == 3:
         delta = delta[:, None]  # (B, 1, N, N): the heads of an example share its positions
-    angles = rotary.frequencies(qf.device)  # theta_i per pair after scaling, (r/2,)
+    if isinstance(rotary, LearnedRotary):  # per head (H, r/2); the query's phase: R'_m = R_(theta m + phase)
+        angles, phase = rotary.theta.to(F64)[:, None, None, :], rotary.phase.to(F64)[:, None, None, :]
+    else:  # theta_i per pair after scaling, (r/2,)
+        angles, phase = rotary.frequencies(qf.device), None
     out = qf.new_zeros(*qf.shape[:3], kf.shape[2])
-    for i in range(angles.shape[0]):
-        angle = delta.to(F64) * angles[i]
+    for i in range(angles.shape[-1]):
+        angle = delta.to(F64) * angles[..., i]
+        if phase is not None:  # qf_m . R_(theta (n - m) - phase) kf_n
+            angle = angle - phase[..., i]
         out += angle.cos() * (qa[..., i, None] * ka[..., None, :, i] + qb[..., i, None] * kb[..., None, :, i])
         out += angle.sin() * (qb[..., i, None] * ka[..., None, :, i] - qa[..., i, None] * kb[..., None, :, i])
     return out
@@ -112,7 +117,7 @@ def linear_attention_naive(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = 
     if rotary is None:
         num = qf @ kf.transpose(-1, -2)
     else:
-        check_rotary(rotary, r, "the number of features r")
+        check_rotary(rotary, r, "the number of features r", learned=True)
         num = _relative_scores(qf, kf, rotary, pos, kpos)
     out = ((num * weight) @ vv) / torch.where(den == 0, 1, den)
     return out.masked_fill(den == 0, 0)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ._checks import check_int, check_number, check_tensor, is_int
 
-__all__ = ["RotaryEmbedding", "apply_rotary", "resolve_positions", "SCALINGS"]
+__all__ = ["RotaryEmbedding", "LearnedRotary", "apply_rotary", "resolve_positions", "SCALINGS"]
 
 SCALINGS = ("linear", "ntk", "yarn")
 
@@ -211,3 +211,41 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: Tensor, positions: int | Tensor | None = None) -> Tensor:
         return self.rotate(x, positions)
+
+
+class LearnedRotary(nn.Module):
+    """A learned rotation of interleaved feature pairs, per head: eq. 19 with learned frequencies and phases.
+
+    Query pair i of head h at position m turns by theta_hi m + phase_hi, key pair i at position n by theta_hi n,
+    so (R'_m qf).(R_n kf) = Re sum_i c_i e^(i(theta_hi (m - n) + phase_hi)), c_i = z_q,i conj(z_k,i): still a
+    function of m - n only, for every random draw (eq. 19's exact relative position), while the normalizer stays
+    unrotated. The phase lets a pair peak at a distance its fixed RoPE angle cannot reach with positive features
+    (whose c_i lie in Re c >= 0); learning theta moves the kernels' frequencies (LRPE, FLT). Use as ``rotary=``
+    of ``linear_attention`` / ``favor_attention`` (causal) or through ``LinearRotaryAttention(rope_learned=True)``.
+
+    Args:
+        dim: the number of features r (even): r/2 pairs per head.
+        heads: H; each head learns its own theta and phase.
+        base: theta initialised at RoPE's base^(-2i/dim) (``init`` overrides: a ``RotaryEmbedding``, whose
+            scaled frequencies are used).
+        learn_theta, learn_phase: which of theta (H, dim/2) and phase (H, dim/2, initialised at 0) are learned
+            (requires_grad); both are parameters either way, so state_dicts have one layout.
+    """
+
+    interleaved = True  # feature order is arbitrary for random features: the engine's pairing is used
+
+    def __init__(self, dim: int, heads: int, base: float = 10000.0, learn_theta: bool = True,
+                 learn_phase: bool = True, init: RotaryEmbedding | None = None):
+        super().__init__()
+        check_int("heads", heads)
+        if init is None:
+            init = RotaryEmbedding(dim, base)
+        elif init.dim != dim:
+            raise ValueError(f"init: expected a RotaryEmbedding of dim {dim}, got dim {init.dim}")
+        self.dim, self.heads = init.dim, heads
+        self.attention_factor = init.attention_factor  # YaRN's factor on q and k when initialised from it
+        self.theta = nn.Parameter(init.frequencies().float().repeat(heads, 1), requires_grad=learn_theta)
+        self.phase = nn.Parameter(torch.zeros(heads, dim // 2), requires_grad=learn_phase)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.heads}"

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .feature_sources import LOG_DTYPE, NEG, FavorFeatures, GivenFeatures, Rotation, Workspace, group_rows, interleaved_order
+from .feature_sources import LOG_DTYPE, NEG, AngleRotation, FavorFeatures, GivenFeatures, Rotation, Workspace, group_rows, interleaved_order
 
 JUMP_LIMIT = 40.0  # exp(40) ~ 2e17 leaves ~1e21 of float32 headroom for sums over keys, features and values
 DEN_CHUNK = 32  # sub-chunk of the unrotated normalizer under RoPE (a divisor of the chunk is used); measured best
@@ -192,8 +192,9 @@ def _chunk_products(ws, fq, qr, k0, kr, V, S, C: int):
     return Qc, Kc, Vc, Sst, A, S_end
 
 
-def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int, sub: int):
-    """Causal eq. 19 over one group (chunks of C, normalizer sub-chunks of sub | C). qr/kr None without RoPE.
+def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int, sub: int, pq=None):
+    """Causal eq. 19 over one group (chunks of C, normalizer sub-chunks of sub | C). qr/kr None without RoPE;
+    pq: R_phase fq when queries turn by a learned phase more than keys (their distance-0 product is pq . k0).
 
     Returns num (BH, G, dv), den (BH, G), and S, z after the group.
     """
@@ -205,8 +206,12 @@ def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int, sub: int):
         den, z_end, D = _normalizer(ws, fq, k0, z, sub)
         # at distance 0 the rotations cancel: take fq_t . k0_t unrotated (the normalizer's diagonal) instead of
         # R_t fq_t . R_t k0_t, whose float32 rounding is eps |fq_t| |k0_t|, far above fq_t . k0_t when a query's
-        # and a key's features sit in different members of the pairs (large activations)
-        A.diagonal(0, 1, 2).copy_(D.diagonal(0, 1, 2).reshape(BH * nc, C))
+        # and a key's features sit in different members of the pairs (large activations); with a learned phase
+        # only the phase is left there: (R_phase fq_t) . k0_t, each pair's term rounded to its own size
+        if pq is None:
+            A.diagonal(0, 1, 2).copy_(D.diagonal(0, 1, 2).reshape(BH * nc, C))
+        else:
+            A.diagonal(0, 1, 2).copy_(torch.linalg.vecdot(pq, k0).view(BH * nc, C))
     else:
         den, z_end, _ = _normalizer(ws, fq, k0, z, C, D=A)  # no RoPE: A is fq k0^T
     num = ws.get("num", BH * nc, C, dv)
@@ -214,11 +219,14 @@ def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int, sub: int):
     return num.view(BH, G, dv), den, S_end, z_end
 
 
-def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, sub: int, unrotate=None):
+def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, sub: int, unrotate=None, pq=None,
+                   learned=None):
     """Gradients of ``group_forward`` given g = d num (BH, G, dv), dden (BH, G) and those of (S, z) after.
 
     Returns (d fq, d k0, d V, dS, dz before): the feature gradients w.r.t. the *unrotated* features (the
-    rotated parts pass through ``unrotate(x, out)``, R^T). They live in workspace buffers.
+    rotated parts pass through ``unrotate(x, out, is_key)``, R^T). They live in workspace buffers. ``learned``: with
+    learned angles, ``learned.rotated(dqr, dkr)`` receives the gradients of the rotated features and
+    ``learned.phase`` the query rotation (its phase turns pq = R_phase fq, the distance-0 side).
     """
     BH, G, r = fq.shape
     nc, dv = G // C, V.shape[-1]
@@ -233,7 +241,7 @@ def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, sub: in
     dA.mul_(tril)
     ddiag = None
     if rope:  # the diagonal is fq_t . k0_t, unrotated (see group_forward): its gradient bypasses the rotation
-        A.diagonal(0, 1, 2).copy_(torch.linalg.vecdot(fq, k0).view(BH * nc, C))
+        A.diagonal(0, 1, 2).copy_(torch.linalg.vecdot(fq if pq is None else pq, k0).view(BH * nc, C))
         ddiag = dA.diagonal(0, 1, 2).clone().view(BH, G)
         dA.diagonal(0, 1, 2).zero_()
     dQ = ws.get("dQ", BH, G, r)
@@ -247,13 +255,44 @@ def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, sub: in
     dVg = ws.get("dV", BH, G, dv)
     torch.bmm(A.transpose(1, 2), Gc, out=dVg.view(BH * nc, C, dv)).baddbmm_(Kc, dKV.view(BH * nc, r, dv))
     if rope:
-        dQ = unrotate(dQ, ws.get("dfq", BH, G, r))
-        dK = unrotate(dK, ws.get("dk0", BH, G, r))
-    dz_in = _normalizer_backward(ws, fq, k0, z, dden, dz, sub if rope else C, dQ, dK, intra=rope, ddiag=ddiag)
+        if learned is not None:
+            learned.rotated(dQ, dK)
+        dQ = unrotate(dQ, ws.get("dfq", BH, G, r), False)
+        dK = unrotate(dK, ws.get("dk0", BH, G, r), True)
+    dz_in = _normalizer_backward(ws, fq, k0, z, dden, dz, sub if rope else C, dQ, dK, intra=rope,
+                                 ddiag=ddiag if pq is None else None)
+    if pq is not None:  # d (pq_t . k0_t): into k0, and into fq and the phase through pq = R_phase fq
+        gpq = torch.mul(k0, ddiag.unsqueeze(-1), out=ws.get("gpq", BH, G, r))
+        dK.addcmul_(pq, ddiag.unsqueeze(-1))
+        learned.phase.phase_grad(gpq, pq)
+        dQ.add_(learned.phase.phase_only(gpq, ws.get("tmp", BH, G, r), inverse=True))
     return dQ, dK, dVg, dS_in, dz_in
 
 
 # ---------------------------------------------------------------------------------------------- causal driver
+def _phase_side(rot, fq, ws):
+    """R_phase fq when queries turn by a learned phase beyond the keys' angle (else None)."""
+    if isinstance(rot, AngleRotation) and rot.phase is not None:
+        return rot.phase_only(fq, ws.get("pq", *fq.shape))
+    return None
+
+
+@dataclass
+class _AngleGrads:
+    """What ``group_backward`` reports the rotated features' gradients to, with learned angles."""
+
+    phase: AngleRotation  # the queries' rotation (its phase turns the distance-0 side)
+    keys: AngleRotation
+    qr: Tensor
+    kr: Tensor
+    a: int
+    b: int
+
+    def rotated(self, dqr: Tensor, dkr: Tensor) -> None:
+        self.phase.grad(dqr, self.qr, self.a, self.b)
+        self.keys.grad(dkr, self.kr, self.a, self.b)
+
+
 def _first_valid(logscale: Tensor) -> Tensor:
     """The log-scale of the first valid (not NEG) key of each row of ``logscale`` (BH, G); NEG if none."""
     idx = (logscale > NEG / 2).to(torch.uint8).argmax(-1, keepdim=True)
@@ -313,9 +352,11 @@ def _output_grads(out, den, dout, buf):
     return g, dden
 
 
-def causal_forward(src, rot, V, S, z, M, cfg: EngineConfig, keep_states: bool = True):
+def causal_forward(src, rot, V, S, z, M, cfg: EngineConfig, keep_states: bool = True, rot_k=None):
     """Run all groups; returns outputs (BH, N, dv) in V's dtype, den, the final (S, z, M) and the plan (a list
-    of ``Group``) the backward replays (without the group states when ``keep_states`` is False)."""
+    of ``Group``) the backward replays (without the group states when ``keep_states`` is False). Queries turn
+    by ``rot``, keys by ``rot_k`` (default: the same; learned angles: the queries' add a phase)."""
+    rot_k = rot if rot_k is None else rot_k
     B, H, N, dv = V.shape
     BH = B * H
     r = S.shape[1]
@@ -330,7 +371,7 @@ def causal_forward(src, rot, V, S, z, M, cfg: EngineConfig, keep_states: bool = 
             cut = a + (b - a) // C0 * C0
             work.extend(((cut, b), (a, cut)))
             continue
-        k0, kr, logscale, P, jumps = _group_features(src, rot, ws, a, b, M=M)
+        k0, kr, logscale, P, jumps = _group_features(src, rot_k, ws, a, b, M=M)
         if jumps is not None and b - a > 1 and bool(jumps[1:].any()):
             # the rows before the first jumping key keep P; that key starts a group whose P is its own
             t = a + 1 + int(jumps[1:].nonzero()[0])
@@ -346,7 +387,8 @@ def causal_forward(src, rot, V, S, z, M, cfg: EngineConfig, keep_states: bool = 
         fq, qr = _query_features(src, rot, ws, a, b, r)
         Vg = group_rows(V, a, b, ws.get("v", BH, b - a, dv))
         C = min(C0, b - a)
-        num, d, S, z = group_forward(ws, fq, qr, k0, kr, Vg, S, z, C, math.gcd(DEN_CHUNK, C))
+        num, d, S, z = group_forward(ws, fq, qr, k0, kr, Vg, S, z, C, math.gcd(DEN_CHUNK, C),
+                                     _phase_side(rot, fq, ws))
         den[:, a:b] = d
         _divide(num, d, out[:, a:b])
         if P is not None:  # M follows real keys only (a group without any keeps M, and P was a stand-in)
@@ -356,7 +398,9 @@ def causal_forward(src, rot, V, S, z, M, cfg: EngineConfig, keep_states: bool = 
     return out, den, S, z, M, plan
 
 
-def causal_backward(src, rot, V, out, den, dout, dS, dz, plan: list[Group], cfg: EngineConfig):
+def causal_backward(src, rot, V, out, den, dout, dS, dz, plan: list[Group], cfg: EngineConfig, rot_k=None):
+    rot_k = rot if rot_k is None else rot_k
+    learned = isinstance(rot, AngleRotation)
     B, H, N, dv = V.shape
     BH = B * H
     r = dS.shape[1]
@@ -368,12 +412,13 @@ def causal_backward(src, rot, V, out, den, dout, dS, dz, plan: list[Group], cfg:
         a, b, P = grp.a, grp.b, grp.ref
         if grp.rescale_out is not None:
             dS, dz = dS * grp.rescale_out[:, None, None], dz * grp.rescale_out[:, None]
-        k0, kr, logscale = ahead if ahead is not None else _group_features(src, rot, ws, a, b, P=P, tag=str(i % 2))[:3]
+        k0, kr, logscale = ahead if ahead is not None else _group_features(src, rot_k, ws, a, b, P=P,
+                                                                           tag=str(i % 2))[:3]
         ahead = None
         S0, z0 = grp.S0, grp.z0
         if S0 is None:  # rebuild this group's start state from the previous group (whose keys we need next anyway)
             prev = plan[i - 1]
-            ahead = _group_features(src, rot, ws, prev.a, prev.b, P=prev.ref, tag=str((i - 1) % 2))[:3]
+            ahead = _group_features(src, rot_k, ws, prev.a, prev.b, P=prev.ref, tag=str((i - 1) % 2))[:3]
             pk0, pkr, _ = ahead
             S0 = torch.baddbmm(prev.S0, (pk0 if pkr is None else pkr).transpose(1, 2),
                                group_rows(V, prev.a, prev.b, dtype=cfg.dtype))
@@ -384,10 +429,13 @@ def causal_backward(src, rot, V, out, den, dout, dS, dz, plan: list[Group], cfg:
         fq, qr = _query_features(src, rot, ws, a, b, r)
         Vg = group_rows(V, a, b, ws.get("v", BH, b - a, dv))
         g, dden = _output_grads(out[:, a:b], den[:, a:b], dout[:, a:b], ws.get("g", BH, b - a, dv))
-        unrotate = None if rot is None else (lambda x, out: rot(x, a, b, out, inverse=True))
+        unrotate = None if rot is None else (
+            lambda x, out, key: (rot_k if key else rot)(x, a, b, out, inverse=True))
         C = min(cfg.chunk_size, b - a)
+        pq = _phase_side(rot, fq, ws)
+        grads = None if not learned else _AngleGrads(rot, rot_k, qr, kr, a, b)
         dfq, dk0, dVg, dS, dz = group_backward(ws, fq, qr, k0, kr, Vg, S0, z0, g, dden, dS, dz, C,
-                                               math.gcd(DEN_CHUNK, C), unrotate)
+                                               math.gcd(DEN_CHUNK, C), unrotate, pq, grads)
         dV[:, a:b] = dVg
         src.query_grad(a, b, fq, dfq)
         src.key_grad(a, b, k0, dk0, logscale, P)
@@ -483,6 +531,8 @@ def bidirectional_backward(src, rot, rot_k, V, out, den, dout, S, z, P, cfg: Eng
 class LinearAttentionFunction(torch.autograd.Function):
     """out, S, z, M = f(q, k, ks, v, S0, z0); q, k are features (kind 'features') or raw inputs ('favor').
     kb (BH, N) ``LOG_DTYPE`` or None: a log-bias added to the keys' log-scales (a decay), not differentiated.
+    theta, phase (H, r/2), apos ((N,) or (B, N) float64 positions): learned angles (``LearnedRotary``, causal), in
+    place of cos/sin; their gradients are returned.
 
     Tensors arrive as (B, H, N, .) in the caller's dtypes (kept as they are: half stays half), states as
     (B, H, r, dv), (B, H, r), (B, H) in the compute dtype ``cfg.dtype``; ``interleaved`` is the pairing of
@@ -493,7 +543,8 @@ class LinearAttentionFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, kind, cfg, interleaved, q, k, ks, kb, v, W, mask, cos, sin, kcos, ksin, S0, z0, M0):
+    def forward(ctx, kind, cfg, interleaved, q, k, ks, kb, v, W, mask, cos, sin, kcos, ksin, S0, z0, M0, theta, phase,
+                apos):
         B, H, N, dv = v.shape
         r = W.shape[0] if kind == "favor" else q.shape[-1]
         perm = interleaved_order(r, v.device) if cos is not None and not interleaved else None
@@ -501,15 +552,16 @@ class LinearAttentionFunction(torch.autograd.Function):
         S0 = _to_internal(S0, perm).reshape(B * H, r, dv)
         z0, M0 = _to_internal(z0, perm).reshape(B * H, r), M0.reshape(B * H)
         with torch.autocast(v.device.type, enabled=False):
-            src, rot, rot_k = _prepare(ctx.meta, q, k, ks, kb, W, mask, cos, sin, kcos, ksin)
+            src, rot, rot_k = _prepare(ctx.meta, q, k, ks, kb, W, mask, cos, sin, kcos, ksin, theta, phase, apos)
             if cfg.causal:
-                out, den, S, z, M, plan = causal_forward(src, rot, v, S0, z0, M0, cfg, keep_states=cfg.needs_grad)
+                out, den, S, z, M, plan = causal_forward(src, rot, v, S0, z0, M0, cfg, keep_states=cfg.needs_grad,
+                                                         rot_k=rot_k)
                 ctx.plan = plan
             else:  # the state is summed into in place: a copy (S0 may be the caller's, or a view of it)
                 out, den, S, z, M, ctx.ref = bidirectional_forward(src, rot, rot_k, v, q.shape[2], S0.clone(),
                                                                    z0.clone(), M0, cfg)
                 ctx.M0 = M0
-        ctx.save_for_backward(q, k, ks, kb, v, W, mask, cos, sin, kcos, ksin, out, den)
+        ctx.save_for_backward(q, k, ks, kb, v, W, mask, cos, sin, kcos, ksin, out, den, theta, phase, apos)
         ctx.final = (S, z, M)
         S = _to_user(S.view(B, H, r, dv), perm)
         z = _to_user(z.view(B, H, r), perm)
@@ -521,16 +573,16 @@ class LinearAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout, dS, dz, _dM):
         _no_double_backward()
         kind, cfg, perm, B, H = ctx.meta
-        q, k, ks, kb, v, W, mask, cos, sin, kcos, ksin, out, den = ctx.saved_tensors
+        q, k, ks, kb, v, W, mask, cos, sin, kcos, ksin, out, den, theta, phase, apos = ctx.saved_tensors
         S, z, _ = ctx.final
         with torch.autocast(v.device.type, enabled=False):
-            src, rot, rot_k = _prepare(ctx.meta, q, k, ks, kb, W, mask, cos, sin, kcos, ksin)
+            src, rot, rot_k = _prepare(ctx.meta, q, k, ks, kb, W, mask, cos, sin, kcos, ksin, theta, phase, apos)
             dout = torch.zeros_like(out) if dout is None else dout.reshape(out.shape)
             r = S.shape[1]
             if cfg.causal:
                 dS = torch.zeros_like(S) if dS is None else _to_internal(dS, perm).reshape(S.shape)
                 dz = torch.zeros_like(z) if dz is None else _to_internal(dz, perm).reshape(z.shape)
-                dV, dS0, dz0 = causal_backward(src, rot, v, out, den, dout, dS, dz, ctx.plan, cfg)
+                dV, dS0, dz0 = causal_backward(src, rot, v, out, den, dout, dS, dz, ctx.plan, cfg, rot_k)
             else:  # S = S0 exp(M0 - P) + this call's keys (only the outputs are differentiated here)
                 dV, dS0, dz0 = bidirectional_backward(src, rot, rot_k, v, out, den, dout, S, z, ctx.ref, cfg)
                 if ctx.ref is not None:
@@ -539,8 +591,12 @@ class LinearAttentionFunction(torch.autograd.Function):
             dS0 = _to_user(dS0.view(B, H, r, -1), perm)
             dz0 = _to_user(dz0.view(B, H, r), perm)
         shape = lambda t, like: None if t is None else t.view(like.shape)  # noqa: E731
+        dtheta = dphase = None
+        if theta is not None:  # learned angles: the queries' and the keys' rotations both turn by theta
+            dtheta = (rot.dtheta + rot_k.dtheta).to(theta.dtype)
+            dphase = None if phase is None else rot.dphase.to(phase.dtype)
         return (None, None, None, shape(src.dq, q), shape(src.dk, k), shape(src.dks, ks), None, dV.view(v.shape),
-                None, None, None, None, None, None, dS0, dz0, None)
+                None, None, None, None, None, None, dS0, dz0, None, dtheta, dphase, None)
 
 
 class KeyStateFunction(torch.autograd.Function):
@@ -556,7 +612,7 @@ class KeyStateFunction(torch.autograd.Function):
         ctx.meta = (kind, cfg, perm, B, H)
         S, z, M = (t.flatten(0, 1) for t in empty_state(B, H, r, dv, cfg.dtype, v.device))
         with torch.autocast(v.device.type, enabled=False):
-            src, rot, _ = _prepare(ctx.meta, None, k, ks, kb, W, mask, cos, sin, None, None)
+            src, rot, _ = _prepare(ctx.meta, None, k, ks, kb, W, mask, cos, sin, None, None, None, None, None)
             S, z, M, ctx.ref = key_state(src, rot, v, S, z, M, cfg)
         ctx.save_for_backward(k, ks, kb, v, W, mask, cos, sin)
         M = M.view(B, H)
@@ -569,7 +625,7 @@ class KeyStateFunction(torch.autograd.Function):
         kind, cfg, perm, B, H = ctx.meta
         k, ks, kb, v, W, mask, cos, sin = ctx.saved_tensors
         with torch.autocast(v.device.type, enabled=False):
-            src, rot, _ = _prepare(ctx.meta, None, k, ks, kb, W, mask, cos, sin, None, None)
+            src, rot, _ = _prepare(ctx.meta, None, k, ks, kb, W, mask, cos, sin, None, None, None, None, None)
             r = src.r
             dS = (torch.zeros(B * H, r, v.shape[-1], dtype=cfg.dtype, device=v.device) if dS is None
                   else _to_internal(dS.to(cfg.dtype), perm).reshape(B * H, r, -1))
@@ -587,12 +643,14 @@ def _no_double_backward() -> None:
                            "supported: the backward is hand-written and cannot itself be differentiated")
 
 
-def _prepare(meta, q, k, ks, kb, W, mask, cos, sin, kcos, ksin):
+def _prepare(meta, q, k, ks, kb, W, mask, cos, sin, kcos, ksin, theta, phase, apos):
     """The feature source and the rotations of queries and keys (the same one unless keys have their own
-    positions: cross-attention)."""
+    positions, cross-attention, or the angles are learned: the queries' then add the phase)."""
     kind, cfg, perm, B, H = meta
     rot = None if cos is None else Rotation(cos, sin)
     rot_k = rot if kcos is None else Rotation(kcos, ksin)
+    if theta is not None:
+        rot, rot_k = AngleRotation(theta, phase, apos, H, cfg.dtype), AngleRotation(theta, None, apos, H, cfg.dtype)
     if kind == "favor":  # q is None for a state of keys alone
         src = FavorFeatures(q, k, W if perm is None else W[perm], mask, cfg.dtype, kb)
     else:

@@ -109,6 +109,65 @@ class Rotation:
         return out
 
 
+class AngleRotation:
+    """R on interleaved pairs of (BH, G, r) by learned angles theta_hi p + phase_hi (``LearnedRotary``), built per
+    group from float64 positions, and the gradients of those angles (``grad``): the engine hands it the gradient
+    g of every rotated tensor y it used, and d(angle) = Im(g conj(y)) pair by pair, summed into dtheta (times
+    the position) and dphase.
+
+    theta, phase: (H, r/2) (phase None: keys, which turn by theta_hi n alone); pos: (N,) or (B, N) float64.
+    """
+
+    def __init__(self, theta: Tensor, phase: Tensor | None, pos: Tensor, H: int, dtype: torch.dtype):
+        self.theta = theta.detach().to(torch.float64)
+        self.phase = None if phase is None else phase.detach().to(torch.float64)
+        self.pos, self.H, self.dtype = pos, H, dtype
+        self.dtheta = torch.zeros_like(self.theta)
+        self.dphase = None if phase is None else torch.zeros_like(self.phase)
+        self._factors: dict = {}
+
+    def _view(self, x: Tensor) -> Tensor:  # (BH, G, r/2) complex -> (B, H, G, r/2)
+        return x.view(-1, self.H, *x.shape[1:])
+
+    def factor(self, a: int, b: int, inverse: bool = False) -> Tensor:
+        key = (a, b, inverse)
+        if key not in self._factors:
+            if len(self._factors) >= 4:
+                self._factors.pop(next(iter(self._factors)))
+            ang = self.pos[..., None, a:b, None] * self.theta[:, None, :]  # (H, G, r/2) or (B, H, G, r/2)
+            if self.phase is not None:
+                ang = ang + self.phase[:, None, :]
+            if inverse:
+                ang = -ang
+            self._factors[key] = torch.complex(ang.cos().to(self.dtype), ang.sin().to(self.dtype))
+        return self._factors[key]
+
+    def __call__(self, x: Tensor, a: int, b: int, out: Tensor, inverse: bool = False) -> Tensor:
+        torch.mul(self._view(_as_complex(x)), self.factor(a, b, inverse), out=self._view(_as_complex(out)))
+        return out
+
+    def grad(self, g: Tensor, y: Tensor, a: int, b: int) -> None:
+        """Accumulate the angle gradients from d loss / d y = g, y the rotated (BH, G, r) of [a, b)."""
+        gc, yc = self._view(_as_complex(g)), self._view(_as_complex(y))
+        dang = (gc.imag * yc.real - gc.real * yc.imag).to(torch.float64)  # (B, H, G, r/2)
+        if self.dphase is not None:
+            self.dphase += dang.sum((0, 2))
+        pos = self.pos[..., a:b]
+        self.dtheta += torch.einsum("bhgi,g->hi" if pos.dim() == 1 else "bhgi,bg->hi", dang, pos)
+
+    def phase_only(self, x: Tensor, out: Tensor, inverse: bool = False) -> Tensor:
+        """R_phase x (the rotation at distance 0: query angle minus key angle), (BH, G, r) -> out."""
+        f = torch.complex(self.phase.cos(), (-self.phase if inverse else self.phase).sin()).to(
+            _as_complex(x).dtype)[:, None, :]
+        torch.mul(self._view(_as_complex(x)), f, out=self._view(_as_complex(out)))
+        return out
+
+    def phase_grad(self, g: Tensor, y: Tensor) -> None:
+        """dphase from d loss / d (R_phase x) = g, y = R_phase x."""
+        gc, yc = self._view(_as_complex(g)), self._view(_as_complex(y))
+        self.dphase += (gc.imag * yc.real - gc.real * yc.imag).to(torch.float64).sum((0, 2))
+
+
 def group_rows(x: Tensor, a: int, b: int, buf: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor:
     """Positions [a, b) of x (B, H, N, D) as a contiguous (B*H, b-a, D) in ``dtype`` (default: buf's, else x's):
     a view when x already is that, else a copy (into ``buf`` when given)."""
