@@ -27,7 +27,8 @@ from linrope.lab.sweeps import parse_list, run_script  # noqa: E402
 def main():
     d = MechanismConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="attentions (append @r=32, @steps=300, @distance=32, @gamma=0.95 or several: @gamma=0.9+distance=4):\n" + "\n".join(
+                                epilog="attentions (append @r=32, @steps=300, @distance=32, @gamma=0.95 or several: "
+                                       "@gamma=0.9+distance=4):\n" + "\n".join(
                                     f"  {name:<20} {about}" for name, about in ATTENTIONS.items()))
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "mechanism"))
     p.add_argument("--rs", default=",".join(map(str, d.rs)), help="numbers of features r in the capacity table")

@@ -318,9 +318,9 @@ class SoftmaxAttention(_Heads):
     (None: dim // heads), causal, rope, rope_base, interleaved, rope_scale, rope_scaling, rope_original_length,
     rotary_fraction, qkv_bias, kv_heads (the ``KVCache`` then holds kv_heads heads); ``group`` only as None
     (softmax has no sequence-parallel path here: every rank would need every key, ring attention). ``forward``
-    is the same (``context``, ``cu_seqlens`` included); its state is a ``KVCache``. ``rope`` defaults to 'inputs' here and to
-    'features' there because each is its layer's own RoPE (softmax has no feature map to rotate). Both return
-    x's dtype.
+    is the same (``context``, ``cu_seqlens`` included); its state is a ``KVCache``. ``rope`` defaults to 'inputs'
+    here and to 'features' there because each is its layer's own RoPE (softmax has no feature map to rotate).
+    Both return x's dtype.
     """
 
     def __init__(self, dim: int, heads: int = 8, dim_head: int | None = None, causal: bool = False,

@@ -141,10 +141,10 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
         if group is not None:
             raise ValueError("group: expected None with a LearnedRotary (sequence parallelism takes fixed "
                              "rotations)")
-    needs_grad = torch.is_grad_enabled() and (any(t is not None and t.requires_grad for t in (q, k, ks, v, theta, phase))
-                                              or (isinstance(initial_state, AttentionState)
-                                                  and (initial_state.numerator.requires_grad
-                                                       or initial_state.key_sum.requires_grad)))
+    inputs = (q, k, ks, v, theta, phase)
+    if isinstance(initial_state, AttentionState):
+        inputs += (initial_state.numerator, initial_state.key_sum)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     lay = None
     if group is not None:
         if cross:

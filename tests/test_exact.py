@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from linrope import AttentionState, RotaryEmbedding, favor_attention, linear_attention, softmax_attention
-from linrope.features import FavorPlus, favor_plus, gaussian_orthogonal_matrix
+from linrope.features import favor_plus, gaussian_orthogonal_matrix
 from linrope.reference import (favor_attention_naive, favor_attention_recurrent, linear_attention_naive,
                                linear_attention_recurrent)
 from reference import (assert_close, eq19, eq19_condition, eq19_relative, favor_eq19, favor_log_features,

@@ -123,7 +123,8 @@ def test_learned_rotation_errors_are_clear():
         favor_attention(q, k, v, W, rotary=LearnedRotary(R, H))
     with pytest.raises(ValueError, match="rotary: a LearnedRotary of 2 heads for H = 3 heads"):
         favor_attention(q, k, v, W, causal=True, rotary=LearnedRotary(R, 2))
-    with pytest.raises(ValueError, match=r"rotary: its dim \(16\) must equal the number of features r \(projection rows\) \(32\)"):
+    with pytest.raises(ValueError, match=r"rotary: its dim \(16\) must equal the number of features r "
+                                         r"\(projection rows\) \(32\)"):
         favor_attention(q, k, v, W, causal=True, rotary=LearnedRotary(16, H))
     with pytest.raises(TypeError, match="rotary: expected a linrope.RotaryEmbedding or None, got LearnedRotary"):
         softmax_attention(q, k, v, rotary=LearnedRotary(D, H))

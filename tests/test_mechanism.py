@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from linrope.features import favor_plus, gaussian_orthogonal_matrix
 from linrope.functional import favor_attention
 from linrope.lab import mechanism as M
 from linrope.rotary import RotaryEmbedding
@@ -95,20 +94,18 @@ def test_copy_pairing_never_peaks_away_from_zero():
 
 
 # ------------------------------------------------------------------------------------------------------ the toys
-def test_learned_rotation_equals_library_at_rope_angles():
+def test_learned_toy_starts_at_eq19_and_its_phase_enters_the_numerator():
     q, k = torch.randn(2, 1, 24, 8, dtype=torch.float64), torch.randn(2, 1, 24, 8, dtype=torch.float64)
     v = torch.randn(2, 1, 24, 3, dtype=torch.float64)
-    W = gaussian_orthogonal_matrix(16, 8)
-    m = M.LearnedRotaryEq19(16).double()
+    attn = M.ToyAttention("linear-rope-learned", 8, 16, seed=0).double()
+    assert attn.learned.theta.shape == (1, 8) and torch.allclose(attn.learned.theta[0].double(),
+                                                                  torch.tensor(M.rope_frequencies(16)))
+    ref = favor_attention(q, k, v, attn.projection, causal=True, rotary=RotaryEmbedding(16))
+    assert torch.allclose(attn(q, k, v), ref, atol=1e-10)
     with torch.no_grad():
-        m.theta.copy_(torch.tensor(M.rope_frequencies(16)))
-    qf, _ = favor_plus(q, W, is_query=True)
-    kf, ks = favor_plus(k, W, is_query=False)
-    ref = favor_attention(q, k, v, W, causal=True, rotary=RotaryEmbedding(16))
-    assert torch.allclose(m(qf, kf, v, ks), ref, atol=1e-10)
-    with torch.no_grad():
-        m.phase.fill_(0.3)
-    assert not torch.allclose(m(qf, kf, v, ks), ref, atol=1e-3)  # the phase enters the numerator
+        attn.learned.phase.fill_(0.3)
+    assert not torch.allclose(attn(q, k, v), ref, atol=1e-3)  # the phase enters the numerator
+    assert not M.ToyAttention("linear-rope-phase", 8, 16, seed=0).learned.theta.requires_grad
 
 
 @pytest.mark.parametrize("name", list(M.ATTENTIONS))

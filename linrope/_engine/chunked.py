@@ -49,7 +49,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .feature_sources import LOG_DTYPE, NEG, AngleRotation, FavorFeatures, GivenFeatures, Rotation, Workspace, group_rows, interleaved_order
+from .feature_sources import (LOG_DTYPE, NEG, AngleRotation, FavorFeatures, GivenFeatures, Rotation, Workspace,
+                              group_rows, interleaved_order)
 
 JUMP_LIMIT = 40.0  # exp(40) ~ 2e17 leaves ~1e21 of float32 headroom for sums over keys, features and values
 DEN_CHUNK = 32  # sub-chunk of the unrotated normalizer under RoPE (a divisor of the chunk is used); measured best

@@ -66,9 +66,9 @@ Attention variants (one head, d = dim_head, r features, FAVOR+ projection drawn 
 * ``linear-rope-learned``: eq. 19 with a learned frequency theta_i per pair (initialised at base 10000) and a
   learned per-pair phase psi_i applied to the numerator only: K(Delta) = Re sum_i c_i e^{i(theta_i Delta + psi_i)},
   normalizer sum_i Re c_i as in eq. 19. ``linear-rope-theta`` learns theta alone, ``linear-rope-phase`` psi alone.
-  These are computed in quadratic form (``LearnedRotaryEq19``, ``favor_plus`` features rotated by learnable
-  angles with ``apply_rotary``): the library's engine takes no gradient for its cos/sin tables and has no
-  query-side phase; at the RoPE angles the module equals ``favor_attention(rotary=RotaryEmbedding(r))`` (tested);
+  These run through the library's engine with ``rotary=LearnedRotary(r, 1)`` (``favor_plus`` + ``linear_attention``;
+  gradients reach theta and the phase); at its initial angles it equals ``favor_attention(rotary=RotaryEmbedding(r))``
+  (tested). (Before the engine learned angles, a quadratic module of this file computed the same, to 1e-16.)
 * ``linear-nope``: FAVOR+ with no positions (the floor in ``lookback``, a content-only baseline in recall);
 * ``linear-rope-c`` (lookback only): the content-free eq. 19 pattern K(m - n) / ((m + 1) sum_i Re c_i) with c learned
   directly (Re c = softplus, Im c free): the whole kernel class of the positive cone, no feature map in the way;
@@ -92,7 +92,7 @@ from torch import Tensor, nn
 
 from ..features import favor_plus, gaussian_orthogonal_matrix
 from ..functional import favor_attention, linear_attention, softmax_attention
-from ..rotary import RotaryEmbedding, apply_rotary
+from ..rotary import LearnedRotary, RotaryEmbedding
 from .data import IGNORE, lookback, pair_recall
 from .plots import finite_stats, write_rows
 from .profiling import cpu_name as _profiling_cpu_name
@@ -100,7 +100,7 @@ from .profiling import cpu_name as _profiling_cpu_name
 __all__ = [
     "CONES", "rope_frequencies", "linear_frequencies", "Design", "DESIGNS", "design_matrix", "kernel", "cone_lstsq",
     "cone_lstsq_pgd", "snr_of", "best_selectivity", "capacity_table", "peak_reach", "kernel_from_attention",
-    "copy_pairing_check", "ATTENTIONS", "POSITIONAL_ONLY", "LearnedRotaryEq19", "ToyAttention", "OneLayerToy",
+    "copy_pairing_check", "ATTENTIONS", "POSITIONAL_ONLY", "ToyAttention", "OneLayerToy",
     "ToyConfig", "train_toy", "parse_spec", "run_toys", "toy_summary", "cpu_name", "MechanismConfig", "run",
 ]
 
@@ -362,42 +362,6 @@ def copy_pairing_check(*, draws: int = 200, r: int = 32, d: int = 16, n: int = 6
 
 
 # ============================================================================================ part (b): the toys
-class LearnedRotaryEq19(nn.Module):
-    """Causal eq. 19 with learnable per-pair frequencies theta_i and numerator phases psi_i, in quadratic form.
-
-    out_m = sum_{n<=m} w_n Re sum_i c_i(m, n) e^{i(theta_i (m - n) + psi_i)} v_n / sum_{n<=m} w_n sum_i Re c_i(m, n),
-    c_i(m, n) = z_q,i(m) conj(z_k,i(n)) over interleaved feature pairs, w_n = exp(ks_n - max ks) (key log-scales).
-    The numerator is (R'_m qf_m).(R_n kf_n) with rotations by the learned angles theta_i m + psi_i (query) and
-    theta_i n (key), the normalizer qf_m.kf_n unrotated; O(N^2 r), for the short toys only.
-    At theta = RoPE's and psi = 0 this is ``linear_attention(qf, kf, v, causal=True, rotary=RotaryEmbedding(r))``.
-    """
-
-    def __init__(self, r: int, base: float = 10000.0, learn_theta: bool = True, learn_phase: bool = True):
-        super().__init__()
-        theta = torch.tensor(rope_frequencies(r, base), dtype=torch.float32)
-        self.theta = nn.Parameter(theta, requires_grad=learn_theta)
-        self.phase = nn.Parameter(torch.zeros(r // 2), requires_grad=learn_phase)
-
-    def forward(self, qf: Tensor, kf: Tensor, v: Tensor, k_logscale: Tensor | None = None) -> Tensor:
-        """qf, kf (B, H, N, r) positive features, v (B, H, N, dv), k_logscale (B, H, N) or None -> (B, H, N, dv)."""
-        N = qf.shape[-2]
-        pos = torch.arange(N, device=qf.device, dtype=qf.dtype)[:, None]
-        theta = self.theta.to(qf.dtype)
-        ang_q = pos * theta + self.phase.to(qf.dtype)  # (N, r/2): the query side carries the phase
-        ang_k = pos * theta
-        # R_m qf . R_n kf = Re sum_i z_q conj(z_k) e^{i(theta_i (m - n) + psi_i)}: rotations by the learned angles
-        qr = apply_rotary(qf, ang_q.cos(), ang_q.sin(), interleaved=True)
-        kr = apply_rotary(kf, ang_k.cos(), ang_k.sin(), interleaved=True)
-        keep = torch.ones(N, N, dtype=torch.bool, device=qf.device).tril()
-        w = keep.to(qf.dtype)
-        if k_logscale is not None:
-            s = k_logscale[:, :, None, :].masked_fill(~keep, -math.inf)
-            w = torch.exp(s - s.amax(-1, keepdim=True))
-        num = (qr @ kr.transpose(-1, -2)) * w  # (B, H, N, N)
-        den = ((qf @ kf.transpose(-1, -2)) * w).sum(-1, keepdim=True)  # unrotated normalizer
-        return (num @ v.to(num.dtype)) / den
-
-
 ATTENTIONS = {
     "softmax-rope": "softmax, RoPE on q and k",
     "linear-rope-inputs": "RoPE on q and k, then FAVOR+",
@@ -438,8 +402,8 @@ class ToyAttention(nn.Module):
         self.rotary_r = RotaryEmbedding(r, base)
         self.learned = None
         if name in ("linear-rope-learned", "linear-rope-theta", "linear-rope-phase"):
-            self.learned = LearnedRotaryEq19(r, base, learn_theta=name != "linear-rope-phase",
-                                             learn_phase=name != "linear-rope-theta")
+            self.learned = LearnedRotary(r, 1, base, learn_theta=name != "linear-rope-phase",
+                                         learn_phase=name != "linear-rope-theta")
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         n = self.name
@@ -470,7 +434,7 @@ class ToyAttention(nn.Module):
         if n == "linear-rope-copy":
             qf, kf = qf.repeat_interleave(2, -1), kf.repeat_interleave(2, -1)
             return linear_attention(qf, kf, v, causal=True, rotary=self.rotary_r, k_logscale=ks)
-        return self.learned(qf, kf, v, ks)
+        return linear_attention(qf, kf, v, causal=True, rotary=self.learned, k_logscale=ks)
 
 
 @dataclass
@@ -596,8 +560,8 @@ def train_toy(cfg: ToyConfig) -> dict:
         out["weights"] = w.tolist()
         out["snr_realized"] = snr_of(w, cfg.distance)
     if model.attn.learned is not None:
-        out["theta"] = model.attn.learned.theta.detach().tolist()
-        out["phase"] = model.attn.learned.phase.detach().tolist()
+        out["theta"] = model.attn.learned.theta.detach()[0].tolist()
+        out["phase"] = model.attn.learned.phase.detach()[0].tolist()
     return out
 
 

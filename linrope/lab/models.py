@@ -40,6 +40,8 @@ class Variant:
     about: str = ""                  # one line for a reader (and for --help)
     learned: bool = False            # add learned absolute position embeddings (BERT, GPT-2); up to max_len
     t5: bool = False                 # softmax only: T5's bucketed relative bias on the logits (Raffel et al. 2020)
+    decay: str | float | None = None  # linear only: the layers' ``decay=`` (RetNet's 'multiscale', or gamma)
+    rope_learned: bool = False       # linear, rope='features': learned frequencies and phases (``LearnedRotary``)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -63,6 +65,12 @@ VARIANTS: dict[str, Variant] = {
                                about="baseline: softmax attention, learned absolute positions (BERT, GPT-2)"),
     "linear-learned": Variant("linear", None, absolute=False, learned=True,
                               about="baseline: linear attention, learned absolute positions"),
+    "linear-rope-learned": Variant("linear", "features", absolute=False, rope_learned=True,
+                                   about="eq. 19 with learned frequencies per head and a learned per-pair phase on "
+                                         "the queries (still exactly relative)"),
+    "linear-rope-decay": Variant("linear", "features", absolute=False, decay="multiscale",
+                                 about="eq. 19 with RetNet's per-head decay gamma_h^(m-n) on numerator and "
+                                       "normalizer (gamma_h = 1 - 2^(-5-h))"),
     "softmax-t5": Variant("softmax", None, absolute=False, t5=True,
                           about="baseline: softmax attention, T5's bucketed relative bias (no place in linear "
                                 "attention)"),
@@ -207,7 +215,7 @@ def make_attention(config: ModelConfig, layer: int, group=None) -> nn.Module:
                                  causal=True, feature_map=config.feature_map, rope=v.rope, rope_base=config.rope_base,
                                  rotate_normalizer=v.rotate_normalizer, redraw_interval=config.redraw_interval,
                                  seed=config.feature_seed * 1000 + layer, chunk_size=config.chunk_size,
-                                 group=group)
+                                 decay=v.decay, rope_learned=v.rope_learned, group=group)
 
 
 class Block(nn.Module):

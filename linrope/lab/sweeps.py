@@ -102,6 +102,7 @@ def add_synthetic_arguments(parser, *, out: str, seeds: str, steps: int) -> None
     parser.add_argument("--seeds", default=seeds, help="comma-separated seeds")
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {_SYNTH_TRAIN['lr']})")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=out)
     parser.add_argument("--resume", action="store_true", help="skip finished runs and continue interrupted ones")
@@ -329,18 +330,21 @@ _SYNTH_TRAIN = dict(lr=3e-3, warmup=20, weight_decay=0.0, log_interval=10, ckpt_
 
 def run_positions(*, variants=CORE_VARIANTS, length: int = 64, distance: int = 8, symbols: int = 16,
                   seeds=(0, 1, 2), steps: int = 300, batch_size: int = 32, device: str = "cpu",
-                  out="experiments/results/positions", resume: bool = False, progress: bool = True) -> list[dict]:
+                  out="experiments/results/positions", resume: bool = False, progress: bool = True,
+                  lr: float | None = None) -> list[dict]:
     """``lookback``: predict the symbol ``distance`` places back, a task only position can solve. Accuracy per
     variant over seeds; writes ``positions.png`` (accuracy against step)."""
     return _run_synthetic("positions", "lookback", lambda n: {"distance": distance, "symbols": symbols},
                           1 / symbols, variants=variants, lengths=(length,), seeds=seeds, steps=steps,
-                          batch_size=batch_size, model=_TINY, train_cfg={**_SYNTH_TRAIN, "eval_interval": 25},
+                          batch_size=batch_size, model=_TINY,
+                          train_cfg={**_SYNTH_TRAIN, "eval_interval": 25, **({} if lr is None else {"lr": lr})},
                           device=device, out=out, resume=resume, progress=progress)
 
 
 def run_recall(*, task: str = "pair-recall", variants=CORE_VARIANTS, lengths=(64, 128, 256), pairs=None,
                seeds=(0,), steps: int = 400, batch_size: int = 32, device: str = "cpu",
-               out="experiments/results/recall", resume: bool = False, progress: bool = True) -> list[dict]:
+               out="experiments/results/recall", resume: bool = False, progress: bool = True,
+               lr: float | None = None) -> list[dict]:
     """Associative recall at each length with ``pairs`` key-value pairs (default ``length // 8``): ``task`` is
     'pair-recall' (one token per pair, ``linrope.lab.data.pair_recall``: learnable in CPU minutes) or 'mqar' (two
     tokens per pair, Zoology's MQAR: needs an induction head, i.e. far more steps). Writes ``recall.png``
@@ -349,7 +353,9 @@ def run_recall(*, task: str = "pair-recall", variants=CORE_VARIANTS, lengths=(64
         raise ValueError(f"task: expected 'pair-recall' or 'mqar', got {task!r}")
     return _run_synthetic("recall", task, lambda n: {"num_pairs": pairs or max(1, n // 8)}, 1 / 128,
                           variants=variants, lengths=lengths, seeds=seeds, steps=steps, batch_size=batch_size,
-                          model=_TINY, train_cfg={**_SYNTH_TRAIN, "eval_interval": 50}, device=device, out=out,
+                          model=_TINY,
+                          train_cfg={**_SYNTH_TRAIN, "eval_interval": 50, **({} if lr is None else {"lr": lr})},
+                          device=device, out=out,
                           resume=resume, progress=progress)
 
 
