@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from linrope.lab.bench import causal_flops, combine_rounds, evaluate, memory_profile, plot_profile, targets
+from linrope.lab.bench.cases import case_linrope
+from linrope.lab.bench.targets import variant_rows
 from linrope.lab.profiling import VECTOR_FLAGS, Record, machine_info, measure, run_point, run_series, vector_extensions
 
 TINY = dict(sgemm_n=64, bmm=(4, 8, 16, 8), repeats=3)  # machine_info in a few milliseconds
@@ -79,6 +81,20 @@ def test_targets_are_ratios_of_the_records():
     assert t["speed-up over FAVOR+ features + fast-transformers causal kernel"].met is None
     assert t["useful FLOP rate / square-matmul rate"].met is None
     assert "matmul" not in {key for key, _, _ in targets()}  # the rate comes from machine_info, not a point
+
+
+def test_variant_rows_are_times_relative_to_eq19_and_their_cases_run():
+    def rec(s, m, status="ok"):
+        return Record("c", {}, status, s, [s], m)
+    rows = variant_rows({"ours": rec(2.0, 100), "ours_norope": rec(1.5, 90), "ours_learned": rec(2.6, 130),
+                         "ours_decay": rec(0.1, 1, status="timeout")})
+    assert [r["vs_eq19"] for r in rows] == [1.0, 0.75, pytest.approx(1.3), None]
+    assert rows[2]["peak_mib"] == 130 and rows[3]["status"] == "timeout"
+    keys = {key: params for key, _, params in targets()}
+    assert keys["ours_learned"]["rope"] == "learned" and keys["ours_decay"]["decay"] == "multiscale"
+    for key in ("ours_learned", "ours_decay"):  # the cases themselves, tiny, forward and backward
+        out = case_linrope(**{**keys[key], "n": 40, "h": 2, "d": 8, "r": 8})()
+        assert out.shape == (1, 2, 40, 8) and torch.isfinite(out).all()
 
 
 def test_flop_count_matches_the_formula_by_hand():

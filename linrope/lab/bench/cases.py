@@ -46,16 +46,26 @@ def _run(make_out, inputs, backward):
     return step
 
 
-def case_linrope(n, b=1, h=8, d=64, r=256, causal=True, rope="features", backward=True, device="cpu", **_):
-    """``favor_attention``: eq. 19 (rope='features'), RoPE before the features ('inputs') or none (None)."""
+def case_linrope(n, b=1, h=8, d=64, r=256, causal=True, rope="features", backward=True, device="cpu", decay=None,
+                 **_):
+    """``favor_attention``: eq. 19 (rope='features'), learned rotations ('learned': ``LearnedRotary``, its
+    angles differentiated too), RoPE before the features ('inputs') or none (None); ``decay``: a gamma, or
+    'multiscale' (RetNet's per head). Keywords beyond n, causal and rope need a library that has them."""
     q, k, v = _qkv(n, b, h, d, device)
     W = FavorPlus(d, r, seed=0).projection.to(device)
     feat = RotaryEmbedding(r) if rope == "features" else None
+    if rope == "learned":
+        from ...rotary import LearnedRotary
+        feat = LearnedRotary(r, h).to(device)
     inp = RotaryEmbedding(d) if rope == "inputs" else None
+    kw = {}
+    if decay is not None:
+        from ...attention import multiscale_decays
+        kw["decay"] = multiscale_decays(h) if decay == "multiscale" else decay
 
     def out():
         qq, kk = (inp.rotate(q), inp.rotate(k)) if inp is not None else (q, k)
-        return favor_attention(qq, kk, v, W, causal=causal, rotary=feat)
+        return favor_attention(qq, kk, v, W, causal=causal, rotary=feat, **kw)
     return _run(out, (q, k, v), backward)
 
 

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from ..profiling import machine, machine_info, run_point
 from .cases import CASES, peers_available
-from .targets import combine_rounds, evaluate, targets
+from .targets import combine_rounds, evaluate, targets, variant_rows
 
 __all__ = ["main"]
 
@@ -62,6 +62,12 @@ def main(argv=None, prog: str | None = None) -> None:
         m = "n/a" if t.measured is None else f"{t.measured:.2f}"
         ok = {True: "yes", False: "**no**", None: "n/a"}[t.met]
         print(f"| {t.name} | {m} | {t.op} {t.bound:.2f} | {ok} | {t.detail} |")
+    variants = variant_rows(records)
+    print(f"\n| attention (causal, N={args.n}) | median s | time vs eq. 19 | peak MiB |\n|---|---:|---:|---:|")
+    for v in variants:
+        fmt = lambda x, f: "n/a" if x is None else format(x, f)  # noqa: E731
+        print(f"| {v['variant']} | {fmt(v['seconds'], '.3f')} | {fmt(v['vs_eq19'], '.2f')} | "
+              f"{fmt(v['peak_mib'], '.0f')} |")
     print("\n| point | case | params | median s | peak MiB | status |\n|---|---|---|---:|---:|---|")
     for key, case, params in points:
         r = records[key]
@@ -72,7 +78,8 @@ def main(argv=None, prog: str | None = None) -> None:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "machine_info": info.to_dict(), "date": str(datetime.date.today()),
                        "records": {k: v.to_dict() for k, v in records.items()},
-                       "targets": [dict(t.__dict__, met=t.met) for t in table]}, f, indent=1)
+                       "targets": [dict(t.__dict__, met=t.met) for t in table], "variants": variants}, f,
+                      indent=1)
 
 
 def _compare(p, args) -> None:

@@ -14,7 +14,12 @@ from dataclasses import dataclass, replace
 from ..profiling import Record
 from .cases import causal_flops
 
-__all__ = ["Target", "targets", "evaluate", "combine_rounds"]
+__all__ = ["Target", "targets", "evaluate", "variant_rows", "VARIANT_POINTS", "combine_rounds"]
+
+# The speed table of the attention variants (issue 13's new ones beside eq. 19): key of ``targets()``, label
+VARIANT_POINTS = (("ours", "eq. 19 (RoPE on the features)"), ("ours_norope", "no RoPE"),
+                  ("ours_learned", "eq. 19, learned frequencies and phases (LearnedRotary, differentiated)"),
+                  ("ours_decay", "eq. 19 + multiscale decay (RetNet's gamma per head)"))
 
 
 @dataclass
@@ -42,6 +47,8 @@ def targets(n: int = 16384, n_mem: int = 4096, with_peers: bool = True) -> list[
         ("ours_2n", "linrope", dict(n=2 * n, causal=True, rope="features")),
         ("ours_mem", "linrope", dict(n=n_mem, causal=True, rope="features")),
         ("ours_bidir", "linrope", dict(n=n, causal=False, rope="features")),
+        ("ours_learned", "linrope", dict(n=n, causal=True, rope="learned")),
+        ("ours_decay", "linrope", dict(n=n, causal=True, rope="features", decay="multiscale")),
         ("sdpa", "sdpa", dict(n=n, causal=True)),
         ("layer_linear", "layer", dict(n=n, kind="linear")),
         ("layer_softmax", "layer", dict(n=n, kind="softmax")),
@@ -99,6 +106,22 @@ def evaluate(rec: dict[str, Record], n: int = 16384, n_mem: int = 4096, sgemm_gf
     out.append(Target(f"bidirectional memory vs performer FastAttention, N={n}", "<=", 1.0,
                       ratio(mib("ours_bidir"), mib("performer_bidir")), "ours / performer"))
     return out
+
+
+def variant_rows(rec: dict[str, Record]) -> list[dict]:
+    """Per variant of ``VARIANT_POINTS`` measured: seconds, peak MiB and time relative to eq. 19 in the same run."""
+    base = rec.get("ours")
+    rows = []
+    for key, label in VARIANT_POINTS:
+        r = rec.get(key)
+        if r is None:
+            continue
+        ok = r.status == "ok"
+        rel = (r.seconds / base.seconds if ok and base is not None and base.status == "ok" and base.seconds
+               else None)
+        rows.append(dict(variant=label, seconds=r.seconds if ok else None, peak_mib=r.peak_mib if ok else None,
+                         vs_eq19=rel, status=r.status))
+    return rows
 
 
 def combine_rounds(first: Record, later: Record) -> Record:
