@@ -24,9 +24,9 @@ MODEL = dict(n_layer=2, dim=32, heads=2, nb_features=16, chunk_size=8, redraw_in
 # checked through the global gradient norm of every step
 TRAIN = dict(steps=3, batch_size=4, grad_accum=2, lr=5e-4, warmup=1, log_interval=1, eval_interval=3,
              ckpt_interval=100)
-# RoPE (the layers find their global positions), learned absolute positions (the model's global offset) and
-# sinusoidal ones; a redraw after step 2
-VARIANTS = ("linear-rope", "linear-learned", "linear-abs")
+# RoPE (the layers find their global positions), learned absolute positions (the model's global offset),
+# sinusoidal ones and RetNet's decay; a redraw after step 2
+VARIANTS = ("linear-rope", "linear-learned", "linear-abs", "linear-rope-decay")
 LENGTH = 45  # odd: uneven slices (23 + 22); lookback leaves the first DISTANCE targets unscored (rank 0 only)
 DISTANCE = 5
 TOL = 1e-5
@@ -87,7 +87,8 @@ def _worker(rank: int, world: int, sp: int, init_file: str, out: str) -> None:
         except Exception:  # noqa: BLE001 - reported by the test that reads it
             results[variant] = traceback.format_exc()
     try:  # softmax variants refuse sequence parallelism, on every rank, before anything trains
-        run_long_context(Preset(("linear-rope", "softmax-rope"), (LENGTH,), (0,), 64, 64, MODEL, TRAIN),
+        run_long_context(Preset(("linear-rope", "softmax-rope", "linear-rope-learned"), (LENGTH,), (0,), 64, 64,
+                                MODEL, TRAIN),
                          sequence_parallel=0, out=f"{out}/lc", progress=False)
         results["softmax"] = "no error"
     except ValueError as e:
@@ -148,11 +149,17 @@ def test_two_sequence_parallel_ranks_train_like_one_process(two_ranks, variant, 
     assert max(abs(a.get("accuracy", 0) - b.get("accuracy", 0)) for a, b in zip(metrics, rows)) <= TOL
 
 
-def test_softmax_variants_refuse_sequence_parallelism(two_ranks):
-    for res in two_ranks:
-        assert "sequence parallelism needs linear attention; ['softmax-rope']" in res["softmax"]
-    with pytest.raises(ValueError, match="group: sequence parallelism needs linear attention"):
+def test_softmax_and_learned_rotations_refuse_sequence_parallelism(two_ranks):
+    for res in two_ranks:  # named before anything trains (linear-rope comes first in the grid)
+        assert res["softmax"].startswith("variants: no sequence-parallel path for 'softmax-rope': softmax attention "
+                                         "(every rank would need every key and value: ring attention, not "
+                                         "implemented); 'linear-rope-learned': learned rotations"), res["softmax"]
+    with pytest.raises(ValueError, match="group: variant 'softmax-t5' has no sequence-parallel path: softmax"):
         ByteLM(ModelConfig(attention="softmax-t5", **MODEL), group=object())
+    with pytest.raises(ValueError, match="sequence_parallel: expected 1 for variant 'linear-rope-learned' "
+                                         r"\(learned rotations"):
+        train(ModelConfig(attention="linear-rope-learned", **MODEL), TrainConfig(**TRAIN, sequence_parallel=2),
+              _task(), "/nonexistent")
     with pytest.raises(ValueError, match="sequence_parallel: expected a divisor of the world size 1, got 2"):
         train(ModelConfig(**MODEL), TrainConfig(**TRAIN, sequence_parallel=2), _task(), "/nonexistent")
 

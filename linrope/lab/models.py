@@ -24,7 +24,7 @@ from .._engine.parallel import rank_offset
 from ..features import FEATURE_MAPS, redraw_projections
 
 __all__ = ["Variant", "VARIANTS", "CORE_VARIANTS", "T5Attention", "t5_buckets", "ModelConfig", "RMSNorm", "MLP",
-           "Block", "ByteLM", "sinusoidal_positions"]
+           "Block", "ByteLM", "sinusoidal_positions", "sequence_parallel_refusal"]
 
 VOCAB_SIZE = 256  # bytes
 
@@ -126,6 +126,16 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def sequence_parallel_refusal(attention: str) -> str | None:
+    """Why variant ``attention`` cannot run with a sequence-parallel group, or None if it can."""
+    v = VARIANTS[attention]
+    if v.kind != "linear":
+        return "softmax attention (every rank would need every key and value: ring attention, not implemented)"
+    if v.rope_learned:
+        return "learned rotations (the library's LearnedRotary takes no group: sequence parallelism takes fixed ones)"
+    return None
 
 
 def sinusoidal_positions(n: int, dim: int, *, offset: int = 0, device=None) -> Tensor:
@@ -251,10 +261,10 @@ class ByteLM(nn.Module):
         super().__init__()
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config: expected a ModelConfig, got {type(config).__name__}")
-        if group is not None and config.variant.kind != "linear":
-            raise ValueError(f"group: sequence parallelism needs linear attention, but variant "
-                             f"{config.attention!r} is softmax attention (every rank would need every key and value: "
-                             f"ring attention, not implemented); use a linear variant")
+        refusal = None if group is None else sequence_parallel_refusal(config.attention)
+        if refusal:
+            raise ValueError(f"group: variant {config.attention!r} has no sequence-parallel path: {refusal}; use "
+                             f"another linear variant, e.g. 'linear-rope'")
         self.config = config
         self.group = group  # not a parameter or buffer
         self.embed = nn.Embedding(VOCAB_SIZE, config.dim)

@@ -20,7 +20,7 @@ import torch
 from .._checks import is_int
 from . import plots
 from .data import LMTask, SyntheticTask, load_corpus
-from .models import CORE_VARIANTS, VARIANTS, ModelConfig
+from .models import CORE_VARIANTS, VARIANTS, ModelConfig, sequence_parallel_refusal
 from .train import TrainConfig, distributed_context, load_model, position_losses, read_metrics, train
 
 __all__ = ["Preset", "PRESETS", "parse_list", "listing", "variant_listing", "add_synthetic_arguments", "run_script",
@@ -249,11 +249,11 @@ def run_long_context(preset: str | Preset = "quick", *, variants=None, lengths=N
     if not is_int(sp) or sp < 1 or world % sp:
         raise ValueError(f"sequence_parallel: expected 0 (the world size) or a divisor of the world size {world}, "
                          f"got {sequence_parallel!r}")
-    softmax = [v for v in p.variants if VARIANTS[v].kind != "linear"]
-    if sp > 1 and softmax:
-        raise ValueError(f"variants: sequence parallelism needs linear attention; {softmax} are softmax attention "
-                         f"(every rank would need every key: ring attention, not implemented); pass linear ones, e.g. "
-                         f"--variants linear-rope")
+    refused = {v: sequence_parallel_refusal(v) for v in p.variants} if sp > 1 else {}
+    refused = {v: why for v, why in refused.items() if why}
+    if refused:
+        named = "; ".join(f"{v!r}: {why}" for v, why in refused.items())
+        raise ValueError(f"variants: no sequence-parallel path for {named}; pass others, e.g. --variants linear-rope")
     if sp > 1 and min(p.lengths) < sp:
         raise ValueError(f"lengths: expected at least {sp} positions (one per rank of a sequence), got {p.lengths}")
     train_cfg["sequence_parallel"] = sp

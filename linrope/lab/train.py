@@ -47,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .data import IGNORE
 from .._checks import check_int, check_number, is_int
 from ..features import redraw_projections
-from .models import ByteLM, ModelConfig
+from .models import ByteLM, ModelConfig, sequence_parallel_refusal
 
 __all__ = ["TrainConfig", "train", "evaluate", "position_losses", "load_checkpoint", "load_model", "read_metrics",
            "lr_at", "distributed_context", "leave_distributed", "sequence_parallel_group", "sequence_slice"]
@@ -306,11 +306,12 @@ def train(model_config: ModelConfig, cfg: TrainConfig, task, run_dir: str | Path
 
     rank, world, device = distributed_context(cfg.device)
     sp = cfg.sequence_parallel
+    refusal = sequence_parallel_refusal(model_config.attention) if sp > 1 else None
+    if refusal:
+        raise ValueError(f"sequence_parallel: expected 1 for variant {model_config.attention!r} ({refusal}), "
+                         f"got {sp}")
     if world % sp:
         raise ValueError(f"sequence_parallel: expected a divisor of the world size {world}, got {sp}")
-    if sp > 1 and model_config.variant.kind != "linear":
-        raise ValueError(f"sequence_parallel: expected 1 for variant {model_config.attention!r} (softmax attention "
-                         f"has no sequence-parallel path), got {sp}")
     if task.length < sp:
         raise ValueError(f"sequence_parallel: expected at most the sequence length {task.length} ranks, got {sp}")
     sp_group = sequence_parallel_group(sp)
