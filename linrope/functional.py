@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_int, check_mask, check_qkv, check_rotary, check_tensor
-from ._engine import EngineConfig, KeyStateFunction, LinearAttentionFunction, empty_state
+from ._engine import EngineConfig, LinearAttentionFunction, empty_state
 from ._engine import parallel
 from ._engine.feature_sources import LOG_DTYPE
 from .features import compute_dtype
@@ -188,24 +188,13 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
         pos = resolve_positions(positions, Nq, v.device, B).to(LOG_DTYPE)
         kb = (lam[:, None] * pos[..., None, :]).expand(B, H, N).reshape(B * H, N)
     interleaved = rotary is not None and rotary.interleaved
-    if lay is not None:  # every rank's keys as states: the earlier ranks' (causal) or the others' (bidirectional)
-        Sk, zk, Mk = KeyStateFunction.apply(kind, cfg, interleaved, k, ks, kb, v, W if W is None else W.to(dt),
-                                            mask, cos, sin)
-        every = parallel.gather_states(Sk, zk, Mk, lay)
-        ranks = torch.arange(lay.size, device=v.device)
-        use = ranks < lay.rank if causal else ranks != lay.rank
-        if initial_state is not None:  # it precedes rank 0's first position
-            every = tuple(torch.cat((s0[None], e)) for s0, e in zip((S0, z0, M0), every))
-            use = torch.cat((use.new_ones(1), use))
-        if return_state:  # every rank returns the state after the whole sequence (the last rank's)
-            final = _state_out(*parallel.combine(*every, torch.ones_like(use)), offset + lay.total, lam)
-        S0, z0, M0 = parallel.combine(*every, use)
+    par = None if lay is None else parallel.Parallel(lay, initial_state is not None, return_state)
     # inputs go in as they are (half stays half: autograd keeps them); the engine casts each group
     out, S, z, M = LinearAttentionFunction.apply(
         kind, cfg, interleaved, q, k, ks, kb, v, W if W is None else W.to(dt), mask, cos, sin, kcos, ksin, S0, z0,
-        M0, theta, phase, apos)
-    if return_state:
-        return out, (final if lay is not None else _state_out(S, z, M, offset + N, lam))
+        M0, theta, phase, apos, par)
+    if return_state:  # under sequence parallelism, every rank gets the state after the whole sequence
+        return out, _state_out(S, z, M, offset + (N if lay is None else lay.total), lam)
     return out
 
 

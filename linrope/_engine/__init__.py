@@ -4,9 +4,10 @@
   rotation R_n on interleaved pairs, reusable workspace buffers, and ``NEG`` (the log-scale of "no key").
 * ``chunked.py``: one group (chunks, normalizer sub-chunks), the causal and bidirectional drivers over groups,
   and the autograd Functions that ``linrope.functional`` calls.
-* ``parallel.py``: sequence parallelism (``group=``): per-rank key states, one all-gather, their combination.
+* ``parallel.py``: sequence parallelism (``group=``): layout checks, the all-gather of key states, their
+  combination weights, the all-reduce of their gradients (the engine calls them inside its Function).
 """
 
-from .chunked import JUMP_LIMIT, EngineConfig, KeyStateFunction, LinearAttentionFunction, empty_state
+from .chunked import JUMP_LIMIT, EngineConfig, LinearAttentionFunction, empty_state
 
-__all__ = ["EngineConfig", "KeyStateFunction", "LinearAttentionFunction", "empty_state", "JUMP_LIMIT"]
+__all__ = ["EngineConfig", "LinearAttentionFunction", "empty_state", "JUMP_LIMIT"]

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import parallel
 from .feature_sources import (LOG_DTYPE, NEG, AngleRotation, FavorFeatures, GivenFeatures, Rotation, Workspace,
                               group_rows, interleaved_order)
 
@@ -469,20 +470,27 @@ def key_state(src, rot_k, V, S, z, M, cfg: EngineConfig):
     return S, z, M, P
 
 
-def key_state_backward(src, rot_k, V, dS, dz, P, cfg: EngineConfig) -> Tensor:
+def key_state_backward(src, rot_k, V, dS, dz, P, cfg: EngineConfig, dV: Tensor | None = None) -> Tensor:
     """Gradients of ``key_state`` given those of the final (S, z) (BH, r, dv), (BH, r): key gradients go to
-    ``src``; returns dV (BH, N, dv)."""
+    ``src``; returns dV (BH, N, dv). Given ``dV`` (sequence parallelism: this rank's keys also fed its own output),
+    both are added to what is there rather than written."""
     BH, r, dv = dS.shape
     N = V.shape[2]
     ws = Workspace(V.device, cfg.dtype)
-    dV = V.new_empty(BH, N, dv)
+    add = dV is not None
+    src.add_keys = add
+    dV = V.new_empty(BH, N, dv) if dV is None else dV
     for a, b in _groups(N, cfg.group_size):  # keys, at the final reference P
         k0, kr, logscale, _, _ = _group_features(src, rot_k, ws, a, b, P=P)
-        dV[:, a:b] = torch.bmm(k0 if kr is None else kr, dS)
+        if add:
+            dV[:, a:b] += torch.bmm(k0 if kr is None else kr, dS)
+        else:
+            dV[:, a:b] = torch.bmm(k0 if kr is None else kr, dS)
         dk0 = torch.bmm(group_rows(V, a, b, ws.get("v", BH, b - a, dv)), dS.transpose(1, 2))
         if kr is not None:
             dk0 = rot_k(dk0, a, b, ws.get("tmp", *dk0.shape), inverse=True)
         src.key_grad(a, b, k0, dk0.add_(dz.unsqueeze(1)), logscale, P)
+    src.add_keys = False
     return dV
 
 
@@ -533,7 +541,9 @@ class LinearAttentionFunction(torch.autograd.Function):
     """out, S, z, M = f(q, k, ks, v, S0, z0); q, k are features (kind 'features') or raw inputs ('favor').
     kb (BH, N) ``LOG_DTYPE`` or None: a log-bias added to the keys' log-scales (a decay), not differentiated.
     theta, phase (H, r/2), apos ((N,) or (B, N) float64 positions): learned angles (``LearnedRotary``, causal), in
-    place of cos/sin; their gradients are returned.
+    place of cos/sin; their gradients are returned. par: a ``parallel.Parallel`` for sequence parallelism (or
+    None): (S0, z0, M0) is then the initial state, the other ranks' keys come by one all-gather of key states
+    (``_parallel_forward``), and the returned state is the whole sequence's when ``par.return_state``.
 
     Tensors arrive as (B, H, N, .) in the caller's dtypes (kept as they are: half stays half), states as
     (B, H, r, dv), (B, H, r), (B, H) in the compute dtype ``cfg.dtype``; ``interleaved`` is the pairing of
@@ -545,7 +555,7 @@ class LinearAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, kind, cfg, interleaved, q, k, ks, kb, v, W, mask, cos, sin, kcos, ksin, S0, z0, M0, theta, phase,
-                apos):
+                apos, par):
         B, H, N, dv = v.shape
         r = W.shape[0] if kind == "favor" else q.shape[-1]
         perm = interleaved_order(r, v.device) if cos is not None and not interleaved else None
@@ -554,6 +564,9 @@ class LinearAttentionFunction(torch.autograd.Function):
         z0, M0 = _to_internal(z0, perm).reshape(B * H, r), M0.reshape(B * H)
         with torch.autocast(v.device.type, enabled=False):
             src, rot, rot_k = _prepare(ctx.meta, q, k, ks, kb, W, mask, cos, sin, kcos, ksin, theta, phase, apos)
+            ctx.par = par
+            if par is not None:  # the other ranks' keys, as the state this rank starts from (or adds)
+                S0, z0, M0, final, ctx.incoming = _parallel_forward(par, src, rot_k, v, S0, z0, M0, cfg)
             if cfg.causal:
                 out, den, S, z, M, plan = causal_forward(src, rot, v, S0, z0, M0, cfg, keep_states=cfg.needs_grad,
                                                          rot_k=rot_k)
@@ -564,9 +577,11 @@ class LinearAttentionFunction(torch.autograd.Function):
                 ctx.M0 = M0
         ctx.save_for_backward(q, k, ks, kb, v, W, mask, cos, sin, kcos, ksin, out, den, theta, phase, apos)
         ctx.final = (S, z, M)
-        S = _to_user(S.view(B, H, r, dv), perm)
-        z = _to_user(z.view(B, H, r), perm)
-        M = M.view(B, H)
+        if par is not None and final is not None:  # the state after the whole sequence (every rank's keys)
+            S, z, M = final
+        S = _to_user(S.reshape(B, H, r, dv), perm)
+        z = _to_user(z.reshape(B, H, r), perm)
+        M = M.reshape(B, H)
         ctx.mark_non_differentiable(M)  # the tensor returned: a log-scale, not differentiated
         return out.view(B, H, q.shape[2], dv), S, z, M
 
@@ -580,62 +595,91 @@ class LinearAttentionFunction(torch.autograd.Function):
             src, rot, rot_k = _prepare(ctx.meta, q, k, ks, kb, W, mask, cos, sin, kcos, ksin, theta, phase, apos)
             dout = torch.zeros_like(out) if dout is None else dout.reshape(out.shape)
             r = S.shape[1]
+            dS = None if dS is None else _to_internal(dS, perm).reshape(S.shape)
+            dz = None if dz is None else _to_internal(dz, perm).reshape(z.shape)
+            par = ctx.par
+            dSf = dzf = None
+            if par is not None:  # the returned state was the whole sequence's: its gradient goes to the ranks' keys
+                dSf, dzf, dS, dz = dS, dz, None, None
             if cfg.causal:
-                dS = torch.zeros_like(S) if dS is None else _to_internal(dS, perm).reshape(S.shape)
-                dz = torch.zeros_like(z) if dz is None else _to_internal(dz, perm).reshape(z.shape)
+                dS = torch.zeros_like(S) if dS is None else dS
+                dz = torch.zeros_like(z) if dz is None else dz
                 dV, dS0, dz0 = causal_backward(src, rot, v, out, den, dout, dS, dz, ctx.plan, cfg, rot_k)
             else:  # S = S0 exp(M0 - P) + this call's keys (only the outputs are differentiated here)
                 dV, dS0, dz0 = bidirectional_backward(src, rot, rot_k, v, out, den, dout, S, z, ctx.ref, cfg)
                 if ctx.ref is not None:
                     e = torch.exp(ctx.M0 - ctx.ref).to(dS0.dtype)
                     dS0, dz0 = dS0 * e[:, None, None], dz0 * e[:, None]
-            dS0 = _to_user(dS0.view(B, H, r, -1), perm)
-            dz0 = _to_user(dz0.view(B, H, r), perm)
-        shape = lambda t, like: None if t is None else t.view(like.shape)  # noqa: E731
-        dtheta = dphase = None
-        if theta is not None:  # learned angles: the queries' and the keys' rotations both turn by theta
-            dtheta = (rot.dtheta + rot_k.dtheta).to(theta.dtype)
-            dphase = None if phase is None else rot.dphase.to(phase.dtype)
-        return (None, None, None, shape(src.dq, q), shape(src.dk, k), shape(src.dks, ks), None, dV.view(v.shape),
-                None, None, None, None, None, None, dS0, dz0, None, dtheta, dphase, None)
+            if par is not None:  # through the combination and the all-reduce into this rank's keys; what is
+                # left is the initial state's share (None without one)
+                dS0, dz0 = _parallel_backward(par, ctx.incoming, src, rot_k, v, dS0, dz0, dSf, dzf, dV, cfg)
+                if dS0 is None:
+                    return _grads(src, q, k, ks, v, dV, None, None, theta, phase, rot, rot_k)
+            dS0 = _to_user(dS0.reshape(B, H, r, -1), perm)
+            dz0 = _to_user(dz0.reshape(B, H, r), perm)
+        return _grads(src, q, k, ks, v, dV, dS0, dz0, theta, phase, rot, rot_k)
 
 
-class KeyStateFunction(torch.autograd.Function):
-    """S, z, M = the state of keys k (with log-scales ks) and values v alone, from zero: what one rank
-    contributes under sequence parallelism. k rotated by cos/sin (their pairing ``interleaved``) if given.
-    Shapes and dtypes as in ``LinearAttentionFunction``; S, z in the caller's feature order, relative to M."""
+def _grads(src, q, k, ks, v, dV, dS0, dz0, theta, phase, rot, rot_k) -> tuple:
+    """``LinearAttentionFunction.backward``'s return: a gradient (or None) per input of ``forward``."""
+    shape = lambda t, like: None if t is None else t.view(like.shape)  # noqa: E731
+    dtheta = dphase = None
+    if theta is not None:  # learned angles: the queries' and the keys' rotations both turn by theta
+        dtheta = (rot.dtheta + rot_k.dtheta).to(theta.dtype)
+        dphase = None if phase is None else rot.dphase.to(phase.dtype)
+    return (None, None, None, shape(src.dq, q), shape(src.dk, k), shape(src.dks, ks), None, dV.view(v.shape),
+            None, None, None, None, None, None, dS0, dz0, None, dtheta, dphase, None, None)
 
-    @staticmethod
-    def forward(ctx, kind, cfg, interleaved, k, ks, kb, v, W, mask, cos, sin):
-        B, H, N, dv = v.shape
-        r = W.shape[0] if kind == "favor" else k.shape[-1]
-        perm = interleaved_order(r, v.device) if cos is not None and not interleaved else None
-        ctx.meta = (kind, cfg, perm, B, H)
-        S, z, M = (t.flatten(0, 1) for t in empty_state(B, H, r, dv, cfg.dtype, v.device))
-        with torch.autocast(v.device.type, enabled=False):
-            src, rot, _ = _prepare(ctx.meta, None, k, ks, kb, W, mask, cos, sin, None, None, None, None, None)
-            S, z, M, ctx.ref = key_state(src, rot, v, S, z, M, cfg)
-        ctx.save_for_backward(k, ks, kb, v, W, mask, cos, sin)
-        M = M.view(B, H)
-        ctx.mark_non_differentiable(M)
-        return _to_user(S.view(B, H, r, dv), perm), _to_user(z.view(B, H, r), perm), M
 
-    @staticmethod
-    def backward(ctx, dS, dz, _dM):
-        _no_double_backward()
-        kind, cfg, perm, B, H = ctx.meta
-        k, ks, kb, v, W, mask, cos, sin = ctx.saved_tensors
-        with torch.autocast(v.device.type, enabled=False):
-            src, rot, _ = _prepare(ctx.meta, None, k, ks, kb, W, mask, cos, sin, None, None, None, None, None)
-            r = src.r
-            dS = (torch.zeros(B * H, r, v.shape[-1], dtype=cfg.dtype, device=v.device) if dS is None
-                  else _to_internal(dS.to(cfg.dtype), perm).reshape(B * H, r, -1))
-            dz = (torch.zeros(B * H, r, dtype=cfg.dtype, device=v.device) if dz is None
-                  else _to_internal(dz.to(cfg.dtype), perm).reshape(B * H, r))
-            dV = key_state_backward(src, rot, v, dS, dz, ctx.ref, cfg)
-        shape = lambda t, like: None if t is None else t.view(like.shape)  # noqa: E731
-        return (None, None, None, shape(src.dk, k), shape(src.dks, ks), None, dV.view(v.shape), None, None, None,
-                None)
+# ---------------------------------------------------------------------------------------------- sequence parallel
+@dataclass
+class _Incoming:
+    """What the backward of ``_parallel_forward`` needs."""
+
+    e: Tensor  # (P', BH): the weight of each gathered state (the initial state first, if any) in this rank's start
+    f: Tensor | None  # (P', BH): the same in the state returned after the whole sequence (return_state)
+    ref: Tensor | None  # the reference this rank's own key state ended at (``key_state``)
+    first: int  # row of rank 0 in the gathered stack (1 after an initial state, else 0)
+
+
+def _parallel_forward(par, src, rot_k, v, S0, z0, M0, cfg: EngineConfig):
+    """This rank's keys summed into a state, every rank's by one all-gather, combined after the initial state
+    (S0, z0, M0: (BH, r, dv), (BH, r), (BH,), zero without one). Returns the state the engine starts from (causal:
+    the earlier ranks'; bidirectional: the other ranks', added to its own keys), the final state of the whole
+    sequence (``par.return_state``, else None) and an ``_Incoming`` for the backward."""
+    BH, r, dv = S0.shape
+    Sl, zl, Ml = S0.new_zeros(BH, r, dv), S0.new_zeros(BH, r), torch.full_like(M0, NEG)
+    Sl, zl, Ml, ref = key_state(src, rot_k, v, Sl, zl, Ml, cfg)
+    Sg, zg, Mg = parallel.gather(Sl, zl, Ml, par.lay)
+    ranks = torch.arange(par.lay.size, device=v.device)
+    use = ranks < par.lay.rank if cfg.causal else ranks != par.lay.rank
+    first = 0
+    if par.initial:  # it precedes rank 0's first position
+        Sg, zg, Mg = torch.cat((S0[None], Sg)), torch.cat((z0[None], zg)), torch.cat((M0[None], Mg))
+        use, first = torch.cat((use.new_ones(1), use)), 1
+    e, Mc = parallel.weights(Mg, use, S0.dtype)
+    S_in, z_in = torch.einsum("pb,pbrd->brd", e, Sg), torch.einsum("pb,pbr->br", e, zg)
+    final = f = None
+    if par.return_state:
+        f, Mf = parallel.weights(Mg, torch.ones_like(use), S0.dtype)
+        final = (torch.einsum("pb,pbrd->brd", f, Sg), torch.einsum("pb,pbr->br", f, zg), Mf)
+    return S_in, z_in, Mc, final, _Incoming(e, f, ref, first)
+
+
+def _parallel_backward(par, inc: _Incoming, src, rot_k, v, dS0, dz0, dSf, dzf, dV, cfg: EngineConfig):
+    """Mirror of ``_parallel_forward``: the gradients of the gathered states (from the state the engine started
+    from, and from the returned final state), summed over ranks by one all-reduce; this rank's row flows into its
+    keys (added to the source's key gradients and to dV: one set of gradient buffers). Returns the initial
+    state's gradient (None, None without one)."""
+    dSg = inc.e[..., None, None] * dS0  # (P', BH, r, dv)
+    dzg = inc.e[..., None] * dz0
+    if inc.f is not None and dSf is not None:
+        dSg = dSg + inc.f[..., None, None] * dSf
+    if inc.f is not None and dzf is not None:
+        dzg = dzg + inc.f[..., None] * dzf
+    mine_S, mine_z = parallel.reduce_row(dSg[inc.first:], dzg[inc.first:], par.lay)
+    key_state_backward(src, rot_k, v, mine_S, mine_z, inc.ref, cfg, dV=dV)
+    return (dSg[0], dzg[0]) if par.initial else (None, None)
 
 
 def _no_double_backward() -> None:

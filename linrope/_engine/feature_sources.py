@@ -168,6 +168,13 @@ class AngleRotation:
         self.dphase += (gc.imag * yc.real - gc.real * yc.imag).to(torch.float64).sum((0, 2))
 
 
+def _store(dst: Tensor, a: int, b: int, g: Tensor, add: bool) -> None:
+    if add:
+        dst[:, a:b] += g
+    else:
+        dst[:, a:b] = g
+
+
 def group_rows(x: Tensor, a: int, b: int, buf: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor:
     """Positions [a, b) of x (B, H, N, D) as a contiguous (B*H, b-a, D) in ``dtype`` (default: buf's, else x's):
     a view when x already is that, else a copy (into ``buf`` when given)."""
@@ -192,6 +199,8 @@ class FavorFeatures:
     log-scale max_i u - |x~|^2/2 and k0 = exp(u - |x~|^2/2 - P): Performer's exp(u - |x~|^2/2) times the
     group constant exp(-P). The 1/sqrt(r) of Performer cancels and is dropped.
     """
+
+    add_keys = False  # key gradients add to dk instead of being written (a second pass over the same keys)
 
     def __init__(self, q, k, W, mask, dtype, bias=None):  # q None: keys only
         B, H, M, d = k.shape
@@ -230,11 +239,13 @@ class FavorFeatures:
         du = dk0.mul_(k0)  # d/du of exp(u - h - P)
         g = du @ self.Ws
         g.sub_(du.sum(-1, keepdim=True) * group_rows(self.k, a, b, dtype=self.dtype), alpha=self.scale2)  # -d h/dk
-        self.dk[:, a:b] = g
+        _store(self.dk, a, b, g, self.add_keys)
 
 
 class GivenFeatures:
     """Precomputed features qf, kf (B, H, N, r), optional key log-scales ks (B, H, N); ``perm`` reorders features."""
+
+    add_keys = False  # as in FavorFeatures
 
     def __init__(self, qf, kf, ks, mask, perm, dtype, bias=None):  # qf None: keys only
         B, H, M, r = kf.shape
@@ -253,8 +264,8 @@ class GivenFeatures:
             return buf.view(B, H, b - a, -1).copy_(x[:, :, a:b].index_select(-1, self.perm)).view_as(buf)
         return group_rows(x, a, b, buf)  # the chunked bmm needs (BH, G, r) contiguous
 
-    def _put(self, dst, a, b, g):
-        dst[:, a:b] = g if self.inv is None else g.index_select(-1, self.inv)
+    def _put(self, dst, a, b, g, add=False):
+        _store(dst, a, b, g if self.inv is None else g.index_select(-1, self.inv), add)
 
     def query(self, a, b, buf):
         return self._take(self.qf, a, b, buf)
@@ -290,6 +301,6 @@ class GivenFeatures:
 
     def key_grad(self, a, b, k0, dk0, logscale, ref):
         if self.dks is not None:
-            self.dks[:, a:b] = (dk0 * k0).sum(-1)
+            _store(self.dks, a, b, (dk0 * k0).sum(-1), self.add_keys)
         w = self._weight(a, b, logscale, ref)
-        self._put(self.dk, a, b, dk0 if w is None else dk0.mul_(w.unsqueeze(-1)))
+        self._put(self.dk, a, b, dk0 if w is None else dk0.mul_(w.unsqueeze(-1)), self.add_keys)

@@ -4,15 +4,17 @@ One sequence is split across the P ranks of a ``torch.distributed`` group: rank 
 [o_p, o_p + N_p), slices in rank order. Linear attention's past is a state, so ranks exchange states, never keys
 or values (LASP-2, arXiv 2502.07563: one all-gather of per-rank states instead of LASP's ring):
 
-1. each rank sums its own keys and values into a state (``KeyStateFunction``): numerator (B, H, r, dv), key sum
-   (B, H, r), log-scale reference (B, H);
-2. one all-gather gives every rank all P states (``_AllGather``; one flat buffer, one collective);
+1. each rank sums its own keys and values into a state (``chunked.key_state``): numerator (B, H, r, dv), key
+   sum (B, H, r), log-scale reference (B, H);
+2. one all-gather gives every rank all P states (``gather``: one flat buffer, one collective);
 3. causal: rank p's engine starts from the combination of ranks < p (and of a streaming ``initial_state``,
    which comes before rank 0); bidirectional: rank p's engine adds the combination of the other ranks to its
-   own keys. ``combine`` brings states to a common reference before summing, like the engine between groups.
+   own keys. ``weights`` bring states to a common reference before summing, like the engine between groups.
 
-Backward mirrors it: each rank's gradient of the P gathered states is summed over ranks (an all-reduce of P
-states), and rank p's share flows back into its keys and values. Communication is O(P r dv) per head both ways.
+Backward mirrors it inside the same autograd Function (``chunked._parallel_backward``): each rank's gradient of
+the P gathered states is summed over ranks (``reduce_row``: an all-reduce of P states), and rank p's row flows
+into its keys and values, added to the same gradient buffers as its own output's share. Communication is
+O(P r dv) per head both ways, never keys or values.
 
 Every rank of the group must make the same calls with the same B, H, r, dv and options (checked with one small
 all-gather that also exchanges the slice lengths), and run the backward if any does (like DDP).
@@ -77,41 +79,42 @@ def rank_offset(group, N: int) -> tuple[int, int]:
     return lay.offset, lay.total
 
 
-class _AllGather(torch.autograd.Function):
-    """(n,) on each rank -> (P, n) on every rank; backward: the sum over ranks of each rank's gradient of the
-    (P, n) result, row p to rank p (an all-reduce: gloo has no reduce-scatter)."""
+@dataclass(frozen=True)
+class Parallel:
+    """Sequence parallelism for one ``LinearAttentionFunction`` call: the layout, whether an initial state comes
+    first, and whether the state after the whole sequence is returned."""
 
-    @staticmethod
-    def forward(ctx, x: Tensor, lay: Layout) -> Tensor:
-        ctx.lay = lay
-        parts = [torch.empty_like(x) for _ in range(lay.size)]
-        dist.all_gather(parts, x.contiguous(), group=lay.group)
-        return torch.stack(parts)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        g = g.contiguous().clone()
-        dist.all_reduce(g, group=ctx.lay.group)
-        return g[ctx.lay.rank], None
+    lay: Layout
+    initial: bool
+    return_state: bool
 
 
-def gather_states(S: Tensor, z: Tensor, M: Tensor, lay: Layout) -> tuple[Tensor, Tensor, Tensor]:
-    """Every rank's (S, z, M): (P, B, H, r, dv), (P, B, H, r), (P, B, H). One collective each way."""
-    flat = torch.cat((S.flatten().to(M.dtype), z.flatten().to(M.dtype), M.detach().flatten()))  # M: float64
-    every = _AllGather.apply(flat, lay)
-    nS, nz = S.numel(), z.numel()
-    P = lay.size
+def gather(S: Tensor, z: Tensor, M: Tensor, lay: Layout) -> tuple[Tensor, Tensor, Tensor]:
+    """Every rank's (S, z, M): (P, BH, r, dv), (P, BH, r), (P, BH), by one all-gather of one float64 buffer (M's
+    dtype: log-scales that must not round). No autograd: ``reduce_row`` is the backward's mirror."""
+    flat = torch.cat((S.flatten().to(M.dtype), z.flatten().to(M.dtype), M.flatten()))
+    parts = [torch.empty_like(flat) for _ in range(lay.size)]
+    dist.all_gather(parts, flat, group=lay.group)
+    every = torch.stack(parts)
+    nS, nz, P = S.numel(), z.numel(), lay.size
     return (every[:, :nS].view(P, *S.shape).to(S.dtype), every[:, nS:nS + nz].view(P, *z.shape).to(z.dtype),
-            every[:, nS + nz:].detach().view(P, *M.shape))
+            every[:, nS + nz:].view(P, *M.shape))
 
 
-def combine(S: Tensor, z: Tensor, M: Tensor, use: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The state of the keys of the states with ``use`` (P,) bool, at their common reference max M.
-
-    S (P, B, H, r, dv), z (P, B, H, r), M (P, B, H). Unused states are multiplied by 0 rather than left out, so
-    that every gathered state stays in the graph: each rank's backward then reaches the all-reduce that the
-    other ranks wait in."""
-    Mu = torch.where(use[:, None, None], M, torch.full_like(M, NEG))
+def weights(M: Tensor, use: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Weights e (P, BH) in ``dtype`` that bring the states with ``use`` (P,) to their common reference
+    Mc = max M (BH,) (0 for the others), and Mc: sum_p e_p S_p is the state of their keys together."""
+    Mu = torch.where(use[:, None], M, torch.full_like(M, NEG))
     Mc = Mu.amax(0)
-    e = (torch.exp(Mu - Mc) * use[:, None, None]).to(S.dtype)  # no key: exp(NEG - NEG) = 1, times zero sums
-    return (S * e[..., None, None]).sum(0), (z * e[..., None]).sum(0), Mc
+    e = torch.exp(Mu - Mc) * use[:, None]  # a state with no key: exp(NEG - NEG) = 1, times its zero sums
+    return e.to(dtype), Mc
+
+
+def reduce_row(dS: Tensor, dz: Tensor, lay: Layout) -> tuple[Tensor, Tensor]:
+    """Sum (P, ...) gradients over the ranks (one all-reduce: gloo has no reduce-scatter) and return this rank's
+    row: the gradient of its own key state from every rank's use of it."""
+    flat = torch.cat((dS.flatten(), dz.flatten()))
+    dist.all_reduce(flat, group=lay.group)
+    P = lay.size
+    dS, dz = flat[:dS.numel()].view(dS.shape), flat[dS.numel():].view(dz.shape)
+    return dS[lay.rank], dz[lay.rank]
