@@ -50,7 +50,8 @@ DECODE = 3  # tokens decoded after the parallel prefill
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-300))
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
 def _data(name: str, case: dict, N: int):
