@@ -25,12 +25,14 @@ def test_run_point_measures_in_a_fresh_process_and_reports_failures():
     assert bad.status.startswith("failed") and "no_such_case" in bad.status
 
 
-def test_rounds_take_the_median_of_the_processes_medians_and_keep_the_first_memory():
+def test_rounds_take_the_median_of_the_processes_medians_and_of_their_peaks():
     a = Record("c", {}, "ok", 1.0, [0.9, 1.0, 1.1], 100.0)
-    b = Record("c", {}, "ok", 3.0, [3.0, 3.0, 3.0], 500.0)  # one slow process: the median shrugs it off
-    c = Record("c", {}, "ok", 1.2, [1.2, 1.2, 1.3], 400.0)
+    b = Record("c", {}, "ok", 3.0, [3.0, 3.0, 3.0], 500.0)  # one slow, bloated process: the medians shrug it off
+    c = Record("c", {}, "ok", 1.2, [1.2, 1.2, 1.3], 110.0)
     out = combine_rounds(combine_rounds(a, b), c)
-    assert out.rounds == [1.0, 3.0, 1.2] and out.seconds == 1.2 and out.peak_mib == 100.0 and len(out.times) == 9
+    assert out.rounds == [1.0, 3.0, 1.2] and out.seconds == 1.2 and len(out.times) == 9
+    assert out.peaks == [100.0, 500.0, 110.0] and out.peak_mib == 110.0
+    assert combine_rounds(a, Record("c", {}, "ok", 1.0, [1.0])).peak_mib == 100.0  # a round without memory
     assert a.rounds == [] and a.seconds == 1.0  # inputs untouched
     failed = combine_rounds(a, Record("c", {}, "timeout after 9 s"))
     assert failed.status == "round failed: timeout after 9 s"

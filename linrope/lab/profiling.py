@@ -57,6 +57,7 @@ class Record:
     peak_mib: float | None = None
     device: str = "cpu"
     rounds: list = field(default_factory=list)
+    peaks: list = field(default_factory=list)  # each process's peak when measured in several (``peak_mib``: median)
 
     def to_dict(self) -> dict:
         return asdict(self)

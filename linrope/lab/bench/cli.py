@@ -49,7 +49,7 @@ def main(argv=None, prog: str | None = None) -> None:
         for k in range(args.rounds):  # round-robin, so slow drifts of the machine hit every point alike
             for key, case, params in points:
                 if k == 0 or records[key].status == "ok":  # a failed or timed-out point is not run again
-                    rec = run_point(CASES[case], params, repeats=args.repeats, timeout=900, memory=k == 0)
+                    rec = run_point(CASES[case], params, repeats=args.repeats, timeout=900, memory=True)
                     records[key] = rec if k == 0 else combine_rounds(records[key], rec)
                 bar.update()
     table = evaluate(records, args.n, args.n_mem, sgemm_gflops=info.sgemm_gflops)
