@@ -2,7 +2,7 @@
 
 * ``median_time(fn)``: median wall time after warm-up (CUDA: synchronised, timed with events).
 * ``measure(fn)``: a ``Record`` with the median time and the peak memory of the timed runs. CPU: the peak
-  resident set size (``ru_maxrss``) minus the resident size just before the timed work; CUDA:
+  resident set size (``VmHWM``) minus the resident size just before the timed work; CUDA:
   ``torch.cuda.max_memory_allocated`` minus the allocation before.
 * ``run_point(case, **params)``: the same in fresh subprocesses (so one point's allocations cannot inflate the
   next point's peak), in two passes on CPU: time with the default allocator, then peak memory (one run, no
@@ -27,7 +27,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -89,13 +88,13 @@ def median_time(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 3, 
     return statistics.median(times), times
 
 
-def rss_bytes() -> int:
-    """Current resident set size of this process (Linux), in bytes."""
+def rss_bytes(field: str = "VmRSS") -> int:
+    """Current resident set size of this process (Linux), in bytes; ``field='VmHWM'``: its peak so far."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("VmRSS not found in /proc/self/status")
+    raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
 def measure(fn: Callable[[], object], *, case: str = "", params: dict | None = None, warmup: int = 1,
@@ -111,7 +110,10 @@ def measure(fn: Callable[[], object], *, case: str = "", params: dict | None = N
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec, so a
+        # point started by a process that had grown (the bench after its sgemm) read that parent's peak (310 MiB
+        # for a point whose own peak is 81)
+        peak = rss_bytes("VmHWM") - base
     return Record(case, params or {}, "ok", seconds, times, max(peak, 0) / MIB, device)
 
 
@@ -260,6 +262,16 @@ def machine_info(*, sgemm_n: int = 2048, bmm: tuple = (2048, 64, 256, 64), repea
     if sgemm_n < 1 or min(bmm) < 1 or repeats < 1:
         raise ValueError(f"machine_info: sizes and repeats must be >= 1, got sgemm_n={sgemm_n}, bmm={bmm}, "
                          f"repeats={repeats}")
+    env = dict(os.environ)
+    try:
+        return _machine_info(sgemm_n, bmm, repeats, seed)
+    finally:  # torch may set variables on the way (TORCHINDUCTOR_CACHE_DIR was seen), which the fresh processes of
+        # the points would inherit: with it, a point's measured pass imported more and read 310 MiB instead of 81
+        os.environ.clear()
+        os.environ.update(env)
+
+
+def _machine_info(sgemm_n: int, bmm: tuple, repeats: int, seed: int) -> MachineInfo:
     g = torch.Generator().manual_seed(seed)
     a, b_ = (torch.randn(sgemm_n, sgemm_n, generator=g) for _ in range(2))
     out = torch.empty(sgemm_n, sgemm_n)
