@@ -10,7 +10,8 @@ import zlib
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from distributed import run_ranks
 
 from linrope import LinearRotaryAttention, RotaryEmbedding, SoftmaxAttention
 from linrope.features import favor_plus, gaussian_orthogonal_matrix
@@ -193,14 +194,7 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sp")
-    ctx = mp.start_processes(_worker, args=(str(tmp / "init"), str(tmp / "out")), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=240)
-    while not ctx.join(timeout=5):
-        if datetime.datetime.now() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the 2 sequence-parallel ranks did not finish in 240 s")
+    run_ranks(_worker, (str(tmp / "init"), str(tmp / "out")), WORLD, timeout=240)
     return [torch.load(tmp / f"out.{r}") for r in range(WORLD)]
 
 

@@ -10,7 +10,7 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from distributed import run_ranks
 
 from linrope.lab import parallel_profile, profiling
 from linrope.lab.data import SyntheticTask
@@ -98,14 +98,7 @@ def _worker(rank: int, world: int, sp: int, init_file: str, out: str) -> None:
 
 
 def _spawn(tmp, world: int, sp: int) -> list[dict]:
-    ctx = mp.start_processes(_worker, args=(world, sp, str(tmp / "init"), str(tmp)), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=180)
-    while not ctx.join(timeout=2):
-        if datetime.datetime.now() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {world} ranks did not finish in 180 s")
+    run_ranks(_worker, (world, sp, str(tmp / "init"), str(tmp)), world, timeout=180)
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 

@@ -115,6 +115,5 @@ def reduce_row(dS: Tensor, dz: Tensor, lay: Layout) -> tuple[Tensor, Tensor]:
     row: the gradient of its own key state from every rank's use of it."""
     flat = torch.cat((dS.flatten(), dz.flatten()))
     dist.all_reduce(flat, group=lay.group)
-    P = lay.size
     dS, dz = flat[:dS.numel()].view(dS.shape), flat[dS.numel():].view(dz.shape)
     return dS[lay.rank], dz[lay.rank]

@@ -78,7 +78,7 @@ from ..attention import LinearRotaryAttention, SoftmaxAttention
 from ..features import favor_plus, gaussian_orthogonal_matrix
 from ..reference import _relative_scores
 from .data import LMTask, load_corpus
-from .mechanism import cpu_name, rope_frequencies
+from .mechanism import rope_frequencies, study_start
 from .models import VARIANTS, ByteLM, ModelConfig, T5Attention, t5_buckets
 from .plots import _pyplot, write_rows
 from .sweeps import PRESETS
@@ -365,18 +365,7 @@ def run(cfg: LongtermConfig, log=print) -> dict:
     bad = [v for v in cfg.variants if v not in VARIANTS]
     if bad:
         raise ValueError(f"variants: unknown {bad}; expected names from {sorted(VARIANTS)}")
-    lines = []
-
-    def log(msg, _print=log):
-        _print(msg)
-        lines.append(msg)
-
-    torch.set_num_threads(1)
-    t_start = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cpu = cpu_name()
-    log(f"CPU: {cpu}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    log, lines, out, cpu, t_start = study_start(cfg.out, log)
     summary: dict = {"cpu": cpu, "torch": torch.__version__, "config": asdict(cfg)}
 
     # (a) the bound

@@ -635,6 +635,24 @@ def cpu_name() -> str:
     return _profiling_cpu_name(count=False)
 
 
+def study_start(out: str, log) -> tuple:
+    """The start of a one-thread study: (a log that also keeps every line, for ``stdout.txt``; those lines; the
+    output folder, created; the CPU's name, logged; the start time)."""
+    lines: list[str] = []
+
+    def tee(msg):
+        log(msg)
+        lines.append(msg)
+
+    torch.set_num_threads(1)
+    t_start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cpu = cpu_name()
+    tee(f"CPU: {cpu}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    return tee, lines, out, cpu, t_start
+
+
 def _fmt_snr(s: float) -> str:
     return "inf" if not math.isfinite(s) else (f"{s:.3g}" if s < 1e3 else f"{s:.1e}")
 
@@ -815,18 +833,7 @@ def run(cfg: MechanismConfig, log=print) -> dict:
     into ``stdout.txt``), CSV / JSON / PNG under ``cfg.out``."""
     for spec in cfg.attentions + cfg.recall_attentions:  # fail now on a bad name, not after the capacity table
         parse_spec(spec)
-    lines = []
-
-    def log(msg, _print=log):  # everything printed also goes to out/stdout.txt
-        _print(msg)
-        lines.append(msg)
-
-    torch.set_num_threads(1)
-    t_start = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cpu = cpu_name()
-    log(f"CPU: {cpu}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    log, lines, out, cpu, t_start = study_start(cfg.out, log)
     summary = {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(), "config": asdict(cfg)}
 
     # (a) capacity
