@@ -587,7 +587,9 @@ class LinearAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dS, dz, _dM):
-        _no_double_backward()
+        if torch.is_grad_enabled():  # create_graph=True: the hand-written backward is not differentiable itself
+            raise RuntimeError("linear_attention / favor_attention: double backward (create_graph=True) is not "
+                               "supported: the backward is hand-written and cannot itself be differentiated")
         kind, cfg, perm, B, H = ctx.meta
         q, k, ks, kb, v, W, mask, cos, sin, kcos, ksin, out, den, theta, phase, apos = ctx.saved_tensors
         S, z, _ = ctx.final
@@ -613,22 +615,16 @@ class LinearAttentionFunction(torch.autograd.Function):
             if par is not None:  # through the combination and the all-reduce into this rank's keys; what is
                 # left is the initial state's share (None without one)
                 dS0, dz0 = _parallel_backward(par, ctx.incoming, src, rot_k, v, dS0, dz0, dSf, dzf, dV, cfg)
-                if dS0 is None:
-                    return _grads(src, q, k, ks, v, dV, None, None, theta, phase, rot, rot_k)
-            dS0 = _to_user(dS0.reshape(B, H, r, -1), perm)
-            dz0 = _to_user(dz0.reshape(B, H, r), perm)
-        return _grads(src, q, k, ks, v, dV, dS0, dz0, theta, phase, rot, rot_k)
-
-
-def _grads(src, q, k, ks, v, dV, dS0, dz0, theta, phase, rot, rot_k) -> tuple:
-    """``LinearAttentionFunction.backward``'s return: a gradient (or None) per input of ``forward``."""
-    shape = lambda t, like: None if t is None else t.view(like.shape)  # noqa: E731
-    dtheta = dphase = None
-    if theta is not None:  # learned angles: the queries' and the keys' rotations both turn by theta
-        dtheta = (rot.dtheta + rot_k.dtheta).to(theta.dtype)
-        dphase = None if phase is None else rot.dphase.to(phase.dtype)
-    return (None, None, None, shape(src.dq, q), shape(src.dk, k), shape(src.dks, ks), None, dV.view(v.shape),
-            None, None, None, None, None, None, dS0, dz0, None, dtheta, dphase, None, None)
+            if dS0 is not None:
+                dS0 = _to_user(dS0.reshape(B, H, r, -1), perm)
+                dz0 = _to_user(dz0.reshape(B, H, r), perm)
+        shape = lambda t, like: None if t is None else t.view(like.shape)  # noqa: E731
+        dtheta = dphase = None
+        if theta is not None:  # learned angles: the queries' and the keys' rotations both turn by theta
+            dtheta = (rot.dtheta + rot_k.dtheta).to(theta.dtype)
+            dphase = None if phase is None else rot.dphase.to(phase.dtype)
+        return (None, None, None, shape(src.dq, q), shape(src.dk, k), shape(src.dks, ks), None, dV.view(v.shape),
+                None, None, None, None, None, None, dS0, dz0, None, dtheta, dphase, None, None)
 
 
 # ---------------------------------------------------------------------------------------------- sequence parallel
@@ -682,12 +678,6 @@ def _parallel_backward(par, inc: _Incoming, src, rot_k, v, dS0, dz0, dSf, dzf, d
     return (dSg[0], dzg[0]) if par.initial else (None, None)
 
 
-def _no_double_backward() -> None:
-    if torch.is_grad_enabled():  # create_graph=True: the hand-written backward is not differentiable itself
-        raise RuntimeError("linear_attention / favor_attention: double backward (create_graph=True) is not "
-                           "supported: the backward is hand-written and cannot itself be differentiated")
-
-
 def _prepare(meta, q, k, ks, kb, W, mask, cos, sin, kcos, ksin, theta, phase, apos):
     """The feature source and the rotations of queries and keys (the same one unless keys have their own
     positions, cross-attention, or the angles are learned: the queries' then add the phase)."""
@@ -696,7 +686,7 @@ def _prepare(meta, q, k, ks, kb, W, mask, cos, sin, kcos, ksin, theta, phase, ap
     rot_k = rot if kcos is None else Rotation(kcos, ksin)
     if theta is not None:
         rot, rot_k = AngleRotation(theta, phase, apos, H, cfg.dtype), AngleRotation(theta, None, apos, H, cfg.dtype)
-    if kind == "favor":  # q is None for a state of keys alone
+    if kind == "favor":
         src = FavorFeatures(q, k, W if perm is None else W[perm], mask, cfg.dtype, kb)
     else:
         src = GivenFeatures(q, k, ks, mask, perm, cfg.dtype, kb)

@@ -202,7 +202,7 @@ class FavorFeatures:
 
     add_keys = False  # key gradients add to dk instead of being written (a second pass over the same keys)
 
-    def __init__(self, q, k, W, mask, dtype, bias=None):  # q None: keys only
+    def __init__(self, q, k, W, mask, dtype, bias=None):
         B, H, M, d = k.shape
         self.q, self.k, self.mask, self.dtype = q, k, _flat_mask(mask, H), dtype
         self.BH, self.r = B * H, W.shape[0]
@@ -212,7 +212,7 @@ class FavorFeatures:
         self.half_sq = ((0.5 * self.scale2) * k.to(dtype).square().sum(-1).reshape(B * H, -1)).to(LOG_DTYPE)
         if bias is not None:
             self.half_sq = self.half_sq - bias
-        self.dq = None if q is None else q.new_empty(B * H, q.shape[2], d)
+        self.dq = q.new_empty(B * H, q.shape[2], d)
         self.dk, self.dks = k.new_empty(B * H, M, d), None
 
     def query(self, a, b, buf):
@@ -247,14 +247,14 @@ class GivenFeatures:
 
     add_keys = False  # as in FavorFeatures
 
-    def __init__(self, qf, kf, ks, mask, perm, dtype, bias=None):  # qf None: keys only
+    def __init__(self, qf, kf, ks, mask, perm, dtype, bias=None):
         B, H, M, r = kf.shape
         self.qf, self.kf, self.mask, self.perm, self.dtype = qf, kf, _flat_mask(mask, H), perm, dtype
         self.ks = None if ks is None else ks.reshape(B * H, -1)
         self.bias = bias
         self.BH, self.r = B * H, r
         self.inv = None if perm is None else torch.argsort(perm)
-        self.dq = None if qf is None else qf.new_empty(B * H, qf.shape[2], r)
+        self.dq = qf.new_empty(B * H, qf.shape[2], r)
         self.dk = kf.new_empty(B * H, M, r)
         self.dks = None if ks is None else ks.new_empty(B * H, ks.shape[2])
 
