@@ -207,6 +207,8 @@ class LinearRotaryAttention(_Heads):
         seed: seed of the random projection (None: from torch's global generator).
         orthogonal: orthogonal random features.
         chunk_size: chunk of the causal path.
+        group_size: positions whose features the engine holds at once (see ``linear_attention``): None sizes its
+            buffers to the CPU's L2 cache, ``"auto"`` measures once per shape class and caches the fastest.
         qkv_bias: bias in the q/k/v projection.
         decay: causal only: weigh the key at distance m - n by gamma_h^(m - n) in numerator and normalizer alike
             (RetNet's decay; against attention dilution): None, a float gamma in (0, 1] for every head, one per
@@ -239,7 +241,8 @@ class LinearRotaryAttention(_Heads):
                  rope_scaling: str = "linear", rope_original_length: int | None = None, rotary_fraction: float = 1.0,
                  rotate_normalizer: bool = False, redraw_interval: int | None = None, seed: int | None = None,
                  orthogonal: bool = True, chunk_size: int = 64, qkv_bias: bool = False, kv_heads: int | None = None,
-                 decay: float | str | tuple | None = None, rope_learned: bool = False, group=None):
+                 decay: float | str | tuple | None = None, rope_learned: bool = False, group=None,
+                 group_size: int | str | None = None):
         super().__init__(dim, heads, dim_head, causal, qkv_bias, kv_heads)
         dim_head = self.dim_head
         self.decay = _decays(decay, heads, self.causal)  # fixed rates: a tuple, so no dtype cast ever rounds them
@@ -266,6 +269,9 @@ class LinearRotaryAttention(_Heads):
                                  f"rotate_normalizer={rotate_normalizer}")
             self.rotary = LearnedRotary(self.rotary.dim, heads, init=self.rotary)
         self.chunk_size = check_int("chunk_size", chunk_size)
+        if group_size is not None and group_size != "auto":
+            check_int("group_size", group_size, 1, 'a positive integer, "auto" or None')
+        self.group_size = group_size
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, positions: int | Tensor | None = None,
                 state: AttentionState | None = None, return_state: bool = False, context: Tensor | None = None,
@@ -291,7 +297,7 @@ class LinearRotaryAttention(_Heads):
         kwargs = dict(causal=self.causal, positions=positions, chunk_size=self.chunk_size,
                       initial_state=state, return_state=return_state, key_padding_mask=key_padding_mask,
                       key_positions=None if self.rope == "inputs" else key_positions, cu_seqlens=cu_seqlens,
-                      group=self.group, decay=self.decay)
+                      group=self.group, decay=self.decay, group_size=self.group_size)
         if isinstance(self.feature_map, FavorPlus) and not self.rotate_normalizer:
             out = favor_attention(q, k, v, self.feature_map.projection, rotary=feature_rotary, **kwargs)
         else:

@@ -26,12 +26,10 @@ from torch import Tensor
 
 from ._checks import check_int, check_mask, check_qkv, check_rotary, check_tensor
 from ._engine import EngineConfig, LinearAttentionFunction, empty_state
-from ._engine import parallel
+from ._engine import parallel, tuning
 from ._engine.feature_sources import LOG_DTYPE
 from .features import compute_dtype
 from .rotary import LearnedRotary, RotaryEmbedding, resolve_positions
-
-GROUP_ELEMENTS = 2**18  # float32 elements per (B*H, group, r) work buffer when group_size is None (1 MiB)
 
 __all__ = ["AttentionState", "linear_attention", "favor_attention", "softmax_attention"]
 
@@ -121,9 +119,9 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
         raise ValueError("v: the sequence length N must be at least 1" if N < 1 else
                          "q: the sequence length N must be at least 1")
     chunk_size = check_int("chunk_size", chunk_size)
-    if group_size is None:  # bound each (B*H, G, r) work buffer to ~1 MiB of float32: cache-sized, lean
-        group_size = max(1, GROUP_ELEMENTS // (B * H * r * chunk_size)) * chunk_size
-    group_size = -(-check_int("group_size", group_size) // chunk_size) * chunk_size
+    if group_size is not None and group_size != "auto":
+        group_size = -(-check_int("group_size", group_size, 1, 'a positive integer, "auto" or None')
+                       // chunk_size) * chunk_size
     mask = check_mask(key_padding_mask, B, N)
     if not causal and (initial_state is not None or return_state):
         raise ValueError("initial_state/return_state: streaming needs causal=True")
@@ -145,6 +143,10 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
     if isinstance(initial_state, AttentionState):
         inputs += (initial_state.numerator, initial_state.key_sum)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    if group_size is None:  # work buffers sized to this CPU's L2 cache (see _engine/tuning.py)
+        group_size = tuning.group_size_for(tuning.default_elements(v.device), B * H, r, chunk_size)
+    elif group_size == "auto":
+        group_size = _tuned_group_size(kind, q, k, ks, v, r, causal, rotary, chunk_size, needs_grad, dt, cross)
     lay = None
     if group is not None:
         if cross:
@@ -198,6 +200,49 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
     return out
 
 
+def _tuned_group_size(kind, q, k, ks, v, r, causal, rotary, chunk_size, needs_grad, dt, cross) -> int:
+    """``group_size="auto"``: the fastest group size for this call's shape class on this machine, measured once on
+    random inputs of the same B, H, d, r, dv, feature kind, rotation kind, dtype and direction (gradients too when
+    the call needs them) at a probe length (the call's length rounded up to a power of two, at most 4096 and at
+    least 8 chunks), then cached (see ``_engine/tuning.py``). The probe runs on fresh tensors and a fresh rotation
+    module: nothing of the caller's is touched, the global random state included."""
+    B, H, N, dv = v.shape
+    L = min(max(1 << (N - 1).bit_length(), 8 * chunk_size), 4096)
+    candidates = sorted({min(tuning.group_size_for(e, B * H, r, chunk_size), -(-L // chunk_size) * chunk_size)
+                         for e in tuning.BUDGETS})
+    rot = ("none" if rotary is None else "learned" if isinstance(rotary, LearnedRotary)
+           else "interleaved" if rotary.interleaved else "half")
+    key = "|".join(map(str, (tuning.machine(v.device), v.device.type, dt, kind, rot, "causal" if causal else
+                             "cross" if cross else "bidirectional", "grad" if needs_grad else "forward",
+                             f"B={B}", f"H={H}", f"d={q.shape[-1]}", f"r={r}", f"dv={dv}", f"C={chunk_size}",
+                             f"L={L}", "logscale" if ks is not None else "")))
+    gen = torch.Generator(device=v.device).manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, device=v.device, dtype=dt)  # noqa: E731
+    x = [rand(B, H, L, q.shape[-1]), rand(B, H, L, q.shape[-1]), rand(B, H, L, dv)]
+    if kind == "features":
+        x[0], x[1] = rand(B, H, L, r).exp(), rand(B, H, L, r).exp()
+    for t in x:
+        t.requires_grad_(needs_grad)
+    probe_rot = (None if rotary is None else LearnedRotary(r, H).to(v.device) if rot == "learned"
+                 else RotaryEmbedding(r, interleaved=rotary.interleaved))
+    W = rand(r, q.shape[-1]) if kind == "favor" else None
+    ls = rand(B, H, L) if ks is not None else None
+
+    def measure(G: int) -> None:
+        with torch.set_grad_enabled(needs_grad):
+            if kind == "favor":
+                out = favor_attention(*x, W, causal=causal, rotary=probe_rot, chunk_size=chunk_size, group_size=G)
+            else:
+                out = linear_attention(*x, causal=causal, rotary=probe_rot, chunk_size=chunk_size, group_size=G,
+                                       k_logscale=ls)
+            if needs_grad:
+                out.sum().backward()
+        if v.device.type == "cuda":
+            torch.cuda.synchronize(v.device)
+
+    return tuning.tuned(key, candidates, measure)
+
+
 def _state_out(S, z, M, offset: int, lam) -> AttentionState:
     """The state after ``offset`` positions; with a decay, its log_ref refers to the sums as they stand at the last
     position (offset - 1), not to the engine's keys weighted by e^(lam n), whose log-scales grow with n."""
@@ -227,7 +272,7 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
                      positions: int | Tensor | None = None, chunk_size: int = 64,
                      initial_state: AttentionState | None = None, return_state: bool = False,
                      key_padding_mask: Tensor | None = None, k_logscale: Tensor | None = None,
-                     group_size: int | None = None, key_positions: int | Tensor | None = None,
+                     group_size: int | str | None = None, key_positions: int | Tensor | None = None,
                      cu_seqlens: Tensor | None = None, group=None, decay: float | Tensor | None = None):
     """Normalized linear attention on features; RoFormer eq. 19 when ``rotary`` is given.
 
@@ -250,8 +295,11 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
         key_padding_mask: (B, N) bool, True = keep; padded keys leave numerator and normalizer alike.
         k_logscale: (B, H, N) optional log-magnitudes of the keys (as returned by exp-type feature maps), so
             that exp-type features never overflow; None means 0.
-        group_size: positions whose features are processed at once (rounded up to whole chunks); None sizes
-            each (B*H, group, r) work buffer to about 1 MiB (measured fastest on a 2-core Zen 4).
+        group_size: positions whose features are processed at once (rounded up to whole chunks). None sizes
+            each (B*H, group, r) work buffer to the CPU's L2 cache per core (1 MiB where unknown); ``"auto"``
+            measures a few sizes on a probe of this call's shape class the first time (seconds), keeps
+            the fastest in ``$LINROPE_CACHE_DIR`` or ``~/.cache/linrope`` per machine, and reuses it. Sizes
+            change outputs by float rounding only.
         cu_seqlens: packed variable-length sequences (B = 1): a 1-D integer tensor of cumulative lengths
             (0, ..., N), fla's convention. Documents do not see each other, positions restart at each document
             (unless ``positions`` is given), the causal state starts afresh. Each document runs as its own call.
@@ -298,7 +346,7 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
 def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, causal: bool = False,
                     rotary: RotaryEmbedding | None = None, positions: int | Tensor | None = None,
                     chunk_size: int = 64, initial_state: AttentionState | None = None, return_state: bool = False,
-                    key_padding_mask: Tensor | None = None, group_size: int | None = None,
+                    key_padding_mask: Tensor | None = None, group_size: int | str | None = None,
                     key_positions: int | Tensor | None = None, cu_seqlens: Tensor | None = None, group=None,
                     decay: float | Tensor | None = None):
     """FAVOR+ attention from raw q, k, v; eq. 19 with ``rotary``. Features are recomputed in the backward.

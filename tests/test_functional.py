@@ -319,7 +319,7 @@ BAD_CALLS = [  # (call on the inputs above, the phrase the error must contain: t
     pytest.param(lambda x: linear_attention(x["qf"], x["kf"], x["v"], chunk_size=0, causal=True),
                  r"chunk_size: expected a positive integer, got 0", id="chunk-zero"),
     pytest.param(lambda x: linear_attention(x["qf"], x["kf"], x["v"], group_size=True, causal=True),
-                 r"group_size: expected a positive integer, got True", id="group-bool"),
+                 r"group_size: expected a positive integer, \"auto\" or None, got True", id="group-bool"),
     pytest.param(lambda x: linear_attention(x["qf"], x["kf"], x["v"], initial_state=x["st"]),
                  r"initial_state/return_state: streaming needs causal=True", id="state-bidirectional"),
     pytest.param(lambda x: linear_attention(x["qf"], x["kf"], x["v"], causal=True, initial_state=x["st"]),

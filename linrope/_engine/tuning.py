@@ -1,0 +1,135 @@
+"""Group sizes for the engine: a default sized to the CPU's cache, and a measured one (``group_size="auto"``).
+
+The group size G is how many positions' features sit in the workspace at once, in buffers of (B*H, G, r): too
+small and the per-group Python and dispatch costs dominate (each group is some 50 small operations forward and
+100 backward), too large and the buffers fall out of cache. The best size is the CPU's: causal eq. 19 at N=16384,
+B*H=8, r=256, forward+backward, was fastest with 1 MiB buffers on a 2-core Zen 4 (1 MiB L2 per core) and with 2-4
+MiB on an Intel Xeon (2 MiB L2), where 1 MiB is 14% slower. Hence:
+
+* ``default_elements()``: the buffer budget when ``group_size`` is None, in float32 elements: the L2 cache per core
+  read from sysfs (2^18 = 1 MiB where it cannot be read, and on GPUs). Deterministic for a given machine.
+* ``tuned(key, candidates, measure)``: ``group_size="auto"`` measures a few budgets on a probe of the call's
+  shape class (``linrope.functional`` builds it) and keeps the fastest, in memory and in a JSON file per machine
+  (``$LINROPE_CACHE_DIR``, else ``~/.cache/linrope``), so that a process pays the measurement once per shape class
+  and later processes not at all. Outputs differ between group sizes by float rounding only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+FALLBACK_ELEMENTS = 2**18  # 1 MiB of float32: the Zen 4's measured best, and its L2
+BUDGETS = tuple(2**e for e in range(17, 22))  # candidate buffer sizes for "auto": 512 KiB .. 8 MiB of float32
+_L2: list = []
+_MEMORY: dict[str, int] = {}
+
+
+def _l2_bytes() -> int | None:
+    """The L2 cache of cpu0 from sysfs (Linux), else None."""
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for index in sorted(base.glob("index*")):
+            if (index / "level").read_text().strip() == "2":
+                size = (index / "size").read_text().strip().upper()
+                scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:], 1)
+                return int(size.rstrip("KMG")) * scale
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def default_elements(device: torch.device) -> int:
+    """float32 elements per (B*H, G, r) work buffer when ``group_size`` is None: the L2 per core on CPUs (at
+    least 2^17, at most 2^21), the fallback 2^18 elsewhere."""
+    if device.type != "cpu":
+        return FALLBACK_ELEMENTS
+    if not _L2:
+        _L2.append(_l2_bytes())
+    if _L2[0] is None:
+        return FALLBACK_ELEMENTS
+    return min(max(_L2[0] // 4, 2**17), 2**21)
+
+
+def group_size_for(elements: int, BH: int, r: int, chunk_size: int) -> int:
+    """Whole chunks holding about ``elements`` float32 of (BH, G, r), at least one chunk."""
+    return max(1, elements // (BH * r * chunk_size)) * chunk_size
+
+
+def machine(device: torch.device) -> str:
+    """What a tuned size is valid for: the processor (CPU model or GPU name), the thread count, torch's version."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+        except OSError:
+            pass
+    return f"{name}|{torch.get_num_threads()} threads|torch {torch.__version__}"
+
+
+def cache_file() -> Path:
+    return Path(os.environ.get("LINROPE_CACHE_DIR") or Path.home() / ".cache" / "linrope") / "group_sizes.json"
+
+
+def _load(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _save(path: Path, key: str, value: int) -> None:
+    """Add one entry to the JSON cache (re-read first: other processes may have added theirs); an unwritable cache
+    only warns, the size stays in this process's memory."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _load(path)
+        data[key] = value
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as e:
+        warnings.warn(f"linrope: could not write the group-size cache {path} ({e}); set LINROPE_CACHE_DIR to a "
+                      "writable folder to keep tuned sizes across processes", stacklevel=3)
+
+
+def tuned(key: str, candidates: list[int], measure: Callable[[int], None], rounds: int = 2) -> int:
+    """The fastest of ``candidates`` (group sizes) for ``key``: cached in memory, then on disk, else measured:
+    ``measure(G)`` runs one probe call; each candidate is warmed up once, then timed ``rounds`` times, the rounds
+    interleaved across candidates (a shared machine drifts), and the smallest median wins."""
+    if key in _MEMORY:
+        return _MEMORY[key]
+    path = cache_file()
+    hit = _load(path).get(key)
+    if isinstance(hit, int) and hit in candidates:
+        _MEMORY[key] = hit
+        return hit
+    if len(candidates) == 1:
+        best = candidates[0]
+    else:
+        times: dict[int, list[float]] = {G: [] for G in candidates}
+        for G in candidates:
+            measure(G)
+        for _ in range(rounds):
+            for G in candidates:
+                t = time.perf_counter()
+                measure(G)
+                times[G].append(time.perf_counter() - t)
+        best = min(candidates, key=lambda G: statistics.median(times[G]))
+        _save(path, key, best)
+    _MEMORY[key] = best
+    return best
