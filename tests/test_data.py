@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from linrope.lab.data import (IGNORE, Corpus, LMTask, SyntheticTask, associative_recall, file_corpus, fixed_windows,
-                          is_validation_file, lookback, pair_recall, random_windows, stdlib_corpus, stdlib_files,
+                          is_validation_file, lookback, pair_recall, pair_recall_distances, random_windows, stdlib_corpus, stdlib_files,
                           unigram_bits)
 
 
@@ -124,6 +124,18 @@ def test_associative_recall_targets_are_the_values_of_the_queried_keys():
     with pytest.raises(ValueError, match=r"num_pairs: need 1 <= num_pairs <= 128 and length >= 2 \* num_pairs \+ 2, "
                                          r"got num_pairs=5, length=10"):
         associative_recall(1, 10, 5, torch.Generator())
+
+
+def test_pair_recall_distances_point_at_the_asked_pair():
+    x, y = pair_recall(5, 40, 7, torch.Generator().manual_seed(3), keys=16, values=8)
+    dist = pair_recall_distances(x, 7, values=8)
+    for b in range(5):
+        for m in range(40):
+            if m < 7:
+                assert dist[b, m] == -1
+            else:
+                j = m - int(dist[b, m])
+                assert 0 <= j < 7 and x[b, j] // 8 == x[b, m] - 128 and x[b, j] == y[b, m]
 
 
 def test_pair_recall_targets_are_the_context_tokens_of_the_queried_keys():

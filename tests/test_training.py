@@ -13,7 +13,7 @@ import torch
 
 import linrope.lab.train as train_module
 from linrope.lab.data import Corpus, LMTask, SyntheticTask
-from linrope.lab.models import CORE_VARIANTS, VARIANTS, ModelConfig
+from linrope.lab.models import CORE_VARIANTS, VARIANTS, ByteLM, ModelConfig
 from linrope.lab.plots import plot_curves, read_rows
 from linrope.lab.sweeps import PRESETS, Preset, parse_list, run_long_context, summarize
 from linrope.lab.train import TrainConfig, evaluate, load_model, lr_at, read_metrics, train
@@ -174,6 +174,8 @@ def test_scripts_smoke_run_and_write_tables_and_plots(tmp_path, monkeypatch):
                "--buckets", "2", "--out", str(tmp_path / "ex"), monkeypatch=monkeypatch)
     rows = (tmp_path / "ex" / "extrapolation.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 * 2 and (tmp_path / "ex" / "extrapolation.png").exists()
+    buckets = read_rows(tmp_path / "ex" / "buckets.csv")
+    assert len(buckets) == 4 * 2 * 2 and all(float(r["attn_rms"]) > 0 for r in buckets)
     table = (tmp_path / "ex" / "summary.md").read_text().splitlines()  # variants x training lengths, seeds pooled
     assert table[0].endswith("bpb at 16 | bpb at 32 |") and len(table) == 2 + 2
     assert all(r.split(" | ")[2] == "2" for r in table[2:])
@@ -183,6 +185,10 @@ def test_scripts_smoke_run_and_write_tables_and_plots(tmp_path, monkeypatch):
                str(tmp_path / "rec"), "--no-progress", monkeypatch=monkeypatch)
     for d, png in (("pos", "positions.png"), ("rec", "recall.png")):
         assert (tmp_path / d / png).exists() and "accuracy" in (tmp_path / d / "summary.md").read_text()
+    by = read_rows(tmp_path / "rec" / "by_distance.csv")  # every scored query in one distance bucket
+    assert (tmp_path / "rec" / "recall_distance.png").exists()
+    assert {n: sum(int(r["count"]) for r in by if int(r["length"]) == n) for n in (16, 32)} == \
+        {16: 256 * (16 - 2), 32: 256 * (32 - 4)}
 
 
 def test_presets_match_the_documented_configurations():
@@ -253,3 +259,22 @@ def test_ddp_two_cpu_ranks_keep_parameters_and_feature_projections_identical_and
     # 5 optimizer steps (of 2 micro-batches each), a redraw every 2 steps: after steps 2 and 4, on both ranks
     assert report == {"same": True, "different_data": True, "resumed_same": True, "resumed_curve": True,
                       "redraws": [2, 2], "world": 2, "step": 5}
+
+
+def test_position_losses_attention_rms():
+    """The attention outputs' RMS by position equals the blocks' attention outputs computed by hand."""
+    from linrope.lab.train import position_losses
+    torch.manual_seed(0)
+    model = ByteLM(ModelConfig(attention="linear-rope-decay", **dict(TINY, n_layer=2))).eval()
+    x = torch.randint(0, 256, (3, 24))
+    loss, rms = position_losses(model, x, x, batch_size=2, attention_rms=True)
+    assert loss.shape == (24,) and rms.shape == (len(model.blocks), 24)
+    with torch.no_grad():
+        h = model.embed(x)
+        want = []
+        for block in model.blocks:
+            a = block.attn(block.norm1(h))
+            want.append(a.double().square().mean(-1).mean(0).sqrt())
+            h = block(h)
+    torch.testing.assert_close(rms, torch.stack(want), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(position_losses(model, x, x), loss)  # the hooks are gone again

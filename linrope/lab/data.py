@@ -31,8 +31,8 @@ from torch import Tensor
 from .._checks import check_int
 
 __all__ = ["IGNORE", "Corpus", "stdlib_files", "is_validation_file", "stdlib_corpus", "file_corpus", "load_corpus",
-           "unigram_bits", "random_windows", "fixed_windows", "associative_recall", "pair_recall", "lookback", "LMTask",
-           "SyntheticTask", "SYNTHETIC_TASKS"]
+           "unigram_bits", "random_windows", "fixed_windows", "associative_recall", "pair_recall",
+           "pair_recall_distances", "lookback", "LMTask", "SyntheticTask", "SYNTHETIC_TASKS"]
 
 IGNORE = -100  # target value that F.cross_entropy(ignore_index=-100) skips
 ENWIK8_BYTES = 100_000_000
@@ -219,6 +219,17 @@ def pair_recall(batch_size: int, length: int, num_pairs: int, generator: torch.G
     y = torch.full_like(x, IGNORE)
     y[:, P:] = pairs.gather(1, pick)
     return x, y
+
+
+def pair_recall_distances(x: Tensor, num_pairs: int, values: int = 4) -> Tensor:
+    """For ``pair_recall`` sequences x (B, N): the distance from each query to the pair token it asks for (B, N),
+    -1 at the pair tokens themselves (the scored positions are exactly those >= 1)."""
+    P = num_pairs
+    keys = x[:, :P] // values                                                   # (B, P): the pairs' keys
+    j = (x[:, P:, None] - 128 == keys[:, None, :]).to(torch.uint8).argmax(-1)   # (B, N - P): the pair asked for
+    dist = torch.full_like(x, -1)
+    dist[:, P:] = torch.arange(P, x.shape[1], device=x.device) - j
+    return dist
 
 
 def lookback(batch_size: int, length: int, distance: int, generator: torch.Generator,

@@ -150,12 +150,44 @@ def plot_accuracy_vs_length(rows: list[dict], path: str | Path, *, title: str = 
     plt.close(fig)
 
 
+def plot_by_distance(rows: list[dict], path: str | Path, *, chance: float | None = None, title: str = "") -> None:
+    """Accuracy against query-key distance, one panel per length (``rows``: variant, length, seed, start, end,
+    accuracy); lines are means over seeds at each bucket's middle, bands min..max."""
+    plt = _pyplot()
+    lengths = sorted({int(r["length"]) for r in rows})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.5), squeeze=False)
+    for ax, n in zip(axes[0], lengths):
+        for i, variant in enumerate(dict.fromkeys(r["variant"] for r in rows)):
+            by: dict[float, list[float]] = defaultdict(list)
+            for r in rows:
+                if r["variant"] == variant and int(r["length"]) == n and math.isfinite(float(r["accuracy"])):
+                    by[(int(r["start"]) + int(r["end"])) / 2].append(float(r["accuracy"]))
+            xs = sorted(by)
+            if xs:
+                _mean_band(ax, xs, [by[x] for x in xs], _color(i), variant, "o-")
+        if chance is not None:
+            ax.axhline(chance, color="gray", linestyle=":", label="chance")
+        ax.set_xlabel("distance from the query to its pair")
+        ax.set_ylabel("validation accuracy")
+        ax.set_title(f"N = {n}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_extrapolation(rows: list[dict], bucket_rows: list[dict], path: str | Path, *, title: str = "") -> None:
     """Left: validation bpb against evaluation length (``rows``: variant, train_length, eval_length, seed, bpb).
-    Right: bpb by position bucket at the longest evaluation length (``bucket_rows``: variant, eval_length, seed,
-    start, end, bpb). Lines are means over seeds, bands min..max."""
+    Middle: bpb by position bucket at the longest evaluation length (``bucket_rows``: variant, eval_length, seed,
+    start, end, bpb). Right, when bucket rows carry ``attn_rms``: the attention outputs' RMS by position bucket at
+    that length (dilution). Lines are means over seeds, bands min..max."""
     plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    rms = bool(bucket_rows) and all("attn_rms" in r for r in bucket_rows)
+    fig, axes = plt.subplots(1, 3 if rms else 2, figsize=(18 if rms else 12, 4.5))
+    left, right = axes[0], axes[1]
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     longest = max(int(r["eval_length"]) for r in bucket_rows) if bucket_rows else None
     for i, variant in enumerate(variants):
@@ -167,15 +199,17 @@ def plot_extrapolation(rows: list[dict], bucket_rows: list[dict], path: str | Pa
             lengths = sorted(by_len)
             _mean_band(left, lengths, [by_len[n] for n in lengths], _color(i), f"{variant} (trained at {train_len})",
                        "o-")
-        buckets: dict[int, list[float]] = defaultdict(list)
-        for r in bucket_rows:
-            if r["variant"] == variant and int(r["eval_length"]) == longest:
-                buckets[int(r["end"])].append(float(r["bpb"]))
-        if buckets:
-            ends = sorted(buckets)
-            _mean_band(right, ends, [buckets[e] for e in ends], _color(i), variant, "o-")
+        for ax, column in ((right, "bpb"), (axes[2], "attn_rms")) if rms else ((right, "bpb"),):
+            buckets: dict[int, list[float]] = defaultdict(list)
+            for r in bucket_rows:
+                if r["variant"] == variant and int(r["eval_length"]) == longest:
+                    buckets[int(r["end"])].append(float(r[column]))
+            if buckets:
+                ends = sorted(buckets)
+                _mean_band(ax, ends, [buckets[e] for e in ends], _color(i), variant, "o-")
     for i, n in enumerate(sorted({int(r["train_length"]) for r in rows})):
-        right.axvline(n, color="gray", linestyle=":", label="training length" if i == 0 else None)
+        for ax in axes[1:]:
+            ax.axvline(n, color="gray", linestyle=":", label="training length" if i == 0 else None)
     left.set_xscale("log", base=2)
     left.set_xlabel("evaluation length")
     left.set_ylabel("validation bits per byte")
@@ -183,7 +217,11 @@ def plot_extrapolation(rows: list[dict], bucket_rows: list[dict], path: str | Pa
     right.set_xlabel("position (end of bucket)")
     right.set_ylabel("bits per byte")
     right.set_title(f"loss by position at length {longest}")
-    for ax in (left, right):
+    if rms:
+        axes[2].set_xlabel("position (end of bucket)")
+        axes[2].set_ylabel("RMS of the attention output (mean over layers)")
+        axes[2].set_title(f"attention output by position at length {longest}")
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:

@@ -19,7 +19,7 @@ import torch
 
 from .._checks import is_int
 from . import plots
-from .data import LMTask, SyntheticTask, load_corpus
+from .data import IGNORE, LMTask, SyntheticTask, load_corpus, pair_recall_distances
 from .models import CORE_VARIANTS, VARIANTS, ModelConfig, sequence_parallel_refusal
 from .train import TrainConfig, distributed_context, load_model, position_losses, read_metrics, train
 
@@ -315,6 +315,11 @@ def _run_synthetic(name: str, kind: str, task_kwargs, chance: float, *, variants
         header = [f"# {name}: validation accuracy", "", f"task {kind} ({args}); chance {chance:.3f}; "
                   f"{steps} steps of {batch_size} sequences. std is over seeds (0 for one seed)."]
         _write_outputs(out, finals, curves, summary, "accuracy", header, name)
+        if kind == "pair-recall":
+            rows = recall_by_distance(out, variants, lengths, seeds, task_kwargs, device)
+            plots.write_rows(out / "by_distance.csv", rows)
+            plots.plot_by_distance(rows, out / f"{name}_distance.png", chance=chance,
+                                   title=f"{name}: accuracy by query-key distance ({len(seeds)} seeds, {steps} steps)")
         if len(lengths) > 1:
             plots.plot_accuracy_vs_length(finals, out / f"{name}.png", chance=chance,
                                           title=f"{name}: accuracy vs length ({len(seeds)} seeds, {steps} steps)")
@@ -341,6 +346,31 @@ def run_positions(*, variants=CORE_VARIANTS, length: int = 64, distance: int = 8
                           device=device, out=out, resume=resume, progress=progress)
 
 
+def recall_by_distance(out: Path, variants, lengths, seeds, task_kwargs, device="cpu", buckets: int = 8
+                       ) -> list[dict]:
+    """Validation accuracy of each trained pair-recall run under ``out/runs`` by the distance from the query to
+    the pair it asks for, in ``buckets`` equal ranges of 1..N-1 per length: is retrieval lost with distance (the
+    state forgets, or the rotation's kernel falls off) or evenly (capacity, or optimization)?"""
+    rows = []
+    for n in lengths:
+        kw = task_kwargs(n)
+        task = SyntheticTask("pair-recall", n, **kw)
+        x, y = task.val_batch()
+        dist = pair_recall_distances(x, kw["num_pairs"], kw.get("values", 4))
+        edges = torch.linspace(1, n, buckets + 1).round().long().tolist()
+        for variant in variants:
+            for seed in seeds:
+                model, _ = load_model(out / "runs" / f"{variant}_n{n}_s{seed}" / "ckpt.pt", device)
+                with torch.no_grad():
+                    right = (model(x.to(device)).argmax(-1).cpu() == y) & (y != IGNORE)
+                for a, b in zip(edges[:-1], edges[1:]):
+                    sel = (dist >= a) & (dist < b)
+                    count = int(sel.sum())
+                    rows.append({"variant": variant, "length": n, "seed": seed, "start": a, "end": b,
+                                 "count": count, "accuracy": float(right[sel].sum()) / count if count else math.nan})
+    return rows
+
+
 def run_recall(*, task: str = "pair-recall", variants=CORE_VARIANTS, lengths=(64, 128, 256), pairs=None,
                seeds=(0,), steps: int = 400, batch_size: int = 32, device: str = "cpu",
                out="experiments/results/recall", resume: bool = False, progress: bool = True,
@@ -363,7 +393,8 @@ def run_extrapolation(runs, *, factors=(1, 2, 4, 8), eval_tokens: int = 32768, b
                       out="experiments/results/extrapolation") -> list[dict]:
     """Evaluate the checkpoints found under ``runs`` (directories searched for ``ckpt.pt``, or checkpoint files)
     at ``factors`` x their training length on ``eval_tokens // length`` validation windows, and by position
-    bucket at each length; writes ``extrapolation.csv``, ``buckets.csv`` and ``extrapolation.png``."""
+    bucket at each length (bpb, and the attention outputs' RMS averaged over layers: dilution); writes
+    ``extrapolation.csv``, ``buckets.csv`` and ``extrapolation.png``."""
     paths = []
     for r in [runs] if isinstance(runs, (str, Path)) else runs:
         r = Path(r)
@@ -387,13 +418,15 @@ def run_extrapolation(runs, *, factors=(1, 2, 4, 8), eval_tokens: int = 32768, b
         for f in factors:
             m = n * f
             x, y = LMTask(corpus, m, eval_windows=max(1, eval_tokens // m)).val_batch()
-            per = position_losses(model, x, y) / math.log(2)  # (m,) bits per byte at each position
+            per, rms = position_losses(model, x, y, attention_rms=True)
+            per = per / math.log(2)  # (m,) bits per byte at each position
             rows.append({"variant": variant, "seed": seed, "train_length": n, "eval_length": m,
                          "bpb": float(per.mean()), "windows": x.shape[0], "checkpoint": _shown_path(path)})
             edges = torch.linspace(0, m, buckets + 1).long().tolist()
             for a, b in zip(edges[:-1], edges[1:]):
                 bucket_rows.append({"variant": variant, "seed": seed, "train_length": n, "eval_length": m,
-                                    "start": a, "end": b, "bpb": float(per[a:b].mean())})
+                                    "start": a, "end": b, "bpb": float(per[a:b].mean()),
+                                    "attn_rms": float(rms[:, a:b].mean())})
             print(f"{variant} seed {seed} trained at {n}: {m} -> {rows[-1]['bpb']:.4f} bpb", flush=True)
     plots.write_rows(out / "extrapolation.csv", rows)
     plots.write_rows(out / "buckets.csv", bucket_rows)

@@ -216,19 +216,39 @@ def evaluate(model: ByteLM, x: Tensor, y: Tensor, *, batch_size: int = 8, amp: b
 
 
 @torch.no_grad()
-def position_losses(model: ByteLM, x: Tensor, y: Tensor, *, batch_size: int = 4, amp: bool = False) -> Tensor:
-    """Mean loss in nats at each position (N,) over the rows of x, y (W, N) (NaN where nothing is scored)."""
+def position_losses(model: ByteLM, x: Tensor, y: Tensor, *, batch_size: int = 4, amp: bool = False,
+                    attention_rms: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Mean loss in nats at each position (N,) over the rows of x, y (W, N) (NaN where nothing is scored).
+
+    ``attention_rms``: also return the RMS of each block's attention output (what the block adds to the residual
+    stream) at each position, over the rows and the model dimension: (n_layer, N). Linear attention averages
+    over ever more keys as the position grows; an output that shrinks with position is attention dilution.
+    """
     device = next(model.parameters()).device
     model.eval()
     total = torch.zeros(x.shape[1], dtype=torch.float64)
     count = torch.zeros(x.shape[1], dtype=torch.float64)
-    for i in range(0, x.shape[0], batch_size):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-        with _autocast(device, amp):
-            logits = model(xb).float()
-        per = F.cross_entropy(logits.transpose(1, 2), yb, ignore_index=IGNORE, reduction="none")  # (b, N)
-        total += per.double().sum(0).cpu()
-        count += (yb != IGNORE).double().sum(0).cpu()
+    squares = torch.zeros(len(model.blocks), x.shape[1], dtype=torch.float64)
+    hooks = []
+    if attention_rms:
+        def record(i):
+            def hook(module, args, out) -> None:  # returns None: the output passes on unchanged
+                squares[i].add_(out.detach().double().square().mean(-1).sum(0).cpu())
+            return hook
+        hooks = [b.attn.register_forward_hook(record(i)) for i, b in enumerate(model.blocks)]
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+            with _autocast(device, amp):
+                logits = model(xb).float()
+            per = F.cross_entropy(logits.transpose(1, 2), yb, ignore_index=IGNORE, reduction="none")  # (b, N)
+            total += per.double().sum(0).cpu()
+            count += (yb != IGNORE).double().sum(0).cpu()
+    finally:
+        for h in hooks:
+            h.remove()
+    if attention_rms:
+        return total / count, (squares / x.shape[0]).sqrt()
     return total / count
 
 
