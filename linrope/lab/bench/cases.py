@@ -47,10 +47,12 @@ def _run(make_out, inputs, backward):
 
 
 def case_linrope(n, b=1, h=8, d=64, r=256, causal=True, rope="features", backward=True, device="cpu", decay=None,
-                 **_):
+                 group_size=None, **_):
     """``favor_attention``: eq. 19 (rope='features'), learned rotations ('learned': ``LearnedRotary``, its
     angles differentiated too), RoPE before the features ('inputs') or none (None); ``decay``: a gamma, or
-    'multiscale' (RetNet's per head). Keywords beyond n, causal and rope need a library that has them."""
+    'multiscale' (RetNet's per head); ``group_size`` as in the function (an 'auto' tuning runs in the untimed
+    warm-up of the first process, later ones read the cache). Keywords beyond n, causal and rope need a library
+    that has them."""
     q, k, v = _qkv(n, b, h, d, device)
     W = FavorPlus(d, r, seed=0).projection.to(device)
     feat = RotaryEmbedding(r) if rope == "features" else None
@@ -58,7 +60,7 @@ def case_linrope(n, b=1, h=8, d=64, r=256, causal=True, rope="features", backwar
         from ...rotary import LearnedRotary
         feat = LearnedRotary(r, h).to(device)
     inp = RotaryEmbedding(d) if rope == "inputs" else None
-    kw = {}
+    kw = {} if group_size is None else {"group_size": group_size}
     if decay is not None:
         from ...attention import multiscale_decays
         kw["decay"] = multiscale_decays(h) if decay == "multiscale" else decay
