@@ -278,3 +278,20 @@ def test_position_losses_attention_rms():
             h = block(h)
     torch.testing.assert_close(rms, torch.stack(want), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(position_losses(model, x, x), loss)  # the hooks are gone again
+
+
+def test_paired_differences_match_by_seed_and_length():
+    from linrope.lab.sweeps import paired_differences
+    finals = [{"variant": v, "length": n, "seed": s, "bpb": b}
+              for v, n, s, b in [("linear-rope", 8, 0, 3.0), ("linear-rope", 8, 1, 3.2), ("linear-rope", 8, 2, 2.9),
+                                 ("linear-rope-decay", 8, 0, 2.5), ("linear-rope-decay", 8, 1, 3.3),
+                                 ("linear-rope-decay", 8, 3, 1.0),  # no base run with seed 3: not paired
+                                 ("linear-rope-inputs", 8, 0, 2.4), ("linear-nope", 16, 0, 3.5)]]
+    rows = paired_differences(finals, "bpb")
+    by = {(r["base"], r["variant"]): r for r in rows}
+    r = by["linear-rope", "linear-rope-decay"]
+    assert (r["seeds"], r["better"], r["min"], r["max"]) == (2, 1, -0.5, 0.1) and abs(r["mean"] + 0.2) < 1e-9
+    assert ("linear-rope-inputs", "linear-rope-decay") not in by  # one common seed is no spread
+    assert not any(r["variant"] == "linear-nope" for r in rows)  # other length, nothing to pair with
+    acc = paired_differences([{**f, "accuracy": f["bpb"]} for f in finals], "accuracy")
+    assert {(r["base"], r["variant"]): r["better"] for r in acc}["linear-rope", "linear-rope-decay"] == 1

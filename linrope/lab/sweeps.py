@@ -212,12 +212,54 @@ def _markdown(summary: list[dict], metric: str, header: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PAIRED_BASES = ("linear-rope", "linear-rope-inputs")  # eq. 19, and the linear variant it has to beat
+
+
+def paired_differences(finals: list[dict], metric: str, bases=PAIRED_BASES) -> list[dict]:
+    """Per-seed differences ``variant - base`` of ``metric`` at each length, over the seeds both ran: the same
+    seed means the same initialisation and the same batches, so the seed-to-seed variation shared by both cancels.
+    One row per (base, variant, length) with two or more common seeds: mean, std, min, max of the differences and
+    how many seeds the variant did better on (lower bpb, higher accuracy)."""
+    value = {(r["variant"], r["length"], r["seed"]): r[metric] for r in finals if r[metric] is not None}
+    better = (lambda d: d < 0) if metric in ("bpb", "loss") else (lambda d: d > 0)
+    rows = []
+    for base in bases:
+        for variant in dict.fromkeys(r["variant"] for r in finals):
+            if variant == base:
+                continue
+            for n in sorted({r["length"] for r in finals}):
+                seeds = sorted(s for (v, m, s) in value if v == variant and m == n and (base, n, s) in value)
+                if len(seeds) < 2:
+                    continue
+                diffs = [value[variant, n, s] - value[base, n, s] for s in seeds]
+                st = plots.finite_stats(diffs)
+                rows.append({"base": base, "variant": variant, "length": n, "seeds": len(seeds),
+                             "mean": round(st["mean"], 4), "std": round(st["std"], 4), "min": round(st["min"], 4),
+                             "max": round(st["max"], 4), "better": sum(better(d) for d in diffs)})
+    return rows
+
+
+def _paired_markdown(rows: list[dict], metric: str) -> str:
+    lines = ["", f"Paired by seed: {metric} of the variant minus {metric} of the base, same seeds (same initialisation "
+             "and batches).", "", f"| base | variant | N | difference (mean ± std) | min – max | seeds | "
+             f"better on |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['base']} | {r['variant']} | {r['length']} | {r['mean']:+.3f} ± {r['std']:.3f} | "
+                     f"{r['min']:+.3f} – {r['max']:+.3f} | {r['seeds']} | {r['better']}/{r['seeds']} |")
+    return "\n".join(lines) + "\n"
+
+
 def _write_outputs(out: Path, finals, curves, summary, metric, header, name) -> None:
     plots.write_rows(out / "results.csv", curves)
     plots.write_rows(out / "final.csv", finals)
     plots.write_rows(out / "summary.csv", summary)
-    (out / "summary.md").write_text(_markdown(summary, metric, header))
-    print(_markdown(summary, metric, header))
+    text = _markdown(summary, metric, header)
+    paired = paired_differences(finals, metric)
+    if paired:
+        plots.write_rows(out / "paired.csv", paired)
+        text += _paired_markdown(paired, metric)
+    (out / "summary.md").write_text(text)
+    print(text)
     print(f"wrote {out / 'summary.md'}, {out / 'results.csv'}, {out / (name + '.png')}")
 
 
