@@ -71,6 +71,18 @@ def _mean_band(ax, xs, groups: list[list[float]], color, label: str | None, fmt:
         ax.fill_between(xs, [s["min"] for s in stats], [s["max"] for s in stats], color=color, alpha=0.2)
 
 
+def _save(fig, path: str | Path, axes=(), title: str = "") -> None:
+    """Grid and legend on ``axes``, the figure's title, then write ``path`` and free the figure."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+
+
 def plot_curves(rows: list[dict], path: str | Path, *, metric: str = "bpb", title: str = "",
                 reference: float | None = None, reference_label: str = "") -> None:
     """One column per sequence length: validation ``metric`` (top) and training loss in the same units (bottom,
@@ -142,12 +154,8 @@ def plot_accuracy_vs_length(rows: list[dict], path: str | Path, *, title: str = 
     ax.set_xlabel("sequence length")
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, (ax,))
 
 
 def plot_by_distance(rows: list[dict], path: str | Path, *, chance: float | None = None, title: str = "") -> None:
@@ -170,13 +178,7 @@ def plot_by_distance(rows: list[dict], path: str | Path, *, chance: float | None
         ax.set_xlabel("distance from the query to its pair")
         ax.set_ylabel("validation accuracy")
         ax.set_title(f"N = {n}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, axes[0], title)
 
 
 def plot_extrapolation(rows: list[dict], bucket_rows: list[dict], path: str | Path, *, title: str = "") -> None:
@@ -221,11 +223,4 @@ def plot_extrapolation(rows: list[dict], bucket_rows: list[dict], path: str | Pa
         axes[2].set_xlabel("position (end of bucket)")
         axes[2].set_ylabel("RMS of the attention output (mean over layers)")
         axes[2].set_title(f"attention output by position at length {longest}")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, axes, title)
