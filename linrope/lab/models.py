@@ -71,6 +71,11 @@ VARIANTS: dict[str, Variant] = {
     "linear-rope-decay": Variant("linear", "features", absolute=False, decay="multiscale",
                                  about="eq. 19 with RetNet's per-head decay gamma_h^(m-n) on numerator and "
                                        "normalizer (gamma_h = 1 - 2^(-5-h))"),
+    "linear-nope-decay": Variant("linear", None, absolute=False, decay="multiscale",
+                                 about="control: RetNet's multiscale decay without any rotation (what the decay "
+                                       "does alone)"),
+    "linear-rope-inputs-decay": Variant("linear", "inputs", absolute=False, decay="multiscale",
+                                        about="control: RoPE before the feature map plus the multiscale decay"),
     "softmax-t5": Variant("softmax", None, absolute=False, t5=True,
                           about="baseline: softmax attention, T5's bucketed relative bias (no place in linear "
                                 "attention)"),
