@@ -185,6 +185,9 @@ def test_scripts_smoke_run_and_write_tables_and_plots(tmp_path, monkeypatch):
                str(tmp_path / "rec"), "--no-progress", monkeypatch=monkeypatch)
     for d, png in (("pos", "positions.png"), ("rec", "recall.png")):
         assert (tmp_path / d / png).exists() and "accuracy" in (tmp_path / d / "summary.md").read_text()
+    from linrope.lab.profiling import machine
+    for d in ("lc", "pos", "rec"):  # every results table names where its runs trained
+        assert f"Trained on: {machine()} (" in (tmp_path / d / "summary.md").read_text()
     by = read_rows(tmp_path / "rec" / "by_distance.csv")  # every scored query in one distance bucket
     assert (tmp_path / "rec" / "recall_distance.png").exists()
     assert {n: sum(int(r["count"]) for r in by if int(r["length"]) == n) for n in (16, 32)} == \

@@ -167,13 +167,32 @@ def _grid(task_for, variants, lengths, seeds, model: dict, train_cfg: dict, batc
                 val = result["val"] or {}
                 finals.append({**tags, "steps": result["step"], "loss": val.get("loss"), "bpb": val.get("bpb"),
                                "accuracy": val.get("accuracy"), "skipped": result["skipped"],
-                               "s_per_step": round(result["s_per_step"], 4), "params": result["params"]})
+                               "s_per_step": round(result["s_per_step"], 4), "params": result["params"],
+                               "machine": _run_machine(run_dir)})
                 if _is_master():
                     curves += [{**tags, **r} for r in read_metrics(run_dir)]
                     shown = f"{task.metric} {val.get(task.metric, float('nan')):.4f}"
                     print(f"[{k}/{total}] {name}: {shown}, skipped steps {result['skipped']}, "
                           f"{result['s_per_step']:.3f} s/step", flush=True)
     return finals, curves
+
+
+def _run_machine(run_dir: Path) -> str | None:
+    """Where a run trained, as its config.json recorded it (None for runs from before it was recorded)."""
+    try:
+        return json.loads((run_dir / "config.json").read_text()).get("machine")
+    except (OSError, ValueError):
+        return None
+
+
+def _machines_line(finals: list[dict]) -> str:
+    """The machines the runs of a summary trained on: every results table names its CPU."""
+    counts: dict = {}
+    for r in finals:
+        counts[r.get("machine")] = counts.get(r.get("machine"), 0) + 1
+    parts = [f"{m} ({k} runs)" if m else f"not recorded ({k} runs trained before runs recorded their machine)"
+             for m, k in counts.items()]
+    return "Trained on: " + "; ".join(parts) + "."
 
 
 def summarize(finals: list[dict], metric: str, unigram: float | None = None) -> list[dict]:
@@ -253,7 +272,7 @@ def _write_outputs(out: Path, finals, curves, summary, metric, header, name) -> 
     plots.write_rows(out / "results.csv", curves)
     plots.write_rows(out / "final.csv", finals)
     plots.write_rows(out / "summary.csv", summary)
-    text = _markdown(summary, metric, header)
+    text = _markdown(summary, metric, header[:2] + [_machines_line(finals), ""] + header[2:])
     paired = paired_differences(finals, metric)
     if paired:
         plots.write_rows(out / "paired.csv", paired)
@@ -326,8 +345,11 @@ def run_long_context(preset: str | Preset = "quick", *, variants=None, lengths=N
         for n in p.lengths:
             best = {kind: min((r["bpb"] for r in summary if r["length"] == n and r["variant"].startswith(kind)
                                and math.isfinite(r["bpb"])), default=math.nan) for kind in ("softmax", "linear")}
-            header.append(f"N = {n}: best softmax {best['softmax']:.3f} bpb, best linear {best['linear']:.3f} bpb, "
-                          f"gap {best['linear'] - best['softmax']:.3f} bpb.")
+            finite = {kind: b for kind, b in best.items() if math.isfinite(b)}  # a sweep may run one kind only
+            line = ", ".join(f"best {kind} {b:.3f} bpb" for kind, b in finite.items())
+            if len(finite) == 2:
+                line += f", gap {finite['linear'] - finite['softmax']:.3f} bpb"
+            header.append(f"N = {n}: {line}.")
         _write_outputs(out, finals, curves, summary, "bpb", header, "long_context")
         plots.plot_curves(curves, out / "long_context.png", metric="bpb", reference=unigram,
                           reference_label="byte unigram entropy",

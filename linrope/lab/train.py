@@ -48,6 +48,7 @@ from .data import IGNORE
 from .._checks import check_int, check_number, is_int
 from ..features import redraw_projections
 from .models import ByteLM, ModelConfig, sequence_parallel_refusal
+from .profiling import machine
 
 __all__ = ["TrainConfig", "train", "evaluate", "position_losses", "load_checkpoint", "load_model", "read_metrics",
            "lr_at", "distributed_context", "leave_distributed", "sequence_parallel_group", "sequence_slice"]
@@ -372,7 +373,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, task, run_dir: str | Path
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         (run_dir / "result.json").unlink(missing_ok=True)
         info = {**config, "torch": torch.__version__, "python": platform.python_version(), "git": _git_commit(),
-                "params": model.num_params()}
+                "params": model.num_params(), "machine": machine()}
         (run_dir / "config.json").write_text(json.dumps(info, indent=2))
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
