@@ -146,7 +146,7 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
     if group_size is None:  # work buffers sized to this CPU's L2 cache (see _engine/tuning.py)
         group_size = tuning.group_size_for(tuning.default_elements(v.device), B * H, r, chunk_size)
     elif group_size == "auto":
-        group_size = _tuned_group_size(kind, q, k, ks, v, r, causal, rotary, chunk_size, needs_grad, dt, cross)
+        group_size = _tuned_group_size(kind, q, ks, v, r, causal, rotary, chunk_size, dt, cross)
     lay = None
     if group is not None:
         if cross:
@@ -200,47 +200,51 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
     return out
 
 
-def _tuned_group_size(kind, q, k, ks, v, r, causal, rotary, chunk_size, needs_grad, dt, cross) -> int:
+def _tuned_group_size(kind, q, ks, v, r, causal, rotary, chunk_size, dt, cross) -> int:
     """``group_size="auto"``: the fastest group size for this call's shape class on this machine, measured once on
-    random inputs of the same B, H, d, r, dv, feature kind, rotation kind, dtype and direction (gradients too when
-    the call needs them) at a probe length (the call's length rounded up to a power of two, at most 4096 and at
-    least 8 chunks), then cached (see ``_engine/tuning.py``). The probe runs on fresh tensors and a fresh rotation
-    module: nothing of the caller's is touched, the global random state included."""
+    random inputs of the same B, H, d, r, dv, feature kind, rotation kind, dtype and direction, forward and backward,
+    at a probe length (the call's length rounded up to a power of two, at most 4096 and at least 8 chunks), then
+    cached (see ``_engine/tuning.py``). The size does not depend on whether this call needs gradients, so a
+    checkpointed layer's recomputation uses the size of its first pass. The probe runs on fresh tensors and a fresh
+    rotation module: nothing of the caller's is touched, the global random state included."""
     B, H, N, dv = v.shape
+    d = q.shape[-1]
     L = min(max(1 << (N - 1).bit_length(), 8 * chunk_size), 4096)
     candidates = sorted({min(tuning.group_size_for(e, B * H, r, chunk_size), -(-L // chunk_size) * chunk_size)
                          for e in tuning.BUDGETS})
     rot = ("none" if rotary is None else "learned" if isinstance(rotary, LearnedRotary)
            else "interleaved" if rotary.interleaved else "half")
     key = "|".join(map(str, (tuning.machine(v.device), v.device.type, dt, kind, rot, "causal" if causal else
-                             "cross" if cross else "bidirectional", "grad" if needs_grad else "forward",
-                             f"B={B}", f"H={H}", f"d={q.shape[-1]}", f"r={r}", f"dv={dv}", f"C={chunk_size}",
-                             f"L={L}", "logscale" if ks is not None else "")))
-    gen = torch.Generator(device=v.device).manual_seed(0)
-    rand = lambda *shape: torch.randn(*shape, generator=gen, device=v.device, dtype=dt)  # noqa: E731
-    x = [rand(B, H, L, q.shape[-1]), rand(B, H, L, q.shape[-1]), rand(B, H, L, dv)]
-    if kind == "features":
-        x[0], x[1] = rand(B, H, L, r).exp(), rand(B, H, L, r).exp()
-    for t in x:
-        t.requires_grad_(needs_grad)
-    probe_rot = (None if rotary is None else LearnedRotary(r, H).to(v.device) if rot == "learned"
-                 else RotaryEmbedding(r, interleaved=rotary.interleaved))
-    W = rand(r, q.shape[-1]) if kind == "favor" else None
-    ls = rand(B, H, L) if ks is not None else None
+                             "cross" if cross else "bidirectional", f"B={B}", f"H={H}", f"d={d}", f"r={r}",
+                             f"dv={dv}", f"C={chunk_size}", f"L={L}", "logscale" if ks is not None else "")))
+    hit = tuning.lookup(key, candidates)
+    if hit is not None:
+        return hit
+    # inference_mode(False): a caller in inference mode still gets a probe autograd can run through
+    with torch.inference_mode(False), torch.enable_grad():
+        gen = torch.Generator(device=v.device).manual_seed(0)
+        rand = lambda *shape: torch.randn(*shape, generator=gen, device=v.device, dtype=dt)  # noqa: E731
+        x = [rand(B, H, L, d), rand(B, H, L, d), rand(B, H, L, dv)]
+        if kind == "features":
+            x[0], x[1] = rand(B, H, L, r).exp(), rand(B, H, L, r).exp()
+        for t in x:
+            t.requires_grad_()
+        probe_rot = (None if rotary is None else LearnedRotary(r, H).to(v.device) if rot == "learned"
+                     else RotaryEmbedding(r, interleaved=rotary.interleaved))
+        W = rand(r, d) if kind == "favor" else None
+        ls = rand(B, H, L) if ks is not None else None
 
-    def measure(G: int) -> None:
-        with torch.set_grad_enabled(needs_grad):
+        def measure(G: int) -> None:
             if kind == "favor":
                 out = favor_attention(*x, W, causal=causal, rotary=probe_rot, chunk_size=chunk_size, group_size=G)
             else:
                 out = linear_attention(*x, causal=causal, rotary=probe_rot, chunk_size=chunk_size, group_size=G,
                                        k_logscale=ls)
-            if needs_grad:
-                out.sum().backward()
-        if v.device.type == "cuda":
-            torch.cuda.synchronize(v.device)
+            out.sum().backward()
+            if v.device.type == "cuda":
+                torch.cuda.synchronize(v.device)
 
-    return tuning.tuned(key, candidates, measure)
+        return tuning.tune(key, candidates, measure)
 
 
 def _state_out(S, z, M, offset: int, lam) -> AttentionState:

@@ -38,7 +38,7 @@ def test_auto_matches_a_fixed_size_and_is_cached(cache, monkeypatch):
     assert q.grad is None  # and differentiates its own tensors
     entries = json.loads(cache.read_text())
     (key, G), = entries.items()
-    assert G % 16 == 0 and "favor|interleaved|causal|grad" in key and "r=32" in key
+    assert G % 16 == 0 and "favor|interleaved|causal|B=1|H=2" in key and "r=32" in key
     ref = favor_attention(q, k, v, W, causal=True, rotary=rot, chunk_size=16, group_size=16)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     calls = []
@@ -60,10 +60,14 @@ def test_auto_picks_the_fastest_candidate(cache):
     orig = tuning.time.perf_counter
     try:
         tuning.time.perf_counter = lambda: clock[0]
-        assert tuning.tuned("k", [64, 128, 256], fake_measure) == 128
+        assert tuning.tune("k", [64, 128, 256], fake_measure) == 128
     finally:
         tuning.time.perf_counter = orig
     assert json.loads(cache.read_text()) == {"k": 128}
+    tuning._MEMORY.clear()
+    assert tuning.lookup("k", [64, 128, 256]) == 128  # from the file
+    tuning._MEMORY.clear()
+    assert tuning.lookup("k", [64, 256]) is None  # a kept size that is no longer a candidate is measured again
 
 
 def test_auto_leaves_learned_rotations_untouched(cache):
@@ -85,7 +89,18 @@ def test_auto_forward_only_and_features(cache):
         out = linear_attention(qf, kf, v, causal=False, rotary=RotaryEmbedding(r), chunk_size=16, group_size="auto")
     ref = linear_attention(qf, kf, v, causal=False, rotary=RotaryEmbedding(r), group_size=64)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    assert "features|interleaved|bidirectional|forward" in next(iter(json.loads(cache.read_text())))
+    assert "features|interleaved|bidirectional|B=1" in next(iter(json.loads(cache.read_text())))
+
+
+def test_auto_is_the_same_with_and_without_gradients(cache):
+    """A checkpointed layer runs its first pass without gradients and recomputes with them: one size for both."""
+    q, k, v, W = _inputs()
+    with torch.no_grad():
+        favor_attention(q, k, v, W, causal=True, chunk_size=16, group_size="auto")
+    with torch.inference_mode():
+        out = favor_attention(q, k, v, W, causal=True, chunk_size=16, group_size="auto")
+    favor_attention(q, k, v, W, causal=True, chunk_size=16, group_size="auto").sum().backward()
+    assert len(json.loads(cache.read_text())) == 1 and torch.isfinite(out).all()
 
 
 def test_unwritable_cache_warns_and_still_runs(tmp_path, monkeypatch):

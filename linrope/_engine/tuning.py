@@ -8,7 +8,7 @@ MiB on an Intel Xeon (2 MiB L2), where 1 MiB is 14% slower. Hence:
 
 * ``default_elements()``: the buffer budget when ``group_size`` is None, in float32 elements: the L2 cache per core
   read from sysfs (2^18 = 1 MiB where it cannot be read, and on GPUs). Deterministic for a given machine.
-* ``tuned(key, candidates, measure)``: ``group_size="auto"`` measures a few budgets on a probe of the call's
+* ``lookup(key, candidates)`` / ``tune(key, candidates, measure)``: ``group_size="auto"`` measures a few budgets on a probe of the call's
   shape class (``linrope.functional`` builds it) and keeps the fastest, in memory and in a JSON file per machine
   (``$LINROPE_CACHE_DIR``, else ``~/.cache/linrope``), so that a process pays the measurement once per shape class
   and later processes not at all. Outputs differ between group sizes by float rounding only.
@@ -107,29 +107,30 @@ def _save(path: Path, key: str, value: int) -> None:
                       "writable folder to keep tuned sizes across processes", stacklevel=3)
 
 
-def tuned(key: str, candidates: list[int], measure: Callable[[int], None], rounds: int = 2) -> int:
-    """The fastest of ``candidates`` (group sizes) for ``key``: cached in memory, then on disk, else measured:
-    ``measure(G)`` runs one probe call; each candidate is warmed up once, then timed ``rounds`` times, the rounds
-    interleaved across candidates (a shared machine drifts), and the smallest median wins."""
+def lookup(key: str, candidates: list[int]) -> int | None:
+    """The size kept for ``key``, in memory or in the cache file (if still one of ``candidates``), or None."""
     if key in _MEMORY:
         return _MEMORY[key]
-    path = cache_file()
-    hit = _load(path).get(key)
-    if isinstance(hit, int) and hit in candidates:
-        _MEMORY[key] = hit
-        return hit
-    if len(candidates) == 1:
-        best = candidates[0]
-    else:
-        times: dict[int, list[float]] = {G: [] for G in candidates}
+    hit = _load(cache_file()).get(key)
+    if len(candidates) == 1 or (isinstance(hit, int) and hit in candidates):
+        _MEMORY[key] = candidates[0] if len(candidates) == 1 else hit
+        return _MEMORY[key]
+    return None
+
+
+def tune(key: str, candidates: list[int], measure: Callable[[int], None], rounds: int = 2) -> int:
+    """The fastest of ``candidates`` (group sizes) for ``key``, measured and kept: ``measure(G)`` runs one probe
+    call; each candidate is warmed up once, then timed ``rounds`` times, the rounds interleaved across candidates
+    (a shared machine drifts), and the smallest median wins. Kept in memory and in the cache file."""
+    times: dict[int, list[float]] = {G: [] for G in candidates}
+    for G in candidates:
+        measure(G)
+    for _ in range(rounds):
         for G in candidates:
+            t = time.perf_counter()
             measure(G)
-        for _ in range(rounds):
-            for G in candidates:
-                t = time.perf_counter()
-                measure(G)
-                times[G].append(time.perf_counter() - t)
-        best = min(candidates, key=lambda G: statistics.median(times[G]))
-        _save(path, key, best)
+            times[G].append(time.perf_counter() - t)
+    best = min(candidates, key=lambda G: statistics.median(times[G]))
+    _save(cache_file(), key, best)
     _MEMORY[key] = best
     return best

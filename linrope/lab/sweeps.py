@@ -260,8 +260,8 @@ def paired_differences(finals: list[dict], metric: str, bases=PAIRED_BASES) -> l
 
 def _paired_markdown(rows: list[dict], metric: str) -> str:
     lines = ["", f"Paired by seed: {metric} of the variant minus {metric} of the base, same seeds (same initialisation "
-             "and batches).", "", f"| base | variant | N | difference (mean ± std) | min – max | seeds | "
-             f"better on |", "|---|---|---|---|---|---|---|"]
+             "and batches).", "", "| base | variant | N | difference (mean ± std) | min – max | seeds | better on |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['base']} | {r['variant']} | {r['length']} | {r['mean']:+.3f} ± {r['std']:.3f} | "
                      f"{r['min']:+.3f} – {r['max']:+.3f} | {r['seeds']} | {r['better']}/{r['seeds']} |")
