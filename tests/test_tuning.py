@@ -147,3 +147,19 @@ def test_machine_key_names_the_processor():
     key = tuning.machine(torch.device("cpu"))
     assert f"{torch.get_num_threads()} threads" in key and torch.__version__ in key
     assert os.environ["LINROPE_CACHE_DIR"]  # conftest keeps test runs out of ~/.cache
+
+
+def test_auto_layer_under_checkpointing(cache):
+    """The first pass (no gradients, reentrant checkpoint) tunes; the recomputation reads the same size."""
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    layer = LinearRotaryAttention(32, heads=2, nb_features=16, causal=True, chunk_size=16, seed=0,
+                                  group_size="auto").double()
+    x = torch.randn(2, 100, 32, dtype=torch.float64, requires_grad=True)
+    checkpoint(layer, x, use_reentrant=True).square().sum().backward()
+    g_ckpt = x.grad.clone()
+    x.grad = None
+    layer.group_size = 16
+    layer(x).square().sum().backward()
+    torch.testing.assert_close(g_ckpt, x.grad, rtol=1e-10, atol=1e-12)
+    assert len(json.loads(cache.read_text())) == 1
