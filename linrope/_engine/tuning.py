@@ -16,6 +16,7 @@ MiB on an Intel Xeon (2 MiB L2), where 1 MiB is 14% slower. Hence:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -65,18 +66,22 @@ def group_size_for(elements: int, BH: int, r: int, chunk_size: int) -> int:
     return max(1, elements // (BH * r * chunk_size)) * chunk_size
 
 
+@functools.lru_cache(maxsize=None)
+def _processor(device: torch.device) -> str:
+    """The CPU model (/proc/cpuinfo) or the GPU's name: read once per process, not on every call."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        return name
+
+
 def machine(device: torch.device) -> str:
     """What a tuned size is valid for: the processor (CPU model or GPU name), the thread count, torch's version."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
-        except OSError:
-            pass
-    return f"{name}|{torch.get_num_threads()} threads|torch {torch.__version__}"
+    return f"{_processor(device)}|{torch.get_num_threads()} threads|torch {torch.__version__}"
 
 
 def cache_file() -> Path:
