@@ -1,17 +1,17 @@
-"""Group sizes for the engine: a default sized to the CPU's cache, and a measured one (``group_size="auto"``).
+"""Group sizes for the engine: a fixed default, and a measured one (``group_size="auto"``).
 
 The group size G is how many positions' features sit in the workspace at once, in buffers of (B*H, G, r): too
 small and the per-group Python and dispatch costs dominate (each group is some 50 small operations forward and
-100 backward), too large and the buffers fall out of cache. The best size is the CPU's: causal eq. 19 at N=16384,
-B*H=8, r=256, forward+backward, was fastest with 1 MiB buffers on a 2-core Zen 4 (1 MiB L2 per core) and with 2-4
-MiB on an Intel Xeon (2 MiB L2), where 1 MiB is 14% slower. Hence:
+100 backward), too large and the buffers fall out of cache. The best size depends on the CPU *and* the shape. On
+the Intel Xeon of these machines (2 MiB L2), forward+backward of causal eq. 19: at N=16384, B*H=8, r=256, buffers
+of 4 MiB were fastest (1 MiB 15% slower); at the byte LM's N=512, B*H=32, r=64, 1 MiB was fastest (2 MiB 4-13%
+slower, 4 MiB 15-25%). On the Zen 4, 1 MiB was best at the first shape. Hence:
 
-* ``default_elements()``: the buffer budget when ``group_size`` is None, in float32 elements: the L2 cache per core
-  read from sysfs (2^18 = 1 MiB where it cannot be read, and on GPUs). Deterministic for a given machine.
-* ``lookup(key, candidates)`` / ``tune(key, candidates, measure)``: ``group_size="auto"`` measures a few budgets on a probe of the call's
-  shape class (``linrope.functional`` builds it) and keeps the fastest, in memory and in a JSON file per machine
-  (``$LINROPE_CACHE_DIR``, else ``~/.cache/linrope``), so that a process pays the measurement once per shape class
-  and later processes not at all. Outputs differ between group sizes by float rounding only.
+* ``DEFAULT_ELEMENTS``: 1 MiB buffers when ``group_size`` is None, on every machine (deterministic).
+* ``lookup(key, candidates)`` / ``tune(key, candidates, measure)``: ``group_size="auto"`` measures a few budgets
+  on a probe of the call's shape class (``linrope.functional`` builds it) and keeps the fastest, in memory and in a
+  JSON file per machine (``$LINROPE_CACHE_DIR``, else ``~/.cache/linrope``), so that a process pays the measurement
+  once per shape class and later processes not at all. Outputs differ between group sizes by float rounding only.
 """
 
 from __future__ import annotations
@@ -29,36 +29,9 @@ from typing import Callable
 
 import torch
 
-FALLBACK_ELEMENTS = 2**18  # 1 MiB of float32: the Zen 4's measured best, and its L2
+DEFAULT_ELEMENTS = 2**18  # float32 elements per (B*H, G, r) work buffer when group_size is None: 1 MiB
 BUDGETS = tuple(2**e for e in range(17, 22))  # candidate buffer sizes for "auto": 512 KiB .. 8 MiB of float32
-_L2: list = []
 _MEMORY: dict[str, int] = {}
-
-
-def _l2_bytes() -> int | None:
-    """The L2 cache of cpu0 from sysfs (Linux), else None."""
-    base = Path("/sys/devices/system/cpu/cpu0/cache")
-    try:
-        for index in sorted(base.glob("index*")):
-            if (index / "level").read_text().strip() == "2":
-                size = (index / "size").read_text().strip().upper()
-                scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:], 1)
-                return int(size.rstrip("KMG")) * scale
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def default_elements(device: torch.device) -> int:
-    """float32 elements per (B*H, G, r) work buffer when ``group_size`` is None: the L2 per core on CPUs (at
-    least 2^17, at most 2^21), the fallback 2^18 elsewhere."""
-    if device.type != "cpu":
-        return FALLBACK_ELEMENTS
-    if not _L2:
-        _L2.append(_l2_bytes())
-    if _L2[0] is None:
-        return FALLBACK_ELEMENTS
-    return min(max(_L2[0] // 4, 2**17), 2**21)
 
 
 def group_size_for(elements: int, BH: int, r: int, chunk_size: int) -> int:

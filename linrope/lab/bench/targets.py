@@ -21,7 +21,7 @@ VARIANT_POINTS = (("ours", "eq. 19 (RoPE on the features)"), ("ours_norope", "no
                   ("ours_learned", "eq. 19, learned frequencies and phases (LearnedRotary, differentiated)"),
                   ("ours_decay", "eq. 19 + multiscale decay (RetNet's gamma per head)"),
                   ("ours_auto", "eq. 19, group_size='auto' (measured once per machine, cached)"),
-                  ("ours_g1mib", "eq. 19, group_size=128 (1 MiB buffers: the default before it followed the L2)"))
+                  ("ours_g2mib", "eq. 19, group_size=256 (2 MiB buffers, twice the default's)"))
 
 
 @dataclass
@@ -52,7 +52,7 @@ def targets(n: int = 16384, n_mem: int = 4096, with_peers: bool = True) -> list[
         ("ours_learned", "linrope", dict(n=n, causal=True, rope="learned")),
         ("ours_decay", "linrope", dict(n=n, causal=True, rope="features", decay="multiscale")),
         ("ours_auto", "linrope", dict(n=n, causal=True, rope="features", group_size="auto")),
-        ("ours_g1mib", "linrope", dict(n=n, causal=True, rope="features", group_size=2**18 // (8 * 256))),
+        ("ours_g2mib", "linrope", dict(n=n, causal=True, rope="features", group_size=2 * 2**18 // (8 * 256))),
         ("sdpa", "sdpa", dict(n=n, causal=True)),
         ("layer_linear", "layer", dict(n=n, kind="linear")),
         ("layer_softmax", "layer", dict(n=n, kind="softmax")),
