@@ -25,6 +25,13 @@ def check_int(name: str, value, minimum: int = 1, expected: str | None = None) -
     return value
 
 
+def check_group_size(value):
+    """``value`` if it is None, ``"auto"`` or a positive int (the engine's ``group_size``), else ValueError."""
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return value
+    return check_int("group_size", value, 1, 'a positive integer, "auto" or None')
+
+
 def check_number(name: str, value, ok: Callable[[float], bool], expected: str) -> float:
     """``value`` if it is a finite int or float (not a bool) with ``ok(value)``, else ValueError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_int, check_mask, check_qkv, check_rotary, check_tensor
+from ._checks import check_group_size, check_int, check_mask, check_qkv, check_rotary, check_tensor
 from ._engine import EngineConfig, LinearAttentionFunction, empty_state
 from ._engine import parallel, tuning
 from ._engine.feature_sources import LOG_DTYPE
@@ -119,9 +119,7 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
         raise ValueError("v: the sequence length N must be at least 1" if N < 1 else
                          "q: the sequence length N must be at least 1")
     chunk_size = check_int("chunk_size", chunk_size)
-    if group_size is not None and group_size != "auto":
-        group_size = -(-check_int("group_size", group_size, 1, 'a positive integer, "auto" or None')
-                       // chunk_size) * chunk_size
+    group_size = check_group_size(group_size)
     mask = check_mask(key_padding_mask, B, N)
     if not causal and (initial_state is not None or return_state):
         raise ValueError("initial_state/return_state: streaming needs causal=True")
@@ -147,6 +145,8 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
         group_size = tuning.group_size_for(tuning.DEFAULT_ELEMENTS, B * H, r, chunk_size)
     elif group_size == "auto":
         group_size = _tuned_group_size(kind, q, ks, v, r, causal, rotary, chunk_size, dt, cross)
+    else:  # whole chunks
+        group_size = -(-group_size // chunk_size) * chunk_size
     lay = None
     if group is not None:
         if cross:

@@ -87,13 +87,12 @@ def _save(path: Path, key: str, value: int) -> None:
 
 def lookup(key: str, candidates: list[int]) -> int | None:
     """The size kept for ``key``, in memory or in the cache file (if still one of ``candidates``), or None."""
-    if key in _MEMORY:
-        return _MEMORY[key]
-    hit = _load(cache_file()).get(key)
-    if len(candidates) == 1 or (isinstance(hit, int) and hit in candidates):
-        _MEMORY[key] = candidates[0] if len(candidates) == 1 else hit
-        return _MEMORY[key]
-    return None
+    if key not in _MEMORY:
+        hit = candidates[0] if len(candidates) == 1 else _load(cache_file()).get(key)
+        if not (isinstance(hit, int) and hit in candidates):
+            return None
+        _MEMORY[key] = hit
+    return _MEMORY[key]
 
 
 def tune(key: str, candidates: list[int], measure: Callable[[int], None], rounds: int = 2) -> int:
