@@ -23,7 +23,8 @@ def main():
     run_script(p, lambda: run_positions(
         variants=parse_list(a.variants, str, "variants"), length=a.length, distance=a.distance, symbols=a.symbols,
         seeds=parse_list(a.seeds, int, "seeds"), steps=a.steps, batch_size=a.batch_size, device=a.device,
-        out=a.out, resume=a.resume, progress=not a.no_progress, lr=a.lr))
+        out=a.out, resume=a.resume, progress=not a.no_progress, lr=a.lr,
+        features=a.features, rope_base=a.rope_base))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ def main():
     run_script(p, lambda: run_recall(
         task=a.task, variants=parse_list(a.variants, str, "variants"), lengths=parse_list(a.lengths, int, "lengths"),
         pairs=a.pairs, seeds=parse_list(a.seeds, int, "seeds"), steps=a.steps, batch_size=a.batch_size,
-        device=a.device, out=a.out, resume=a.resume, progress=not a.no_progress, lr=a.lr))
+        device=a.device, out=a.out, resume=a.resume, progress=not a.no_progress, lr=a.lr,
+        features=a.features, rope_base=a.rope_base))
 
 
 if __name__ == "__main__":

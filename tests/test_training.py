@@ -15,7 +15,7 @@ import linrope.lab.train as train_module
 from linrope.lab.data import Corpus, LMTask, SyntheticTask
 from linrope.lab.models import CORE_VARIANTS, VARIANTS, ByteLM, ModelConfig
 from linrope.lab.plots import plot_curves, read_rows
-from linrope.lab.sweeps import PRESETS, Preset, parse_list, run_long_context, summarize
+from linrope.lab.sweeps import PRESETS, Preset, parse_list, run_long_context, run_positions, summarize
 from linrope.lab.train import TrainConfig, evaluate, load_model, lr_at, read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,8 +179,14 @@ def test_scripts_smoke_run_and_write_tables_and_plots(tmp_path, monkeypatch):
     table = (tmp_path / "ex" / "summary.md").read_text().splitlines()  # variants x training lengths, seeds pooled
     assert table[0].endswith("bpb at 16 | bpb at 32 |") and len(table) == 2 + 2
     assert all(r.split(" | ")[2] == "2" for r in table[2:])
-    run_script("positions.py", "--variants", "linear-nope", "--seeds", "0", "--steps", "2", "--length", "16",
-               "--distance", "2", "--out", str(tmp_path / "pos"), "--no-progress", monkeypatch=monkeypatch)
+    run_script("positions.py", "--variants", "linear-rope", "--seeds", "0", "--steps", "2", "--length", "16",
+               "--distance", "2", "--features", "8", "--rope-base", "32", "--out", str(tmp_path / "pos"),
+               "--no-progress", monkeypatch=monkeypatch)
+    model = json.loads((tmp_path / "pos" / "config.json").read_text())["model"]
+    assert (model["nb_features"], model["rope_base"]) == (8, 32.0)
+    assert "r = 8 random features (linear variants), RoPE base 32." in (tmp_path / "pos" / "summary.md").read_text()
+    ckpt = torch.load(tmp_path / "pos" / "runs" / "linear-rope_n16_s0" / "ckpt.pt", weights_only=False)
+    assert ckpt["model_config"]["nb_features"] == 8 and ckpt["model_config"]["rope_base"] == 32.0
     run_script("recall.py", "--variants", "linear-rope", "--lengths", "16,32", "--steps", "2", "--out",
                str(tmp_path / "rec"), "--no-progress", monkeypatch=monkeypatch)
     for d, png in (("pos", "positions.png"), ("rec", "recall.png")):
@@ -192,6 +198,14 @@ def test_scripts_smoke_run_and_write_tables_and_plots(tmp_path, monkeypatch):
     assert (tmp_path / "rec" / "recall_distance.png").exists()
     assert {n: sum(int(r["count"]) for r in by if int(r["length"]) == n) for n in (16, 32)} == \
         {16: 256 * (16 - 2), 32: 256 * (32 - 4)}
+
+
+@pytest.mark.parametrize("kw, match", [(dict(features=7), r"features: expected an even number of random "
+                                                            r"features >= 2, got 7"),
+                                       (dict(rope_base=1.0), r"rope_base: expected a number > 1, got 1.0")])
+def test_synthetic_model_options_are_checked(kw, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        run_positions(variants=("linear-rope",), length=16, distance=2, seeds=(0,), steps=1, out=tmp_path, **kw)
 
 
 def test_presets_match_the_documented_configurations():

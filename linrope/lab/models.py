@@ -71,6 +71,10 @@ VARIANTS: dict[str, Variant] = {
     "linear-rope-decay": Variant("linear", "features", absolute=False, decay="multiscale",
                                  about="eq. 19 with RetNet's per-head decay gamma_h^(m-n) on numerator and "
                                        "normalizer (gamma_h = 1 - 2^(-5-h))"),
+    "linear-rope-learned-decay": Variant("linear", "features", absolute=False, rope_learned=True,
+                                         decay="multiscale",
+                                         about="eq. 19 with learned frequencies and phases and the multiscale decay "
+                                               "(the two fixes together)"),
     "linear-nope-decay": Variant("linear", None, absolute=False, decay="multiscale",
                                  about="control: RetNet's multiscale decay without any rotation (what the decay "
                                        "does alone)"),

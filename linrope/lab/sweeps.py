@@ -103,6 +103,10 @@ def add_synthetic_arguments(parser, *, out: str, seeds: str, steps: int) -> None
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {_SYNTH_TRAIN['lr']})")
+    parser.add_argument("--features", type=int, default=None,
+                        help=f"random features r of the linear variants (default {_TINY['nb_features']})")
+    parser.add_argument("--rope-base", type=float, default=None,
+                        help="RoPE's base (default 10000; the frequencies are base^(-2i/d))")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=out)
     parser.add_argument("--resume", action="store_true", help="skip finished runs and continue interrupted ones")
@@ -377,7 +381,10 @@ def _run_synthetic(name: str, kind: str, task_kwargs, chance: float, *, variants
     if _is_master():
         args = ", ".join(f"N={n}: {task_kwargs(n)}" for n in lengths)
         header = [f"# {name}: validation accuracy", "", f"task {kind} ({args}); chance {chance:.3f}; "
-                  f"{steps} steps of {batch_size} sequences. std is over seeds (0 for one seed)."]
+                  f"{steps} steps of {batch_size} sequences at lr {train_cfg['lr']:g}; model: {model['n_layer']} "
+                  f"layers, dim {model['dim']}, {model['heads']} heads, r = {model['nb_features']} random features "
+                  f"(linear variants), RoPE base {model.get('rope_base', 10000):g}. "
+                  f"std is over seeds (0 for one seed)."]
         _write_outputs(out, finals, curves, summary, "accuracy", header, name)
         if kind == "pair-recall":
             rows = recall_by_distance(out, variants, lengths, seeds, task_kwargs, device)
@@ -394,18 +401,35 @@ def _run_synthetic(name: str, kind: str, task_kwargs, chance: float, *, variants
 
 
 _TINY = dict(n_layer=2, dim=64, heads=2, nb_features=32)
+
+
+def _tiny(features: int | None, rope_base: float | None) -> dict:
+    """The synthetic tasks' model, with ``features`` random features (r) and RoPE's ``rope_base`` if given."""
+    model = dict(_TINY)
+    if features is not None:
+        if isinstance(features, bool) or not isinstance(features, int) or features < 2 or features % 2:
+            raise ValueError(f"features: expected an even number of random features >= 2, got {features!r}")
+        model["nb_features"] = features
+    if rope_base is not None:
+        if isinstance(rope_base, bool) or not isinstance(rope_base, (int, float)) or not rope_base > 1:
+            raise ValueError(f"rope_base: expected a number > 1, got {rope_base!r}")
+        model["rope_base"] = float(rope_base)
+    return model
+
+
 _SYNTH_TRAIN = dict(lr=3e-3, warmup=20, weight_decay=0.0, log_interval=10, ckpt_interval=100)
 
 
 def run_positions(*, variants=CORE_VARIANTS, length: int = 64, distance: int = 8, symbols: int = 16,
                   seeds=(0, 1, 2), steps: int = 300, batch_size: int = 32, device: str = "cpu",
                   out="experiments/results/positions", resume: bool = False, progress: bool = True,
-                  lr: float | None = None) -> list[dict]:
+                  lr: float | None = None, features: int | None = None,
+                  rope_base: float | None = None) -> list[dict]:
     """``lookback``: predict the symbol ``distance`` places back, a task only position can solve. Accuracy per
     variant over seeds; writes ``positions.png`` (accuracy against step)."""
     return _run_synthetic("positions", "lookback", lambda n: {"distance": distance, "symbols": symbols},
                           1 / symbols, variants=variants, lengths=(length,), seeds=seeds, steps=steps,
-                          batch_size=batch_size, model=_TINY,
+                          batch_size=batch_size, model=_tiny(features, rope_base),
                           train_cfg={**_SYNTH_TRAIN, "eval_interval": 25, **({} if lr is None else {"lr": lr})},
                           device=device, out=out, resume=resume, progress=progress)
 
@@ -438,7 +462,8 @@ def recall_by_distance(out: Path, variants, lengths, seeds, task_kwargs, device=
 def run_recall(*, task: str = "pair-recall", variants=CORE_VARIANTS, lengths=(64, 128, 256), pairs=None,
                seeds=(0,), steps: int = 400, batch_size: int = 32, device: str = "cpu",
                out="experiments/results/recall", resume: bool = False, progress: bool = True,
-               lr: float | None = None) -> list[dict]:
+               lr: float | None = None, features: int | None = None,
+               rope_base: float | None = None) -> list[dict]:
     """Associative recall at each length with ``pairs`` key-value pairs (default ``length // 8``): ``task`` is
     'pair-recall' (one token per pair, ``linrope.lab.data.pair_recall``: learnable in CPU minutes) or 'mqar' (two
     tokens per pair, Zoology's MQAR: needs an induction head, i.e. far more steps). Writes ``recall.png``
@@ -447,7 +472,7 @@ def run_recall(*, task: str = "pair-recall", variants=CORE_VARIANTS, lengths=(64
         raise ValueError(f"task: expected 'pair-recall' or 'mqar', got {task!r}")
     return _run_synthetic("recall", task, lambda n: {"num_pairs": pairs or max(1, n // 8)}, 1 / 128,
                           variants=variants, lengths=lengths, seeds=seeds, steps=steps, batch_size=batch_size,
-                          model=_TINY,
+                          model=_tiny(features, rope_base),
                           train_cfg={**_SYNTH_TRAIN, "eval_interval": 50, **({} if lr is None else {"lr": lr})},
                           device=device, out=out,
                           resume=resume, progress=progress)
