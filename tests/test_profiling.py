@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -199,3 +200,20 @@ def test_bench_compare_prints_and_stores_the_machine_block(monkeypatch, capsys, 
     assert "| machine |" in out and "| sgemm 64x64 float32 | " in out and "| tiny | 1.000 | 0.500 |" in out
     saved = json.loads(out_json.read_text())
     assert saved["machine_info"]["sgemm_n"] == 64 and saved["machine_info"]["sgemm_gflops"] > 0
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_fusion_probe_compiles_the_same_features_and_the_cli_stores_it(monkeypatch, capsys, tmp_path):
+    """The probe's compiled function computes what the engine computes (or its timing would compare unlike
+    things); the CLI prints and stores the three times beside the machine block."""
+    from linrope.lab.bench import cli, fusion
+    small = fusion.fusion_probe(BH=2, G=16, r=8, d=4, rounds=1, repeats=2)
+    assert small.max_abs_diff < 1e-5 and min(small.matmul_ms, small.eager_ms, small.compiled_ms) > 0
+    monkeypatch.setattr(cli, "machine_info", lambda: machine_info(**TINY))
+    monkeypatch.setattr(fusion, "fusion_probe", lambda: small)
+    cli.main(["--fusion", "--json", str(tmp_path / "f.json")])
+    out = capsys.readouterr().out
+    assert "| machine |" in out and "| eager: the engine's FavorFeatures.query + Rotation |" in out
+    saved = json.loads((tmp_path / "f.json").read_text())["fusion"]
+    assert saved["elementwise_ratio"] == pytest.approx(small.elementwise_ratio)

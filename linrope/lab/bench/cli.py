@@ -33,9 +33,13 @@ def main(argv=None, prog: str | None = None) -> None:
     p.add_argument("--json", help="write the records and targets here")
     p.add_argument("--compare", metavar="REV", help="instead: time this checkout against git revision REV on the "
                                                      "points of linrope.lab.bench.compare, interleaved")
+    p.add_argument("--fusion", action="store_true",
+                   help="instead: time the engine's elementwise passes on one group, eager against torch.compile")
     args = p.parse_args(argv)
     if args.compare:
         return _compare(p, args)
+    if args.fusion:
+        return _fusion(args)
     if args.rounds < 1 or args.repeats < 1:
         p.error(f"--rounds and --repeats must be >= 1, got {args.rounds} and {args.repeats}")
     peers = peers_available()
@@ -104,3 +108,16 @@ def _compare(p, args) -> None:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "machine_info": info.to_dict(), "date": str(datetime.date.today()),
                        "compare": args.compare, "rows": rows}, f, indent=1)
+
+
+def _fusion(args) -> None:
+    from .fusion import fusion_probe
+    info = machine_info()
+    result = fusion_probe()
+    print(f"\n{machine()}, {datetime.date.today()}; medians of 7 interleaved rounds of 50 calls")
+    print("\n" + info.markdown())
+    print("\n" + result.markdown())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "machine_info": info.to_dict(), "date": str(datetime.date.today()),
+                       "fusion": dict(result.__dict__, elementwise_ratio=result.elementwise_ratio)}, f, indent=1)
