@@ -20,7 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from linrope.lab.mechanism import ATTENTIONS, MechanismConfig, run  # noqa: E402
+from linrope.lab.mechanism import ATTENTIONS, MechanismConfig, run, trained_study  # noqa: E402
 from linrope.lab.sweeps import parse_list, run_script  # noqa: E402
 
 
@@ -44,7 +44,11 @@ def main():
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--skip-toys", action="store_true", help="no copy-8-back toy")
     p.add_argument("--skip-recall", action="store_true", help="no recall toy")
+    p.add_argument("--trained", metavar="RUNS", help="instead: what the learned rotations of the checkpoints under "
+                                                     "RUNS learned (frequencies.csv and a table in --out)")
     a = p.parse_args()
+    if a.trained:
+        return run_script(p, lambda: trained_study(a.trained, a.out))
     run_script(p, lambda: run(MechanismConfig(
         out=a.out, rs=parse_list(a.rs, int, "rs"), ridge=a.ridge,
         attentions=parse_list(a.attentions, str, "attentions"),

@@ -167,3 +167,32 @@ def test_run_writes_everything(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     assert lines[0].startswith("CPU: ") and any("linear-rope-c@r=16" in line for line in lines)
     assert {r["attention"] for r in summary["toys"]} == {"linear-rope", "linear-rope-c@r=16"}
+
+
+def test_trained_frequencies_read_the_learned_rotations_of_checkpoints(tmp_path):
+    """Rows per layer and head of the runs with learned rotations (other runs are skipped); the counts and the
+    selectivity follow from theta as the docstring defines them, checked here on frequencies set by hand."""
+    from linrope.lab.sweeps import run_positions
+    from linrope.lab.train import load_model
+    run_positions(variants=("linear-rope-learned-decay", "linear-rope"), length=16, distance=2, seeds=(0,), steps=2,
+                  out=tmp_path / "pos", progress=False)
+    path = tmp_path / "pos" / "runs" / "linear-rope-learned-decay_n16_s0" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=False)
+    theta = torch.full((2, 16), 0.01)
+    theta[1, :5] = 0.5  # head 1: five pairs turn by >= 1 rad over 16 positions
+    key = next(k for k in ckpt["model"] if k.endswith("rotary.theta"))
+    ckpt["model"][key] = theta
+    torch.save(ckpt, path)
+    rows = M.trained_frequencies(tmp_path / "pos" / "runs", n=16, target=2)
+    model, _ = load_model(path)
+    assert len(rows) == len(model.blocks) * 2 and {r["run"] for r in rows} == {"linear-rope-learned-decay_n16_s0"}
+    first = [r for r in rows if r["layer"] == int(key.split(".")[1])]
+    init = RotaryEmbedding(32).frequencies().double().numpy()
+    assert [r["live"] for r in first] == [0, 5] and first[0]["live_init"] == int((np.abs(init) * 16 >= 1).sum())
+    assert first[1]["gamma"] == pytest.approx(1 - 2 ** -6)
+    assert first[1]["snr"] == pytest.approx(M.best_selectivity(theta[1].double().numpy(), n=16, target=2, cone="free",
+                                                               gamma=1 - 2 ** -6)["snr"])
+    assert 0 <= rows[0]["accuracy"] <= 1
+    assert "live pairs" in M.trained_frequencies_markdown(rows)
+    with pytest.raises(ValueError, match="runs: no checkpoint with learned rotations under"):
+        M.trained_frequencies(tmp_path / "pos" / "runs" / "linear-rope_n16_s0")

@@ -332,6 +332,57 @@ def kernel_from_attention(qf: Tensor, kf: Tensor, rotary: RotaryEmbedding | None
     return (w * den).flip(0)  # index Delta = (n - 1) - key position
 
 
+def trained_frequencies(runs, *, n: int = 64, target: int = 8) -> list[dict]:
+    """What learned rotations learned: for every checkpoint under ``runs`` (a directory searched for ``ckpt.pt``)
+    whose layers learn their frequencies (``LearnedRotary``), one row per layer and head with
+
+    * ``live_init`` / ``live``: the pairs whose frequency turns by at least a radian over ``n`` positions
+      (|theta| n >= 1) at initialisation and after training: at RoPE's base 10000 the lower half of the pairs
+      barely turn over a short sequence and carry no position;
+    * ``snr_init`` / ``snr``: the best selectivity of distance ``target`` these frequencies allow, with the
+      head's decay and any phase (a learned phase frees arg c; ``best_selectivity``, ridge 1e-4).
+
+    and the run's final validation accuracy (``accuracy``, from its metrics) to set them against."""
+    from .train import load_model, read_metrics  # the training harness is needed only here
+    rows = []
+    for path in sorted(Path(runs).rglob("ckpt.pt")):
+        model, ckpt = load_model(path)
+        layers = [b.attn for b in model.blocks if isinstance(getattr(b.attn, "rotary", None), LearnedRotary)]
+        if not layers:
+            continue
+        vals = [m["accuracy"] for m in read_metrics(path.parent) if m.get("split") == "val" and "accuracy" in m]
+        init = RotaryEmbedding(layers[0].rotary.dim, ckpt["model_config"].get("rope_base", 10000.0)).frequencies()
+        init = init.double().numpy()
+        for i, attn in enumerate(layers):
+            gammas = attn.decay or (1.0,) * attn.heads
+            for h in range(attn.heads):
+                theta = attn.rotary.theta[h].detach().double().numpy()
+                rows.append({"run": path.parent.name, "layer": i, "head": h, "gamma": gammas[h],
+                             "live_init": int((np.abs(init) * n >= 1).sum()), "live": int((np.abs(theta) * n >= 1).sum()),
+                             "pairs": theta.size,
+                             "snr_init": best_selectivity(init, n=n, target=target, cone="free", gamma=gammas[h])["snr"],
+                             "snr": best_selectivity(theta, n=n, target=target, cone="free", gamma=gammas[h])["snr"],
+                             "accuracy": vals[-1] if vals else math.nan})
+    if not rows:
+        raise ValueError(f"runs: no checkpoint with learned rotations under {runs}")
+    return rows
+
+
+def trained_frequencies_markdown(rows: list[dict]) -> str:
+    """One line per run: live pairs and selectivity (mean over layers and heads), initial -> trained, and the
+    run's accuracy; runs in order of accuracy."""
+    runs: dict[str, list[dict]] = {}
+    for r in rows:
+        runs.setdefault(r["run"], []).append(r)
+    lines = ["| run | live pairs (turning >= 1 rad over N), init -> trained | best SNR, init -> trained | accuracy |",
+             "|---|---:|---:|---:|"]
+    for name, rs in sorted(runs.items(), key=lambda kv: kv[1][0]["accuracy"]):
+        m = lambda k: float(np.mean([r[k] for r in rs]))  # noqa: E731
+        lines.append(f"| {name} | {m('live_init'):.1f} -> {m('live'):.1f} of {rs[0]['pairs']} | "
+                     f"{m('snr_init'):.2f} -> {m('snr'):.2f} | {rs[0]['accuracy']:.3f} |")
+    return "\n".join(lines)
+
+
 def copy_pairing_check(*, draws: int = 200, r: int = 32, d: int = 16, n: int = 64, scale: float = 2.0,
                        seed: int = 0) -> dict:
     """Through the library: for random content-free q, k and a FAVOR+ projection, compare the eq. 19 kernel of the
@@ -923,3 +974,17 @@ def run(cfg: MechanismConfig, log=print) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     (out / "stdout.txt").write_text("\n".join(lines) + "\n")
     return summary
+
+
+def trained_study(runs, out: str, *, n: int = 64, target: int = 8, log=print) -> list[dict]:
+    """``trained_frequencies`` of the checkpoints under ``runs``: ``frequencies.csv`` and ``stdout.txt`` (the
+    table) in ``out``."""
+    log, lines, out, _, _ = study_start(out, log)
+    rows = trained_frequencies(runs, n=n, target=target)
+    write_rows(out / "frequencies.csv", rows)
+    log(f"learned rotations under {runs}: pairs that turn by a radian or more over N = {n}, and the best "
+        f"selectivity of distance {target} their frequencies allow (any phase, the head's decay); means over "
+        f"layers and heads")
+    log(trained_frequencies_markdown(rows))
+    (out / "stdout.txt").write_text("\n".join(lines) + "\n")
+    return rows
