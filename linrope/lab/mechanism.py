@@ -344,8 +344,8 @@ def trained_frequencies(runs, *, n: int = 64, target: int = 8) -> list[dict]:
 
     and the run's final validation accuracy (``accuracy``, from its metrics) to set them against."""
     from .train import load_model, read_metrics  # the training harness is needed only here
-    rows = []
-    for path in sorted(Path(runs).rglob("ckpt.pt")):
+    rows, runs = [], Path(runs)
+    for path in sorted(runs.rglob("ckpt.pt")):
         model, ckpt = load_model(path)
         layers = [b.attn for b in model.blocks if isinstance(getattr(b.attn, "rotary", None), LearnedRotary)]
         if not layers:
@@ -357,7 +357,7 @@ def trained_frequencies(runs, *, n: int = 64, target: int = 8) -> list[dict]:
             gammas = attn.decay or (1.0,) * attn.heads
             for h in range(attn.heads):
                 theta = attn.rotary.theta[h].detach().double().numpy()
-                rows.append({"run": path.parent.name, "layer": i, "head": h, "gamma": gammas[h],
+                rows.append({"run": str(path.parent.relative_to(runs)), "layer": i, "head": h, "gamma": gammas[h],
                              "live_init": int((np.abs(init) * n >= 1).sum()), "live": int((np.abs(theta) * n >= 1).sum()),
                              "pairs": theta.size,
                              "snr_init": best_selectivity(init, n=n, target=target, cone="free", gamma=gammas[h])["snr"],
