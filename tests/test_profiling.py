@@ -95,7 +95,8 @@ def test_variant_rows_are_times_relative_to_eq19_and_their_cases_run():
     assert rows[2]["peak_mib"] == 130 and rows[3]["status"] == "timeout"
     keys = {key: params for key, _, params in targets()}
     assert keys["ours_learned"]["rope"] == "learned" and keys["ours_decay"]["decay"] == "multiscale"
-    for key in ("ours_learned", "ours_decay"):  # the cases themselves, tiny, forward and backward
+    assert (keys["ours_learned_decay"]["rope"], keys["ours_learned_decay"]["decay"]) == ("learned", "multiscale")
+    for key in ("ours_learned", "ours_decay", "ours_learned_decay"):  # the cases, tiny, forward and backward
         out = case_linrope(**{**keys[key], "n": 40, "h": 2, "d": 8, "r": 8})()
         assert out.shape == (1, 2, 40, 8) and torch.isfinite(out).all()
 

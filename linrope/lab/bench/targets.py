@@ -20,6 +20,7 @@ __all__ = ["Target", "targets", "evaluate", "variant_rows", "VARIANT_POINTS", "c
 VARIANT_POINTS = (("ours", "eq. 19 (RoPE on the features)"), ("ours_norope", "no RoPE"),
                   ("ours_learned", "eq. 19, learned frequencies and phases (LearnedRotary, differentiated)"),
                   ("ours_decay", "eq. 19 + multiscale decay (RetNet's gamma per head)"),
+                  ("ours_learned_decay", "eq. 19, learned frequencies and phases + multiscale decay"),
                   ("ours_auto", "eq. 19, group_size='auto' (measured once per machine, cached)"),
                   ("ours_g2mib", "eq. 19, group_size=256 (2 MiB buffers, twice the default's)"))
 
@@ -51,6 +52,7 @@ def targets(n: int = 16384, n_mem: int = 4096, with_peers: bool = True) -> list[
         ("ours_bidir", "linrope", dict(n=n, causal=False, rope="features")),
         ("ours_learned", "linrope", dict(n=n, causal=True, rope="learned")),
         ("ours_decay", "linrope", dict(n=n, causal=True, rope="features", decay="multiscale")),
+        ("ours_learned_decay", "linrope", dict(n=n, causal=True, rope="learned", decay="multiscale")),
         ("ours_auto", "linrope", dict(n=n, causal=True, rope="features", group_size="auto")),
         ("ours_g2mib", "linrope", dict(n=n, causal=True, rope="features", group_size=2 * 2**18 // (8 * 256))),
         ("sdpa", "sdpa", dict(n=n, causal=True)),
