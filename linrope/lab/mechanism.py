@@ -345,23 +345,25 @@ def trained_frequencies(runs, *, n: int = 64, target: int = 8) -> list[dict]:
     and the run's final validation accuracy (``accuracy``, from its metrics) to set them against."""
     from .train import load_model, read_metrics  # the training harness is needed only here
     rows, runs = [], Path(runs)
+    live = lambda theta: int((np.abs(theta) * n >= 1).sum())  # noqa: E731
+    snr = lambda theta, g: best_selectivity(theta, n=n, target=target, cone="free", gamma=g)["snr"]  # noqa: E731
+    snr_init: dict = {}  # (base, r, gamma) -> the initial frequencies' selectivity, the same for many heads
     for path in sorted(runs.rglob("ckpt.pt")):
         model, ckpt = load_model(path)
         layers = [b.attn for b in model.blocks if isinstance(getattr(b.attn, "rotary", None), LearnedRotary)]
         if not layers:
             continue
         vals = [m["accuracy"] for m in read_metrics(path.parent) if m.get("split") == "val" and "accuracy" in m]
-        init = RotaryEmbedding(layers[0].rotary.dim, ckpt["model_config"].get("rope_base", 10000.0)).frequencies()
-        init = init.double().numpy()
+        base, r = ckpt["model_config"].get("rope_base", 10000.0), layers[0].rotary.dim
+        init = RotaryEmbedding(r, base).frequencies().double().numpy()
         for i, attn in enumerate(layers):
-            gammas = attn.decay or (1.0,) * attn.heads
-            for h in range(attn.heads):
+            for h, gamma in enumerate(attn.decay or (1.0,) * attn.heads):
                 theta = attn.rotary.theta[h].detach().double().numpy()
-                rows.append({"run": str(path.parent.relative_to(runs)), "layer": i, "head": h, "gamma": gammas[h],
-                             "live_init": int((np.abs(init) * n >= 1).sum()), "live": int((np.abs(theta) * n >= 1).sum()),
-                             "pairs": theta.size,
-                             "snr_init": best_selectivity(init, n=n, target=target, cone="free", gamma=gammas[h])["snr"],
-                             "snr": best_selectivity(theta, n=n, target=target, cone="free", gamma=gammas[h])["snr"],
+                if (base, r, gamma) not in snr_init:
+                    snr_init[base, r, gamma] = snr(init, gamma)
+                rows.append({"run": str(path.parent.relative_to(runs)), "layer": i, "head": h, "gamma": gamma,
+                             "live_init": live(init), "live": live(theta), "pairs": theta.size,
+                             "snr_init": snr_init[base, r, gamma], "snr": snr(theta, gamma),
                              "accuracy": vals[-1] if vals else math.nan})
     if not rows:
         raise ValueError(f"runs: no checkpoint with learned rotations under {runs}")
