@@ -312,3 +312,15 @@ def test_paired_differences_match_by_seed_and_length():
     assert not any(r["variant"] == "linear-nope" for r in rows)  # other length, nothing to pair with
     acc = paired_differences([{**f, "accuracy": f["bpb"]} for f in finals], "accuracy")
     assert {(r["base"], r["variant"]): r["better"] for r in acc}["linear-rope", "linear-rope-decay"] == 1
+
+
+def test_weight_decay_spares_norms_biases_and_learned_rotations():
+    """Learned frequencies and phases are (heads, r/2) matrices, but angles: weight decay would pull them to 0."""
+    from linrope.lab.train import decay_groups
+    from linrope.rotary import LearnedRotary
+    model = ByteLM(ModelConfig(attention="linear-rope-learned-decay", **TINY))
+    decay, rest = decay_groups(model)
+    angles = {id(p) for m in model.modules() if isinstance(m, LearnedRotary) for p in m.parameters()}
+    assert angles and angles <= {id(p) for p in rest} and not angles & {id(p) for p in decay}
+    assert len(decay) + len(rest) == len(list(model.parameters()))
+    assert all(p.dim() >= 2 for p in decay) and any(p.dim() >= 2 for p in rest)

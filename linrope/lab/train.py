@@ -41,12 +41,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .data import IGNORE
 from .._checks import check_int, check_number, is_int
 from ..features import redraw_projections
+from ..rotary import LearnedRotary
 from .models import ByteLM, ModelConfig, sequence_parallel_refusal
 from .profiling import machine
 
@@ -84,6 +85,16 @@ class TrainConfig:
         for name, expected, ok in checks:
             check_number(name, getattr(self, name), ok, expected)
         self.betas = tuple(self.betas)
+
+
+def decay_groups(model: nn.Module) -> tuple[list, list]:
+    """(parameters that weight decay applies to, the rest): matrices (embeddings, linear weights) decay; norms,
+    biases and learned rotations do not: frequencies and phases are angles, and pulling them towards 0 would
+    slow the rotations towards the band that carries no position."""
+    angles = {id(p) for m in model.modules() if isinstance(m, LearnedRotary) for p in m.parameters()}
+    params = list(model.parameters())
+    return ([p for p in params if p.dim() >= 2 and id(p) not in angles],
+            [p for p in params if p.dim() < 2 or id(p) in angles])
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -347,8 +358,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, task, run_dir: str | Path
     ckpt_path, metrics_path = run_dir / "ckpt.pt", run_dir / "metrics.jsonl"
     torch.manual_seed(cfg.seed)
     model = ByteLM(model_config, group=sp_group).to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    decay, no_decay = decay_groups(model)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
     gen = torch.Generator().manual_seed(cfg.seed * 65_537 + replica + 1)  # each replica its own data stream
