@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .._checks import is_int
+from .._checks import check_number, is_int
 from . import plots
 from .data import IGNORE, LMTask, SyntheticTask, load_corpus, pair_recall_distances
 from .models import CORE_VARIANTS, VARIANTS, ModelConfig, sequence_parallel_refusal
@@ -407,13 +407,10 @@ def _tiny(features: int | None, rope_base: float | None) -> dict:
     """The synthetic tasks' model, with ``features`` random features (r) and RoPE's ``rope_base`` if given."""
     model = dict(_TINY)
     if features is not None:
-        if isinstance(features, bool) or not isinstance(features, int) or features < 2 or features % 2:
-            raise ValueError(f"features: expected an even number of random features >= 2, got {features!r}")
-        model["nb_features"] = features
+        model["nb_features"] = check_number("features", features, lambda v: is_int(v) and v >= 2 and v % 2 == 0,
+                                            "an even number of random features >= 2")
     if rope_base is not None:
-        if isinstance(rope_base, bool) or not isinstance(rope_base, (int, float)) or not rope_base > 1:
-            raise ValueError(f"rope_base: expected a number > 1, got {rope_base!r}")
-        model["rope_base"] = float(rope_base)
+        model["rope_base"] = float(check_number("rope_base", rope_base, lambda v: v > 1, "a number > 1"))
     return model
 
 
