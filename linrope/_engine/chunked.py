@@ -77,6 +77,7 @@ class Group:
     rescale_out: Tensor | None  # exp(P - M'), applied to the state leaving it (M' the new running max)
     S0: Tensor | None = None  # (BH, r, dv) state entering the group, kept for every other group
     z0: Tensor | None = None  # (BH, r)
+    diag: Tensor | None = None  # (BH, G) with RoPE: the distance-0 products (a view of one (BH, N) tensor)
 
 
 def empty_state(B: int, H: int, r: int, dv: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor, Tensor]:
@@ -194,9 +195,11 @@ def _chunk_products(ws, fq, qr, k0, kr, V, S, C: int):
     return Qc, Kc, Vc, Sst, A, S_end
 
 
-def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int, sub: int, pq=None):
+def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int, sub: int, pq=None, diag_out=None):
     """Causal eq. 19 over one group (chunks of C, normalizer sub-chunks of sub | C). qr/kr None without RoPE;
     pq: R_phase fq when queries turn by a learned phase more than keys (their distance-0 product is pq . k0).
+    diag_out (BH, G): with RoPE, receives the distance-0 products, which the backward then reads instead of
+    recomputing them (a pass over the group's features).
 
     Returns num (BH, G, dv), den (BH, G), and S, z after the group.
     """
@@ -214,6 +217,8 @@ def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int, sub: int, pq=None):
             A.diagonal(0, 1, 2).copy_(D.diagonal(0, 1, 2).reshape(BH * nc, C))
         else:
             A.diagonal(0, 1, 2).copy_(torch.linalg.vecdot(pq, k0).view(BH * nc, C))
+        if diag_out is not None:
+            diag_out.view(BH, nc, C).copy_(A.diagonal(0, 1, 2).view(BH, nc, C))
     else:
         den, z_end, _ = _normalizer(ws, fq, k0, z, C, D=A)  # no RoPE: A is fq k0^T
     num = ws.get("num", BH * nc, C, dv)
@@ -222,8 +227,9 @@ def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int, sub: int, pq=None):
 
 
 def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, sub: int, unrotate=None, pq=None,
-                   learned=None):
-    """Gradients of ``group_forward`` given g = d num (BH, G, dv), dden (BH, G) and those of (S, z) after.
+                   learned=None, diag=None):
+    """Gradients of ``group_forward`` given g = d num (BH, G, dv), dden (BH, G) and those of (S, z) after;
+    ``diag`` (BH, G): the distance-0 products the forward wrote (with RoPE; None: recomputed).
 
     Returns (d fq, d k0, d V, dS, dz before): the feature gradients w.r.t. the *unrotated* features (the
     rotated parts pass through ``unrotate(x, out, is_key)``, R^T). They live in workspace buffers. ``learned``: with
@@ -243,7 +249,9 @@ def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, sub: in
     dA.mul_(tril)
     ddiag = None
     if rope:  # the diagonal is fq_t . k0_t, unrotated (see group_forward): its gradient bypasses the rotation
-        A.diagonal(0, 1, 2).copy_(torch.linalg.vecdot(fq if pq is None else pq, k0).view(BH * nc, C))
+        if diag is None:
+            diag = torch.linalg.vecdot(fq if pq is None else pq, k0)
+        A.diagonal(0, 1, 2).view(BH, nc, C).copy_(diag.view(BH, nc, C))
         ddiag = dA.diagonal(0, 1, 2).clone().view(BH, G)
         dA.diagonal(0, 1, 2).zero_()
     dQ = ws.get("dQ", BH, G, r)
@@ -364,6 +372,7 @@ def causal_forward(src, rot, V, S, z, M, cfg: EngineConfig, keep_states: bool = 
     r = S.shape[1]
     ws = Workspace(V.device, cfg.dtype)
     out, den = V.new_empty(BH, N, dv), S.new_empty(BH, N)
+    diag = S.new_empty(BH, N) if keep_states and rot is not None else None
     plan: list[Group] = []
     C0 = cfg.chunk_size
     work = _groups(N, cfg.group_size)[::-1]  # a stack: groups pop in order, split ones push their halves
@@ -386,11 +395,13 @@ def causal_forward(src, rot, V, S, z, M, cfg: EngineConfig, keep_states: bool = 
         if keep_states and len(plan) % 2 == 0:  # the backward rebuilds the other states from the one before
             group.S0, group.z0 = S, z
         plan.append(group)
+        if diag is not None:
+            group.diag = diag[:, a:b]
         fq, qr = _query_features(src, rot, ws, a, b, r)
         Vg = group_rows(V, a, b, ws.get("v", BH, b - a, dv))
         C = min(C0, b - a)
         num, d, S, z = group_forward(ws, fq, qr, k0, kr, Vg, S, z, C, math.gcd(DEN_CHUNK, C),
-                                     _phase_side(rot, fq, ws))
+                                     _phase_side(rot, fq, ws), group.diag)
         den[:, a:b] = d
         _divide(num, d, out[:, a:b])
         if P is not None:  # M follows real keys only (a group without any keeps M, and P was a stand-in)
@@ -437,7 +448,7 @@ def causal_backward(src, rot, V, out, den, dout, dS, dz, plan: list[Group], cfg:
         pq = _phase_side(rot, fq, ws)
         grads = None if not learned else _AngleGrads(rot, rot_k, qr, kr, a, b)
         dfq, dk0, dVg, dS, dz = group_backward(ws, fq, qr, k0, kr, Vg, S0, z0, g, dden, dS, dz, C,
-                                               math.gcd(DEN_CHUNK, C), unrotate, pq, grads)
+                                               math.gcd(DEN_CHUNK, C), unrotate, pq, grads, grp.diag)
         dV[:, a:b] = dVg
         src.query_grad(a, b, fq, dfq)
         src.key_grad(a, b, k0, dk0, logscale, P)
