@@ -118,6 +118,29 @@ def test_streaming_in_random_pieces_and_token_by_token_equals_one_pass(rope):
         assert_close(f"stream {sizes}", full.double(), torch.cat(outs, 2), rtol=1e-10)
 
 
+@pytest.mark.parametrize("rope", [False, True])
+def test_caller_state_and_incoming_gradients_are_never_written(rope):
+    """The engine rescales states in place only when they are its own: the caller's initial state and the
+    gradients autograd hands the backward stay as they were (large activations: references move every group)."""
+    q, k, v = qkv(N=40, scale=4.0)
+    W = FavorPlus(8, 16, seed=2).double().projection
+    rot = RotaryEmbedding(16) if rope else None
+    _, st = favor_attention(q[:, :, :9], k[:, :, :9], v[:, :, :9], W, causal=True, rotary=rot, return_state=True)
+    # the same state referred 100 lower: the first key of the call is then above it and rescales the state
+    S0, z0 = (t.mul(torch.exp(torch.tensor(100.0, dtype=F64))).requires_grad_() for t in (st.numerator, st.key_sum))
+    st = AttentionState(S0, z0, st.log_ref - 100, st.offset)
+    x = [t[:, :, 9:].clone().requires_grad_() for t in (q, k, v)]
+    before = [t.detach().clone() for t in (S0, z0)]
+    out, end = favor_attention(*x, W, causal=True, rotary=rot, initial_state=st, return_state=True, chunk_size=4,
+                               group_size=8)
+    grads = [torch.randn_like(t) for t in (out, end.numerator, end.key_sum)]
+    kept = [g.clone() for g in grads]
+    torch.autograd.grad((out, end.numerator, end.key_sum), [*x, S0, z0], grads)
+    for name, now, then in zip(("numerator", "key_sum", "d out", "d numerator", "d key_sum"), [S0, z0, *grads],
+                               before + kept):
+        assert torch.equal(now.detach(), then), name
+
+
 def test_streaming_state_of_generic_features_continues_from_offset():
     qf, kf, v = features(N=30)
     rot = RotaryEmbedding(12)

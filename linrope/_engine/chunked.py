@@ -104,13 +104,14 @@ def _tril(C: int, like: Tensor) -> Tensor:
 
 # The scans below are Python loops over slices; ``unbind`` makes all the slices in one call, which halves the
 # per-step overhead that dominates them.
-def _exclusive_scan(X: Tensor, init: Tensor, out: Tensor) -> Tensor:
-    """out[:, c] = init + sum_{c' < c} X[:, c'] along dim 1; returns init + sum of all X."""
+def _exclusive_scan(X: Tensor, init: Tensor, out: Tensor, end: bool = True) -> Tensor | None:
+    """out[:, c] = init + sum_{c' < c} X[:, c'] along dim 1; returns init + sum of all X (a new tensor), or
+    None with ``end=False`` (the backward's replay of the forward, which does not need it)."""
     xs, os = X.unbind(1), out.unbind(1)
     os[0].copy_(init)
     for c in range(1, len(xs)):
         torch.add(os[c - 1], xs[c - 1], out=os[c])
-    return os[-1] + xs[-1]
+    return os[-1] + xs[-1] if end else None
 
 
 def _reverse_scan(X: Tensor, init: Tensor, out: Tensor) -> Tensor:
@@ -176,10 +177,10 @@ def _normalizer_backward(ws, fq, k0, z, dden, dz, sub: int, dfq, dk0, intra: boo
     return dz_in
 
 
-def _chunk_products(ws, fq, qr, k0, kr, V, S, C: int):
+def _chunk_products(ws, fq, qr, k0, kr, V, S, C: int, end: bool = True):
     """What both passes over a group start from: the chunks Qc, Kc (BH*nc, C, r) (rotated with RoPE) and Vc
     (BH*nc, C, dv); Sst (BH, nc, r, dv), the state entering each chunk; A (BH*nc, C, C), the causal scores
-    Qc Kc^T within each chunk; and S after the group."""
+    Qc Kc^T within each chunk; and S after the group (None with ``end=False``)."""
     BH, G, r = fq.shape
     nc, dv = G // C, V.shape[-1]
     rope = qr is not None
@@ -189,7 +190,7 @@ def _chunk_products(ws, fq, qr, k0, kr, V, S, C: int):
     KV = ws.get("KV", BH, nc, r, dv)
     torch.bmm(Kc.transpose(1, 2), Vc, out=KV.view(BH * nc, r, dv))
     Sst = ws.get("Sst", BH, nc, r, dv)
-    S_end = _exclusive_scan(KV, S, Sst)
+    S_end = _exclusive_scan(KV, S, Sst, end)
     A = ws.get("A", BH * nc, C, C)
     torch.bmm(Qc, Kc.transpose(1, 2), out=A).mul_(_tril(C, A))
     return Qc, Kc, Vc, Sst, A, S_end
@@ -239,7 +240,7 @@ def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, sub: in
     BH, G, r = fq.shape
     nc, dv = G // C, V.shape[-1]
     rope = qr is not None
-    Qc, Kc, Vc, Sst, A, _ = _chunk_products(ws, fq, qr, k0, kr, V, S, C)  # as the forward had them
+    Qc, Kc, Vc, Sst, A, _ = _chunk_products(ws, fq, qr, k0, kr, V, S, C, end=False)  # as the forward had them
     Gc = g.view(BH * nc, C, dv)
     tril = _tril(C, fq)
     dA = ws.get("dA", BH * nc, C, C)
@@ -301,6 +302,15 @@ class _AngleGrads:
     def rotated(self, dqr: Tensor, dkr: Tensor) -> None:
         self.phase.grad(dqr, self.qr, self.a, self.b)
         self.keys.grad(dkr, self.kr, self.a, self.b)
+
+
+def _rescale(S: Tensor, z: Tensor, e: Tensor, owned: bool) -> tuple[Tensor, Tensor]:
+    """(S e, z e) per row, e (BH,): in place when the engine ``owned`` S and z (fresh results of its own that
+    nothing else holds: a new tensor is a new allocation, whose pages the OS faults in on first touch, about as
+    slow as the multiply itself for a (BH, r, dv) state), else new tensors (the caller's state)."""
+    if owned:
+        return S.mul_(e[:, None, None]), z.mul_(e[:, None])
+    return S * e[:, None, None], z * e[:, None]
 
 
 def _first_valid(logscale: Tensor) -> Tensor:
@@ -375,6 +385,7 @@ def causal_forward(src, rot, V, S, z, M, cfg: EngineConfig, keep_states: bool = 
     diag = S.new_empty(BH, N) if keep_states and rot is not None else None
     plan: list[Group] = []
     C0 = cfg.chunk_size
+    owned = False  # S, z are the caller's until the first group returns the engine's own
     work = _groups(N, cfg.group_size)[::-1]  # a stack: groups pop in order, split ones push their halves
     while work:
         a, b = work.pop()
@@ -391,7 +402,7 @@ def causal_forward(src, rot, V, S, z, M, cfg: EngineConfig, keep_states: bool = 
         group = Group(a, b, P, None, None)
         if P is not None:
             group.rescale_in = torch.exp(M - P).to(cfg.dtype)
-            S, z = S * group.rescale_in[:, None, None], z * group.rescale_in[:, None]
+            S, z = _rescale(S, z, group.rescale_in, owned)
         if keep_states and len(plan) % 2 == 0:  # the backward rebuilds the other states from the one before
             group.S0, group.z0 = S, z
         plan.append(group)
@@ -402,12 +413,13 @@ def causal_forward(src, rot, V, S, z, M, cfg: EngineConfig, keep_states: bool = 
         C = min(C0, b - a)
         num, d, S, z = group_forward(ws, fq, qr, k0, kr, Vg, S, z, C, math.gcd(DEN_CHUNK, C),
                                      _phase_side(rot, fq, ws), group.diag)
+        owned = True  # the group's end state is new (stored states are never the one rescaled later)
         den[:, a:b] = d
         _divide(num, d, out[:, a:b])
         if P is not None:  # M follows real keys only (a group without any keeps M, and P was a stand-in)
             M = torch.maximum(M, logscale.amax(-1))
             group.rescale_out = torch.exp(P - torch.where(M > NEG / 2, M, P)).to(cfg.dtype)
-            S, z = S * group.rescale_out[:, None, None], z * group.rescale_out[:, None]
+            S, z = _rescale(S, z, group.rescale_out, owned)
     return out, den, S, z, M, plan
 
 
@@ -420,11 +432,12 @@ def causal_backward(src, rot, V, out, den, dout, dS, dz, plan: list[Group], cfg:
     ws = Workspace(V.device, cfg.dtype)
     dV = V.new_empty(BH, N, dv)
     ahead = None  # key features of the next group to process, computed early to rebuild a state
+    owned = False  # dS, dz are autograd's until the first group returns the engine's own
     for i in range(len(plan) - 1, -1, -1):
         grp = plan[i]
         a, b, P = grp.a, grp.b, grp.ref
         if grp.rescale_out is not None:
-            dS, dz = dS * grp.rescale_out[:, None, None], dz * grp.rescale_out[:, None]
+            dS, dz = _rescale(dS, dz, grp.rescale_out, owned)
         k0, kr, logscale = ahead if ahead is not None else _group_features(src, rot_k, ws, a, b, P=P,
                                                                            tag=str(i % 2))[:3]
         ahead = None
@@ -438,7 +451,7 @@ def causal_backward(src, rot, V, out, den, dout, dS, dz, plan: list[Group], cfg:
             z0 = prev.z0 + pk0.sum(1)
             for e in (prev.rescale_out, grp.rescale_in):
                 if e is not None:
-                    S0, z0 = S0 * e[:, None, None], z0 * e[:, None]
+                    S0, z0 = _rescale(S0, z0, e, True)  # new from baddbmm and +
         fq, qr = _query_features(src, rot, ws, a, b, r)
         Vg = group_rows(V, a, b, ws.get("v", BH, b - a, dv))
         g, dden = _output_grads(out[:, a:b], den[:, a:b], dout[:, a:b], ws.get("g", BH, b - a, dv))
@@ -452,8 +465,9 @@ def causal_backward(src, rot, V, out, den, dout, dS, dz, plan: list[Group], cfg:
         dV[:, a:b] = dVg
         src.query_grad(a, b, fq, dfq)
         src.key_grad(a, b, k0, dk0, logscale, P)
+        owned = True  # group_backward's dS, dz before the group are new
         if grp.rescale_in is not None:
-            dS, dz = dS * grp.rescale_in[:, None, None], dz * grp.rescale_in[:, None]
+            dS, dz = _rescale(dS, dz, grp.rescale_in, owned)
     return dV, dS, dz
 
 
