@@ -208,7 +208,7 @@ class LinearRotaryAttention(_Heads):
         orthogonal: orthogonal random features.
         chunk_size: chunk of the causal path.
         group_size: positions whose features the engine holds at once (see ``linear_attention``): None sizes its
-            buffers to 1 MiB, ``"auto"`` measures once per shape class and machine and caches the fastest.
+            buffers to 1 MiB (L2-sized for long sequences), ``"auto"`` measures once per shape class and machine and caches the fastest.
         qkv_bias: bias in the q/k/v projection.
         decay: causal only: weigh the key at distance m - n by gamma_h^(m - n) in numerator and normalizer alike
             (RetNet's decay; against attention dilution): None, a float gamma in (0, 1] for every head, one per

@@ -141,8 +141,8 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
     if isinstance(initial_state, AttentionState):
         inputs += (initial_state.numerator, initial_state.key_sum)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    if group_size is None:  # 1 MiB work buffers (see _engine/tuning.py for why not the L2's size)
-        group_size = tuning.group_size_for(tuning.DEFAULT_ELEMENTS, B * H, r, chunk_size)
+    if group_size is None:  # 1 MiB work buffers, L2-sized for calls of many groups (see _engine/tuning.py)
+        group_size = tuning.default_group_size(max(N, Nq), B * H, r, chunk_size, q.device)
     elif group_size == "auto":
         group_size = _tuned_group_size(kind, q, ks, v, r, causal, rotary, chunk_size, dt, cross)
     else:  # whole chunks
@@ -300,7 +300,8 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
         k_logscale: (B, H, N) optional log-magnitudes of the keys (as returned by exp-type feature maps), so
             that exp-type features never overflow; None means 0.
         group_size: positions whose features are processed at once (rounded up to whole chunks). None sizes
-            each (B*H, group, r) work buffer to 1 MiB of float32; ``"auto"``
+            each (B*H, group, r) work buffer to 1 MiB of float32, or to the CPU's L2 per core (at most 4 MiB)
+            where that is larger and 1 MiB would take more than 8 groups; ``"auto"``
             measures a few sizes on a probe of this call's shape class the first time (seconds), keeps
             the fastest in ``$LINROPE_CACHE_DIR`` or ``~/.cache/linrope`` per machine, and reuses it. Sizes
             change outputs by float rounding only.

@@ -133,10 +133,20 @@ def test_bad_group_size(bad):
         LinearRotaryAttention(32, heads=2, causal=True, group_size=bad)
 
 
-def test_default_group_size():
-    assert tuning.DEFAULT_ELEMENTS == 2**18  # 1 MiB of float32 per (B*H, G, r) buffer, on every machine
+def test_default_group_size(monkeypatch):
+    assert tuning.DEFAULT_ELEMENTS == 2**18  # 1 MiB of float32 per (B*H, G, r) buffer
     assert tuning.group_size_for(2**18, 8, 256, 64) == 128
     assert tuning.group_size_for(2**10, 8, 256, 64) == 64  # at least one chunk
+    cpu = torch.device("cpu")
+    sizes = lambda: [tuning.default_group_size(N, 8, 256, 64, cpu) for N in (512, 1024, 1025, 16384)]  # noqa: E731
+    monkeypatch.setattr(tuning, "l2_bytes", lambda: 2 * 2**20)  # the Xeon: L2 2 MiB per core
+    assert sizes() == [128, 128, 256, 256]  # more than 8 groups of 128: 2 MiB buffers
+    assert tuning.default_group_size(16384, 8, 256, 64, torch.device("cuda")) == 128  # a GPU: the CPU's L2 is not its
+    monkeypatch.setattr(tuning, "l2_bytes", lambda: 32 * 2**20)
+    assert sizes()[-1] == 512  # at most 4 MiB
+    for l2 in (2**20, 2**19, None):  # the Zen 4 (1 MiB), the AVX2 EPYC (512 KiB), unreadable: 1 MiB throughout
+        monkeypatch.setattr(tuning, "l2_bytes", lambda: l2)
+        assert sizes() == [128] * 4
 
 
 def test_machine_key_names_the_processor():

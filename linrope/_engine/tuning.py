@@ -5,9 +5,13 @@ small and the per-group Python and dispatch costs dominate (each group is some 5
 100 backward), too large and the buffers fall out of cache. The best size depends on the CPU *and* the shape. On
 the Intel Xeon of these machines (2 MiB L2), forward+backward of causal eq. 19: at N=16384, B*H=8, r=256, buffers
 of 4 MiB were fastest (1 MiB 15% slower); at the byte LM's N=512, B*H=32, r=64, 1 MiB was fastest (2 MiB 4-13%
-slower, 4 MiB 15-25%). On the Zen 4, 1 MiB was best at the first shape. Hence:
+slower, 4 MiB 15-25%). On the Zen 4, 1 MiB was best at the first shape. What separates the two shapes on the
+Xeon is the number of groups a call runs: 2 MiB against 1 MiB was 3% slower at 4 groups, even at 8, 7-9% faster at
+16 (N=2048 at both shapes) and 10-12% faster from 32 groups up (N=4096 ... 32768, B*H=8, r=256). Hence:
 
-* ``DEFAULT_ELEMENTS``: 1 MiB buffers when ``group_size`` is None, on every machine (deterministic).
+* ``default_group_size``: when ``group_size`` is None, 1 MiB buffers (``DEFAULT_ELEMENTS``), or, when that would
+  take more than ``MANY_GROUPS`` groups, buffers of the CPU's L2 per core where it is larger (at most 4 MiB): on the
+  Zen 4 (1 MiB L2) and the AVX2 EPYC (512 KiB) that is still 1 MiB. Deterministic for a given machine and shape.
 * ``lookup(key, candidates)`` / ``tune(key, candidates, measure)``: ``group_size="auto"`` measures a few budgets
   on a probe of the call's shape class (``linrope.functional`` builds it) and keeps the fastest, in memory and in a
   JSON file per machine (``$LINROPE_CACHE_DIR``, else ``~/.cache/linrope``), so that a process pays the measurement
@@ -30,6 +34,8 @@ from typing import Callable
 import torch
 
 DEFAULT_ELEMENTS = 2**18  # float32 elements per (B*H, G, r) work buffer when group_size is None: 1 MiB
+MANY_GROUPS = 8  # beyond this many groups at 1 MiB, the per-group costs outweigh the cache (measured: see above)
+MAX_ELEMENTS = 2**20  # 4 MiB: the largest default buffer
 BUDGETS = tuple(2**e for e in range(17, 22))  # candidate buffer sizes for "auto": 512 KiB .. 8 MiB of float32
 _MEMORY: dict[str, int] = {}
 
@@ -37,6 +43,32 @@ _MEMORY: dict[str, int] = {}
 def group_size_for(elements: int, BH: int, r: int, chunk_size: int) -> int:
     """Whole chunks holding about ``elements`` float32 of (BH, G, r), at least one chunk."""
     return max(1, elements // (BH * r * chunk_size)) * chunk_size
+
+
+@functools.lru_cache(maxsize=None)
+def l2_bytes() -> int | None:
+    """The L2 cache of cpu0 from sysfs (Linux), else None; read once per process."""
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for index in sorted(base.glob("index*")):
+            if (index / "level").read_text().strip() == "2":
+                size = (index / "size").read_text().strip().upper()
+                scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:], 1)
+                return int(size.rstrip("KMG")) * scale
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def default_group_size(N: int, BH: int, r: int, chunk_size: int, device: torch.device) -> int:
+    """The group size when ``group_size`` is None: 1 MiB buffers of (BH, G, r) float32, or, on a CPU whose L2 per
+    core is larger and when 1 MiB would take more than ``MANY_GROUPS`` groups of the N positions, L2-sized ones
+    (at most 4 MiB)."""
+    G = group_size_for(DEFAULT_ELEMENTS, BH, r, chunk_size)
+    l2 = l2_bytes() if device.type == "cpu" else None
+    if l2 is None or -(-N // G) <= MANY_GROUPS:
+        return G
+    return group_size_for(min(max(l2 // 4, DEFAULT_ELEMENTS), MAX_ELEMENTS), BH, r, chunk_size)
 
 
 @functools.lru_cache(maxsize=None)
