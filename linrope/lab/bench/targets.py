@@ -22,7 +22,7 @@ VARIANT_POINTS = (("ours", "eq. 19 (RoPE on the features)"), ("ours_norope", "no
                   ("ours_decay", "eq. 19 + multiscale decay (RetNet's gamma per head)"),
                   ("ours_learned_decay", "eq. 19, learned frequencies and phases + multiscale decay"),
                   ("ours_auto", "eq. 19, group_size='auto' (measured once per machine, cached)"),
-                  ("ours_g2mib", "eq. 19, group_size=256 (2 MiB buffers, twice the default's)"))
+                  ("ours_g1mib", "eq. 19, group_size=128 (1 MiB buffers: the default where L2 <= 1 MiB or few groups)"))
 
 
 @dataclass
@@ -54,7 +54,7 @@ def targets(n: int = 16384, n_mem: int = 4096, with_peers: bool = True) -> list[
         ("ours_decay", "linrope", dict(n=n, causal=True, rope="features", decay="multiscale")),
         ("ours_learned_decay", "linrope", dict(n=n, causal=True, rope="learned", decay="multiscale")),
         ("ours_auto", "linrope", dict(n=n, causal=True, rope="features", group_size="auto")),
-        ("ours_g2mib", "linrope", dict(n=n, causal=True, rope="features", group_size=2 * 2**18 // (8 * 256))),
+        ("ours_g1mib", "linrope", dict(n=n, causal=True, rope="features", group_size=2**18 // (8 * 256))),
         ("sdpa", "sdpa", dict(n=n, causal=True)),
         ("layer_linear", "layer", dict(n=n, kind="linear")),
         ("layer_softmax", "layer", dict(n=n, kind="softmax")),
