@@ -3,6 +3,7 @@ speed against fast-transformers' causal kernel and SDPA, memory growth and leann
 and the layer against SoftmaxAttention. Paste the output into BENCHMARKS.md.
 
     python experiments/bench.py [--n 16384] [--no-peers] [--json out.json]
+    python experiments/bench.py --compare REV | --fusion | --breakdown    (see --help)
 """
 
 from linrope.lab.bench.cli import main

@@ -218,3 +218,27 @@ def test_fusion_probe_compiles_the_same_features_and_the_cli_stores_it(monkeypat
     assert "| machine |" in out and "| eager: the engine's FavorFeatures.query + Rotation |" in out
     saved = json.loads((tmp_path / "f.json").read_text())["fusion"]
     assert saved["elementwise_ratio"] == pytest.approx(small.elementwise_ratio)
+
+
+def test_breakdown_splits_the_step_and_the_cli_stores_it(monkeypatch, capsys, tmp_path):
+    """The three shares cover the profiled step; the products are found and their FLOPs counted, in-place ones
+    included (more than the useful FLOPs of the model: the backward recomputes); the ceiling exceeds the measure."""
+    from linrope.lab.bench import breakdown, cli
+    small = breakdown.time_breakdown(256, repeats=1, sgemm_gflops=100.0, h=2, d=16, r=32)
+    assert min(small.products, small.other_ops) > 0 and small.rest >= 0
+    assert small.products + small.other_ops + small.rest == pytest.approx(1.0)
+    assert small.product_gflop > small.useful_gflop > 0
+    assert small.ceiling > small.flop_rate > 0
+    with pytest.raises(ValueError, match="n and repeats"):
+        breakdown.time_breakdown(0)
+    # what the profiler leaves uncounted: C += A B in place, (32, 64, 64) x (32, 64, 256)
+    assert breakdown._product_flops("aten::baddbmm_", [[32, 64, 256], [32, 64, 64], [32, 64, 256], [], []]) == \
+        2.0 * 32 * 64 * 64 * 256
+    assert breakdown._product_flops("aten::addmm_", [[8, 4], [8, 3], [3, 4]]) == 2.0 * 8 * 3 * 4
+    monkeypatch.setattr(cli, "machine_info", lambda: machine_info(**TINY))
+    monkeypatch.setattr(breakdown, "time_breakdown", lambda n, **kw: small)
+    cli.main(["--breakdown", "--json", str(tmp_path / "b.json")])
+    out = capsys.readouterr().out
+    assert "| machine |" in out and "| matrix products (" in out and "if everything but the products" in out
+    saved = json.loads((tmp_path / "b.json").read_text())["breakdown"]
+    assert saved["ceiling"] == pytest.approx(small.ceiling) and saved["n"] == 256

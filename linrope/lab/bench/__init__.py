@@ -3,6 +3,8 @@
 * ``cases.py``: the measured configurations (``case_*`` factories, named in ``CASES``) and the FLOP model;
 * ``targets.py``: the performance targets, as ratios of points measured in one run;
 * ``memory.py``: the memory and speed profile against sequence length;
+* ``compare.py``, ``fusion.py``, ``breakdown.py``: this checkout against an earlier commit, torch.compile of the
+  elementwise passes, and where the engine's time goes (products, other ops, the rest);
 * ``cli.py``: the targets' command line, ``python -m linrope.lab.bench``.
 
 Timing and memory measurement itself is ``linrope.lab.profiling``.

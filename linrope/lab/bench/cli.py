@@ -35,11 +35,16 @@ def main(argv=None, prog: str | None = None) -> None:
                                                      "points of linrope.lab.bench.compare, interleaved")
     p.add_argument("--fusion", action="store_true",
                    help="instead: time the engine's elementwise passes on one group, eager against torch.compile")
+    p.add_argument("--breakdown", action="store_true",
+                   help="instead: split the time of causal eq. 19 at --n into matrix products, other tensor ops "
+                        "and the rest (torch.profiler)")
     args = p.parse_args(argv)
     if args.compare:
         return _compare(p, args)
     if args.fusion:
         return _fusion(args)
+    if args.breakdown:
+        return _breakdown(p, args)
     if args.rounds < 1 or args.repeats < 1:
         p.error(f"--rounds and --repeats must be >= 1, got {args.rounds} and {args.repeats}")
     peers = peers_available()
@@ -121,3 +126,21 @@ def _fusion(args) -> None:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "machine_info": info.to_dict(), "date": str(datetime.date.today()),
                        "fusion": dict(result.__dict__, elementwise_ratio=result.elementwise_ratio)}, f, indent=1)
+
+
+def _breakdown(p, args) -> None:
+    from dataclasses import asdict
+
+    from .breakdown import time_breakdown
+    if args.n < 1 or args.repeats < 1:
+        p.error(f"--n and --repeats must be >= 1, got {args.n} and {args.repeats}")
+    info = machine_info()
+    result = time_breakdown(args.n, repeats=max(args.repeats, 5), sgemm_gflops=info.sgemm_gflops)
+    print(f"\n{machine()}, {datetime.date.today()}; the bench's 'ours' point in this process")
+    print("\n" + info.markdown())
+    print("\n" + result.markdown())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "machine_info": info.to_dict(), "date": str(datetime.date.today()),
+                       "breakdown": dict(asdict(result), flop_rate=result.flop_rate, ceiling=result.ceiling)}, f,
+                      indent=1)
