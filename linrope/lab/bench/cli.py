@@ -115,17 +115,23 @@ def _compare(p, args) -> None:
                        "compare": args.compare, "rows": rows}, f, indent=1)
 
 
+def _probe_report(args, info, heading: str, body: str, key: str, payload: dict) -> None:
+    """Print a probe's result under the machine block; with ``--json``, store both (``key``: the payload's name)."""
+    print(f"\n{machine()}, {datetime.date.today()}; {heading}")
+    print("\n" + info.markdown())
+    print("\n" + body)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "machine_info": info.to_dict(), "date": str(datetime.date.today()),
+                       key: payload}, f, indent=1)
+
+
 def _fusion(args) -> None:
     from .fusion import fusion_probe
     info = machine_info()
     result = fusion_probe()
-    print(f"\n{machine()}, {datetime.date.today()}; medians of 7 interleaved rounds of 50 calls")
-    print("\n" + info.markdown())
-    print("\n" + result.markdown())
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "machine_info": info.to_dict(), "date": str(datetime.date.today()),
-                       "fusion": dict(result.__dict__, elementwise_ratio=result.elementwise_ratio)}, f, indent=1)
+    _probe_report(args, info, "medians of 7 interleaved rounds of 50 calls", result.markdown(), "fusion",
+                  dict(result.__dict__, elementwise_ratio=result.elementwise_ratio))
 
 
 def _breakdown(p, args) -> None:
@@ -136,11 +142,5 @@ def _breakdown(p, args) -> None:
         p.error(f"--n and --repeats must be >= 1, got {args.n} and {args.repeats}")
     info = machine_info()
     result = time_breakdown(args.n, repeats=max(args.repeats, 5), sgemm_gflops=info.sgemm_gflops)
-    print(f"\n{machine()}, {datetime.date.today()}; the bench's 'ours' point in this process")
-    print("\n" + info.markdown())
-    print("\n" + result.markdown())
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "machine_info": info.to_dict(), "date": str(datetime.date.today()),
-                       "breakdown": dict(asdict(result), flop_rate=result.flop_rate, ceiling=result.ceiling)}, f,
-                      indent=1)
+    _probe_report(args, info, "the bench's 'ours' point in this process", result.markdown(), "breakdown",
+                  dict(asdict(result), flop_rate=result.flop_rate, ceiling=result.ceiling))
