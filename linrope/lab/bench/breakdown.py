@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..profiling import median_time
 from .cases import case_linrope, causal_flops
 
 __all__ = ["Breakdown", "time_breakdown", "PRODUCTS", "VIEWS"]
@@ -86,29 +87,19 @@ def _product_flops(key: str, shapes) -> float:
     return 0.0
 
 
-def _median_seconds(step, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def time_breakdown(n: int = 16384, *, repeats: int = 5, sgemm_gflops: float | None = None, **case) -> Breakdown:
     """Profile one forward+backward of ``case_linrope(n, **case)`` (after a warm-up) and split its time; the
     unprofiled median of ``repeats`` runs is taken around it."""
     if n < 1 or repeats < 1:
         raise ValueError(f"n and repeats: expected >= 1, got {n} and {repeats}")
     step = case_linrope(n, **case)
-    step()
-    before = _median_seconds(step, repeats)
+    before, _ = median_time(step, warmup=1, repeats=repeats)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True,
                                 record_shapes=True) as prof:
         t = time.perf_counter()
         step()
         wall = time.perf_counter() - t
-    seconds = statistics.median([before, _median_seconds(step, repeats)])
+    seconds = statistics.median([before, median_time(step, warmup=0, repeats=repeats)[0]])
     products = other = flops = 0.0
     for ev in prof.key_averages(group_by_input_shape=True):
         if ev.key in PRODUCTS:
