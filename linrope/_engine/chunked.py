@@ -230,7 +230,7 @@ def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int, sub: int, pq=None, diag_o
 def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, sub: int, unrotate=None, pq=None,
                    learned=None, diag=None):
     """Gradients of ``group_forward`` given g = d num (BH, G, dv), dden (BH, G) and those of (S, z) after;
-    ``diag`` (BH, G): the distance-0 products the forward wrote (with RoPE; None: recomputed).
+    ``diag`` (BH, G): with RoPE, the distance-0 products the forward wrote (``group_forward``'s ``diag_out``).
 
     Returns (d fq, d k0, d V, dS, dz before): the feature gradients w.r.t. the *unrotated* features (the
     rotated parts pass through ``unrotate(x, out, is_key)``, R^T). They live in workspace buffers. ``learned``: with
@@ -250,8 +250,6 @@ def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, sub: in
     dA.mul_(tril)
     ddiag = None
     if rope:  # the diagonal is fq_t . k0_t, unrotated (see group_forward): its gradient bypasses the rotation
-        if diag is None:
-            diag = torch.linalg.vecdot(fq if pq is None else pq, k0)
         A.diagonal(0, 1, 2).view(BH, nc, C).copy_(diag.view(BH, nc, C))
         ddiag = dA.diagonal(0, 1, 2).clone().view(BH, G)
         dA.diagonal(0, 1, 2).zero_()

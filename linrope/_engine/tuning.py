@@ -6,7 +6,7 @@ small and the per-group Python and dispatch costs dominate (each group is some 5
 the Intel Xeon of these machines (2 MiB L2), forward+backward of causal eq. 19: at N=16384, B*H=8, r=256, buffers
 of 4 MiB were fastest (1 MiB 15% slower); at the byte LM's N=512, B*H=32, r=64, 1 MiB was fastest (2 MiB 4-13%
 slower, 4 MiB 15-25%). On the Zen 4, 1 MiB was best at the first shape. What separates the two shapes on the
-Xeon is the number of groups a call runs: 2 MiB against 1 MiB was 3% slower at 4 groups, even at 8, 7-9% faster at
+Xeon is the number of groups a call runs: 2 MiB against 1 MiB was 3% slower at 4 groups, equal at 8, 7-9% faster at
 16 (N=2048 at both shapes) and 10-12% faster from 32 groups up (N=4096 ... 32768, B*H=8, r=256). Hence:
 
 * ``default_group_size``: when ``group_size`` is None, 1 MiB buffers (``DEFAULT_ELEMENTS``), or, when that would
