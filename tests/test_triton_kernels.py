@@ -1,0 +1,200 @@
+"""The Triton chunk kernels (linrope/_engine/triton_kernels.py) against the float64 quadratic reference.
+
+Without CUDA they run in Triton's CPU interpreter, so these cases stay small (G <= 200, r, dv <= 64);
+the long ones run only on CUDA.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # triton.jit reads TRITON_INTERPRET when it decorates, and the kernels are decorated on first use,
+    # so this only has to come before that (an earlier `import triton` is harmless in triton 3.x)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="the Triton kernels need the 'triton' package")
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from linrope._engine import triton_kernels as tk  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not tk._kernels()[1]:
+    pytest.skip("the kernels were built before TRITON_INTERPRET=1 was set (triton imported and used without the "
+                "interpreter), and there is no CUDA device", allow_module_level=True)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="long groups are too slow for the interpreter")
+
+
+def _inputs(BH, G, r, dv, use_diag, s0, gen):
+    f = dict(device=DEVICE, dtype=torch.float32)
+    q, k = (torch.randn(BH, G, r, generator=gen).to(**f) / r ** 0.25 for _ in range(2))
+    v = torch.randn(BH, G, dv, generator=gen).to(**f)
+    S0 = torch.randn(BH, r, dv, generator=gen).to(**f) if s0 else torch.zeros(BH, r, dv, **f)
+    diag = torch.randn(BH, G, generator=gen).to(**f) if use_diag else None
+    return q, k, v, S0, diag
+
+
+def _err(got, want):
+    """Max abs error relative to the reference's scale (its max abs value)."""
+    assert got.shape == want.shape, (got.shape, want.shape)
+    scale = want.abs().max().item() if want.numel() else 1.0
+    return (got.double() - want).abs().max().item() / max(scale, 1e-30) if want.numel() else 0.0
+
+
+def _check(BH, G, C, r, dv, use_diag, s0, rtol=1e-5, with_do=True, with_dS=True, store_h=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, S0, diag = _inputs(BH, G, r, dv, use_diag, s0, gen)
+    do = torch.randn(BH, G, dv, generator=gen).to(DEVICE) if with_do else None
+    dS = torch.randn(BH, r, dv, generator=gen).to(DEVICE) if with_dS else None
+    o, S_end, h = tk.chunk_forward(q, k, v, S0, diag, chunk_size=C, store_h=store_h)
+    assert (h is None) == (not store_h)
+    grads = tk.chunk_backward(q, k, v, S0, diag, h, do, dS, chunk_size=C)
+
+    xs = [x.double().requires_grad_() for x in (q, k, v, S0)]
+    d64 = diag.double().requires_grad_() if use_diag else None
+    ro, rS = tk.reference_forward(*xs, d64)
+    loss = ro.sum() * 0
+    if with_do:
+        loss = loss + (ro * do.double()).sum()
+    if with_dS:
+        loss = loss + (rS * dS.double()).sum()
+    want = torch.autograd.grad(loss, xs + ([d64] if use_diag else []), allow_unused=True)
+    want = [torch.zeros_like(x) if w is None else w for w, x in zip(want, xs + ([d64] if use_diag else []))]
+
+    errs = {"o": _err(o, ro), "S_end": _err(S_end, rS)}
+    names = ["dq", "dk", "dv", "dS0"] + (["dd"] if use_diag else [])
+    for name, got, w in zip(names, grads, want):
+        if w.abs().max() == 0:  # e.g. dq without do: must be exactly zero
+            errs[name] = got.abs().max().item()
+        else:
+            errs[name] = _err(got, w)
+    if not use_diag:
+        assert grads[4] is None
+    bad = {n: e for n, e in errs.items() if not e <= rtol}
+    assert not bad, f"errors over {rtol} x scale: {bad} (all: {errs})"
+
+
+CASES = [  # BH, G, C, r, dv, diag, S0 random
+    (1, 64, 64, 16, 16, False, False),   # one full chunk
+    (3, 200, 64, 32, 48, True, True),    # ragged G, r != dv, dv not a power of two
+    (2, 20, 64, 64, 16, False, True),    # G < C
+    (1, 130, 32, 16, 64, True, False),   # ragged, smaller chunk
+    (3, 100, 16, 40, 24, False, True),   # r, dv not powers of two, chunk 16
+    (1, 1, 64, 16, 16, True, True),      # a single position
+    (1, 150, 64, 64, 64, True, True),    # full 64-wide blocks, three chunks
+]
+
+
+@pytest.mark.parametrize("BH,G,C,r,dv,use_diag,s0", CASES)
+def test_matches_reference(BH, G, C, r, dv, use_diag, s0):
+    _check(BH, G, C, r, dv, use_diag, s0)
+
+
+def test_several_blocks_per_dim():
+    # r = 80, dv = 40 with 16-wide blocks: the loops over r- and dv-blocks and their masked last blocks
+    gen = torch.Generator().manual_seed(1)
+    q, k, v, S0, diag = _inputs(2, 90, 80, 40, True, True, gen)
+    do, dS = torch.randn(2, 90, 40).to(DEVICE), torch.randn(2, 80, 40).to(DEVICE)
+    kw = dict(chunk_size=32, block_k=16, block_v=16)
+    o, S_end, h = tk.chunk_forward(q, k, v, S0, diag, **kw)
+    o2, S2, h2 = tk.chunk_forward(q, k, v, S0, diag, chunk_size=32)
+    ro, rS = tk.reference_forward(q, k, v, S0, diag)
+    assert _err(o, ro) <= 1e-5 and _err(S_end, rS) <= 1e-5
+    g = tk.chunk_backward(q, k, v, S0, diag, h, do, dS, **kw)
+    g2 = tk.chunk_backward(q, k, v, S0, diag, h2, do, dS, chunk_size=32)
+    for a, b in zip(g, g2):  # the blocking changes only the summation order
+        assert _err(a, b.double()) <= 1e-5
+
+
+@pytest.mark.parametrize("with_do,with_dS", [(False, True), (True, False)])
+def test_missing_cotangents_and_recomputed_states(with_do, with_dS):
+    _check(2, 100, 32, 32, 16, True, True, with_do=with_do, with_dS=with_dS, store_h=False)
+    _check(1, 70, 32, 16, 32, False, True, with_do=with_do, with_dS=with_dS, store_h=False)
+
+
+def test_h_is_the_state_entering_each_chunk():
+    gen = torch.Generator().manual_seed(2)
+    q, k, v, S0, _ = _inputs(2, 100, 16, 32, False, True, gen)
+    _, S_end, h = tk.chunk_forward(q, k, v, S0, chunk_size=32)
+    assert h.shape == (2, 4, 16, 32)
+    kv = (k.double().unsqueeze(-1) * v.double().unsqueeze(-2)).cumsum(1)  # (BH, G, r, dv)
+    want = torch.stack([S0.double()] + [S0.double() + kv[:, c * 32 - 1] for c in (1, 2, 3)], 1)
+    assert _err(h, want) <= 1e-5
+    assert _err(S_end, S0.double() + kv[:, -1]) <= 1e-5
+
+
+def test_empty_group():
+    q, k, v, S0, diag = _inputs(2, 0, 16, 16, True, True, torch.Generator().manual_seed(3))
+    o, S_end, h = tk.chunk_forward(q, k, v, S0, diag)
+    assert o.shape == (2, 0, 16) and torch.equal(S_end, S0) and h.shape == (2, 0, 16, 16)
+    dS = torch.randn(2, 16, 16).to(DEVICE)
+    dq, dk, dv, dS0, dd = tk.chunk_backward(q, k, v, S0, diag, h, None, dS)
+    assert dq.shape == (2, 0, 16) and dd.shape == (2, 0) and torch.equal(dS0, dS)
+
+
+def test_non_contiguous_inputs():
+    gen = torch.Generator().manual_seed(4)
+    q, k, v, S0, diag = _inputs(2, 50, 32, 16, True, True, gen)
+    qt = q.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    assert not qt.is_contiguous()
+    o, S_end, _ = tk.chunk_forward(qt, k, v, S0, diag, chunk_size=16)
+    ro, _ = tk.reference_forward(q, k, v, S0, diag)
+    assert _err(o, ro) <= 1e-5
+
+
+def test_bad_arguments():
+    q, k, v, S0, diag = _inputs(2, 40, 16, 32, True, True, torch.Generator().manual_seed(5))
+    with pytest.raises(ValueError, match="float32"):
+        tk.chunk_forward(q.double(), k, v, S0)
+    with pytest.raises(ValueError, match="k has shape"):
+        tk.chunk_forward(q, k[:, :30], v, S0)
+    with pytest.raises(ValueError, match="S0 has shape"):
+        tk.chunk_forward(q, k, v, S0.transpose(1, 2))
+    with pytest.raises(ValueError, match="diag has shape"):
+        tk.chunk_forward(q, k, v, S0, diag[:, :10])
+    with pytest.raises(ValueError, match="3-D"):
+        tk.chunk_forward(q[0], k, v, S0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        tk.chunk_forward(q, k, v, S0, chunk_size=48)
+    with pytest.raises(ValueError, match="precision"):
+        tk.chunk_forward(q, k, v, S0, precision="fp16")
+    _, _, h = tk.chunk_forward(q, k, v, S0, diag, chunk_size=16)
+    with pytest.raises(ValueError, match="h has shape"):  # states from another chunk size
+        tk.chunk_backward(q, k, v, S0, diag, h, None, None, chunk_size=32)
+    with pytest.raises(ValueError, match="do has shape"):
+        tk.chunk_backward(q, k, v, S0, diag, h, v[:, :5], None, chunk_size=16)
+
+
+def test_without_triton(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    tk._kernels.cache_clear()
+    try:
+        assert not tk.available()
+        q, k, v, S0, _ = _inputs(1, 16, 16, 16, False, False, torch.Generator().manual_seed(6))
+        with pytest.raises(RuntimeError, match="triton"):
+            tk.chunk_forward(q, k, v, S0)
+    finally:
+        monkeypatch.undo()
+        tk._kernels.cache_clear()
+    assert tk.available()
+
+
+@settings(max_examples=8, deadline=None)
+@given(G=st.integers(1, 150), C=st.sampled_from([16, 32, 64]), r=st.sampled_from([16, 32, 48]),
+       dv=st.sampled_from([16, 32]), use_diag=st.booleans(), BH=st.integers(1, 2), seed=st.integers(0, 99))
+def test_property_matches_reference(G, C, r, dv, use_diag, BH, seed):
+    _check(BH, G, C, r, dv, use_diag, True, seed=seed)
+
+
+@needs_cuda
+@pytest.mark.parametrize("use_diag", [True, False])
+def test_cuda_long_group(use_diag):
+    _check(8, 4096, 64, 256, 64, use_diag, True, rtol=2e-5)
+
+
+@needs_cuda
+def test_cuda_ragged_long_group_wide_values():
+    _check(3, 1000, 64, 128, 128, True, True, rtol=2e-5)
