@@ -220,6 +220,60 @@ def test_key_whose_log_scale_jumps_is_handled_exactly():
                 assert_close(f"jump d{name}", a, b, rtol=1e-8)
 
 
+@pytest.mark.parametrize("jump", [False, True], ids=["plain", "jump"])
+def test_causal_engine_reads_the_device_once_per_call_not_per_group(jump):
+    """Host reads (``.item()``, ``bool()``, ``nonzero``) stall a GPU: the causal forward makes one per call however
+    many groups it runs (the deferred jump check), the backward none. With a jump the forward runs again,
+    splitting groups, and its result stays exact (see the test above)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero):
+                HostReads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = [t.float().requires_grad_() for t in qkv(B=2, H=2, N=300, d=16, dv=8)]
+    W = FavorPlus(16, 32, seed=0).projection.clone()
+    if jump:  # as in the test above: a key reaching log-scale 60 after keys near 0
+        W[1] *= 11.0 / W[1].norm()
+        with torch.no_grad():
+            k[:, :, 100] = W[1] * 16 ** 0.25
+    with HostReads():
+        out = favor_attention(q, k, v, W, causal=True, rotary=RotaryEmbedding(32), chunk_size=16, group_size=32)
+    if jump:  # the second pass reads each of its (more than 10) groups
+        assert HostReads.count > 1 + 10
+    else:
+        assert HostReads.count == 1
+    HostReads.count = 0
+    with HostReads():
+        out.sum().backward()
+    assert HostReads.count == 0
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+@pytest.mark.parametrize("rope", [False, True], ids=["plain", "rope"])
+def test_scans_as_cumsum_match_the_reference(monkeypatch, rope):
+    """On a GPU the engine's scans over chunks are torch.cumsum (one kernel) instead of loops over slices: the
+    same outputs and gradients, exercised here on the CPU."""
+    from linrope._engine import chunked
+
+    monkeypatch.setattr(chunked, "_loop_scans", lambda X: False)
+    q, k, v = qkv(N=70, d=8, scale=1.5)
+    W = FavorPlus(8, 16, seed=1).double().projection
+    rot, R = (RotaryEmbedding(16), rotation_matrices(torch.arange(70), 16)) if rope else (None, None)
+    for t in (q, k, v):
+        t.requires_grad_()
+    ref = eq19(favor_features(q, W), favor_features(k, W), v, causal=True, R=R)
+    got = favor_attention(q, k, v, W, causal=True, rotary=rot, chunk_size=8, group_size=32)
+    assert_close("cumsum scans", ref, got, rtol=1e-10)
+    g = torch.randn_like(ref)
+    for name, a, b in zip("qkv", torch.autograd.grad(ref, (q, k, v), g), torch.autograd.grad(got, (q, k, v), g)):
+        assert_close(f"cumsum scans d{name}", a, b, rtol=1e-9)
+
+
 def test_large_norm_keys_stay_accurate_in_float32():
     """Keys of norm ~25 at d=64: exp features span ~1e40; the log-scale bookkeeping keeps float32 exact."""
     q, k, v = qkv(B=1, H=2, N=300, d=64, dv=8, dtype=torch.float32)

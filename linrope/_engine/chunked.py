@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import parallel
+from . import parallel, triton_kernels
 from .feature_sources import (LOG_DTYPE, NEG, AngleRotation, FavorFeatures, GivenFeatures, Rotation, Workspace,
                               group_rows, interleaved_order)
 
@@ -64,6 +64,7 @@ class EngineConfig:
     group_size: int
     dtype: torch.dtype  # compute dtype of features, states and normalizer
     needs_grad: bool = True  # False: nothing will be differentiated, keep no state for a backward
+    kernel: str = "torch"  # the causal chunk products: "torch" (batched matmuls) or "triton" (triton_kernels.py)
 
 
 @dataclass
@@ -102,11 +103,21 @@ def _tril(C: int, like: Tensor) -> Tensor:
     return _TRIL[key]
 
 
-# The scans below are Python loops over slices; ``unbind`` makes all the slices in one call, which halves the
-# per-step overhead that dominates them.
+# The scans below are Python loops over slices on a CPU; ``unbind`` makes all the slices in one call, which
+# halves the per-step overhead that dominates them. On a GPU each slice is a kernel launch (~5-10 us, far more than
+# the add), so there they are one torch.cumsum, which is a single fast kernel.
+def _loop_scans(X: Tensor) -> bool:
+    return X.device.type == "cpu"
+
+
 def _exclusive_scan(X: Tensor, init: Tensor, out: Tensor, end: bool = True) -> Tensor | None:
     """out[:, c] = init + sum_{c' < c} X[:, c'] along dim 1; returns init + sum of all X (a new tensor), or
     None with ``end=False`` (the backward's replay of the forward, which does not need it)."""
+    if not _loop_scans(X):
+        out[:, 0].copy_(init)
+        if X.shape[1] > 1:
+            torch.cumsum(X[:, :-1], 1, out=out[:, 1:]).add_(init.unsqueeze(1))
+        return out[:, -1] + X[:, -1] if end else None
     xs, os = X.unbind(1), out.unbind(1)
     os[0].copy_(init)
     for c in range(1, len(xs)):
@@ -116,6 +127,12 @@ def _exclusive_scan(X: Tensor, init: Tensor, out: Tensor, end: bool = True) -> T
 
 def _reverse_scan(X: Tensor, init: Tensor, out: Tensor) -> Tensor:
     """out[:, c] = init + sum_{c' > c} X[:, c'] along dim 1; returns init + sum of all X."""
+    if not _loop_scans(X):
+        out[:, -1].copy_(init)
+        if X.shape[1] > 1:
+            rev = torch.cumsum(X[:, 1:].flip(1), 1).flip(1)  # sums from the end
+            torch.add(rev, init.unsqueeze(1), out=out[:, :-1])
+        return out[:, 0] + X[:, 0]
     xs, os = X.unbind(1), out.unbind(1)
     os[-1].copy_(init)
     for c in range(len(xs) - 2, -1, -1):
@@ -196,17 +213,38 @@ def _chunk_products(ws, fq, qr, k0, kr, V, S, C: int, end: bool = True):
     return Qc, Kc, Vc, Sst, A, S_end
 
 
-def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int, sub: int, pq=None, diag_out=None):
+def _distance0(D: Tensor, pq: Tensor | None, k0: Tensor) -> Tensor:
+    """The distance-0 products (BH, G): the diagonal of the normalizer's sub-chunk products D = fq k0^T, or, with
+    a learned phase, pq_t . k0_t."""
+    BH, G, _ = k0.shape
+    return D.diagonal(0, 1, 2).reshape(BH, G) if pq is None else torch.linalg.vecdot(pq, k0)
+
+
+def _kernel_chunk(C: int) -> int:
+    """The Triton kernels' chunk for a group chunked by C: C, or (a group shorter than the chunk size) the power
+    of two >= 16 holding it."""
+    return max(16, 1 << (C - 1).bit_length())
+
+
+def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int, sub: int, pq=None, diag_out=None, kernel="torch"):
     """Causal eq. 19 over one group (chunks of C, normalizer sub-chunks of sub | C). qr/kr None without RoPE;
     pq: R_phase fq when queries turn by a learned phase more than keys (their distance-0 product is pq . k0).
     diag_out (BH, G): with RoPE, receives the distance-0 products, which the backward then reads instead of
-    recomputing them (a pass over the group's features).
+    recomputing them (a pass over the group's features). kernel: "torch" or "triton" (``EngineConfig.kernel``).
 
     Returns num (BH, G, dv), den (BH, G), and S, z after the group.
     """
     BH, G, r = fq.shape
     nc, dv = G // C, V.shape[-1]
     rope = qr is not None
+    if kernel == "triton":  # the same sums, the chunk products fused on the GPU; the normalizer as below
+        den, z_end, D = _normalizer(ws, fq, k0, z, sub)
+        diag = _distance0(D, pq, k0) if rope else None
+        if diag_out is not None:
+            diag_out.copy_(diag)
+        num, S_end, _ = triton_kernels.chunk_forward(qr if rope else fq, kr if rope else k0, V, S, diag,
+                                                     _kernel_chunk(C), store_h=False)
+        return num, den, S_end, z_end
     Qc, Kc, Vc, Sst, A, S_end = _chunk_products(ws, fq, qr, k0, kr, V, S, C)
     if rope:
         den, z_end, D = _normalizer(ws, fq, k0, z, sub)
@@ -214,10 +252,7 @@ def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int, sub: int, pq=None, diag_o
         # R_t fq_t . R_t k0_t, whose float32 rounding is eps |fq_t| |k0_t|, far above fq_t . k0_t when a query's
         # and a key's features sit in different members of the pairs (large activations); with a learned phase
         # only the phase is left there: (R_phase fq_t) . k0_t, each pair's term rounded to its own size
-        if pq is None:
-            A.diagonal(0, 1, 2).copy_(D.diagonal(0, 1, 2).reshape(BH * nc, C))
-        else:
-            A.diagonal(0, 1, 2).copy_(torch.linalg.vecdot(pq, k0).view(BH * nc, C))
+        A.diagonal(0, 1, 2).copy_(_distance0(D, pq, k0).view(BH * nc, C))
         if diag_out is not None:
             diag_out.view(BH, nc, C).copy_(A.diagonal(0, 1, 2).view(BH, nc, C))
     else:
@@ -228,7 +263,7 @@ def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int, sub: int, pq=None, diag_o
 
 
 def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, sub: int, unrotate=None, pq=None,
-                   learned=None, diag=None):
+                   learned=None, diag=None, kernel="torch"):
     """Gradients of ``group_forward`` given g = d num (BH, G, dv), dden (BH, G) and those of (S, z) after;
     ``diag`` (BH, G): with RoPE, the distance-0 products the forward wrote (``group_forward``'s ``diag_out``).
 
@@ -237,6 +272,33 @@ def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, sub: in
     learned angles, ``learned.rotated(dqr, dkr)`` receives the gradients of the rotated features and
     ``learned.phase`` the query rotation (its phase turns pq = R_phase fq, the distance-0 side).
     """
+    rope = qr is not None
+    if kernel == "triton":  # the chunk products' gradients fused; the normalizer's all in _normalizer_backward
+        dQ, dK, dVg, dS_in, ddiag = triton_kernels.chunk_backward(qr if rope else fq, kr if rope else k0, V, S,
+                                                                  diag if rope else None, None, g, dS,
+                                                                  _kernel_chunk(C))
+        intra, nsub = True, sub
+    else:
+        dQ, dK, dVg, dS_in, ddiag = _chunk_backward(ws, fq, qr, k0, kr, V, S, g, dden, dS, C, diag)
+        intra, nsub = rope, sub if rope else C  # no RoPE: the normalizer's within-chunk part went through dA
+    if rope:
+        if learned is not None:
+            learned.rotated(dQ, dK)
+        dQ = unrotate(dQ, ws.get("dfq", *dQ.shape), False)
+        dK = unrotate(dK, ws.get("dk0", *dK.shape), True)
+    dz_in = _normalizer_backward(ws, fq, k0, z, dden, dz, nsub, dQ, dK, intra=intra,
+                                 ddiag=ddiag if pq is None else None)
+    if pq is not None:  # d (pq_t . k0_t): into k0, and into fq and the phase through pq = R_phase fq
+        gpq = torch.mul(k0, ddiag.unsqueeze(-1), out=ws.get("gpq", *k0.shape))
+        dK.addcmul_(pq, ddiag.unsqueeze(-1))
+        learned.phase.phase_grad(gpq, pq)
+        dQ.add_(learned.phase.phase_only(gpq, ws.get("tmp", *k0.shape), inverse=True))
+    return dQ, dK, dVg, dS_in, dz_in
+
+
+def _chunk_backward(ws, fq, qr, k0, kr, V, S, g, dden, dS, C: int, diag):
+    """``group_backward``'s chunk products with batched matmuls: the gradients of the (rotated, with RoPE) query
+    and key features, of V and of the state entering the group, and, with RoPE, of the distance-0 products."""
     BH, G, r = fq.shape
     nc, dv = G // C, V.shape[-1]
     rope = qr is not None
@@ -263,19 +325,7 @@ def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, sub: in
     torch.bmm(dA.transpose(1, 2), Qc, out=dK.view(BH * nc, C, r)).baddbmm_(Vc, dKV.view(BH * nc, r, dv).transpose(1, 2))
     dVg = ws.get("dV", BH, G, dv)
     torch.bmm(A.transpose(1, 2), Gc, out=dVg.view(BH * nc, C, dv)).baddbmm_(Kc, dKV.view(BH * nc, r, dv))
-    if rope:
-        if learned is not None:
-            learned.rotated(dQ, dK)
-        dQ = unrotate(dQ, ws.get("dfq", BH, G, r), False)
-        dK = unrotate(dK, ws.get("dk0", BH, G, r), True)
-    dz_in = _normalizer_backward(ws, fq, k0, z, dden, dz, sub if rope else C, dQ, dK, intra=rope,
-                                 ddiag=ddiag if pq is None else None)
-    if pq is not None:  # d (pq_t . k0_t): into k0, and into fq and the phase through pq = R_phase fq
-        gpq = torch.mul(k0, ddiag.unsqueeze(-1), out=ws.get("gpq", BH, G, r))
-        dK.addcmul_(pq, ddiag.unsqueeze(-1))
-        learned.phase.phase_grad(gpq, pq)
-        dQ.add_(learned.phase.phase_only(gpq, ws.get("tmp", BH, G, r), inverse=True))
-    return dQ, dK, dVg, dS_in, dz_in
+    return dQ, dK, dVg, dS_in, ddiag
 
 
 # ---------------------------------------------------------------------------------------------- causal driver
@@ -373,7 +423,26 @@ def _output_grads(out, den, dout, buf):
 def causal_forward(src, rot, V, S, z, M, cfg: EngineConfig, keep_states: bool = True, rot_k=None):
     """Run all groups; returns outputs (BH, N, dv) in V's dtype, den, the final (S, z, M) and the plan (a list
     of ``Group``) the backward replays (without the group states when ``keep_states`` is False). Queries turn
-    by ``rot``, keys by ``rot_k`` (default: the same; learned angles: the queries' add a phase)."""
+    by ``rot``, keys by ``rot_k`` (default: the same; learned angles: the queries' add a phase).
+
+    Key jumps (a key exceeding its group's reference by more than JUMP_LIMIT) split groups, a decision that
+    needs the values on the host: asking per group would stall a GPU once per group. So the groups run
+    optimistically, the jump flags gathered on the device, and one read at the end (the engine's only host
+    synchronisation, one per call) says whether a jump occurred; only then does the call run again, splitting
+    groups at jumps as it goes (rare: keys whose log-scales rise by more than 40 within a group).
+    """
+    first = _causal_pass(src, rot, V, S, z, M, cfg, keep_states, rot_k, split=False)
+    jumped = first[-1]
+    if jumped is None or not bool(jumped):
+        return first[:-1]
+    del first  # its outputs are void; free its plan's states before the second pass
+    return _causal_pass(src, rot, V, S, z, M, cfg, keep_states, rot_k, split=True)[:-1]
+
+
+def _causal_pass(src, rot, V, S, z, M, cfg: EngineConfig, keep_states, rot_k, split: bool):
+    """``causal_forward``'s pass over the groups; ``split``: split groups at key jumps (host reads per group), else
+    run them as planned and return, last, a device flag of whether any group had a jump (None: keys carry no
+    log-scale)."""
     rot_k = rot if rot_k is None else rot_k
     B, H, N, dv = V.shape
     BH = B * H
@@ -384,6 +453,7 @@ def causal_forward(src, rot, V, S, z, M, cfg: EngineConfig, keep_states: bool = 
     plan: list[Group] = []
     C0 = cfg.chunk_size
     owned = False  # S, z are the caller's until the first group returns the engine's own
+    jumped = None
     work = _groups(N, cfg.group_size)[::-1]  # a stack: groups pop in order, split ones push their halves
     while work:
         a, b = work.pop()
@@ -392,11 +462,14 @@ def causal_forward(src, rot, V, S, z, M, cfg: EngineConfig, keep_states: bool = 
             work.extend(((cut, b), (a, cut)))
             continue
         k0, kr, logscale, P, jumps = _group_features(src, rot_k, ws, a, b, M=M)
-        if jumps is not None and b - a > 1 and bool(jumps[1:].any()):
-            # the rows before the first jumping key keep P; that key starts a group whose P is its own
-            t = a + 1 + int(jumps[1:].nonzero()[0])
-            work.extend(((t, b), (a, t)))
-            continue
+        if jumps is not None and b - a > 1:
+            if not split:
+                jumped = jumps[1:].any() if jumped is None else jumped | jumps[1:].any()
+            elif bool(jumps[1:].any()):
+                # the rows before the first jumping key keep P; that key starts a group whose P is its own
+                t = a + 1 + int(jumps[1:].nonzero()[0])
+                work.extend(((t, b), (a, t)))
+                continue
         group = Group(a, b, P, None, None)
         if P is not None:
             group.rescale_in = torch.exp(M - P).to(cfg.dtype)
@@ -410,7 +483,7 @@ def causal_forward(src, rot, V, S, z, M, cfg: EngineConfig, keep_states: bool = 
         Vg = group_rows(V, a, b, ws.get("v", BH, b - a, dv))
         C = min(C0, b - a)
         num, d, S, z = group_forward(ws, fq, qr, k0, kr, Vg, S, z, C, math.gcd(DEN_CHUNK, C),
-                                     _phase_side(rot, fq, ws), group.diag)
+                                     _phase_side(rot, fq, ws), group.diag, cfg.kernel)
         owned = True  # the group's end state is new (stored states are never the one rescaled later)
         den[:, a:b] = d
         _divide(num, d, out[:, a:b])
@@ -418,7 +491,7 @@ def causal_forward(src, rot, V, S, z, M, cfg: EngineConfig, keep_states: bool = 
             M = torch.maximum(M, logscale.amax(-1))
             group.rescale_out = torch.exp(P - torch.where(M > NEG / 2, M, P)).to(cfg.dtype)
             S, z = _rescale(S, z, group.rescale_out, owned)
-    return out, den, S, z, M, plan
+    return out, den, S, z, M, plan, jumped
 
 
 def causal_backward(src, rot, V, out, den, dout, dS, dz, plan: list[Group], cfg: EngineConfig, rot_k=None):
@@ -459,7 +532,8 @@ def causal_backward(src, rot, V, out, den, dout, dS, dz, plan: list[Group], cfg:
         pq = _phase_side(rot, fq, ws)
         grads = None if not learned else _AngleGrads(rot, rot_k, qr, kr, a, b)
         dfq, dk0, dVg, dS, dz = group_backward(ws, fq, qr, k0, kr, Vg, S0, z0, g, dden, dS, dz, C,
-                                               math.gcd(DEN_CHUNK, C), unrotate, pq, grads, grp.diag)
+                                               math.gcd(DEN_CHUNK, C), unrotate, pq, grads, grp.diag,
+                                               cfg.kernel)
         dV[:, a:b] = dVg
         src.query_grad(a, b, fq, dfq)
         src.key_grad(a, b, k0, dk0, logscale, P)
