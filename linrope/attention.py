@@ -209,6 +209,8 @@ class LinearRotaryAttention(_Heads):
         chunk_size: chunk of the causal path.
         group_size: positions whose features the engine holds at once (see ``linear_attention``): None sizes its
             buffers to 1 MiB (L2-sized for long sequences), ``"auto"`` measures once per shape class and machine and caches the fastest.
+        kernel: the causal path's chunk products (see ``linear_attention``): "torch" (any device) or "triton"
+            (fused kernels on a CUDA GPU; needs the triton package).
         qkv_bias: bias in the q/k/v projection.
         decay: causal only: weigh the key at distance m - n by gamma_h^(m - n) in numerator and normalizer alike
             (RetNet's decay; against attention dilution): None, a float gamma in (0, 1] for every head, one per
@@ -242,7 +244,7 @@ class LinearRotaryAttention(_Heads):
                  rotate_normalizer: bool = False, redraw_interval: int | None = None, seed: int | None = None,
                  orthogonal: bool = True, chunk_size: int = 64, qkv_bias: bool = False, kv_heads: int | None = None,
                  decay: float | str | tuple | None = None, rope_learned: bool = False, group=None,
-                 group_size: int | str | None = None):
+                 group_size: int | str | None = None, kernel: str = "torch"):
         super().__init__(dim, heads, dim_head, causal, qkv_bias, kv_heads)
         dim_head = self.dim_head
         self.decay = _decays(decay, heads, self.causal)  # fixed rates: a tuple, so no dtype cast ever rounds them
@@ -270,6 +272,9 @@ class LinearRotaryAttention(_Heads):
             self.rotary = LearnedRotary(self.rotary.dim, heads, init=self.rotary)
         self.chunk_size = check_int("chunk_size", chunk_size)
         self.group_size = check_group_size(group_size)
+        if kernel not in ("torch", "triton"):
+            raise ValueError(f'kernel: expected "torch" or "triton", got {kernel!r}')
+        self.kernel = kernel
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, positions: int | Tensor | None = None,
                 state: AttentionState | None = None, return_state: bool = False, context: Tensor | None = None,
@@ -295,7 +300,7 @@ class LinearRotaryAttention(_Heads):
         kwargs = dict(causal=self.causal, positions=positions, chunk_size=self.chunk_size,
                       initial_state=state, return_state=return_state, key_padding_mask=key_padding_mask,
                       key_positions=None if self.rope == "inputs" else key_positions, cu_seqlens=cu_seqlens,
-                      group=self.group, decay=self.decay, group_size=self.group_size)
+                      group=self.group, decay=self.decay, group_size=self.group_size, kernel=self.kernel)
         if isinstance(self.feature_map, FavorPlus) and not self.rotate_normalizer:
             out = favor_attention(q, k, v, self.feature_map.projection, rotary=feature_rotary, **kwargs)
         else:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ._checks import check_group_size, check_int, check_mask, check_qkv, check_rotary, check_tensor
 from ._engine import EngineConfig, LinearAttentionFunction, empty_state
-from ._engine import parallel, tuning
+from ._engine import parallel, triton_kernels, tuning
 from ._engine.feature_sources import LOG_DTYPE
 from .features import compute_dtype
 from .rotary import LearnedRotary, RotaryEmbedding, resolve_positions
@@ -112,7 +112,7 @@ def _cross(q: Tensor, k: Tensor, causal, key_positions) -> bool:
 
 @torch.compiler.disable  # opaque to dynamo: a compiled model calls the eager engine (a graph break)
 def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, group_size, initial_state,
-         return_state, key_padding_mask, key_positions=None, cross=False, group=None, decay=None):
+         return_state, key_padding_mask, key_positions=None, cross=False, group=None, decay=None, kernel="torch"):
     B, H, N, dv = v.shape  # N: keys (the queries' length too, but in cross-attention)
     Nq = q.shape[2]
     if N < 1 or Nq < 1:
@@ -124,6 +124,7 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
     if not causal and (initial_state is not None or return_state):
         raise ValueError("initial_state/return_state: streaming needs causal=True")
     dt = compute_dtype(q, k, v)
+    _check_kernel(kernel, chunk_size, dt, v.device)
     lam = _decay_rates(decay, H, causal, v.device)
     learned = isinstance(rotary, LearnedRotary)
     theta = phase = apos = None
@@ -184,7 +185,7 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
         if cross:
             resolve_positions(key_positions, N, v.device, B)
     cfg = EngineConfig(causal=bool(causal), chunk_size=chunk_size, group_size=group_size, dtype=dt,
-                       needs_grad=needs_grad)
+                       needs_grad=needs_grad, kernel=kernel)
     kb = None
     if lam is not None:  # gamma^(m - n) = e^(-lam m) e^(lam n): the row factor cancels in out_m, keys get lam * n
         pos = resolve_positions(positions, Nq, v.device, B).to(LOG_DTYPE)
@@ -198,6 +199,25 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
     if return_state:  # under sequence parallelism, every rank gets the state after the whole sequence
         return out, _state_out(S, z, M, offset + (N if lay is None else lay.total), lam)
     return out
+
+
+def _check_kernel(kernel, chunk_size: int, dt: torch.dtype, device: torch.device) -> None:
+    """``kernel``: "torch", or "triton" where it can run (chosen explicitly, never as a silent fallback)."""
+    if kernel == "torch":
+        return
+    if kernel != "triton":
+        raise ValueError(f'kernel: expected "torch" or "triton", got {kernel!r}')
+    if not triton_kernels.available():
+        raise RuntimeError('kernel="triton": the triton package does not import here (pip install triton, on a '
+                           'machine with a CUDA GPU); kernel="torch" runs everywhere')
+    if device.type != "cuda" and not triton_kernels.interpreted():
+        raise ValueError(f'kernel="triton": expected CUDA tensors, got {device.type} ones (kernel="torch" runs on '
+                         f'any device; Triton runs CPU tensors only under TRITON_INTERPRET=1, for tests)')
+    if dt != torch.float32:
+        raise ValueError(f'kernel="triton": computes in float32, but these inputs compute in {dt} (float64 '
+                         f'inputs: use kernel="torch")')
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f'chunk_size: expected a power of two >= 16 with kernel="triton", got {chunk_size}')
 
 
 def _tuned_group_size(kind, q, ks, v, r, causal, rotary, chunk_size, dt, cross) -> int:
@@ -277,7 +297,8 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
                      initial_state: AttentionState | None = None, return_state: bool = False,
                      key_padding_mask: Tensor | None = None, k_logscale: Tensor | None = None,
                      group_size: int | str | None = None, key_positions: int | Tensor | None = None,
-                     cu_seqlens: Tensor | None = None, group=None, decay: float | Tensor | None = None):
+                     cu_seqlens: Tensor | None = None, group=None, decay: float | Tensor | None = None,
+                     kernel: str = "torch"):
     """Normalized linear attention on features; RoFormer eq. 19 when ``rotary`` is given.
 
     out_m = sum_n (R_m qf_m).(R_n kf'_n) v_n / sum_n qf_m.kf'_n, with kf'_n = kf_n exp(k_logscale_n), n over all
@@ -320,6 +341,11 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
             the normalizer of row m is weighted by gamma^(p_m - p_n) (p the positions), as in RetNet: the state
             decays as it is carried (streaming and decoding included). Computed exactly as a key log-scale
             log(1/gamma) p_n, kept in float64: the row's factor gamma^(p_m) cancels between the two sums.
+        kernel: what computes the causal path's chunk products (the scores within chunks, the state entering
+            each chunk, their gradients): ``"torch"`` (batched matrix products; any device and dtype) or
+            ``"triton"`` (fused Triton kernels, ``linrope._engine.triton_kernels``: CUDA, float32 compute,
+            ``chunk_size`` a power of two >= 16; needs the ``triton`` package). The normalizer, features and
+            rotations are the same code either way. Bidirectional attention is two matrix products whichever.
 
     Returns:
         (B, H, N, dv) in v's dtype; with ``return_state``, also the ``AttentionState`` after the last row.
@@ -340,7 +366,7 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
         "features", qf[:, :, sl], kf[:, :, sl], None if k_logscale is None else k_logscale[:, :, sl],
         v[:, :, sl], None, r, causal=causal, rotary=rotary, positions=pos, chunk_size=chunk_size,
         group_size=group_size, initial_state=initial_state, return_state=return_state, key_padding_mask=mask,
-        key_positions=key_positions, cross=cross, group=group, decay=decay)
+        key_positions=key_positions, cross=cross, group=group, decay=decay, kernel=kernel)
     if cu_seqlens is not None:
         _no_group(group)
         return _per_document(run, cu_seqlens, v.shape[0], v.shape[2], positions, key_padding_mask,
@@ -353,7 +379,7 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
                     chunk_size: int = 64, initial_state: AttentionState | None = None, return_state: bool = False,
                     key_padding_mask: Tensor | None = None, group_size: int | str | None = None,
                     key_positions: int | Tensor | None = None, cu_seqlens: Tensor | None = None, group=None,
-                    decay: float | Tensor | None = None):
+                    decay: float | Tensor | None = None, kernel: str = "torch"):
     """FAVOR+ attention from raw q, k, v; eq. 19 with ``rotary``. Features are recomputed in the backward.
 
     Equal to ``linear_attention(*favor features of q and k*, v, ...)`` with features ``favor_plus(x, projection)``
@@ -385,7 +411,7 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
         "favor", q[:, :, sl], k[:, :, sl], None, v[:, :, sl], projection, r, causal=causal, rotary=rotary,
         positions=pos, chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,
         return_state=return_state, key_padding_mask=mask, key_positions=key_positions, cross=cross, group=group,
-        decay=decay)
+        decay=decay, kernel=kernel)
     if cu_seqlens is not None:
         _no_group(group)
         return _per_document(run, cu_seqlens, v.shape[0], v.shape[2], positions, key_padding_mask,

@@ -198,3 +198,84 @@ def test_cuda_long_group(use_diag):
 @needs_cuda
 def test_cuda_ragged_long_group_wide_values():
     _check(3, 1000, 64, 128, 128, True, True, rtol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------- in the engine
+# favor_attention / linear_attention / the layer with kernel="triton": the same engine (groups, references, jumps,
+# normalizer, rotations), the chunk products from the kernels above. Small shapes for the interpreter.
+from linrope import LearnedRotary, LinearRotaryAttention, RotaryEmbedding, favor_attention  # noqa: E402
+from linrope.features import FavorPlus  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from reference import assert_close, favor_eq19  # noqa: E402
+
+
+@pytest.mark.parametrize("rope", [None, "interleaved", "half"])
+@pytest.mark.parametrize("scale", [1.0, 3.0], ids=["std1", "std3"])
+def test_engine_with_triton_kernels_matches_the_float64_reference(rope, scale):
+    """Causal eq. 19 with kernel="triton", N=150 (ragged: groups of 64 and a short last one), against eq. 19 on
+    exact FAVOR+ features in float64, outputs and gradients."""
+    g = torch.Generator().manual_seed(1)
+    q, k = (scale * torch.randn(2, 2, 150, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, 2, 150, 4, generator=g, dtype=torch.float64)
+    W = FavorPlus(8, 16, seed=3).double().projection
+    ts = [t.requires_grad_() for t in (q, k, v)]
+    ref = favor_eq19(q, k, v, W, causal=True, rope=rope)
+    grad = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    dref = torch.autograd.grad(ref, ts, grad)
+    rot = None if rope is None else RotaryEmbedding(16, interleaved=rope == "interleaved")
+    xs = [t.detach().float().to(DEVICE).requires_grad_() for t in (q, k, v)]
+    got = favor_attention(*xs, W.float().to(DEVICE), causal=True, rotary=rot, chunk_size=16, group_size=64,
+                          kernel="triton")
+    tol = 2e-5 if scale == 1 else 3e-4
+    assert_close("triton engine", ref, got.cpu(), rtol=tol)
+    for name, a, b in zip("qkv", dref, torch.autograd.grad(got, xs, grad.float().to(DEVICE))):
+        assert_close(f"triton engine d{name}", a, b.cpu(), rtol=10 * tol)
+
+
+def test_triton_and_torch_kernels_agree_with_learned_angles_decay_masks_and_streaming():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 70, 8, generator=g).to(DEVICE) for _ in range(3))
+    W = FavorPlus(8, 16, seed=0).projection.to(DEVICE)
+    mask = torch.rand(1, 70, generator=g) > 0.3
+    cases = [dict(rotary=LearnedRotary(16, 2).to(DEVICE)), dict(rotary=RotaryEmbedding(16), decay=0.9),
+             dict(rotary=RotaryEmbedding(16), key_padding_mask=mask.to(DEVICE))]
+    for kw in cases:
+        outs = []
+        for kernel in ("torch", "triton"):
+            xs = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = favor_attention(*xs, W, causal=True, chunk_size=16, group_size=32, kernel=kernel, **kw)
+            params = [p for p in getattr(kw["rotary"], "parameters", lambda: [])() if p.requires_grad]
+            grads = torch.autograd.grad(out.square().sum(), xs + params)
+            outs.append((out, grads))
+        (o1, g1), (o2, g2) = outs
+        assert_close(f"{sorted(kw)} out", o1.double().cpu(), o2.cpu(), rtol=1e-5)
+        for a, b in zip(g1, g2):
+            assert_close(f"{sorted(kw)} grad", a.double().cpu(), b.cpu(), rtol=1e-4)
+    # streaming: two calls with the state between them equal one call
+    rot = RotaryEmbedding(16)
+    full = favor_attention(q, k, v, W, causal=True, rotary=rot, chunk_size=16, kernel="triton")
+    a, st = favor_attention(q[:, :, :30], k[:, :, :30], v[:, :, :30], W, causal=True, rotary=rot, chunk_size=16,
+                            return_state=True, kernel="triton")
+    b = favor_attention(q[:, :, 30:], k[:, :, 30:], v[:, :, 30:], W, causal=True, rotary=rot, chunk_size=16,
+                        initial_state=st, kernel="triton")
+    assert_close("streamed", full.double().cpu(), torch.cat((a, b), 2).cpu(), rtol=1e-5)
+
+
+def test_layer_takes_the_triton_kernel_and_the_arguments_are_checked():
+    torch.manual_seed(0)
+    layers = [LinearRotaryAttention(16, heads=2, dim_head=8, nb_features=16, causal=True, kernel=kn).to(DEVICE)
+              for kn in ("torch", "triton")]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = torch.randn(2, 40, 16, device=DEVICE)
+    assert_close("layer", layers[0](x).double().cpu(), layers[1](x).cpu(), rtol=1e-5)
+    q = torch.randn(1, 1, 20, 8, device=DEVICE)
+    W = FavorPlus(8, 16, seed=0).projection.to(DEVICE)
+    with pytest.raises(ValueError, match="kernel: expected"):
+        favor_attention(q, q, q, W, causal=True, kernel="cuda")
+    with pytest.raises(ValueError, match="chunk_size: expected a power of two"):
+        favor_attention(q, q, q, W, causal=True, kernel="triton", chunk_size=24)
+    with pytest.raises(ValueError, match="float32"):
+        favor_attention(q.double(), q.double(), q.double(), W.double(), causal=True, kernel="triton")
+    with pytest.raises(ValueError, match="kernel: expected"):
+        LinearRotaryAttention(16, kernel="fast")

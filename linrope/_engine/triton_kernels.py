@@ -35,7 +35,7 @@ import os
 
 import torch
 
-__all__ = ["available", "chunk_forward", "chunk_backward", "reference_forward"]
+__all__ = ["available", "interpreted", "chunk_forward", "chunk_backward", "reference_forward"]
 
 _PRECISIONS = ("ieee", "tf32", "tf32x3")
 
@@ -47,6 +47,11 @@ def available():
     except ImportError:
         return False
     return True
+
+
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1): CPU tensors allowed, for tests."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)
@@ -207,14 +212,14 @@ def _kernels():
         acc += tl.dot(At, dob, input_precision=PREC)
         tl.store(dv + i_bh * G * DV + t[:, None] * DV + ov[None, :], acc, mask=m_tv)
 
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    interp = interpreted()
 
     def dims(*sizes):
         """The runtime sizes (G, R, DV, NC) as kernel arguments. The interpreter (triton 3.6) wraps a plain int as
         a 1-element array, which numpy >= 2.4 refuses as a range bound; a constexpr passes through it untouched."""
-        return tuple(tl.constexpr(n) for n in sizes) if interpreted else sizes
+        return tuple(tl.constexpr(n) for n in sizes) if interp else sizes
 
-    return interpreted, dims, _state_fwd, _out_fwd, _state_bwd, _dqk_bwd, _dv_bwd
+    return interp, dims, _state_fwd, _out_fwd, _state_bwd, _dqk_bwd, _dv_bwd
 
 
 def _pow2(n):
