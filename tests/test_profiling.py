@@ -242,3 +242,32 @@ def test_breakdown_splits_the_step_and_the_cli_stores_it(monkeypatch, capsys, tm
     assert "| machine |" in out and "| matrix products (" in out and "if everything but the products" in out
     saved = json.loads((tmp_path / "b.json").read_text())["breakdown"]
     assert saved["ceiling"] == pytest.approx(small.ceiling) and saved["n"] == 256
+
+
+def test_gpu_profile_stops_series_at_the_budget_and_writes_its_files(tmp_path):
+    """The CUDA profile's logic on the CPU (the timing is CUDA events there, wall time here): a series ends after
+    a point over the time budget, records name their series, the files and the plot are written."""
+    from linrope.lab.bench.gpu import gpu_profile, write_gpu_profile
+
+    recs = gpu_profile([32, 64, 128], ["eq.19 causal", "SDPA causal float32"], device="cpu", time_budget=0.0,
+                       repeats=1)
+    assert [(r.params["series"], r.params["n"], r.status.split(":")[0]) for r in recs] == [
+        ("eq.19 causal", 32, "ok"), ("eq.19 causal", 64, "skipped"), ("eq.19 causal", 128, "skipped"),
+        ("SDPA causal float32", 32, "ok"), ("SDPA causal float32", 64, "skipped"),
+        ("SDPA causal float32", 128, "skipped")]
+    assert all(r.seconds > 0 for r in recs if r.status == "ok")
+    rows = write_gpu_profile(recs, str(tmp_path), dict(gpu={"name": "test"}, host_syncs={"forward": 1}))
+    assert len(rows) == 6
+    assert json.loads((tmp_path / "gpu.json").read_text())["host_syncs"] == {"forward": 1}
+    assert (tmp_path / "gpu.png").stat().st_size > 0 and (tmp_path / "gpu.csv").exists()
+    with pytest.raises(ValueError, match="unknown"):
+        gpu_profile([32], ["flash"], device="cpu")
+
+
+def test_bench_gpu_refuses_clearly_without_a_gpu(monkeypatch, capsys):
+    from linrope.lab.bench.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        main(["--gpu"])
+    assert "--gpu: needs a CUDA GPU" in capsys.readouterr().err

@@ -141,7 +141,9 @@ def test_default_group_size(monkeypatch):
     sizes = lambda: [tuning.default_group_size(N, 8, 256, 64, cpu) for N in (512, 1024, 1025, 16384)]  # noqa: E731
     monkeypatch.setattr(tuning, "l2_bytes", lambda: 2 * 2**20)  # the Xeon: L2 2 MiB per core
     assert sizes() == [128, 128, 256, 256]  # more than 8 groups of 128: 2 MiB buffers
-    assert tuning.default_group_size(16384, 8, 256, 64, torch.device("cuda")) == 128  # a GPU: the CPU's L2 is not its
+    # a GPU: the CPU's L2 is not its; launches, not caches, set the size
+    assert tuning.default_group_size(16384, 8, 256, 64, torch.device("cuda")) == \
+        tuning.group_size_for(tuning.GPU_ELEMENTS, 8, 256, 64) > 1024
     monkeypatch.setattr(tuning, "l2_bytes", lambda: 32 * 2**20)
     assert sizes()[-1] == 512  # at most 4 MiB
     for l2 in (2**20, 2**19, None):  # the Zen 4 (1 MiB), the AVX2 EPYC (512 KiB), unreadable: 1 MiB throughout

@@ -36,6 +36,7 @@ import torch
 DEFAULT_ELEMENTS = 2**18  # float32 elements per (B*H, G, r) work buffer when group_size is None: 1 MiB
 MANY_GROUPS = 8  # beyond this many groups at 1 MiB, the per-group costs outweigh the cache (measured: see above)
 MAX_ELEMENTS = 2**20  # 4 MiB: the largest default buffer
+GPU_ELEMENTS = 2**22  # on a GPU: 16 MiB buffers (launch overhead, not cache, sets the size there; see below)
 BUDGETS = tuple(2**e for e in range(17, 22))  # candidate buffer sizes for "auto": 512 KiB .. 8 MiB of float32
 _MEMORY: dict[str, int] = {}
 
@@ -63,9 +64,11 @@ def l2_bytes() -> int | None:
 def default_group_size(N: int, BH: int, r: int, chunk_size: int, device: torch.device) -> int:
     """The group size when ``group_size`` is None: 1 MiB buffers of (BH, G, r) float32, or, on a CPU whose L2 per
     core is larger and when 1 MiB would take more than ``MANY_GROUPS`` groups of the N positions, L2-sized ones
-    (at most 4 MiB)."""
+    (at most 4 MiB); on a GPU, ``GPU_ELEMENTS``-sized ones (each group costs some 150 kernel launches)."""
+    if device.type != "cpu":
+        return group_size_for(GPU_ELEMENTS, BH, r, chunk_size)
     G = group_size_for(DEFAULT_ELEMENTS, BH, r, chunk_size)
-    l2 = l2_bytes() if device.type == "cpu" else None
+    l2 = l2_bytes()
     if l2 is None or -(-N // G) <= MANY_GROUPS:
         return G
     return group_size_for(min(max(l2 // 4, DEFAULT_ELEMENTS), MAX_ELEMENTS), BH, r, chunk_size)

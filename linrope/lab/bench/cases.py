@@ -21,9 +21,9 @@ __all__ = ["CASES", "peers_available", "causal_flops"]
 
 
 # ---------------------------------------------------------------------------------------------- cases
-def _qkv(n, b, h, d, device, seed=0):
+def _qkv(n, b, h, d, device, seed=0, dtype="float32"):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(b, h, n, d, generator=g).to(device).requires_grad_() for _ in range(3)]
+    return [torch.randn(b, h, n, d, generator=g).to(device, getattr(torch, dtype)).requires_grad_() for _ in range(3)]
 
 
 def _run(make_out, inputs, backward):
@@ -47,12 +47,12 @@ def _run(make_out, inputs, backward):
 
 
 def case_linrope(n, b=1, h=8, d=64, r=256, causal=True, rope="features", backward=True, device="cpu", decay=None,
-                 group_size=None, **_):
+                 group_size=None, kernel=None, **_):
     """``favor_attention``: eq. 19 (rope='features'), learned rotations ('learned': ``LearnedRotary``, its
     angles differentiated too), RoPE before the features ('inputs') or none (None); ``decay``: a gamma, or
     'multiscale' (RetNet's per head); ``group_size`` as in the function (an 'auto' tuning runs in the untimed
-    warm-up of the first process, later ones read the cache). Keywords beyond n, causal and rope need a library
-    that has them."""
+    warm-up of the first process, later ones read the cache); ``kernel`` as in the function (None: its default).
+    Keywords beyond n, causal and rope need a library that has them."""
     q, k, v = _qkv(n, b, h, d, device)
     W = FavorPlus(d, r, seed=0).projection.to(device)
     feat = RotaryEmbedding(r) if rope == "features" else None
@@ -61,6 +61,8 @@ def case_linrope(n, b=1, h=8, d=64, r=256, causal=True, rope="features", backwar
         feat = LearnedRotary(r, h).to(device)
     inp = RotaryEmbedding(d) if rope == "inputs" else None
     kw = {} if group_size is None else {"group_size": group_size}
+    if kernel is not None:
+        kw["kernel"] = kernel
     if decay is not None:
         from ...attention import multiscale_decays
         kw["decay"] = multiscale_decays(h) if decay == "multiscale" else decay
@@ -71,9 +73,10 @@ def case_linrope(n, b=1, h=8, d=64, r=256, causal=True, rope="features", backwar
     return _run(out, (q, k, v), backward)
 
 
-def case_sdpa(n, b=1, h=8, d=64, causal=True, backward=True, device="cpu", **_):
-    """torch's ``scaled_dot_product_attention`` on the same q, k, v (flash backend on CPU)."""
-    q, k, v = _qkv(n, b, h, d, device)
+def case_sdpa(n, b=1, h=8, d=64, causal=True, backward=True, device="cpu", dtype="float32", **_):
+    """torch's ``scaled_dot_product_attention`` on the same q, k, v in ``dtype`` (the backend it picks: flash on
+    CPU; on CUDA, memory-efficient for float32 and FlashAttention for half types)."""
+    q, k, v = _qkv(n, b, h, d, device, dtype=dtype)
     return _run(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal),
                 (q, k, v), backward)
 

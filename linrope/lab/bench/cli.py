@@ -38,7 +38,16 @@ def main(argv=None, prog: str | None = None) -> None:
     p.add_argument("--breakdown", action="store_true",
                    help="instead: split the time of causal eq. 19 at --n into matrix products, other tensor ops "
                         "and the rest (torch.profiler)")
+    p.add_argument("--gpu", action="store_true",
+                   help="instead: the CUDA profile (time and memory against N, eq. 19 against SDPA, a group-size "
+                        "sweep and the host synchronisations of one call), written under --out")
+    p.add_argument("--lengths", type=int, nargs="+", default=[2**e for e in range(10, 21)],
+                   help="--gpu: sequence lengths")
+    p.add_argument("--time-budget", type=float, default=2.0, help="--gpu: end a series after a point this slow (s)")
+    p.add_argument("--out", default="experiments/results/bench/gpu", help="--gpu: results folder")
     args = p.parse_args(argv)
+    if args.gpu:
+        return _gpu(p, args)
     if args.compare:
         return _compare(p, args)
     if args.fusion:
@@ -144,3 +153,54 @@ def _breakdown(p, args) -> None:
     result = time_breakdown(args.n, repeats=max(args.repeats, 5), sgemm_gflops=info.sgemm_gflops)
     _probe_report(args, info, "the bench's 'ours' point in this process", result.markdown(), "breakdown",
                   dict(asdict(result), flop_rate=result.flop_rate, ceiling=result.ceiling))
+
+
+def _gpu(p, args) -> None:
+    import torch
+
+    from .gpu import GPU_SERIES, gpu_info, gpu_profile, group_sweep, host_syncs, write_gpu_profile
+    if not torch.cuda.is_available():
+        p.error("--gpu: needs a CUDA GPU, and torch sees none here (torch.cuda.is_available() is False)")
+    if min(args.lengths) < 1 or args.repeats < 1:
+        p.error(f"--lengths and --repeats must be >= 1, got {args.lengths} and {args.repeats}")
+    from ..._engine import triton_kernels
+    series = [s for s in GPU_SERIES if "triton" not in s or triton_kernels.available()]
+    if len(series) < len(GPU_SERIES):
+        print("triton does not import here: the triton series is skipped")
+    info = gpu_info()
+    print(info.markdown())
+    with tqdm(desc="points", unit="pt") as bar:
+        records = gpu_profile(args.lengths, series, time_budget=args.time_budget, repeats=args.repeats,
+                              on_record=lambda r: bar.update())
+    n_sweep = 65536
+    sweep = group_sweep(n_sweep, [128, 512, 2048, 8192, 32768, None], repeats=args.repeats)
+    syncs = host_syncs()
+    write_gpu_profile(records, args.out, dict(gpu=info, date=str(datetime.date.today()), sweep_n=n_sweep,
+                                              sweep=[r.to_dict() for r in sweep], host_syncs=syncs,
+                                              cpu=machine()))
+    print(f"\n{info.name}, {datetime.date.today()}; causal, B=1 H=8 d=64 (eq. 19: r=256, float32), forward+backward, "
+          f"median of {args.repeats} runs after a warm-up (CUDA events); peak = max allocated above the inputs")
+    fmt = lambda x, f: "" if x is None else format(x, f)  # noqa: E731
+    by = {(r.params["series"], r.params["n"]): r for r in records}
+    print("\n| N | " + " | ".join(f"{s} s | MiB" for s in series) + " |")
+    print("|---:|" + "---:|---:|" * len(series))
+    for n in sorted(args.lengths):
+        cells = []
+        for s in series:
+            r = by[(s, n)]
+            cells += [fmt(r.seconds, ".4f") if r.status == "ok" else r.status.split(":")[0],
+                      fmt(r.peak_mib, ".0f")]
+        print(f"| {n} | " + " | ".join(cells) + " |")
+    base = "eq.19 causal"
+    print("\n| N | " + " | ".join(f"{s} / {base}" for s in series if s != base) + " |  (time ratios)")
+    print("|---:|" + "---:|" * (len(series) - 1))
+    for n in sorted(args.lengths):
+        b = by[(base, n)]
+        cells = [fmt(by[(s, n)].seconds / b.seconds, ".2f") if b.status == by[(s, n)].status == "ok" else ""
+                 for s in series if s != base]
+        print(f"| {n} | " + " | ".join(cells) + " |")
+    print(f"\n| group size (eq. 19, N={n_sweep}) | s | peak MiB |\n|---|---:|---:|")
+    for r in sweep:
+        print(f"| {r.params['series']} | {fmt(r.seconds, '.4f')} | {fmt(r.peak_mib, '.0f')} |")
+    print(f"\nhost synchronisations of one eq. 19 call at N=16384: {syncs}")
+    print(f"results: {args.out}/gpu.csv, gpu.json, gpu.png")
