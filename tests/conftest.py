@@ -8,6 +8,11 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 # group_size="auto" caches its measurements: never in the user's ~/.cache from a test run
 os.environ["LINROPE_CACHE_DIR"] = tempfile.mkdtemp(prefix="linrope-test-cache-")
+# Without a GPU the Triton kernels run in Triton's CPU interpreter (tests/test_triton_kernels.py). It must be on
+# before anything imports triton: torch.compile (inductor) does, and triton's own @jit helpers (tl.sum, ...) are
+# then built for the compiler and refuse to run inside interpreted kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -169,9 +169,15 @@ def _gpu(p, args) -> None:
         print("triton does not import here: the triton series is skipped")
     info = gpu_info()
     print(info.markdown())
+    def done(r, bar):  # a line per point as it ends: a run cut short still shows what it measured
+        bar.update()
+        bar.write(f"{r.params['series']:<30} N={r.params['n']:<8} "
+                  f"{'' if r.seconds is None else f'{r.seconds:.4f} s':>10} "
+                  f"{'' if r.peak_mib is None else f'{r.peak_mib:.0f} MiB':>10}  {r.status}")
+
     with tqdm(desc="points", unit="pt") as bar:
         records = gpu_profile(args.lengths, series, time_budget=args.time_budget, repeats=args.repeats,
-                              on_record=lambda r: bar.update())
+                              on_record=lambda r: done(r, bar))
     n_sweep = 65536
     sweep = group_sweep(n_sweep, [128, 512, 2048, 8192, 32768, None], repeats=args.repeats)
     syncs = host_syncs()
