@@ -179,7 +179,8 @@ def _gpu(p, args) -> None:
         records = gpu_profile(args.lengths, series, time_budget=args.time_budget, repeats=args.repeats,
                               on_record=lambda r: done(r, bar))
     n_sweep = 65536
-    sweep = group_sweep(n_sweep, [128, 512, 2048, 8192, 32768, None], repeats=args.repeats)
+    kernels = ("torch", "triton") if triton_kernels.available() else ("torch",)
+    sweep = group_sweep(n_sweep, [512, 2048, 8192, 32768, None], repeats=args.repeats, kernels=kernels)
     syncs = host_syncs()
     write_gpu_profile(records, args.out, dict(gpu=info, date=str(datetime.date.today()), sweep_n=n_sweep,
                                               sweep=[r.to_dict() for r in sweep], host_syncs=syncs,

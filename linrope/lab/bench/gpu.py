@@ -103,23 +103,26 @@ def gpu_profile(lengths, series=None, device: str = "cuda", time_budget: float =
     return out
 
 
-def group_sweep(n: int, sizes, device: str = "cuda", repeats: int = 3) -> list[Record]:
-    """eq. 19 causal forward+backward at N=n for each group size (None: the default)."""
+def group_sweep(n: int, sizes, device: str = "cuda", repeats: int = 3, kernels=("torch",)) -> list[Record]:
+    """eq. 19 causal forward+backward at N=n for each group size (None: the default) and kernel."""
     recs = []
-    for g in sizes:
-        rec = _point(case_linrope, dict(rope="features", group_size=g), n, device, repeats)
-        rec.params["series"] = f"group_size={g}"
-        recs.append(rec)
+    for kernel in kernels:
+        for g in sizes:
+            rec = _point(case_linrope, dict(rope="features", group_size=g, kernel=kernel), n, device, repeats)
+            rec.params["series"] = f"kernel={kernel} group_size={g}"
+            recs.append(rec)
     return recs
 
 
 def host_syncs(n: int = 16384, device: str = "cuda") -> dict:
-    """Synchronising CUDA calls made by one eq. 19 causal forward and its backward (``torch.cuda``'s sync debug
-    mode, counted as warnings), after a warm-up call."""
+    """Synchronising CUDA calls made by one eq. 19 causal forward and by forward+backward (``torch.cuda``'s sync
+    debug mode, counted as warnings, with where they happened), after a warm-up of each; "first" is the process's
+    first call watched (torch makes one more there, in torch.cuda itself)."""
     fn = case_linrope(n, rope="features", backward=False, device=device)
     step = case_linrope(n, rope="features", backward=True, device=device)
     step()
-    counts = {}
+    fn()
+    counts = {"first": sync_sites(fn)}
     for what, f in (("forward", fn), ("forward+backward", step)):
         where = sync_sites(f)
         counts[what] = len(where)
