@@ -277,8 +277,8 @@ def _decay_rates(decay, H: int, causal: bool, device) -> Tensor | None:
     """lam = -log(gamma) (H,) in ``LOG_DTYPE`` from ``decay``: None, a float or H floats gamma in (0, 1]."""
     if decay is None:
         return None
-    try:
-        gamma = torch.as_tensor(decay, dtype=LOG_DTYPE).flatten().to(device)
+    try:  # floats are checked on the CPU and then copied without a host sync (the layer passes floats)
+        gamma = torch.as_tensor(decay, dtype=LOG_DTYPE).flatten()
     except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"decay: expected a float or {H} floats in (0, 1], got {decay!r}") from None
     if gamma.numel() == 1:
@@ -289,7 +289,7 @@ def _decay_rates(decay, H: int, causal: bool, device) -> Tensor | None:
     if not causal:
         raise ValueError("decay: expected causal=True (a decay gamma^(m - n) weighs the past; bidirectional "
                          "attention has no direction to decay along)")
-    return -gamma.log()
+    return (-gamma.log()).to(device, non_blocking=True)
 
 
 def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False, rotary: RotaryEmbedding | None = None,

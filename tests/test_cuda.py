@@ -93,6 +93,21 @@ def test_the_engine_synchronises_once_per_forward_and_never_in_the_backward():
     assert where == [], where
 
 
+def test_the_layer_with_decay_synchronises_once_per_forward():
+    """The layer around the engine adds no host reads (its decay rates are checked on the CPU and copied without
+    one): forward one (the engine's), backward none."""
+    torch.manual_seed(0)
+    layer = LinearRotaryAttention(64, heads=4, dim_head=16, nb_features=32, causal=True, decay="multiscale").to(CUDA)
+    x = torch.randn(2, 2048, 64, device=CUDA, requires_grad=True)
+    layer(x).sum().backward()
+    sync_sites(lambda: layer(x))  # the process's first watched call may add torch's own
+    box = []
+    where = sync_sites(lambda: box.append(layer(x)))
+    assert len(where) == 1, where
+    where = sync_sites(lambda: box[0].sum().backward())
+    assert where == [], where
+
+
 # ---------------------------------------------------------------------------------------------- the layer
 def _layer():
     torch.manual_seed(0)
