@@ -174,11 +174,7 @@ def plot_decode(rows: list[dict], path: str | Path, title: str = "") -> None:
         axes[0].plot(xs, [r["token_ms"] for r in ok], "o-", color=plots._color(i), label=label)
         axes[1].plot(xs, [r["state_bytes"] / 2**20 for r in ok], "o-", color=plots._color(i), label=label)
     for ax, ylabel in zip(axes, ("ms per generated token", "decoding state (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
+        plots.log_axes(ax, "context length (tokens)", ylabel)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()

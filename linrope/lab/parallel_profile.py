@@ -25,7 +25,7 @@ import tempfile
 import torch
 
 from . import profiling
-from .plots import write_rows
+from .plots import log_axes, write_rows
 from .train import sequence_slice
 
 __all__ = ["CASE", "RUNNER", "SHAPE", "MODES", "case_sequence_parallel", "sequence_parallel_profile", "ratios",
@@ -195,12 +195,7 @@ def _plot(records, path: str, title: str) -> None:
     top = max([1.2] + [1.1 * v for row in rows for v in (row["memory_ratio"], row["time_ratio"]) if v == v])
     for ax, ylabel, log in ((axes[0], "peak RSS increase per rank (MiB)", True), (axes[1], "time (s)", True),
                             (axes[2], "ratio to P = 1", False)):
-        ax.set_xscale("log", base=2)
-        if log:
-            ax.set_yscale("log")
-        ax.set_xlabel("sequence length N (whole sequence)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
+        log_axes(ax, "sequence length N (whole sequence)", ylabel, ylog=log)
         ax.legend(fontsize=7)
     axes[2].set_ylim(0, top)
     axes[0].set_title("peak memory per rank (largest of the P ranks)")

@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 __all__ = ["read_rows", "write_rows", "plot_curves", "plot_accuracy_vs_length", "plot_extrapolation",
-           "finite_stats"]
+           "finite_stats", "log_axes"]
 
 
 def _pyplot():
@@ -69,6 +69,16 @@ def _mean_band(ax, xs, groups: list[list[float]], color, label: str | None, fmt:
     ax.plot(xs, [s["mean"] for s in stats], fmt, color=color, label=label)
     if band:
         ax.fill_between(xs, [s["min"] for s in stats], [s["max"] for s in stats], color=color, alpha=0.2)
+
+
+def log_axes(ax, xlabel: str, ylabel: str, ylog: bool = True) -> None:
+    """The axes of a quantity against a length: x log base 2, y log (unless ``ylog`` is False), labels, grid."""
+    ax.set_xscale("log", base=2)
+    if ylog:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
 
 
 def _save(fig, path: str | Path, axes=(), title: str = "") -> None:

@@ -17,9 +17,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..plots import write_rows
+from ..plots import log_axes, write_rows
 from ..profiling import Record, measure
 from .cases import case_linrope, case_sdpa
+from .memory import pick_series
 
 __all__ = ["GPU_SERIES", "GpuInfo", "gpu_info", "gpu_profile", "group_sweep", "host_syncs", "sync_sites", "write_gpu_profile"]
 
@@ -79,10 +80,7 @@ def gpu_profile(lengths, series=None, device: str = "cuda", time_budget: float =
                 on_record=None) -> list[Record]:
     """Time and peak memory of each series of ``GPU_SERIES`` for growing N; a series stops after a point slower
     than ``time_budget`` seconds or out of memory. Records carry ``params['series']``."""
-    names = list(GPU_SERIES) if series is None else list(series)
-    unknown = [n for n in names if n not in GPU_SERIES]
-    if unknown:
-        raise ValueError(f"series: unknown {unknown}; expected some of {list(GPU_SERIES)}")
+    names = pick_series(series, GPU_SERIES)
     out = []
     for name in names:
         factory, params = GPU_SERIES[name]
@@ -158,11 +156,7 @@ def _plot(records: list[Record], path: str, title: str) -> None:
             axes[0].plot(n, s, style, marker="o", label=name)
             axes[1].plot(n, m, style, marker="o", label=name)
     for ax, label in zip(axes, ("forward+backward time (s)", "peak memory increase (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length N")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
+        log_axes(ax, "sequence length N", label)
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()

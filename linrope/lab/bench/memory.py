@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import os
 
-from ..plots import write_rows
+from ..plots import log_axes, write_rows
 from ..profiling import Record, machine, run_series
 from .cases import CASES
 
-__all__ = ["PROFILE_SERIES", "memory_profile", "plot_profile", "write_profile", "read_profile", "merge_profile"]
+__all__ = ["PROFILE_SERIES", "pick_series", "memory_profile", "plot_profile", "write_profile", "read_profile", "merge_profile"]
 
 
 PROFILE_SERIES = {
@@ -30,14 +30,20 @@ PROFILE_SERIES = {
 }
 
 
+def pick_series(series, known: dict) -> list[str]:
+    """The series names asked for (None: all of ``known``), checked against ``known``."""
+    names = list(known) if series is None else list(series)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"series: unknown {unknown}; expected some of {list(known)}")
+    return names
+
+
 def memory_profile(lengths, series=None, modes=("fwd", "fwd+bwd"), with_peers=False, device="cpu",
                    time_budget=60.0, memory_budget_mib=16384.0, repeats=3, on_record=None) -> list[Record]:
     """Peak memory and time against N for each series and mode; a series stops at the budgets (see
     ``linrope.lab.profiling.run_series``). Records carry ``params['series']`` and ``params['mode']``."""
-    names = list(PROFILE_SERIES) if series is None else list(series)
-    unknown = [n for n in names if n not in PROFILE_SERIES]
-    if unknown:
-        raise ValueError(f"series: unknown {unknown}; expected some of {list(PROFILE_SERIES)}")
+    names = pick_series(series, PROFILE_SERIES)
     out = []
     for name in names:
         case, params, needs_peers = PROFILE_SERIES[name]
@@ -69,12 +75,8 @@ def plot_profile(records: list[Record], path: str, title: str = "") -> None:
                 if pts:
                     style = "-" if name.startswith(("eq.19", "RoPE", "no RoPE")) else "--"
                     ax.plot(*zip(*pts), style, marker="o", label=name)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("sequence length N")
-            ax.set_ylabel(label)
+            log_axes(ax, "sequence length N", label)
             ax.set_title(f"{label.split(' (')[0]}, {mode}")
-            ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
