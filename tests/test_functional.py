@@ -443,3 +443,21 @@ def test_upstream_gradient_with_any_strides(causal):
                               g.contiguous())
     for a, b in zip(ref, got):
         assert_close("grad", a, b, rtol=1e-12)
+
+
+def test_kernel_argument_errors_name_what_is_needed(monkeypatch):
+    """kernel= is explicit: an unknown name, or "triton" where it cannot run, is an error saying why (never a silent
+    fallback to the torch kernel)."""
+    from linrope._engine import triton_kernels
+
+    q, k, v = qkv(N=20, d=8, dtype=torch.float32)
+    W = FavorPlus(8, 16, seed=0).projection
+    with pytest.raises(ValueError, match='kernel: expected "torch" or "triton"'):
+        favor_attention(q, k, v, W, causal=True, kernel="flash")
+    monkeypatch.setattr(triton_kernels, "available", lambda: False)
+    with pytest.raises(RuntimeError, match="triton package does not import"):
+        favor_attention(q, k, v, W, causal=True, kernel="triton")
+    monkeypatch.setattr(triton_kernels, "available", lambda: True)
+    monkeypatch.setattr(triton_kernels, "interpreted", lambda: False)
+    with pytest.raises(ValueError, match="expected CUDA tensors, got cpu"):
+        linear_attention(q.exp(), k.exp(), v, causal=True, kernel="triton")
