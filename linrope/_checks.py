@@ -32,6 +32,16 @@ def check_group_size(value):
     return check_int("group_size", value, 1, 'a positive integer, "auto" or None')
 
 
+KERNELS = ("torch", "triton")
+
+
+def check_kernel(value) -> str:
+    """``value`` if it names one of ``KERNELS`` (the causal chunk products' implementation), else ValueError."""
+    if not (isinstance(value, str) and value in KERNELS):
+        raise ValueError(f'kernel: expected "torch" or "triton", got {value!r}')
+    return value
+
+
 def check_number(name: str, value, ok: Callable[[float], bool], expected: str) -> float:
     """``value`` if it is a finite int or float (not a bool) with ``ok(value)``, else ValueError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ._checks import check_group_size, check_int
+from ._checks import check_group_size, check_int, check_kernel
 from .features import FavorPlus, make_feature_map
 from ._engine.parallel import rank_offset
 from .functional import AttentionState, document_positions, favor_attention, linear_attention, softmax_attention
@@ -272,9 +272,7 @@ class LinearRotaryAttention(_Heads):
             self.rotary = LearnedRotary(self.rotary.dim, heads, init=self.rotary)
         self.chunk_size = check_int("chunk_size", chunk_size)
         self.group_size = check_group_size(group_size)
-        if kernel not in ("torch", "triton"):
-            raise ValueError(f'kernel: expected "torch" or "triton", got {kernel!r}')
-        self.kernel = kernel
+        self.kernel = check_kernel(kernel)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, positions: int | Tensor | None = None,
                 state: AttentionState | None = None, return_state: bool = False, context: Tensor | None = None,

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_group_size, check_int, check_mask, check_qkv, check_rotary, check_tensor
+from ._checks import (check_group_size, check_int, check_kernel, check_mask, check_qkv, check_rotary,
+                      check_tensor)
 from ._engine import EngineConfig, LinearAttentionFunction, empty_state
 from ._engine import parallel, triton_kernels, tuning
 from ._engine.feature_sources import LOG_DTYPE
@@ -203,10 +204,8 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
 
 def _check_kernel(kernel, chunk_size: int, dt: torch.dtype, device: torch.device) -> None:
     """``kernel``: "torch", or "triton" where it can run (chosen explicitly, never as a silent fallback)."""
-    if kernel == "torch":
+    if check_kernel(kernel) == "torch":
         return
-    if kernel != "triton":
-        raise ValueError(f'kernel: expected "torch" or "triton", got {kernel!r}')
     if not triton_kernels.available():
         raise RuntimeError('kernel="triton": the triton package does not import here (pip install triton, on a '
                            'machine with a CUDA GPU); kernel="torch" runs everywhere')

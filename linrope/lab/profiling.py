@@ -158,10 +158,12 @@ def run_point(case: str, params: dict, *, warmup: int = 1, repeats: int = 3, dev
 
 
 def run_series(case: str, lengths, params: dict, *, time_budget: float = 60.0, memory_budget_mib: float = 16384,
-               on_record: Callable[[Record], None] | None = None, **kwargs) -> list[Record]:
+               on_record: Callable[[Record], None] | None = None, point: Callable[[dict], Record] | None = None,
+               **kwargs) -> list[Record]:
     """Points for growing N (``params['n']``). After a point slower than ``time_budget`` seconds, or when the
     next point's memory (projected from the last growth ratio) would exceed ``memory_budget_mib``, the larger
-    lengths are recorded as skipped instead of run."""
+    lengths are recorded as skipped instead of run. ``point(params)`` measures one point (default: ``run_point``
+    in fresh processes, given ``kwargs``)."""
     records, stop = [], None
     for n in sorted(lengths):
         p = dict(params, n=n)
@@ -170,7 +172,10 @@ def run_series(case: str, lengths, params: dict, *, time_budget: float = 60.0, m
             projected = m2 * (m2 / m1) ** (math.log(n / n2) / math.log(n2 / n1))  # same growth law
             if projected > memory_budget_mib:
                 stop = f"skipped: projected {projected:.0f} MiB > budget {memory_budget_mib:.0f} MiB"
-        rec = Record(case, p, stop, device=kwargs.get("device", "cpu")) if stop else run_point(case, p, **kwargs)
+        if stop:
+            rec = Record(case, p, stop, device=kwargs.get("device", "cpu"))
+        else:
+            rec = point(p) if point is not None else run_point(case, p, **kwargs)
         records.append(rec)
         if on_record:
             on_record(rec)
@@ -178,7 +183,7 @@ def run_series(case: str, lengths, params: dict, *, time_budget: float = 60.0, m
             if rec.status != "ok":
                 stop = f"skipped: a shorter length ended with {rec.status.split(':')[0]}"
             elif rec.seconds is not None and rec.seconds > time_budget:
-                stop = f"skipped: N={n} took {rec.seconds:.1f} s > budget {time_budget:.0f} s"
+                stop = f"skipped: N={n} took {rec.seconds:.1f} s > budget {time_budget:g} s"
     return records
 
 

@@ -11,6 +11,7 @@ peak above what was allocated before it. A point that runs out of memory ends it
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -18,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..plots import log_axes, write_rows
-from ..profiling import Record, measure
+from ..profiling import Record, measure, run_series
 from .cases import case_linrope, case_sdpa
 from .memory import pick_series
 
@@ -63,8 +64,9 @@ def gpu_info(device: str = "cuda") -> GpuInfo:
 
 
 def _point(factory, params: dict, n: int, device: str, repeats: int) -> Record:
-    """One forward+backward point; out of memory becomes a record saying so."""
+    """One forward+backward point, in this process; out of memory becomes a record saying so."""
     p = dict(params, n=n)
+    params = {k: v for k, v in params.items() if k != "n"}
     try:
         fn = factory(n, backward=True, device=device, **params)
         rec = measure(fn, case=factory.__name__, params=p, repeats=repeats, device=device)
@@ -80,24 +82,12 @@ def gpu_profile(lengths, series=None, device: str = "cuda", time_budget: float =
                 on_record=None) -> list[Record]:
     """Time and peak memory of each series of ``GPU_SERIES`` for growing N; a series stops after a point slower
     than ``time_budget`` seconds or out of memory. Records carry ``params['series']``."""
-    names = pick_series(series, GPU_SERIES)
     out = []
-    for name in names:
+    for name in pick_series(series, GPU_SERIES):
         factory, params = GPU_SERIES[name]
-        stop = None
-        for n in sorted(lengths):
-            if stop:
-                rec = Record(factory.__name__, dict(params, n=n), stop, device=device)
-            else:
-                rec = _point(factory, params, n, device, repeats)
-                if rec.status != "ok":
-                    stop = f"skipped: a shorter length ended with {rec.status}"
-                elif rec.seconds > time_budget:
-                    stop = f"skipped: N={n} took {rec.seconds:.2f} s > budget {time_budget:g} s"
-            rec.params["series"] = name
-            out.append(rec)
-            if on_record:
-                on_record(rec)
+        out += run_series(factory.__name__, lengths, dict(params, series=name), time_budget=time_budget,
+                          memory_budget_mib=math.inf, device=device, on_record=on_record,
+                          point=lambda p, f=factory: _point(f, p, p["n"], device, repeats))
     return out
 
 
