@@ -208,7 +208,7 @@ from reference import assert_close, favor_eq19  # noqa: E402
 
 
 @pytest.mark.parametrize("rope", [None, "interleaved", "half"])
-@pytest.mark.parametrize("scale", [1.0, 3.0], ids=["std1", "std3"])
+@pytest.mark.parametrize("scale", [1.0, 3.0, 5.0], ids=["std1", "std3", "std5"])
 def test_engine_with_triton_kernels_matches_the_float64_reference(rope, scale):
     """Causal eq. 19 with kernel="triton", N=150 (ragged: groups of 64 and a short last one), against eq. 19 on
     exact FAVOR+ features in float64, outputs and gradients."""
