@@ -29,6 +29,7 @@ COMPARE_POINTS = (
     ("bidirectional eq. 19, N=16384", "linrope", dict(n=16384, causal=False)),
     ("layer LinearRotaryAttention, N=16384", "layer", dict(n=16384)),
     ("causal eq. 19, N=4096", "linrope", dict(n=4096)),
+    ("causal eq. 19, N=512 (the byte LM's B=8, H=4, d=32, r=64)", "linrope", dict(n=512, b=8, h=4, d=32, r=64)),
 )
 
 _DROP_EDITABLE = '''import sys
