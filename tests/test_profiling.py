@@ -10,7 +10,7 @@ from linrope.lab.bench.cases import case_linrope
 from linrope.lab.bench.targets import variant_rows
 from linrope.lab.profiling import VECTOR_FLAGS, Record, machine_info, measure, run_point, run_series, vector_extensions
 
-TINY = dict(sgemm_n=64, bmm=(4, 8, 16, 8), repeats=3)  # machine_info in a few milliseconds
+TINY = dict(sgemm_n=64, bmm=(4, 8, 16, 8), repeats=3, touch_mib=1)  # machine_info in a few milliseconds
 
 
 def test_measure_returns_a_record_with_time_and_memory():
@@ -137,16 +137,19 @@ def test_machine_info_measures_the_rates_and_names_the_cpu():
     assert info.cpu.strip() and info.logical_cpus >= 1 and info.threads == torch.get_num_threads() >= 1
     assert info.torch == torch.__version__ and info.torch_capability
     assert info.sgemm_n == 64 and info.bmm == (4, 8, 16, 8) and info.repeats == 3
-    for rate in (info.sgemm_gflops, info.bmm_gflops):
-        assert math.isfinite(rate) and 0 < rate < 1e5  # GFLOP/s: positive, and not a timer artefact
+    for rate in (info.sgemm_gflops, info.bmm_gflops, info.fresh_gbs, info.warm_gbs):
+        assert math.isfinite(rate) and 0 < rate < 1e5  # GFLOP/s, GB/s: positive, and not a timer artefact
     assert set(info.extensions) <= set(VECTOR_FLAGS)
     block = info.markdown().splitlines()
     assert block[1] == "|---|---|" and all(ln.startswith("| ") and ln.endswith(" |") for ln in block[:1] + block[2:])
     assert any(info.cpu in ln for ln in block)
     assert "| sgemm 64x64 float32 | " in info.markdown() and "| bmm 4 x (8x16 @ 16x8) float32 | " in info.markdown()
-    assert info.to_dict()["sgemm_gflops"] == info.sgemm_gflops
+    assert "| writing 1 MiB: new memory / memory already touched | " in info.markdown()
+    assert info.to_dict()["sgemm_gflops"] == info.sgemm_gflops and info.to_dict()["touch_mib"] == 1
     with pytest.raises(ValueError, match="machine_info: sizes and repeats must be >= 1"):
         machine_info(sgemm_n=0)
+    with pytest.raises(ValueError, match="touch_mib=0"):
+        machine_info(touch_mib=0)
 
 
 def test_vector_extensions_name_the_relevant_flags_present_in_cpuinfo():

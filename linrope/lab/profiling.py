@@ -14,7 +14,10 @@
 * ``machine_info()``: the same and more, measured: the CPU model, its vector extensions (from /proc/cpuinfo),
   the thread count, and this process's float32 rates of a 2048 x 2048 sgemm and of a small batched matmul
   (2048 x (64x256 @ 256x64), the shape class of the engine's chunk products), median of a few runs after a
-  warm-up. The benchmarks print it beside their tables (``MachineInfo.markdown()``) and store it in their JSON.
+  warm-up, and the write speed of memory touched for the first time against memory already touched (a call's
+  outputs and gradients are new tensors: on VMs the kernel's page faults on first touch can make writing them
+  several times slower than the arithmetic that fills them). The benchmarks print it beside their tables
+  (``MachineInfo.markdown()``) and store it in their JSON.
 
 ``case`` names a factory ``"module:function"``; the factory is called with the params and returns a
 zero-argument callable doing the work (e.g. forward+backward of one attention call on prebuilt inputs).
@@ -242,6 +245,9 @@ class MachineInfo:
     bmm: tuple
     bmm_gflops: float
     repeats: int
+    touch_mib: int = 32  # the first-touch probe: writing a new tensor of this size against an already written one
+    fresh_gbs: float | None = None  # GB/s writing freshly allocated memory (page faults included)
+    warm_gbs: float | None = None  # GB/s writing the same amount into memory already faulted in
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -255,28 +261,43 @@ class MachineInfo:
                 ("threads", f"{self.threads} (torch {self.torch})"),
                 (f"sgemm {self.sgemm_n}x{self.sgemm_n} float32", f"{self.sgemm_gflops:.3g} GFLOP/s"),
                 (f"bmm {b} x ({m}x{k} @ {k}x{n}) float32", f"{self.bmm_gflops:.3g} GFLOP/s")]
+        if self.fresh_gbs and self.warm_gbs:
+            rows.append((f"writing {self.touch_mib} MiB: new memory / memory already touched",
+                         f"{self.fresh_gbs:.3g} / {self.warm_gbs:.3g} GB/s ({self.warm_gbs / self.fresh_gbs:.1f}x)"))
         return "\n".join([f"| machine | measured in this process, median of {self.repeats} runs after a warm-up |",
                           "|---|---|", *(f"| {a} | {v} |" for a, v in rows)])
 
 
-def machine_info(*, sgemm_n: int = 2048, bmm: tuple = (2048, 64, 256, 64), repeats: int = 5, seed: int = 0
-                 ) -> MachineInfo:
+def machine_info(*, sgemm_n: int = 2048, bmm: tuple = (2048, 64, 256, 64), repeats: int = 5, seed: int = 0,
+                 touch_mib: int = 32) -> MachineInfo:
     """The CPU, its vector extensions, the thread count and the measured float32 rates of an ``sgemm_n``-square
     matmul and of a batched matmul of shape ``bmm`` = (batch, m, k, n), each the median of ``repeats`` runs
-    after a warm-up (into preallocated outputs, so allocation is not timed). About 1-2 s at the defaults."""
-    if sgemm_n < 1 or min(bmm) < 1 or repeats < 1:
+    after a warm-up (into preallocated outputs, so allocation is not timed); and the speed of writing
+    ``touch_mib`` MiB into a new tensor against one already written (glibc hands blocks of 32 MiB and more
+    straight back to the OS when freed, so each new one is faulted in afresh, as a call's outputs are). About
+    1-2 s at the defaults."""
+    if sgemm_n < 1 or min(bmm) < 1 or repeats < 1 or touch_mib < 1:
         raise ValueError(f"machine_info: sizes and repeats must be >= 1, got sgemm_n={sgemm_n}, bmm={bmm}, "
-                         f"repeats={repeats}")
+                         f"repeats={repeats}, touch_mib={touch_mib}")
     env = dict(os.environ)
     try:
-        return _machine_info(sgemm_n, bmm, repeats, seed)
+        return _machine_info(sgemm_n, bmm, repeats, seed, touch_mib)
     finally:  # torch may set variables on the way (TORCHINDUCTOR_CACHE_DIR was seen), which the fresh processes of
         # the points would inherit: with it, a point's measured pass imported more and read 310 MiB instead of 81
         os.environ.clear()
         os.environ.update(env)
 
 
-def _machine_info(sgemm_n: int, bmm: tuple, repeats: int, seed: int) -> MachineInfo:
+def _touch_rates(mib: int, repeats: int) -> tuple[float, float]:
+    """GB/s writing ``mib`` MiB into a newly allocated tensor (page faults included) and into an old one."""
+    n = mib * 2**18  # float32 elements
+    old = torch.empty(n).fill_(0.0)
+    fresh_s, _ = median_time(lambda: torch.empty(n).fill_(1.0), warmup=1, repeats=repeats)
+    warm_s, _ = median_time(lambda: old.fill_(1.0), warmup=1, repeats=repeats)
+    return 4 * n / max(fresh_s, 1e-9) / 1e9, 4 * n / max(warm_s, 1e-9) / 1e9
+
+
+def _machine_info(sgemm_n: int, bmm: tuple, repeats: int, seed: int, touch_mib: int) -> MachineInfo:
     g = torch.Generator().manual_seed(seed)
     a, b_ = (torch.randn(sgemm_n, sgemm_n, generator=g) for _ in range(2))
     out = torch.empty(sgemm_n, sgemm_n)
@@ -285,6 +306,7 @@ def _machine_info(sgemm_n: int, bmm: tuple, repeats: int, seed: int) -> MachineI
     x, y = torch.randn(nb, m, k, generator=g), torch.randn(nb, k, n, generator=g)
     xy = torch.empty(nb, m, n)
     bmm_s, _ = median_time(lambda: torch.bmm(x, y, out=xy), warmup=1, repeats=repeats)
+    fresh_gbs, warm_gbs = _touch_rates(touch_mib, repeats)
     lines = _cpuinfo()
     logical = sum(ln.startswith("processor") for ln in lines) or os.cpu_count() or 1
     try:
@@ -294,7 +316,8 @@ def _machine_info(sgemm_n: int, bmm: tuple, repeats: int, seed: int) -> MachineI
     return MachineInfo(cpu=cpu_name(count=False), logical_cpus=logical, extensions=vector_extensions(lines),
                        torch_capability=capability, threads=torch.get_num_threads(), torch=torch.__version__,
                        sgemm_n=sgemm_n, sgemm_gflops=2 * sgemm_n**3 / max(sgemm_s, 1e-9) / 1e9, bmm=tuple(bmm),
-                       bmm_gflops=2 * nb * m * k * n / max(bmm_s, 1e-9) / 1e9, repeats=repeats)
+                       bmm_gflops=2 * nb * m * k * n / max(bmm_s, 1e-9) / 1e9, repeats=repeats,
+                       touch_mib=touch_mib, fresh_gbs=fresh_gbs, warm_gbs=warm_gbs)
 
 
 def _child(job: dict) -> None:
