@@ -185,7 +185,9 @@ class LinearRotaryAttention(_Heads):
         dim: model width; x is (B, N, dim).
         heads, dim_head: number and size of heads (dim_head None: dim // heads, as in ``SoftmaxAttention``).
         kv_heads: grouped-query attention: keys and values get this many heads (a divisor of ``heads``; default
-            ``heads``), query head h reading kv head h // (heads / kv_heads). The decoding state keeps kv_heads.
+            ``heads``), query head h reading kv head h // (heads / kv_heads). The decoding state keeps kv_heads
+            heads, or ``heads`` where the heads of a group differ in what they sum (learned rotations, or decays
+            that differ within a group, e.g. 'multiscale'): ``state_group`` says which.
         nb_features: r, random features per head (even when ``rope='features'``).
         causal: attend to positions n <= m only (chunked, O(N) memory; supports streaming).
         feature_map: 'favor+' (default; fused path ``favor_attention``), 'trig', 'relu' or 'elu'.
@@ -274,6 +276,18 @@ class LinearRotaryAttention(_Heads):
         self.group_size = check_group_size(group_size)
         self.kernel = check_kernel(kernel)
 
+    @property
+    def state_group(self) -> int:
+        """How many query heads share one head of the decoding state: heads / kv_heads when the heads of a kv
+        group sum the same keys the same way, else 1 (learned rotations turn each query head's keys by its own
+        angles; decays that differ within a group weigh the same keys differently)."""
+        g = self.heads // self.kv_heads
+        if g == 1 or self.rope_learned:
+            return 1
+        if self.decay is not None and any(len(set(self.decay[i:i + g])) > 1 for i in range(0, self.heads, g)):
+            return 1
+        return g
+
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, positions: int | Tensor | None = None,
                 state: AttentionState | None = None, return_state: bool = False, context: Tensor | None = None,
                 context_mask: Tensor | None = None, context_positions: int | Tensor | None = None,
@@ -292,7 +306,8 @@ class LinearRotaryAttention(_Heads):
         if self.rope == "inputs":
             q, k = self.rotary.rotate(q, positions), self.rotary.rotate(k, kpos)
         k, v = self.share_kv(k), self.share_kv(v)
-        if state is not None and not self.rope_learned:  # one state per kv head (learned: per query head)
+        g = self.state_group
+        if state is not None and g > 1:  # one state per kv head
             state = AttentionState(self.share_kv(state.numerator), self.share_kv(state.key_sum),
                                    self.share_kv(state.log_ref), state.offset)
         kwargs = dict(causal=self.causal, positions=positions, chunk_size=self.chunk_size,
@@ -311,8 +326,6 @@ class LinearRotaryAttention(_Heads):
             out = linear_attention(qf, kf, v, rotary=feature_rotary, k_logscale=ks, **kwargs)
         if return_state:
             out, st = out
-            # the heads of a group hold the same state: keep one (learned rotations differ per query head)
-            g = 1 if self.rope_learned else self.heads // self.kv_heads
             new_state = AttentionState(st.numerator[:, ::g], st.key_sum[:, ::g], st.log_ref[:, ::g], st.offset)
             return self.merge(out.to(x.dtype)), new_state
         return self.merge(out.to(x.dtype))

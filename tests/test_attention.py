@@ -312,6 +312,27 @@ def test_grouped_query_attention_equals_the_explicit_repeat(kind, rope, causal):
         assert held.shape[1] == 2
 
 
+@pytest.mark.parametrize("decay, held", [("multiscale", 4), ((0.8, 0.9, 0.95, 0.99), 4), ((0.9, 0.9, 0.8, 0.8), 2),
+                                         (0.9, 2)])
+def test_grouped_query_decoding_with_per_head_decays(decay, held):
+    """Heads of a kv group that decay differently sum the same keys differently: the decoding state keeps one head
+    per query head then (it used to keep one per kv group, and decoding drifted from the full pass by 1e-2)."""
+    torch.manual_seed(6)
+    make = lambda kv: LinearRotaryAttention(32, heads=4, nb_features=16, causal=True, seed=1,  # noqa: E731
+                                            kv_heads=kv, decay=decay)
+    gqa = make(2).double()
+    full = _repeated(gqa, make(4).double())
+    x = torch.randn(2, 13, 32, dtype=torch.float64)
+    torch.testing.assert_close(gqa(x), full(x), rtol=1e-10, atol=1e-12)
+    assert gqa.state_group == 4 // held
+    state, outs = None, []
+    for a, b in ((0, 5), (5, 6), (6, 13)):
+        o, state = gqa(x[:, a:b], state=state, return_state=True)
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, 1), full(x), rtol=1e-9, atol=1e-11)
+    assert state.numerator.shape[1] == held
+
+
 def test_kv_heads_must_divide_heads():
     with pytest.raises(ValueError, match=r"kv_heads: expected a divisor of heads \(4\), got 3"):
         LinearRotaryAttention(32, heads=4, kv_heads=3)
