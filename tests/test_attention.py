@@ -2,6 +2,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from linrope import LinearRotaryAttention, SoftmaxAttention, redraw_projections
 
@@ -347,3 +349,38 @@ def test_layers_run_packed_documents_as_if_alone(kind, rope):
     packed = attn(x, cu_seqlens=torch.tensor(cuts))
     alone = torch.cat([attn(x[:, a:b]) for a, b in zip(cuts, cuts[1:])], 1)
     torch.testing.assert_close(packed, alone, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- any options, any pieces
+@settings(max_examples=60, deadline=None, derandomize=True, print_blob=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(heads_kv=st.sampled_from([(1, 1), (2, 1), (4, 2), (4, 4)]),
+       feature_map=st.sampled_from(MAPS), rope=st.sampled_from(ROPES),
+       options=st.sampled_from(["plain", "decay", "multiscale", "learned", "learned+multiscale", "rotate_normalizer"]),
+       pieces=st.lists(st.integers(1, 9), min_size=1, max_size=5), mask=st.booleans(), seed=st.integers(0, 2**16))
+def test_layer_decoding_in_any_pieces_equals_its_full_pass(heads_kv, feature_map, rope, options, pieces, mask, seed):
+    """Every causal option combined (grouped heads, decays, learned rotations, feature maps, masks): the state
+    carried across calls of any sizes gives the full pass's outputs, float64. (Found by a differential fuzz of the
+    layer: kv groups whose heads decay differently had their states merged.)"""
+    heads, kv = heads_kv
+    kw = dict(dim=8 * heads, heads=heads, dim_head=8, nb_features=16, causal=True, feature_map=feature_map,
+              rope=rope, kv_heads=kv, seed=seed % 97, chunk_size=4, group_size=8)
+    if options in ("decay", "multiscale", "learned+multiscale"):
+        kw["decay"] = 0.9 if options == "decay" else "multiscale"
+    if "learned" in options or options == "rotate_normalizer":  # options of eq. 19 on FAVOR+ features only
+        kw.update(rope="features", feature_map="favor+")
+        kw["rope_learned" if "learned" in options else "rotate_normalizer"] = True
+    torch.manual_seed(seed)
+    attn = LinearRotaryAttention(**kw).double()
+    n = sum(pieces)
+    x = torch.randn(2, n, 8 * heads, dtype=torch.float64)
+    m = torch.rand(2, n, generator=torch.Generator().manual_seed(seed)) > 0.3 if mask else None
+    full = attn(x, key_padding_mask=m)
+    state, outs, a = None, [], 0
+    for p in pieces:
+        o, state = attn(x[:, a:a + p], key_padding_mask=None if m is None else m[:, a:a + p], state=state,
+                        return_state=True)
+        outs.append(o)
+        a += p
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-9, atol=1e-11)
+    assert state.numerator.shape[1] == heads // attn.state_group
