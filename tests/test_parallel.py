@@ -46,6 +46,7 @@ LAYERS = {
     "layer-features": dict(rope="features"),
     "layer-inputs": dict(rope="inputs"),
     "layer-gqa": dict(rope="features", kv_heads=1),
+    "layer-gqa-multiscale": dict(rope="features", kv_heads=2, decay="multiscale"),  # per-query-head states
 }
 DECODE = 3  # tokens decoded after the parallel prefill
 
