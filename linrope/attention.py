@@ -65,6 +65,10 @@ class _Heads(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x: expected shape (B, N, {self.dim}), got {shape}")
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point tensor (B, N, {self.dim}) of embeddings, got {x.dtype}")
+        if x.shape[1] == 0:
+            raise ValueError(f"x: expected at least one position, got shape {tuple(x.shape)}")
         if context is not None:
             if self.causal:
                 raise ValueError("context: expected None for a layer built with causal=True (cross-attention "
@@ -74,6 +78,9 @@ class _Heads(nn.Module):
                 shape = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
                 raise ValueError(f"context: expected shape (B, M, {self.dim}) with B = {x.shape[0]} like x, "
                                  f"got {shape}")
+            if context.dtype != x.dtype or context.shape[1] == 0:
+                raise ValueError(f"context: expected x's dtype ({x.dtype}) and at least one position, got "
+                                 f"{context.dtype} of shape {tuple(context.shape)}")
         if not self.causal:  # incremental decoding needs a causal layer: later tokens would change earlier rows
             if state is not None:
                 raise ValueError("state: expected None for a layer built with causal=False "
