@@ -124,10 +124,12 @@ def test_compare_times_an_earlier_commit_beside_this_checkout():
     """The A/B harness behind BENCHMARKS.md's before/after tables: both versions run, each in its own process
     with its own library (the earlier one extracted with git archive), and the ratio is reported."""
     from linrope.lab.bench.compare import compare
-    rows = compare("HEAD", points=(("tiny", "linrope", dict(n=64, h=1, r=8, d=4)),), rounds=1, repeats=1)
-    (row,) = rows
-    assert row["then_status"] == row["now_status"] == "ok", row
-    assert row["then_s"] > 0 and row["now_s"] > 0 and row["now_over_then"] > 0
+    rows = compare("HEAD", points=(("tiny", "linrope", dict(n=64, h=1, r=8, d=4)),
+                                   ("learned", "linrope", dict(n=64, h=1, r=8, d=4, rope="learned"))),
+                   rounds=1, repeats=1)  # the learned case imports inside its factory (made absolute too)
+    for row in rows:
+        assert row["then_status"] == row["now_status"] == "ok", row
+        assert row["then_s"] > 0 and row["now_s"] > 0 and row["now_over_then"] > 0
     with pytest.raises(ValueError, match="compare: expected a git revision of this repository, got 'no-such-rev'"):
         compare("no-such-rev", points=(), rounds=1)
 
@@ -197,11 +199,14 @@ def test_bench_compare_prints_and_stores_the_machine_block(monkeypatch, capsys, 
     from linrope.lab.bench import cli, compare
     monkeypatch.setattr(cli, "machine_info", lambda: machine_info(**TINY))
     row = dict(point="tiny", params={}, then_s=1.0, now_s=0.5, then_mib=1.0, now_mib=1.0, now_over_then=0.5)
-    monkeypatch.setattr(compare, "compare", lambda *a, **kw: [row])
+    failed = dict(point="broken", params={}, then_s=None, now_s=0.5, then_mib=None, now_mib=1.0,
+                  then_status="failed: ImportError: x", now_status="ok")
+    monkeypatch.setattr(compare, "compare", lambda *a, **kw: [row, failed])
     out_json = tmp_path / "c.json"
     cli.main(["--compare", "HEAD", "--rounds", "1", "--repeats", "1", "--json", str(out_json)])
     out = capsys.readouterr().out
     assert "| machine |" in out and "| sgemm 64x64 float32 | " in out and "| tiny | 1.000 | 0.500 |" in out
+    assert "| broken | failed: ImportError: x | 0.500 |" in out  # a failed point says why
     saved = json.loads(out_json.read_text())
     assert saved["machine_info"]["sgemm_n"] == 64 and saved["machine_info"]["sgemm_gflops"] > 0
 

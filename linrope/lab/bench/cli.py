@@ -115,8 +115,9 @@ def _compare(p, args) -> None:
     print("\n" + info.markdown())
     print("\n| point | then s | now s | now / then | then MiB | now MiB |\n|---|---:|---:|---:|---:|---:|")
     fmt = lambda x, f: "" if x is None else format(x, f)  # noqa: E731
+    secs = lambda r, v: r[f"{v}_status"] if r[f"{v}_s"] is None else format(r[f"{v}_s"], ".3f")  # noqa: E731
     for r in rows:
-        print(f"| {r['point']} | {fmt(r['then_s'], '.3f')} | {fmt(r['now_s'], '.3f')} | "
+        print(f"| {r['point']} | {secs(r, 'then')} | {secs(r, 'now')} | "
               f"{fmt(r.get('now_over_then'), '.2f')} | {fmt(r['then_mib'], '.0f')} | {fmt(r['now_mib'], '.0f')} |")
     if args.json:
         with open(args.json, "w") as f:

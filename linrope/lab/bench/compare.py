@@ -29,6 +29,8 @@ COMPARE_POINTS = (
     ("bidirectional eq. 19, N=16384", "linrope", dict(n=16384, causal=False)),
     ("layer LinearRotaryAttention, N=16384", "layer", dict(n=16384)),
     ("causal eq. 19, N=4096", "linrope", dict(n=4096)),
+    ("causal eq. 19, learned rotations + multiscale decay, N=16384", "linrope",
+     dict(n=16384, rope="learned", decay="multiscale")),
     ("causal eq. 19, N=512 (the byte LM's B=8, H=4, d=32, r=64)", "linrope", dict(n=512, b=8, h=4, d=32, r=64)),
 )
 
@@ -41,8 +43,8 @@ sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower(
 def _standalone(module, name: str) -> str:
     """A module's source with its relative imports of the library made absolute (the public API)."""
     src = Path(module.__file__).read_text()
-    return re.sub(r"^from \.+(\w)", r"from linrope.\1", re.sub(r"^from \.\.\.", "from linrope.", src, flags=re.M),
-                  flags=re.M)
+    src = re.sub(r"^(\s*)from \.\.\.", r"\1from linrope.", src, flags=re.M)  # indented too: imports in functions
+    return re.sub(r"^(\s*)from \.+(\w)", r"\1from linrope.\2", src, flags=re.M)
 
 
 def _prepare(rev: str, root: Path, work: Path) -> dict:
