@@ -196,7 +196,7 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
     # inputs go in as they are (half stays half: autograd keeps them); the engine casts each group
     out, S, z, M = LinearAttentionFunction.apply(
         kind, cfg, interleaved, q, k, ks, kb, v, W if W is None else W.to(dt), mask, cos, sin, kcos, ksin, S0, z0,
-        M0, theta, phase, apos, par)
+        M0, theta, phase, apos, positions if learned and isinstance(positions, int) else None, par)
     if return_state:  # under sequence parallelism, every rank gets the state after the whole sequence
         return out, _state_out(S, z, M, offset + (N if lay is None else lay.total), lam)
     return out

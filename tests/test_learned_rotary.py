@@ -95,6 +95,40 @@ def test_streaming_with_learned_rotations_equals_one_pass(pieces):
     assert _rel(torch.cat(outs, 2), full) < 1e-10
 
 
+@pytest.mark.parametrize("start", [0, 5, 10**7])
+def test_consecutive_positions_build_the_same_rotations_as_any_positions(start):
+    """Positions start, start + 1, ... (an int, or None) take the factors as one offset times a table of steps;
+    a position tensor takes them from each angle's own cos and sin. float64: the same outputs and gradients, at
+    10^7 too, and streamed in pieces. float32: both as close to float64 (not the gradient of theta at 10^7,
+    ill-conditioned there, d angle / d theta being the position: both paths lose most digits)."""
+    data, rot64 = _data(7, N=70, std=2.0), _learned(7)
+    pos = torch.arange(start, start + 70).expand(B, 70)  # a tensor: the per-angle path
+    kw = dict(causal=True, chunk_size=16, group_size=32)
+    w = torch.randn(B, H, 70, DV, generator=torch.Generator().manual_seed(8), dtype=F64)
+    run = {}
+    for dtype in (F64, torch.float32):
+        q, k, v, W = (t.to(dtype).requires_grad_(t.dim() == 4) for t in data)
+        rot = _learned(7).to(dtype)
+        for name, p in (("int", start), ("tensor", pos)):
+            out = favor_attention(q, k, v, W, positions=p, rotary=rot, **kw)
+            run[dtype, name] = (out, *torch.autograd.grad((out * w.to(dtype)).sum(), (q, k, v, rot.theta, rot.phase)))
+    for i, (a, b) in enumerate(zip(run[F64, "int"], run[F64, "tensor"])):  # theta's gradient at 10^7: float64
+        assert _rel(a, b) < (1e-8 if i == 4 and start > 10**6 else 1e-10)  # angles differ by 1e-9 rad there
+    for i, name in enumerate("out q k v theta phase".split()):
+        if name == "theta" and start > 10**5:
+            continue  # float32 at 10^7: 20-60% off float64 on either path (the digits dang * position loses)
+        err_int, err_tensor = (_rel(run[torch.float32, m][i], run[F64, "tensor"][i]) for m in ("int", "tensor"))
+        assert err_int <= 1.5 * err_tensor + 2e-6, (name, err_int, err_tensor)
+    q, k, v, W = data
+    with torch.no_grad():
+        outs, state = [], None
+        for lo, hi in ((0, 9), (9, 10), (10, 70)):
+            out, state = favor_attention(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], W, causal=True, rotary=rot64,
+                                         positions=start + lo, initial_state=state, return_state=True)
+            outs.append(out)
+        assert _rel(torch.cat(outs, 2), run[F64, "tensor"][0]) < 1e-10
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_layer_learns_its_rotations_and_decodes_token_by_token(kv_heads):
     torch.manual_seed(0)

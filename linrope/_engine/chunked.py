@@ -638,7 +638,9 @@ class LinearAttentionFunction(torch.autograd.Function):
     """out, S, z, M = f(q, k, ks, v, S0, z0); q, k are features (kind 'features') or raw inputs ('favor').
     kb (BH, N) ``LOG_DTYPE`` or None: a log-bias added to the keys' log-scales (a decay), not differentiated.
     theta, phase (H, r/2), apos ((N,) or (B, N) float64 positions): learned angles (``LearnedRotary``, causal), in
-    place of cos/sin; their gradients are returned. par: a ``parallel.Parallel`` for sequence parallelism (or
+    place of cos/sin; their gradients are returned. astart: the first position when apos is astart, astart + 1, ...
+    (an int; None for positions of any other pattern), which lets the rotations build their factors by one
+    product with a table (``AngleRotation``). par: a ``parallel.Parallel`` for sequence parallelism (or
     None): (S0, z0, M0) is then the initial state, the other ranks' keys come by one all-gather of key states
     (``_parallel_forward``), and the returned state is the whole sequence's when ``par.return_state``.
 
@@ -652,11 +654,11 @@ class LinearAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, kind, cfg, interleaved, q, k, ks, kb, v, W, mask, cos, sin, kcos, ksin, S0, z0, M0, theta, phase,
-                apos, par):
+                apos, astart, par):
         B, H, N, dv = v.shape
         r = W.shape[0] if kind == "favor" else q.shape[-1]
         perm = interleaved_order(r, v.device) if cos is not None and not interleaved else None
-        ctx.meta = (kind, cfg, perm, B, H)
+        ctx.meta = (kind, cfg, perm, B, H, astart)
         S0 = _to_internal(S0, perm).reshape(B * H, r, dv)
         z0, M0 = _to_internal(z0, perm).reshape(B * H, r), M0.reshape(B * H)
         with torch.autocast(v.device.type, enabled=False):
@@ -687,7 +689,7 @@ class LinearAttentionFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the hand-written backward is not differentiable itself
             raise RuntimeError("linear_attention / favor_attention: double backward (create_graph=True) is not "
                                "supported: the backward is hand-written and cannot itself be differentiated")
-        kind, cfg, perm, B, H = ctx.meta
+        kind, cfg, perm, B, H, _ = ctx.meta
         q, k, ks, kb, v, W, mask, cos, sin, kcos, ksin, out, den, theta, phase, apos = ctx.saved_tensors
         S, z, _ = ctx.final
         with torch.autocast(v.device.type, enabled=False):
@@ -721,7 +723,7 @@ class LinearAttentionFunction(torch.autograd.Function):
             dtheta = (rot.dtheta + rot_k.dtheta).to(theta.dtype)
             dphase = None if phase is None else rot.dphase.to(phase.dtype)
         return (None, None, None, shape(src.dq, q), shape(src.dk, k), shape(src.dks, ks), None, dV.view(v.shape),
-                None, None, None, None, None, None, dS0, dz0, None, dtheta, dphase, None, None)
+                None, None, None, None, None, None, dS0, dz0, None, dtheta, dphase, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------- sequence parallel
@@ -778,11 +780,12 @@ def _parallel_backward(par, inc: _Incoming, src, rot_k, v, dS0, dz0, dSf, dzf, d
 def _prepare(meta, q, k, ks, kb, W, mask, cos, sin, kcos, ksin, theta, phase, apos):
     """The feature source and the rotations of queries and keys (the same one unless keys have their own
     positions, cross-attention, or the angles are learned: the queries' then add the phase)."""
-    kind, cfg, perm, B, H = meta
+    kind, cfg, perm, B, H, astart = meta
     rot = None if cos is None else Rotation(cos, sin)
     rot_k = rot if kcos is None else Rotation(kcos, ksin)
     if theta is not None:
-        rot, rot_k = AngleRotation(theta, phase, apos, H, cfg.dtype), AngleRotation(theta, None, apos, H, cfg.dtype)
+        rot = AngleRotation(theta, phase, apos, H, cfg.dtype, astart)
+        rot_k = AngleRotation(theta, None, apos, H, cfg.dtype, astart)
     if kind == "favor":
         src = FavorFeatures(q, k, W if perm is None else W[perm], mask, cfg.dtype, kb)
     else:
