@@ -191,9 +191,10 @@ class AngleRotation:
             self.dtheta += (p0[:, :, None] * per).sum(0) + torch.einsum("bhgi,bg->hi", dang, rel)
 
     def _angle_grads(self, g: Tensor, y: Tensor) -> Tensor:
-        """d loss / d angle = Im(g conj(y)) pair by pair, (B, H, G, r/2) contiguous in the compute dtype."""
-        gc, yc = self._view(_as_complex(g)), self._view(_as_complex(y))
-        return torch.mul(gc, yc.conj()).imag.contiguous()
+        """d loss / d angle = Im(g conj(y)) = g1 y0 - g0 y1 pair by pair, (B, H, G, r/2) contiguous in the compute
+        dtype (two passes over the pairs; a complex product with a conjugate would resolve the conjugate first)."""
+        gp, yp = (self._view(t.view(*t.shape[:-1], -1, 2)) for t in (g, y))
+        return torch.mul(gp[..., 1], yp[..., 0]).addcmul_(gp[..., 0], yp[..., 1], value=-1)
 
     def phase_only(self, x: Tensor, out: Tensor, inverse: bool = False) -> Tensor:
         """R_phase x (the rotation at distance 0: query angle minus key angle), (BH, G, r) -> out."""
