@@ -76,10 +76,15 @@ def forward_backward(layer, x, grad, call=None):
 
 
 # ---------------------------------------------------------------------------------------------- checkpointing
-@pytest.mark.parametrize("feature_map", ["favor+", "trig"])
-def test_checkpointed_training_step_gives_the_same_output_and_gradients(feature_map):
+# the research's recommended configuration: learned rotations, RetNet's decays, grouped kv heads
+RECOMMENDED = dict(causal=True, rope_learned=True, decay="multiscale", kv_heads=1)
+
+
+@pytest.mark.parametrize("feature_map, extra", [("favor+", {}), ("trig", {}), ("favor+", RECOMMENDED)],
+                         ids=["favor+", "trig", "learned+decay+gqa"])
+def test_checkpointed_training_step_gives_the_same_output_and_gradients(feature_map, extra):
     # a redraw every optimizer step: a forward that redrew would recompute with other features in the backward
-    layer = linear(causal=True, feature_map=feature_map, redraw_interval=1).train()
+    layer = linear(**{"causal": True, **extra}, feature_map=feature_map, redraw_interval=1).train()
     x, grad = torch.randn(2, 20, DIM), torch.randn(2, 20, DIM)
     for step in (1, 2):
         plain = forward_backward(layer, x, grad)
@@ -111,6 +116,7 @@ def test_training_forward_and_backward_leave_every_parameter_and_buffer_unchange
 
 # ---------------------------------------------------------------------------------------------- autocast
 @pytest.mark.parametrize("make", [pytest.param(lambda: linear(causal=True), id="linear"),
+                                  pytest.param(lambda: linear(**RECOMMENDED), id="learned+decay+gqa"),
                                   pytest.param(lambda: softmax(causal=True), id="softmax")])
 def test_bfloat16_autocast_forward_and_backward_track_float32(make):
     layer = make()
@@ -131,6 +137,8 @@ def test_bfloat16_autocast_forward_and_backward_track_float32(make):
 # The linear layer's engine runs eagerly (a graph break, by design); the softmax layer, RoPE tables included,
 # must compile into one graph.
 @pytest.mark.parametrize("make, fullgraph", [pytest.param(lambda: linear(causal=True), False, id="linear"),
+                                             pytest.param(lambda: linear(**RECOMMENDED), False,
+                                                          id="learned+decay+gqa"),
                                              pytest.param(lambda: softmax(causal=True), True, id="softmax")])
 def test_compiled_layer_matches_eager_forward_and_backward(make, fullgraph):
     layer = make()
