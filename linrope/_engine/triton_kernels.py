@@ -12,9 +12,10 @@ under a per-row sequential scan, so the work is split in passes that each expose
 
 * ``_state_fwd``: per (bh, r-block, dv-block), scan the chunks in order, storing the state entering each chunk
   h[bh, c] (BH, nc, r, dv) and S_end. The only sequential loop, and it is over nc = ceil(G / C) chunks.
-* ``_out_fwd``: per (dv-block, chunk, bh), o = mask(q k^T) v + q @ h[c], looping over r blocks.
+* ``_masked_product``: per (dv-block, chunk, bh), o = mask(q k^T) v + q @ h[c], looping over r blocks.
 * ``_state_bwd``: the reverse scan, dh[c] = dL/d(state leaving chunk c), starting from dS_end; ends at dS0.
-* ``_dqk_bwd`` per (r-block, chunk, bh) and ``_dv_bwd`` per (dv-block, chunk, bh): the per-chunk gradients.
+* ``_dqk_bwd`` per (r-block, chunk, bh), and ``_masked_product`` again for dv = mask(k q^T) do + k @ dh[c] (the
+  transposed mask): the per-chunk gradients.
 
 Every load is masked, so G, r and dv may be any positive size (ragged G, e.g. 1000, is safe; so are r, dv that are
 not powers of two); blocks are powers of two >= 16 because ``tl.dot`` needs that, and r, dv wider than a block are
@@ -88,35 +89,43 @@ def _kernels():
         tl.store(s_end + i_bh * R * DV + kv, state, mask=m_kv)
 
     @triton.jit
-    def _out_fwd(q, k, v, h, diag, o, G, R, DV, NC,
-                 C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DIAG: tl.constexpr,
-                 PREC: tl.constexpr):
+    def _masked_product(a, b, v, h, diag, o, G, R, DV, NC,
+                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DIAG: tl.constexpr,
+                        UPPER: tl.constexpr, PREC: tl.constexpr):
+        """o = mask(a b^T) v + a @ h[c] per (dv-block, chunk, bh), looping over r blocks. The forward's output is
+        (q, k, v, h) with the lower mask (n <= t); the backward's dv is its mirror (k, q, do, dh) with the upper
+        one. The diagonal is diag's when given."""
         ov = tl.program_id(0) * BV + tl.arange(0, BV)
         i_c = tl.program_id(1)
         i_bh = tl.program_id(2).to(tl.int64)
         t = i_c * C + tl.arange(0, C)
         mt, mv = t < G, ov < DV
+        m_tv = mt[:, None] & mv[None, :]
         acc = tl.zeros([C, BV], dtype=tl.float32)
         A = tl.zeros([C, C], dtype=tl.float32)
         h_c = h + (i_bh * NC + i_c) * R * DV
         for i_k in range(tl.cdiv(R, BK)):
             ok = i_k * BK + tl.arange(0, BK)
             mk = ok < R
-            qb = tl.load(q + i_bh * G * R + t[:, None] * R + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-            kt = tl.load(k + i_bh * G * R + t[None, :] * R + ok[:, None], mask=mk[:, None] & mt[None, :], other=0.0)
+            ab = tl.load(a + i_bh * G * R + t[:, None] * R + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
+            bt = tl.load(b + i_bh * G * R + t[None, :] * R + ok[:, None], mask=mk[:, None] & mt[None, :], other=0.0)
             hb = tl.load(h_c + ok[:, None] * DV + ov[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
-            acc += tl.dot(qb, hb, input_precision=PREC)
-            A += tl.dot(qb, kt, input_precision=PREC)
+            acc += tl.dot(ab, hb, input_precision=PREC)
+            A += tl.dot(ab, bt, input_precision=PREC)
         ii = tl.arange(0, C)[:, None]
         jj = tl.arange(0, C)[None, :]
+        if UPPER:  # keep column >= row
+            first, second = jj, ii
+        else:  # keep row >= column
+            first, second = ii, jj
         if HAS_DIAG:
             d = tl.load(diag + i_bh * G + t, mask=mt, other=0.0)
-            A = tl.where(ii > jj, A, 0.0) + tl.where(ii == jj, d[:, None], 0.0)
+            A = tl.where(first > second, A, 0.0) + tl.where(ii == jj, d[:, None], 0.0)
         else:
-            A = tl.where(ii >= jj, A, 0.0)
-        vb = tl.load(v + i_bh * G * DV + t[:, None] * DV + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+            A = tl.where(first >= second, A, 0.0)
+        vb = tl.load(v + i_bh * G * DV + t[:, None] * DV + ov[None, :], mask=m_tv, other=0.0)
         acc += tl.dot(A, vb, input_precision=PREC)
-        tl.store(o + i_bh * G * DV + t[:, None] * DV + ov[None, :], acc, mask=mt[:, None] & mv[None, :])
+        tl.store(o + i_bh * G * DV + t[:, None] * DV + ov[None, :], acc, mask=m_tv)
 
     @triton.jit
     def _state_bwd(q, do, ds_end, dh, ds0, G, R, DV, NC,
@@ -185,38 +194,6 @@ def _kernels():
         tl.store(dq + i_bh * G * R + t[:, None] * R + ok[None, :], b_dq, mask=m_tk)
         tl.store(dk + i_bh * G * R + t[:, None] * R + ok[None, :], b_dk, mask=m_tk)
 
-    @triton.jit
-    def _dv_bwd(q, k, dh, diag, do, dv, G, R, DV, NC,
-                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DIAG: tl.constexpr,
-                PREC: tl.constexpr):
-        ov = tl.program_id(0) * BV + tl.arange(0, BV)
-        i_c = tl.program_id(1)
-        i_bh = tl.program_id(2).to(tl.int64)
-        t = i_c * C + tl.arange(0, C)
-        mt, mv = t < G, ov < DV
-        m_tv = mt[:, None] & mv[None, :]
-        dh_c = dh + (i_bh * NC + i_c) * R * DV
-        At = tl.zeros([C, C], dtype=tl.float32)  # At[n, t] = k_n . q_t
-        acc = tl.zeros([C, BV], dtype=tl.float32)
-        for i_k in range(tl.cdiv(R, BK)):
-            ok = i_k * BK + tl.arange(0, BK)
-            mk = ok < R
-            kb = tl.load(k + i_bh * G * R + t[:, None] * R + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-            qt = tl.load(q + i_bh * G * R + t[None, :] * R + ok[:, None], mask=mk[:, None] & mt[None, :], other=0.0)
-            dhb = tl.load(dh_c + ok[:, None] * DV + ov[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
-            At += tl.dot(kb, qt, input_precision=PREC)
-            acc += tl.dot(kb, dhb, input_precision=PREC)
-        ii = tl.arange(0, C)[:, None]
-        jj = tl.arange(0, C)[None, :]
-        if HAS_DIAG:
-            d = tl.load(diag + i_bh * G + t, mask=mt, other=0.0)
-            At = tl.where(jj > ii, At, 0.0) + tl.where(ii == jj, d[:, None], 0.0)
-        else:
-            At = tl.where(jj >= ii, At, 0.0)
-        dob = tl.load(do + i_bh * G * DV + t[:, None] * DV + ov[None, :], mask=m_tv, other=0.0)
-        acc += tl.dot(At, dob, input_precision=PREC)
-        tl.store(dv + i_bh * G * DV + t[:, None] * DV + ov[None, :], acc, mask=m_tv)
-
     interp = interpreted()
 
     def dims(*sizes):
@@ -224,7 +201,7 @@ def _kernels():
         a 1-element array, which numpy >= 2.4 refuses as a range bound; a constexpr passes through it untouched."""
         return tuple(tl.constexpr(n) for n in sizes) if interp else sizes
 
-    return interp, dims, _state_fwd, _out_fwd, _state_bwd, _dqk_bwd, _dv_bwd
+    return interp, dims, _state_fwd, _masked_product, _state_bwd, _dqk_bwd
 
 
 def _pow2(n):
@@ -285,7 +262,7 @@ def chunk_forward(q, k, v, S0, diag=None, chunk_size=64, *, precision="ieee", bl
     chunk_size: C (a power of two >= 16); block_k, block_v: the r- and dv-widths of a program's tiles;
     precision: "ieee" | "tf32" | "tf32x3"; num_warps: per program (ignored by the interpreter).
     """
-    (state_fwd, out_fwd, *_), (q, k, v, S0, diag), (BH, G, R, DV, NC, C, BK, BV), dims = _setup(
+    (state_fwd, masked_product, *_), (q, k, v, S0, diag), (BH, G, R, DV, NC, C, BK, BV), dims = _setup(
         q, k, v, S0, diag, chunk_size, precision, block_k, block_v, num_warps)
     o = torch.empty(BH, G, DV, device=q.device, dtype=torch.float32)
     S_end = torch.empty_like(S0)
@@ -294,8 +271,8 @@ def chunk_forward(q, k, v, S0, diag=None, chunk_size=64, *, precision="ieee", bl
         return o, S_end.copy_(S0), h if store_h else None
     nk, nv = -(-R // BK), -(-DV // BV)
     state_fwd[(BH, nk, nv)](k, v, S0, h, S_end, *dims, C=C, BK=BK, BV=BV, PREC=precision, num_warps=num_warps)
-    out_fwd[(nv, NC, BH)](q, k, v, h, diag if diag is not None else q, o, *dims,
-                          C=C, BK=BK, BV=BV, HAS_DIAG=diag is not None, PREC=precision, num_warps=num_warps)
+    masked_product[(nv, NC, BH)](q, k, v, h, diag if diag is not None else q, o, *dims, C=C, BK=BK, BV=BV,
+                                 HAS_DIAG=diag is not None, UPPER=False, PREC=precision, num_warps=num_warps)
     return o, S_end, h if store_h else None
 
 
@@ -311,7 +288,7 @@ def chunk_backward(q, k, v, S0, diag, h, do, dS_end, chunk_size=64, *, precision
     """
     kernels, (q, k, v, S0, diag), (BH, G, R, DV, NC, C, BK, BV), dims = _setup(
         q, k, v, S0, diag, chunk_size, precision, block_k, block_v, num_warps)
-    state_fwd, _, state_bwd, dqk_bwd, dv_bwd = kernels
+    state_fwd, masked_product, state_bwd, dqk_bwd = kernels
     for name, x, shape in (("do", do, (BH, G, DV)), ("dS_end", dS_end, (BH, R, DV)), ("h", h, (BH, NC, R, DV))):
         if x is None:
             continue
@@ -341,8 +318,8 @@ def chunk_backward(q, k, v, S0, diag, h, do, dS_end, chunk_size=64, *, precision
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dqk_bwd[(nk, NC, BH)](q, k, v, h, dh, do, dq, dk, dd if dd is not None else dq, *dims,
                           C=C, BK=BK, BV=BV, HAS_DIAG=diag is not None, PREC=precision, num_warps=num_warps)
-    dv_bwd[(nv, NC, BH)](q, k, dh, diag if diag is not None else q, do, dv, *dims,
-                         C=C, BK=BK, BV=BV, HAS_DIAG=diag is not None, PREC=precision, num_warps=num_warps)
+    masked_product[(nv, NC, BH)](k, q, do, dh, diag if diag is not None else q, dv, *dims, C=C, BK=BK, BV=BV,
+                                 HAS_DIAG=diag is not None, UPPER=True, PREC=precision, num_warps=num_warps)
     return dq, dk, dv, dS0, dd
 
 
