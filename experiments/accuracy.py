@@ -1,7 +1,7 @@
 """Is eq. 19 computed right once q and k are large? For each sigma (std of the entries of q and k), causal and
 bidirectional, with RoPE on the features and without, each method runs FAVOR+ attention in float32 and every
-output row is compared with eq. 19 evaluated exactly in float64 (see linrope/lab/accuracy.py). Reported: the % of rows
-off by more than 1e-3 (relative to the row's norm) and the worst row error. About a minute on 2 cores.
+output row is compared with eq. 19 evaluated exactly in float64 (see lab/accuracy.py). Reported: the % of rows off
+by more than 1e-3 (relative to the row's norm) and the worst row error. About a minute on 2 cores.
 
     python experiments/accuracy.py                                   # sigma 0.5 .. 6, every method found
     python experiments/accuracy.py --mask-holes 0.25 --pairing both  # + masked keys, + half-split RoPE
@@ -15,8 +15,8 @@ and accuracy.png to --out.
 import argparse
 from pathlib import Path
 
-from linrope.lab.accuracy import DEFAULT_SIGMAS, METHODS, PAIRINGS, run_accuracy
-from linrope.lab.sweeps import listing, parse_list, run_script
+from lab.accuracy import DEFAULT_SIGMAS, METHODS, PAIRINGS, run_accuracy
+from lab.sweeps import listing, parse_list, run_script
 
 
 def main(argv=None):

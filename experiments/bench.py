@@ -1,4 +1,4 @@
-"""The performance targets of linrope as one table of ratios measured in one run (see linrope/lab/bench/):
+"""The performance targets of linrope as one table of ratios measured in one run (see experiments/lab/bench/):
 speed against fast-transformers' causal kernel and SDPA, memory growth and leanness, RoPE overhead, FLOP rate,
 and the layer against SoftmaxAttention. Paste the output into BENCHMARKS.md.
 
@@ -6,7 +6,7 @@ and the layer against SoftmaxAttention. Paste the output into BENCHMARKS.md.
     python experiments/bench.py --compare REV | --fusion | --breakdown    (see --help)
 """
 
-from linrope.lab.bench.cli import main
+from lab.bench.cli import main
 
 if __name__ == "__main__":
     main()

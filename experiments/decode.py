@@ -9,8 +9,8 @@ preallocated cache would (SDPA over the cache, no copy). Writes decode.csv, deco
 
 import argparse
 
-from linrope.lab.decode import DEFAULT_LENGTHS, KINDS, decode_profile, write_decode
-from linrope.lab.sweeps import parse_list, run_script
+from lab.decode import DEFAULT_LENGTHS, KINDS, decode_profile, write_decode
+from lab.sweeps import parse_list, run_script
 
 
 def main():

@@ -10,7 +10,7 @@ Writes extrapolation.csv, buckets.csv and extrapolation.png to --out.
 import argparse
 from pathlib import Path
 
-from linrope.lab.sweeps import parse_list, run_extrapolation, run_script
+from lab.sweeps import parse_list, run_extrapolation, run_script
 
 
 def main():

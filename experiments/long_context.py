@@ -17,7 +17,7 @@ metrics.jsonl, ckpt.pt). --resume continues interrupted runs exactly.
 import argparse
 from pathlib import Path
 
-from linrope.lab.sweeps import PRESETS, parse_list, run_long_context, run_script, variant_listing
+from lab.sweeps import PRESETS, parse_list, run_long_context, run_script, variant_listing
 
 
 def main():

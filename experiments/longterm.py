@@ -1,5 +1,5 @@
 """Long-term decay (RoFormer sec. 3.4.3, Fig. 2) in feature space (issue 13 section 4): does eq. 19 keep it?
-Definitions are in ``linrope.lab.longterm``'s docstring.
+Definitions are in ``lab.longterm``'s docstring.
 
     python experiments/longterm.py                 # (a) + (b) + (c): about 12 minutes on one thread
     python experiments/longterm.py --quick         # a smoke run of everything in about a minute
@@ -21,8 +21,8 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from linrope.lab.longterm import QUICK, LongtermConfig, run  # noqa: E402
-from linrope.lab.sweeps import parse_list, run_script, variant_listing  # noqa: E402
+from lab.longterm import QUICK, LongtermConfig, run  # noqa: E402
+from lab.sweeps import parse_list, run_script, variant_listing  # noqa: E402
 
 
 def main():

@@ -1,5 +1,5 @@
 """The mechanism of eq. 19, measured (issue 13 section 1): how selective RoPE on positive features can be, and what
-one attention layer learns with it. Definitions are in ``linrope.lab.mechanism``'s docstring.
+one attention layer learns with it. Definitions are in ``lab.mechanism``'s docstring.
 
     python experiments/mechanism.py                       # (a) capacity table, (b) copy-8-back toy, (c) recall toy
     python experiments/mechanism.py --skip-toys           # the capacity table alone (seconds)
@@ -20,8 +20,8 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from linrope.lab.mechanism import ATTENTIONS, MechanismConfig, run, trained_study  # noqa: E402
-from linrope.lab.sweeps import parse_list, run_script  # noqa: E402
+from lab.mechanism import ATTENTIONS, MechanismConfig, run, trained_study  # noqa: E402
+from lab.sweeps import parse_list, run_script  # noqa: E402
 
 
 def main():

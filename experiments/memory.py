@@ -8,7 +8,7 @@ of taking the machine down.
     python experiments/memory.py --series "eq.19 causal" --update      # re-measure one series, keep the rest
     python experiments/memory.py --device cuda --lengths 1024 2048 4096 8192 16384 32768 65536 131072
 
-Sequence parallelism (``linrope.lab.parallel_profile``): peak memory per rank and time of one eq. 19 causal
+Sequence parallelism (``lab.parallel_profile``): peak memory per rank and time of one eq. 19 causal
 call (B=1 H=8 d=64 r=256; --modes) with the sequence split across P gloo processes of one thread each, P = 1
 being the plain call; writes memory_sp.csv, ratios.csv, memory_sp.json and memory_sp.png (default --out
 experiments/results/memory_sp):
@@ -20,10 +20,10 @@ import argparse
 
 from tqdm import tqdm
 
-from linrope.lab import parallel_profile
-from linrope.lab.bench import (PROFILE_SERIES, memory_profile, merge_profile, peers_available, read_profile,
+from lab import parallel_profile
+from lab.bench import (PROFILE_SERIES, memory_profile, merge_profile, peers_available, read_profile,
                                write_profile)
-from linrope.lab.sweeps import listing
+from lab.sweeps import listing
 
 
 def main():

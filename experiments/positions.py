@@ -10,7 +10,7 @@ Writes summary.md / summary.csv, results.csv (accuracy curves), final.csv and po
 import argparse
 from pathlib import Path
 
-from linrope.lab.sweeps import add_synthetic_arguments, parse_list, run_positions, run_script
+from lab.sweeps import add_synthetic_arguments, parse_list, run_positions, run_script
 
 
 def main():

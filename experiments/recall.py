@@ -15,7 +15,7 @@ Writes summary.md / summary.csv, final.csv, results.csv and recall.png to --out.
 import argparse
 from pathlib import Path
 
-from linrope.lab.sweeps import add_synthetic_arguments, parse_list, run_recall, run_script
+from lab.sweeps import add_synthetic_arguments, parse_list, run_recall, run_script
 
 
 def main():

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+# the experiment harness is not in the wheel: it is the package ``lab`` in experiments/, beside the scripts
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
 # group_size="auto" caches its measurements: never in the user's ~/.cache from a test run
 os.environ["LINROPE_CACHE_DIR"] = tempfile.mkdtemp(prefix="linrope-test-cache-")
 # Without a GPU the Triton kernels run in Triton's CPU interpreter (tests/test_triton_kernels.py). It must be on

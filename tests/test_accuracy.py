@@ -1,4 +1,4 @@
-"""The accuracy harness (linrope/lab/accuracy.py, experiments/accuracy.py): its float64 reference, its metric, and
+"""The accuracy harness (experiments/lab/accuracy.py, experiments/accuracy.py): its float64 reference, its metric, and
 that the script runs and writes its files. Fast: tiny shapes only."""
 
 import importlib.util
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from linrope.lab import accuracy as acc
-from linrope.lab.plots import read_rows
+from lab import accuracy as acc
+from lab.plots import read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "accuracy.py"

@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from linrope import AttentionState, LinearRotaryAttention, RotaryEmbedding, favor_attention, linear_attention
 from linrope.features import FavorPlus
-from linrope.lab.bench.gpu import sync_sites
+from lab.bench.gpu import sync_sites
 from reference import assert_close, eq19, favor_eq19, rotation_matrices
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from linrope import AttentionState, KVCache
-from linrope.lab.decode import build_layer, decode_point, decode_profile, state_bytes, write_decode
+from lab.decode import build_layer, decode_point, decode_profile, state_bytes, write_decode
 
 
 def test_state_bytes_counts_the_tensors():
@@ -20,7 +20,7 @@ def test_state_bytes_counts_the_tensors():
 
 def test_preallocated_step_equals_the_layer_step():
     """The floor measured for softmax decoding computes what the layer computes (without the copy)."""
-    from linrope.lab.decode import _prealloc_step, _state_at
+    from lab.decode import _prealloc_step, _state_at
     layer = build_layer("softmax", 16, 2, 8, 8)
     cache = _state_at(layer, "softmax", 30, torch.Generator().manual_seed(0))
     x = torch.randn(1, 1, 16)

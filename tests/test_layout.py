@@ -1,5 +1,6 @@
-"""The package's layout: ``import linrope`` loads the library alone, the wheel holds every module (the lab's
-subpackages included), and the experiment scripts run from an installed wheel, not only from a checkout."""
+"""The package's layout: ``import linrope`` loads the library alone, the wheel holds every library module and
+nothing else (the lab, experiments/lab/, stays out), and the experiment scripts run from an installed wheel, not
+only from a checkout."""
 
 import os
 import shutil
@@ -24,19 +25,21 @@ def test_import_linrope_loads_the_library_alone(tmp_path):
     res = python("""
         import sys
         import linrope
-        print(sorted(m for m in sys.modules if m.startswith("linrope.lab") or m == "matplotlib"))
-    """, tmp_path)
+        print(sorted(m for m in sys.modules if m.split(".")[0] in ("lab", "matplotlib") or ".lab" in m))
+    """, tmp_path, PYTHONPATH=str(ROOT / "experiments"))  # the lab importable, yet not imported
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """The wheel built from a copy of the sources (so the build leaves nothing in the checkout)."""
+    """The wheel built from a copy of the sources (so the build leaves nothing in the checkout), experiments/
+    included (without results), so that a package search that picked up the lab would show."""
     src = tmp_path_factory.mktemp("src")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "linrope", src / "linrope", ignore=shutil.ignore_patterns("__pycache__"))
+    for name, skip in (("linrope", ()), ("experiments", ("results",))):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", *skip))
     out = tmp_path_factory.mktemp("dist")
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
                           "--no-index", "-q", "-w", str(out)], capture_output=True, text=True, timeout=300)
@@ -45,25 +48,31 @@ def wheel(tmp_path_factory) -> Path:
     return path
 
 
-def test_wheel_holds_every_module_of_the_package(wheel):
+def test_wheel_holds_every_library_module_and_nothing_else(wheel):
     with zipfile.ZipFile(wheel) as z:
-        packed = {n for n in z.namelist() if n.endswith(".py")}
+        names = z.namelist()
+    packed = {n for n in names if n.endswith(".py")}
     here = {p.relative_to(ROOT).as_posix() for p in (ROOT / "linrope").rglob("*.py")
             if "__pycache__" not in p.parts}
-    assert {"linrope/lab/models.py", "linrope/lab/bench/cli.py", "linrope/_engine/chunked.py"} <= here
-    assert here <= packed, sorted(here - packed)
+    assert {"linrope/__init__.py", "linrope/_engine/chunked.py"} <= here
+    assert packed == here, (sorted(here - packed), sorted(packed - here))
+    assert [n for n in names if n.split("/")[0] != "linrope" and ".dist-info/" not in n] == []
+    assert not any("lab" in n.split("/")[:-1] for n in names)
 
 
 def test_experiment_scripts_run_from_the_installed_wheel(wheel, tmp_path):
-    """Every script's --help, with linrope imported from the installed wheel (checked), not from the checkout."""
+    """Every script's --help, with linrope imported from the installed wheel (checked), not from the checkout, and
+    the lab from experiments/ (a script's folder is first on sys.path when run as ``python experiments/x.py``)."""
     site = tmp_path / "site"
     res = subprocess.run([sys.executable, "-m", "pip", "install", str(wheel), "--no-deps", "--no-index", "-q",
                           "--target", str(site)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     res = python(f"""
         import runpy, sys
-        import linrope
+        sys.path.insert(0, {str(ROOT / "experiments")!r})
+        import lab, linrope
         assert linrope.__file__.startswith({str(site)!r}), linrope.__file__
+        assert lab.__file__.startswith({str(ROOT / "experiments")!r}), lab.__file__
         for name in {SCRIPTS!r}:
             sys.argv = [name, "--help"]
             try:
@@ -78,7 +87,7 @@ def test_experiment_scripts_run_from_the_installed_wheel(wheel, tmp_path):
 
 @pytest.mark.parametrize("name", ["long_context.py", "positions.py", "recall.py"])
 def test_script_help_lists_each_variant_on_a_line_of_its_own(name, capsys, monkeypatch):
-    from linrope.lab.models import VARIANTS
+    from lab.models import VARIANTS
 
     monkeypatch.setattr(sys, "argv", [name, "--help"])
     with pytest.raises(SystemExit):

@@ -1,4 +1,4 @@
-"""linrope.lab.longterm: the paper's bound, the feature-space kernel, and attention weights by distance."""
+"""lab.longterm: the paper's bound, the feature-space kernel, and attention weights by distance."""
 
 import math
 
@@ -8,9 +8,9 @@ import torch
 
 from linrope.features import favor_plus, gaussian_orthogonal_matrix
 from linrope.functional import softmax_attention
-from linrope.lab import longterm as L
-from linrope.lab.mechanism import rope_frequencies
-from linrope.lab.models import ByteLM, ModelConfig
+from lab import longterm as L
+from lab.mechanism import rope_frequencies
+from lab.models import ByteLM, ModelConfig
 from linrope.reference import favor_attention_naive
 from linrope.rotary import RotaryEmbedding
 

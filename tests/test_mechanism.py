@@ -1,4 +1,4 @@
-"""linrope.lab.mechanism: the selectivity solver, the kernel formula against the library, copy pairing, the toys."""
+"""lab.mechanism: the selectivity solver, the kernel formula against the library, copy pairing, the toys."""
 
 import math
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from linrope.functional import favor_attention
-from linrope.lab import mechanism as M
+from lab import mechanism as M
 from linrope.rotary import RotaryEmbedding
 
 SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "mechanism.py"
@@ -172,8 +172,8 @@ def test_run_writes_everything(tmp_path):
 def test_trained_frequencies_read_the_learned_rotations_of_checkpoints(tmp_path):
     """Rows per layer and head of the runs with learned rotations (other runs are skipped); the counts and the
     selectivity follow from theta as the docstring defines them, checked here on frequencies set by hand."""
-    from linrope.lab.sweeps import run_positions
-    from linrope.lab.train import load_model
+    from lab.sweeps import run_positions
+    from lab.train import load_model
     run_positions(variants=("linear-rope-learned-decay", "linear-rope"), length=16, distance=2, seeds=(0,), steps=2,
                   out=tmp_path / "pos", progress=False)
     path = tmp_path / "pos" / "runs" / "linear-rope-learned-decay_n16_s0" / "ckpt.pt"

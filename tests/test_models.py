@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from linrope.lab.models import VARIANTS, ByteLM, ModelConfig, sinusoidal_positions
+from lab.models import VARIANTS, ByteLM, ModelConfig, sinusoidal_positions
 
 TINY = dict(n_layer=1, dim=16, heads=2, nb_features=8, chunk_size=8)
 
@@ -218,7 +218,7 @@ def test_generate_samples_reproducibly_and_checks_its_arguments():
 def test_t5_buckets_follow_the_definition():
     """Distances 0..15 get their own bucket; 16..127 share logarithmic buckets 16..31; beyond 128, bucket 31;
     a later key (positive relative position) counts as distance 0 (the causal mask removes it)."""
-    from linrope.lab.models import t5_buckets
+    from lab.models import t5_buckets
     n = torch.arange(0, 300)
     got = t5_buckets(-n)
     expected = [d if d < 16 else min(31, 16 + int(math.log(d / 16) / math.log(128 / 16) * 16)) for d in n.tolist()]
@@ -233,7 +233,7 @@ def test_t5_attention_equals_the_explicit_biased_softmax():
     x = torch.randn(2, 40, 16, dtype=torch.float64)
     W = attn.inner.to_qkv.weight
     q, k, v = ((x @ W[i * 16:(i + 1) * 16].t()).view(2, 40, 2, 8).transpose(1, 2) for i in range(3))
-    from linrope.lab.models import t5_buckets
+    from lab.models import t5_buckets
     rel = torch.arange(40)[None, :] - torch.arange(40)[:, None]
     bias = attn.bias.weight[t5_buckets(rel)].permute(2, 0, 1).masked_fill(rel > 0, float("-inf"))
     s = q @ k.transpose(-1, -2) / math.sqrt(8) + bias

@@ -12,11 +12,11 @@ import torch
 import torch.distributed as dist
 from distributed import run_ranks
 
-from linrope.lab import parallel_profile, profiling
-from linrope.lab.data import SyntheticTask
-from linrope.lab.models import ByteLM, ModelConfig
-from linrope.lab.sweeps import Preset, run_long_context
-from linrope.lab.train import TrainConfig, leave_distributed, read_metrics, sequence_slice, train
+from lab import parallel_profile, profiling
+from lab.data import SyntheticTask
+from lab.models import ByteLM, ModelConfig
+from lab.sweeps import Preset, run_long_context
+from lab.train import TrainConfig, leave_distributed, read_metrics, sequence_slice, train
 
 MODEL = dict(n_layer=2, dim=32, heads=2, nb_features=16, chunk_size=8, redraw_interval=2)
 # lr 5e-4: Adam's first steps move an entry by about lr whatever its gradient's size, so float noise in a

@@ -5,10 +5,10 @@ import shutil
 import pytest
 import torch
 
-from linrope.lab.bench import causal_flops, combine_rounds, evaluate, memory_profile, plot_profile, targets
-from linrope.lab.bench.cases import case_linrope
-from linrope.lab.bench.targets import variant_rows
-from linrope.lab.profiling import VECTOR_FLAGS, Record, machine_info, measure, run_point, run_series, vector_extensions
+from lab.bench import causal_flops, combine_rounds, evaluate, memory_profile, plot_profile, targets
+from lab.bench.cases import case_linrope
+from lab.bench.targets import variant_rows
+from lab.profiling import VECTOR_FLAGS, Record, machine_info, measure, run_point, run_series, vector_extensions
 
 TINY = dict(sgemm_n=64, bmm=(4, 8, 16, 8), repeats=3, touch_mib=1)  # machine_info in a few milliseconds
 
@@ -20,9 +20,9 @@ def test_measure_returns_a_record_with_time_and_memory():
 
 
 def test_run_point_measures_in_a_fresh_process_and_reports_failures():
-    rec = run_point("linrope.lab.bench.cases:case_linrope", dict(n=256, h=2, d=16, r=32), repeats=1, timeout=120)
+    rec = run_point("lab.bench.cases:case_linrope", dict(n=256, h=2, d=16, r=32), repeats=1, timeout=120)
     assert rec.status == "ok" and rec.seconds > 0 and rec.peak_mib > 0
-    bad = run_point("linrope.lab.bench.cases:no_such_case", dict(n=1), repeats=1)
+    bad = run_point("lab.bench.cases:no_such_case", dict(n=1), repeats=1)
     assert bad.status.startswith("failed") and "no_such_case" in bad.status
 
 
@@ -40,7 +40,7 @@ def test_rounds_take_the_median_of_the_processes_medians_and_of_their_peaks():
 
 
 def test_series_stops_at_the_time_budget():
-    recs = run_series("linrope.lab.bench.cases:case_sdpa", [64, 128, 256], dict(h=1, d=8), time_budget=0.0, repeats=1)
+    recs = run_series("lab.bench.cases:case_sdpa", [64, 128, 256], dict(h=1, d=8), time_budget=0.0, repeats=1)
     assert recs[0].status == "ok" and all(r.status.startswith("skipped") for r in recs[1:])
 
 
@@ -110,7 +110,7 @@ def test_flop_count_matches_the_formula_by_hand():
 
 
 def test_profile_update_replaces_only_the_remeasured_series(tmp_path):
-    from linrope.lab.bench import merge_profile, read_profile, write_profile
+    from lab.bench import merge_profile, read_profile, write_profile
 
     def rec(series, mode, n, s):
         return Record("c", dict(series=series, mode=mode, n=n), "ok", s, [s], 1.0)
@@ -123,7 +123,7 @@ def test_profile_update_replaces_only_the_remeasured_series(tmp_path):
 def test_compare_times_an_earlier_commit_beside_this_checkout():
     """The A/B harness behind BENCHMARKS.md's before/after tables: both versions run, each in its own process
     with its own library (the earlier one extracted with git archive), and the ratio is reported."""
-    from linrope.lab.bench.compare import compare
+    from lab.bench.compare import compare
     rows = compare("HEAD", points=(("tiny", "linrope", dict(n=64, h=1, r=8, d=4)),
                                    ("learned", "linrope", dict(n=64, h=1, r=8, d=4, rope="learned"))),
                    rounds=1, repeats=1)  # the learned case imports inside its factory (made absolute too)
@@ -172,7 +172,7 @@ def _fake_run_point(case, params, **kw):
 def test_bench_cli_prints_and_stores_the_machine_block(monkeypatch, capsys, tmp_path):
     """The bench measures the machine in its own process before the points, prints the block beside its tables
     and stores it in --json; the FLOP-rate target divides by the sgemm rate of that very measurement."""
-    from linrope.lab.bench import cli
+    from lab.bench import cli
     seen = []
 
     def tiny_machine_info():
@@ -196,7 +196,7 @@ def test_bench_cli_prints_and_stores_the_machine_block(monkeypatch, capsys, tmp_
 
 
 def test_bench_compare_prints_and_stores_the_machine_block(monkeypatch, capsys, tmp_path):
-    from linrope.lab.bench import cli, compare
+    from lab.bench import cli, compare
     monkeypatch.setattr(cli, "machine_info", lambda: machine_info(**TINY))
     row = dict(point="tiny", params={}, then_s=1.0, now_s=0.5, then_mib=1.0, now_mib=1.0, now_over_then=0.5)
     failed = dict(point="broken", params={}, then_s=None, now_s=0.5, then_mib=None, now_mib=1.0,
@@ -216,7 +216,7 @@ def test_bench_compare_prints_and_stores_the_machine_block(monkeypatch, capsys, 
 def test_fusion_probe_compiles_the_same_features_and_the_cli_stores_it(monkeypatch, capsys, tmp_path):
     """The probe's compiled function computes what the engine computes (or its timing would compare unlike
     things); the CLI prints and stores the three times beside the machine block."""
-    from linrope.lab.bench import cli, fusion
+    from lab.bench import cli, fusion
     small = fusion.fusion_probe(BH=2, G=16, r=8, d=4, rounds=1, repeats=2)
     assert small.max_abs_diff < 1e-5 and min(small.matmul_ms, small.eager_ms, small.compiled_ms) > 0
     monkeypatch.setattr(cli, "machine_info", lambda: machine_info(**TINY))
@@ -231,7 +231,7 @@ def test_fusion_probe_compiles_the_same_features_and_the_cli_stores_it(monkeypat
 def test_breakdown_splits_the_step_and_the_cli_stores_it(monkeypatch, capsys, tmp_path):
     """The three shares cover the profiled step; the products are found and their FLOPs counted, in-place ones
     included (more than the useful FLOPs of the model: the backward recomputes); the ceiling exceeds the measure."""
-    from linrope.lab.bench import breakdown, cli
+    from lab.bench import breakdown, cli
     small = breakdown.time_breakdown(256, repeats=1, sgemm_gflops=100.0, h=2, d=16, r=32)
     assert min(small.products, small.other_ops) > 0 and small.rest >= 0
     assert small.products + small.other_ops + small.rest == pytest.approx(1.0)
@@ -255,7 +255,7 @@ def test_breakdown_splits_the_step_and_the_cli_stores_it(monkeypatch, capsys, tm
 def test_gpu_profile_stops_series_at_the_budget_and_writes_its_files(tmp_path):
     """The CUDA profile's logic on the CPU (the timing is CUDA events there, wall time here): a series ends after
     a point over the time budget, records name their series, the files and the plot are written."""
-    from linrope.lab.bench.gpu import gpu_profile, write_gpu_profile
+    from lab.bench.gpu import gpu_profile, write_gpu_profile
 
     recs = gpu_profile([32, 64, 128], ["eq.19 causal", "SDPA causal float32"], device="cpu", time_budget=0.0,
                        repeats=1)
@@ -273,7 +273,7 @@ def test_gpu_profile_stops_series_at_the_budget_and_writes_its_files(tmp_path):
 
 
 def test_bench_gpu_refuses_clearly_without_a_gpu(monkeypatch, capsys):
-    from linrope.lab.bench.cli import main
+    from lab.bench.cli import main
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit):

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import linrope.lab.train as train_module
-from linrope.lab.data import Corpus, LMTask, SyntheticTask
-from linrope.lab.models import CORE_VARIANTS, VARIANTS, ByteLM, ModelConfig
-from linrope.lab.plots import plot_curves, read_rows
-from linrope.lab.sweeps import PRESETS, Preset, parse_list, run_long_context, run_positions, summarize
-from linrope.lab.train import TrainConfig, evaluate, load_model, lr_at, read_metrics, train
+import lab.train as train_module
+from lab.data import Corpus, LMTask, SyntheticTask
+from lab.models import CORE_VARIANTS, VARIANTS, ByteLM, ModelConfig
+from lab.plots import plot_curves, read_rows
+from lab.sweeps import PRESETS, Preset, parse_list, run_long_context, run_positions, summarize
+from lab.train import TrainConfig, evaluate, load_model, lr_at, read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(n_layer=1, dim=16, heads=2, nb_features=8, chunk_size=8)
@@ -191,7 +191,7 @@ def test_scripts_smoke_run_and_write_tables_and_plots(tmp_path, monkeypatch):
                str(tmp_path / "rec"), "--no-progress", monkeypatch=monkeypatch)
     for d, png in (("pos", "positions.png"), ("rec", "recall.png")):
         assert (tmp_path / d / png).exists() and "accuracy" in (tmp_path / d / "summary.md").read_text()
-    from linrope.lab.profiling import machine
+    from lab.profiling import machine
     for d in ("lc", "pos", "rec"):  # every results table names where its runs trained
         assert f"Trained on: {machine()} (" in (tmp_path / d / "summary.md").read_text()
     by = read_rows(tmp_path / "rec" / "by_distance.csv")  # every scored query in one distance bucket
@@ -221,9 +221,9 @@ def test_presets_match_the_documented_configurations():
 DDP_WORKER = textwrap.dedent("""
     import json, sys
     import torch, torch.distributed as dist
-    from linrope.lab.data import Corpus, LMTask
-    from linrope.lab.models import ModelConfig
-    from linrope.lab.train import TrainConfig, leave_distributed, read_metrics, train
+    from lab.data import Corpus, LMTask
+    from lab.models import ModelConfig
+    from lab.train import TrainConfig, leave_distributed, read_metrics, train
     out = sys.argv[1]
     data = torch.frombuffer(bytearray(b"for i in range(10):\\n    print(i * i)\\n" * 80), dtype=torch.uint8)
     task = LMTask(Corpus("tiny", data[:2800], data[2800:]), 24, eval_windows=4)
@@ -260,7 +260,7 @@ def test_ddp_two_cpu_ranks_keep_parameters_and_feature_projections_identical_and
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "experiments"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            str(tmp_path / "worker.py"), str(tmp_path / "run")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -280,7 +280,7 @@ def test_ddp_two_cpu_ranks_keep_parameters_and_feature_projections_identical_and
 
 def test_position_losses_attention_rms():
     """The attention outputs' RMS by position equals the blocks' attention outputs computed by hand."""
-    from linrope.lab.train import position_losses
+    from lab.train import position_losses
     torch.manual_seed(0)
     model = ByteLM(ModelConfig(attention="linear-rope-decay", **dict(TINY, n_layer=2))).eval()
     x = torch.randint(0, 256, (3, 24))
@@ -298,7 +298,7 @@ def test_position_losses_attention_rms():
 
 
 def test_paired_differences_match_by_seed_and_length():
-    from linrope.lab.sweeps import paired_differences
+    from lab.sweeps import paired_differences
     finals = [{"variant": v, "length": n, "seed": s, "bpb": b}
               for v, n, s, b in [("linear-rope", 8, 0, 3.0), ("linear-rope", 8, 1, 3.2), ("linear-rope", 8, 2, 2.9),
                                  ("linear-rope-decay", 8, 0, 2.5), ("linear-rope-decay", 8, 1, 3.3),
@@ -316,7 +316,7 @@ def test_paired_differences_match_by_seed_and_length():
 
 def test_weight_decay_spares_norms_biases_and_learned_rotations():
     """Learned frequencies and phases are (heads, r/2) matrices, but angles: weight decay would pull them to 0."""
-    from linrope.lab.train import decay_groups
+    from lab.train import decay_groups
     from linrope.rotary import LearnedRotary
     model = ByteLM(ModelConfig(attention="linear-rope-learned-decay", **TINY))
     decay, rest = decay_groups(model)

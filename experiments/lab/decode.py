@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..attention import KVCache, LinearRotaryAttention, SoftmaxAttention
-from ..functional import AttentionState
+from linrope.attention import KVCache, LinearRotaryAttention, SoftmaxAttention
+from linrope.functional import AttentionState
+
 from . import plots
 from .profiling import machine
 

@@ -1,5 +1,5 @@
-"""The experiment harness around the library: nothing in ``linrope`` imports it (``import linrope`` loads the
-library alone). Import its modules by name, e.g. ``from linrope.lab.models import ByteLM``.
+"""The experiment harness around the library, a client of its public API; it is not in the wheel. The scripts in
+experiments/ import it as ``lab`` (their folder is on ``sys.path``), e.g. ``from lab.models import ByteLM``.
 
 * ``models``: a small byte-level language model with every attention variant (``VARIANTS``);
 * ``data``: byte corpora and synthetic tasks that need no download;

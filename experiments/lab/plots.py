@@ -2,7 +2,7 @@
 
 Rows are dicts as in ``results.csv``: ``variant``, ``length``, ``seed``, ``step``, ``split`` and the metric.
 Across seeds a line is the mean and the shaded band spans the minimum to the maximum (``finite_stats``, which
-the tables of ``linrope.lab.sweeps`` use too).
+the tables of ``lab.sweeps`` use too).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _pyplot():
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """The rows of a results CSV written by ``linrope.lab.sweeps`` with numbers parsed (empty cells become None), so
+    """The rows of a results CSV written by ``lab.sweeps`` with numbers parsed (empty cells become None), so
     that a figure can be redrawn offline, e.g. ``plot_curves(read_rows("results.csv"), "curves.png")``."""
     def parse(text: str):
         if text == "":

@@ -1,6 +1,6 @@
-"""The command line of the performance targets: ``python -m linrope.lab.bench`` or ``python experiments/bench.py``.
+"""The command line of the performance targets: ``python experiments/bench.py``.
 
-Measures the machine first (``linrope.lab.profiling.machine_info``: CPU model, vector extensions, threads, and the
+Measures the machine first (``lab.profiling.machine_info``: CPU model, vector extensions, threads, and the
 sgemm and small-bmm rates measured in this process), then every point of ``targets()`` in fresh processes,
 round-robin over ``--rounds`` rounds (so slow drifts of the machine hit every point alike), and prints the machine
 block, the table of ratios and the points as markdown. ``--json`` stores the machine block too.
@@ -32,7 +32,7 @@ def main(argv=None, prog: str | None = None) -> None:
                         "its processes' medians (a process's time varies more than runs within it)")
     p.add_argument("--json", help="write the records and targets here")
     p.add_argument("--compare", metavar="REV", help="instead: time this checkout against git revision REV on the "
-                                                     "points of linrope.lab.bench.compare, interleaved")
+                                                     "points of lab.bench.compare, interleaved")
     p.add_argument("--fusion", action="store_true",
                    help="instead: time the engine's elementwise passes on one group, eager against torch.compile")
     p.add_argument("--breakdown", action="store_true",
@@ -164,7 +164,7 @@ def _gpu(p, args) -> None:
         p.error("--gpu: needs a CUDA GPU, and torch sees none here (torch.cuda.is_available() is False)")
     if min(args.lengths) < 1 or args.repeats < 1:
         p.error(f"--lengths and --repeats must be >= 1, got {args.lengths} and {args.repeats}")
-    from ..._engine import triton_kernels
+    from linrope._engine import triton_kernels
     series = [s for s in GPU_SERIES if "triton" not in s or triton_kernels.available()]
     if len(series) < len(GPU_SERIES):
         print("triton does not import here: the triton series is skipped")

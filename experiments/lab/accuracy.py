@@ -43,8 +43,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .._checks import check_int
-from ..reference import favor_attention_naive
+from linrope._checks import check_int
+from linrope.reference import favor_attention_naive
+
 from . import plots
 from .profiling import cpu_name, machine
 
@@ -160,7 +161,7 @@ def error_stats(err: Tensor, threshold: float = THRESHOLD) -> dict:
 # ---------------------------------------------------------------------------------------------- inputs
 def make_inputs(b: int, h: int, n: int, d: int, r: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(z_q, z_k, v, W): standard normal (b, h, n, d) float32 tensors and the float32 orthogonal projection."""
-    from ..features import gaussian_orthogonal_matrix
+    from linrope.features import gaussian_orthogonal_matrix
     W = gaussian_orthogonal_matrix(r, d, generator=torch.Generator().manual_seed(seed)).float()
     g = torch.Generator().manual_seed(seed + 1)
     zq, zk, v = (torch.randn(b, h, n, d, generator=g) for _ in range(3))
@@ -210,8 +211,8 @@ def _run_performer(q, k, v, W, *, causal, mask, eps=None):
 
 def _method_fn(method: str, r: int):
     """A callable (q, k, v, W, causal, pairing, mask) -> out for ``method``."""
-    from ..functional import favor_attention
-    from ..rotary import RotaryEmbedding
+    from linrope.functional import favor_attention
+    from linrope.rotary import RotaryEmbedding
 
     def rotary(pairing):
         return None if pairing is None else RotaryEmbedding(r, base=ROPE_BASE, interleaved=pairing == "interleaved")
@@ -237,18 +238,19 @@ def library_info() -> str:
     """Which linrope is measured: its version, and the git commit of its checkout with whether the package has
     uncommitted changes (read-only git queries; 'not a git checkout' elsewhere)."""
     import subprocess
-    from .. import __version__
-    pkg = Path(__file__).resolve().parents[1]  # linrope/: the library and the lab
+
+    import linrope
+    pkg = Path(linrope.__file__).resolve().parent  # the library's folder (in a checkout or an installed wheel)
     try:
         def git(*args):
             return subprocess.run(["git", "-C", str(pkg), *args], capture_output=True, text=True, timeout=10,
                                   check=True).stdout.strip()
         commit = git("rev-parse", "--short", "HEAD")
-        dirty = any(not ln.endswith("accuracy.py") for ln in git("status", "--porcelain", "--", ".").splitlines())
+        dirty = bool(git("status", "--porcelain", "--", "."))
         where = f"git {commit}" + (", with uncommitted changes to linrope/" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         where = "not a git checkout"
-    return f"linrope {__version__} ({where})"
+    return f"linrope {linrope.__version__} ({where})"
 
 
 # ---------------------------------------------------------------------------------------------- run

@@ -2,7 +2,7 @@
 
 A point's time is the median over several fresh processes (``combine_rounds``) of each process's median: a
 process's time varies more than runs within it. The FLOP-rate target divides by the 2048 x 2048 sgemm rate that
-``linrope.lab.profiling.machine_info`` measured in the same run (the bench process, before the points), so the
+``lab.profiling.machine_info`` measured in the same run (the bench process, before the points), so the
 bound means the same on every CPU.
 """
 

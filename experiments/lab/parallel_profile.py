@@ -3,7 +3,7 @@
 split across P gloo ranks, at the shape of the single-process memory profile's "eq.19 causal" series (B=1, H=8, d=64, r=256,
 float32).
 
-Each point runs through ``linrope.lab.profiling.run_point`` with this module as the runner: a fresh launcher
+Each point runs through ``lab.profiling.run_point`` with this module as the runner: a fresh launcher
 process per pass (time with the default allocator, then peak memory with ``MALLOC_MMAP_THRESHOLD_=131072``), which
 for P > 1 starts P rank processes that join a gloo group (``file://`` rendezvous), build their slice of q, k, v
 (``sequence_slice``: contiguous, in rank order) and measure themselves with ``profiling.measure`` (peak RSS
@@ -31,8 +31,8 @@ from .train import sequence_slice
 __all__ = ["CASE", "RUNNER", "SHAPE", "MODES", "case_sequence_parallel", "sequence_parallel_profile", "ratios",
            "write_sequence_parallel_profile", "read_sequence_parallel_profile"]
 
-CASE = "linrope.lab.parallel_profile:case_sequence_parallel"
-RUNNER = "linrope.lab.parallel_profile"
+CASE = "lab.parallel_profile:case_sequence_parallel"
+RUNNER = "lab.parallel_profile"
 SHAPE = dict(b=1, h=8, d=64, r=256, causal=True)  # the "eq.19 causal" series of experiments/memory.py
 
 
@@ -41,9 +41,9 @@ def case_sequence_parallel(n, ranks=1, rank=0, b=1, h=8, d=64, r=256, causal=Tru
     """Rank ``rank`` of ``ranks``: eq. 19 ``favor_attention`` (RoPE on the features) on its slice of a length-n
     sequence, in the default process group when ranks > 1; a callable doing forward (+ backward with a fixed
     random upstream gradient)."""
-    from ..features import FavorPlus
-    from ..functional import favor_attention
-    from ..rotary import RotaryEmbedding
+    from linrope.features import FavorPlus
+    from linrope.functional import favor_attention
+    from linrope.rotary import RotaryEmbedding
 
     sl = sequence_slice(n, ranks, rank)
     g = torch.Generator().manual_seed(rank)

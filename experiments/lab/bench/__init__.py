@@ -5,9 +5,9 @@
 * ``memory.py``: the memory and speed profile against sequence length;
 * ``compare.py``, ``fusion.py``, ``breakdown.py``: this checkout against an earlier commit, torch.compile of the
   elementwise passes, and where the engine's time goes (products, other ops, the rest);
-* ``cli.py``: the targets' command line, ``python -m linrope.lab.bench``.
+* ``cli.py``: the targets' command line behind ``python experiments/bench.py``.
 
-Timing and memory measurement itself is ``linrope.lab.profiling``.
+Timing and memory measurement itself is ``lab.profiling``.
 """
 
 from .cases import CASES, causal_flops, peers_available

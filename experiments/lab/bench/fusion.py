@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..._engine.feature_sources import FavorFeatures, Rotation
-from ...rotary import RotaryEmbedding
+from linrope._engine.feature_sources import FavorFeatures, Rotation
+from linrope.rotary import RotaryEmbedding
 
 __all__ = ["FusionResult", "fusion_probe"]
 

@@ -1,4 +1,4 @@
-"""Training, evaluation and checkpoints for ``linrope.lab.models.ByteLM`` on any task of ``linrope.lab.data``.
+"""Training, evaluation and checkpoints for ``lab.models.ByteLM`` on any task of ``lab.data``.
 
 ``train(model_config, train_config, task, run_dir)`` writes to ``run_dir``:
 
@@ -44,10 +44,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from linrope._checks import check_int, check_number, is_int
+from linrope.features import redraw_projections
+from linrope.rotary import LearnedRotary
+
 from .data import IGNORE
-from .._checks import check_int, check_number, is_int
-from ..features import redraw_projections
-from ..rotary import LearnedRotary
 from .models import ByteLM, ModelConfig, sequence_parallel_refusal
 from .profiling import machine
 

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_int, check_number
-from ..attention import KVCache, LinearRotaryAttention, SoftmaxAttention
-from .._engine.parallel import rank_offset
-from ..features import FEATURE_MAPS, redraw_projections
+from linrope._checks import check_int, check_number
+from linrope.attention import KVCache, LinearRotaryAttention, SoftmaxAttention
+from linrope._engine.parallel import rank_offset
+from linrope.features import FEATURE_MAPS, redraw_projections
 
 __all__ = ["Variant", "VARIANTS", "CORE_VARIANTS", "T5Attention", "t5_buckets", "ModelConfig", "RMSNorm", "MLP",
            "Block", "ByteLM", "sinusoidal_positions", "sequence_parallel_refusal"]

@@ -2,7 +2,7 @@
 
 ``python experiments/bench.py --compare REV`` (e.g. ``--compare HEAD~3``): the earlier library is extracted with
 ``git archive REV linrope`` into a temporary folder; both versions then run the cases of
-``linrope.lab.bench.cases`` (which use only the public API) in fresh processes, round-robin over points and
+``lab.bench.cases`` (which use only the public API) in fresh processes, round-robin over points and
 versions, so a drifting machine hits both alike. The earlier version is imported ahead of this checkout's
 editable install by a ``sitecustomize`` that drops the editable finder, with the working directory outside the
 repository. Reported: each point's median seconds and peak MiB for both, and their ratio (now / then).
@@ -11,7 +11,6 @@ repository. Reported: each point's median seconds and peak MiB for both, and the
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -40,13 +39,6 @@ sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower(
 '''
 
 
-def _standalone(module, name: str) -> str:
-    """A module's source with its relative imports of the library made absolute (the public API)."""
-    src = Path(module.__file__).read_text()
-    src = re.sub(r"^(\s*)from \.\.\.", r"\1from linrope.", src, flags=re.M)  # indented too: imports in functions
-    return re.sub(r"^(\s*)from \.+(\w)", r"\1from linrope.\2", src, flags=re.M)
-
-
 def _prepare(rev: str, root: Path, work: Path) -> dict:
     """Folders for both versions; returns the PYTHONPATH of each."""
     then, shim_then, shim_now = work / "then", work / "shim_then", work / "shim_now"
@@ -58,7 +50,7 @@ def _prepare(rev: str, root: Path, work: Path) -> dict:
                          f"({archive.stderr.decode().strip()})")
     subprocess.run(["tar", "-x", "-C", str(then)], input=archive.stdout, check=True)
     for shim in (shim_then, shim_now):
-        (shim / "ab_cases.py").write_text(_standalone(cases, "cases"))
+        (shim / "ab_cases.py").write_text(Path(cases.__file__).read_text())  # imports only linrope
         (shim / "ab_profiling.py").write_text(Path(profiling.__file__).read_text())
     (shim_then / "sitecustomize.py").write_text(_DROP_EDITABLE)
     return {"then": f"{shim_then}{os.pathsep}{then}", "now": str(shim_now)}

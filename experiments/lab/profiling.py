@@ -35,12 +35,13 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 __all__ = ["Record", "median_time", "measure", "run_point", "run_series", "rss_bytes", "cpu_name", "machine",
-           "vector_extensions", "MachineInfo", "machine_info"]
+           "vector_extensions", "MachineInfo", "machine_info", "lab_env"]
 
 MIB = 2**20
 
@@ -127,7 +128,15 @@ def _load(case: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
-def _subprocess(job: dict, env: dict, timeout: float, runner: str = "linrope.lab.profiling") -> Record:
+def lab_env() -> dict:
+    """This process's environment with the folder holding ``lab`` (experiments/) first on PYTHONPATH, so that
+    ``python -m lab.profiling`` and cases named ``lab....:case_*`` import in a fresh process from any directory."""
+    here = str(Path(__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=here + (os.pathsep + path if path else ""))
+
+
+def _subprocess(job: dict, env: dict, timeout: float, runner: str = "lab.profiling") -> Record:
     try:
         proc = subprocess.run([sys.executable, "-m", runner, json.dumps(job)], capture_output=True,
                               text=True, timeout=timeout, env=env)
@@ -142,13 +151,13 @@ def _subprocess(job: dict, env: dict, timeout: float, runner: str = "linrope.lab
 
 def run_point(case: str, params: dict, *, warmup: int = 1, repeats: int = 3, device: str = "cpu",
               timeout: float = 600.0, threads: int | None = None, memory: bool = True, env: dict | None = None,
-              runner: str = "linrope.lab.profiling") -> Record:
+              runner: str = "lab.profiling") -> Record:
     """Measure ``case(**params)`` in fresh Python processes; see the module docstring. ``memory=False`` skips
     the CPU memory pass (``peak_mib`` is then the timing process's, inflated by the default allocator). ``env``
     (default: this process's) and ``runner`` (the module run with ``-m``, holding this file's ``_child``) let
-    ``linrope.lab.bench.compare`` time another version of the library."""
+    ``lab.bench.compare`` time another version of the library."""
     job = dict(case=case, params=params, warmup=warmup, repeats=repeats, device=device, threads=threads)
-    env = dict(os.environ) if env is None else env
+    env = lab_env() if env is None else env
     timed = _subprocess(job, env, timeout, runner)
     if device.startswith("cuda") or timed.status != "ok" or not memory:
         return timed

@@ -90,9 +90,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..features import favor_plus, gaussian_orthogonal_matrix
-from ..functional import favor_attention, linear_attention, softmax_attention
-from ..rotary import LearnedRotary, RotaryEmbedding
+from linrope.features import favor_plus, gaussian_orthogonal_matrix
+from linrope.functional import favor_attention, linear_attention, softmax_attention
+from linrope.rotary import LearnedRotary, RotaryEmbedding
+
 from .data import IGNORE, lookback, pair_recall
 from .plots import finite_stats, write_rows
 from .profiling import cpu_name as _profiling_cpu_name
@@ -684,7 +685,7 @@ def toy_summary(results: list[dict], at=(300, 1000)) -> list[dict]:
 
 # ============================================================================================ outputs
 def cpu_name() -> str:
-    """The CPU's model name (``linrope.lab.profiling.cpu_name`` without the count of logical CPUs)."""
+    """The CPU's model name (``lab.profiling.cpu_name`` without the count of logical CPUs)."""
     return _profiling_cpu_name(count=False)
 
 

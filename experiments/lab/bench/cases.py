@@ -1,7 +1,7 @@
 """Benchmark cases and the FLOP model of the causal engine.
 
 Each ``case_*`` factory builds inputs for one configuration and returns a zero-argument callable (forward, or
-forward+backward with a random upstream gradient); ``linrope.lab.profiling.run_point`` times it in a fresh
+forward+backward with a random upstream gradient); ``lab.profiling.run_point`` times it in a fresh
 process, naming it as in ``CASES``. Peers (performer-pytorch, pytorch-fast-transformers) are used only if
 installed; nothing here is imported by the library itself.
 """
@@ -12,10 +12,10 @@ import math
 
 import torch
 
-from ...attention import LinearRotaryAttention, SoftmaxAttention
-from ...features import FavorPlus
-from ...functional import favor_attention
-from ...rotary import RotaryEmbedding
+from linrope.attention import LinearRotaryAttention, SoftmaxAttention
+from linrope.features import FavorPlus
+from linrope.functional import favor_attention
+from linrope.rotary import RotaryEmbedding
 
 __all__ = ["CASES", "peers_available", "causal_flops"]
 
@@ -57,14 +57,14 @@ def case_linrope(n, b=1, h=8, d=64, r=256, causal=True, rope="features", backwar
     W = FavorPlus(d, r, seed=0).projection.to(device)
     feat = RotaryEmbedding(r) if rope == "features" else None
     if rope == "learned":
-        from ...rotary import LearnedRotary
+        from linrope.rotary import LearnedRotary
         feat = LearnedRotary(r, h).to(device)
     inp = RotaryEmbedding(d) if rope == "inputs" else None
     kw = {} if group_size is None else {"group_size": group_size}
     if kernel is not None:
         kw["kernel"] = kernel
     if decay is not None:
-        from ...attention import multiscale_decays
+        from linrope.attention import multiscale_decays
         kw["decay"] = multiscale_decays(h) if decay == "multiscale" else decay
 
     def out():

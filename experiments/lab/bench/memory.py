@@ -42,7 +42,7 @@ def pick_series(series, known: dict) -> list[str]:
 def memory_profile(lengths, series=None, modes=("fwd", "fwd+bwd"), with_peers=False, device="cpu",
                    time_budget=60.0, memory_budget_mib=16384.0, repeats=3, on_record=None) -> list[Record]:
     """Peak memory and time against N for each series and mode; a series stops at the budgets (see
-    ``linrope.lab.profiling.run_series``). Records carry ``params['series']`` and ``params['mode']``."""
+    ``lab.profiling.run_series``). Records carry ``params['series']`` and ``params['mode']``."""
     names = pick_series(series, PROFILE_SERIES)
     out = []
     for name in names:

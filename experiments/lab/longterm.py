@@ -36,8 +36,8 @@ case the bound describes: a query that matches a key, whose score decays as the 
 
 (c) Trained models
 ------------------
-Small causal byte LMs (``linrope.lab.models.ByteLM``, the ``quick`` preset's size: 3 layers, width 128, 4 heads of
-32, r = 64) trained with ``linrope.lab.train.train`` on the stdlib corpus; on held-out windows (the validation
+Small causal byte LMs (``lab.models.ByteLM``, the ``quick`` preset's size: 3 layers, width 128, 4 heads of
+32, r = 64) trained with ``lab.train.train`` on the stdlib corpus; on held-out windows (the validation
 split's fixed windows) each layer's normalized weights a_mn (query m, key n <= m) are computed in float64 from the
 layer's own q, k (captured with forward pre-hooks: ``capture_attention_inputs``, ``attention_weights``):
 
@@ -74,9 +74,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..attention import LinearRotaryAttention, SoftmaxAttention
-from ..features import favor_plus, gaussian_orthogonal_matrix
-from ..reference import _relative_scores
+from linrope.attention import LinearRotaryAttention, SoftmaxAttention
+from linrope.features import favor_plus, gaussian_orthogonal_matrix
+from linrope.reference import _relative_scores
+
 from .data import LMTask, load_corpus
 from .mechanism import rope_frequencies, study_start
 from .models import VARIANTS, ByteLM, ModelConfig, T5Attention, t5_buckets

@@ -3,7 +3,7 @@ tables and figures. The scripts only parse arguments and call ``run_long_context
 ``run_recall`` or ``run_extrapolation``.
 
 Layout of an output directory ``out``: ``config.json`` (the resolved experiment), ``runs/<variant>_n<N>_s<seed>/``
-(one ``linrope.lab.train`` run each: config, metrics, checkpoint), ``results.csv`` (every metric row of every run),
+(one ``lab.train`` run each: config, metrics, checkpoint), ``results.csv`` (every metric row of every run),
 ``summary.csv`` / ``summary.md`` (final numbers per variant and length: mean, std and range over seeds, number of
 seeds and steps, skipped steps, flags) and a PNG figure.
 """
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .._checks import check_number, is_int
+from linrope._checks import check_number, is_int
+
 from . import plots
 from .data import IGNORE, LMTask, SyntheticTask, load_corpus, pair_recall_distances
 from .models import CORE_VARIANTS, VARIANTS, ModelConfig, sequence_parallel_refusal
@@ -294,7 +295,7 @@ def run_long_context(preset: str | Preset = "quick", *, variants=None, lengths=N
     ``long_context.png`` to ``out`` and returns the summary rows (bits per byte).
 
     ``sequence_parallel``: under torchrun, ranks holding one sequence, each a contiguous 1/P of it (0: all of
-    them); the other axis is data parallel (see ``linrope.lab.train``). Linear variants only: a softmax variant
+    them); the other axis is data parallel (see ``lab.train``). Linear variants only: a softmax variant
     raises before anything trains. The batch is the same as in one process, so the loss curves match it."""
     if isinstance(preset, Preset):
         p, preset = preset, "custom"
@@ -462,7 +463,7 @@ def run_recall(*, task: str = "pair-recall", variants=CORE_VARIANTS, lengths=(64
                lr: float | None = None, features: int | None = None,
                rope_base: float | None = None) -> list[dict]:
     """Associative recall at each length with ``pairs`` key-value pairs (default ``length // 8``): ``task`` is
-    'pair-recall' (one token per pair, ``linrope.lab.data.pair_recall``: learnable in CPU minutes) or 'mqar' (two
+    'pair-recall' (one token per pair, ``lab.data.pair_recall``: learnable in CPU minutes) or 'mqar' (two
     tokens per pair, Zoology's MQAR: needs an induction head, i.e. far more steps). Writes ``recall.png``
     (accuracy against length)."""
     if task not in ("pair-recall", "mqar"):
