@@ -21,8 +21,7 @@ import argparse
 from tqdm import tqdm
 
 from lab import parallel_profile
-from lab.bench import (PROFILE_SERIES, memory_profile, merge_profile, peers_available, read_profile,
-                               write_profile)
+from lab.bench import PROFILE_SERIES, memory_profile, merge_profile, peers_available, read_profile, write_profile
 from lab.sweeps import listing
 
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from lab.data import (IGNORE, Corpus, LMTask, SyntheticTask, associative_recall, file_corpus, fixed_windows,
-                          is_validation_file, lookback, pair_recall, pair_recall_distances, random_windows, stdlib_corpus, stdlib_files,
-                          unigram_bits)
+                      is_validation_file, lookback, pair_recall, pair_recall_distances, random_windows, stdlib_corpus,
+                      stdlib_files, unigram_bits)
 
 
 def make_tree(root):

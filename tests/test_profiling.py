@@ -223,7 +223,7 @@ def test_fusion_probe_compiles_the_same_features_and_the_cli_stores_it(monkeypat
     monkeypatch.setattr(fusion, "fusion_probe", lambda: small)
     cli.main(["--fusion", "--json", str(tmp_path / "f.json")])
     out = capsys.readouterr().out
-    assert "| machine |" in out and "| eager: the engine's FavorFeatures.query + Rotation |" in out
+    assert "| machine |" in out and "| eager: favor_plus + apply_rotary |" in out
     saved = json.loads((tmp_path / "f.json").read_text())["fusion"]
     assert saved["elementwise_ratio"] == pytest.approx(small.elementwise_ratio)
 

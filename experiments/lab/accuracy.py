@@ -43,10 +43,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from linrope._checks import check_int
 from linrope.reference import favor_attention_naive
 
 from . import plots
+from .checks import check_int
 from .profiling import cpu_name, machine
 
 __all__ = ["THRESHOLD", "DEFAULT_SIGMAS", "METHODS", "PAIRINGS", "favor_log_features",

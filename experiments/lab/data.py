@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from linrope._checks import check_int
+from .checks import check_int
 
 __all__ = ["IGNORE", "Corpus", "stdlib_files", "is_validation_file", "stdlib_corpus", "file_corpus", "load_corpus",
            "unigram_bits", "random_windows", "fixed_windows", "associative_recall", "pair_recall",

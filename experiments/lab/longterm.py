@@ -42,7 +42,7 @@ split's fixed windows) each layer's normalized weights a_mn (query m, key n <= m
 layer's own q, k (captured with forward pre-hooks: ``capture_attention_inputs``, ``attention_weights``):
 
 * linear, eq. 19: a_mn = (R_m phi(q_m)) . (R_n phi(k_n)) / sum_{n' <= m} phi(q_m) . phi(k_n') (signed; the rotated
-  scores through ``linrope.reference._relative_scores``, exact at any scale);
+  weights from ``linrope.reference.linear_attention_naive`` with one-hot values, exact at any scale);
 * linear, RoPE on inputs or none: the same with phi(R q), phi(R k) (or no rotation), all weights >= 0;
 * softmax: the softmax probabilities of q k^T / sqrt(d) (RoPE'd q, k; T5's bias added for softmax-t5).
 
@@ -76,7 +76,7 @@ from torch import Tensor, nn
 
 from linrope.attention import LinearRotaryAttention, SoftmaxAttention
 from linrope.features import favor_plus, gaussian_orthogonal_matrix
-from linrope.reference import _relative_scores
+from linrope.reference import linear_attention_naive
 
 from .data import LMTask, load_corpus
 from .mechanism import rope_frequencies, study_start
@@ -249,16 +249,14 @@ def attention_weights(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
         return torch.softmax(s.masked_fill(~keep, -math.inf), -1), v
     qf, _ = inner.feature_map(q, is_query=True)
     kf, ks = inner.feature_map(k, is_query=False)
-    plain = qf @ kf.transpose(-1, -2)  # (B, H, N, N)
-    num = _relative_scores(qf, kf, inner.rotary, pos) if inner.rope == "features" else plain
-    den = num if inner.rotate_normalizer else plain
-    if ks is None:
-        w = keep.to(F64).expand(B, H, N, N)
-    else:  # exp(s_n - max of the row's visible s): the factor cancels, and nothing overflows
-        s = ks[:, :, None, :].masked_fill(~keep, -math.inf)
-        w = torch.exp(s - s.amax(-1, keepdim=True))
-    norm = (den * w).sum(-1, keepdim=True)
-    return num * w / torch.where(norm == 0, 1, norm), v
+    # the library's float64 eq. 19 with one-hot values: row m of the output is row m of the weights
+    onehot = torch.eye(N, dtype=F64, device=x.device).expand(B, H, N, N)
+    a = linear_attention_naive(qf, kf, onehot, causal=True, k_logscale=ks,
+                               rotary=inner.rotary if inner.rope == "features" else None)
+    if inner.rotate_normalizer:  # the rotated scores normalize themselves: divide by their own row sums
+        total = a.sum(-1, keepdim=True)
+        a = a / torch.where(total == 0, 1, total)
+    return a, v
 
 
 def distance_profile(a: Tensor) -> dict[str, Tensor]:

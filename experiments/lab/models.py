@@ -15,13 +15,14 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from linrope._checks import check_int, check_number
 from linrope.attention import KVCache, LinearRotaryAttention, SoftmaxAttention
-from linrope._engine.parallel import rank_offset
 from linrope.features import FEATURE_MAPS, redraw_projections
+
+from .checks import check_int, check_number
 
 __all__ = ["Variant", "VARIANTS", "CORE_VARIANTS", "T5Attention", "t5_buckets", "ModelConfig", "RMSNorm", "MLP",
            "Block", "ByteLM", "sinusoidal_positions", "sequence_parallel_refusal"]
@@ -220,6 +221,17 @@ class T5Attention(nn.Module):
         return (out, KVCache(k, v, None, offset + x.shape[1])) if return_state else out
 
 
+def rank_offset(group, n: int, device: torch.device) -> tuple[int, int]:
+    """(positions before this rank's slice of n, positions of the whole sequence) across ``group``: one
+    all-gather of every rank's slice length (on the GPU for nccl, whose collectives take CUDA tensors)."""
+    on = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    mine = torch.tensor([n], dtype=torch.int64, device=on)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    lengths = [int(t) for t in every]
+    return sum(lengths[:dist.get_rank(group)]), sum(lengths)
+
+
 def make_attention(config: ModelConfig, layer: int, group=None) -> nn.Module:
     """The causal attention layer of block ``layer`` for ``config.attention``; input and output (B, N, C).
     ``group``: sequence parallelism (linear variants only, see ``ByteLM``)."""
@@ -313,7 +325,7 @@ class ByteLM(nn.Module):
         offset = 0 if states is None else states[0].offset
         end = offset + idx.shape[1]  # one past the last position of the whole sequence
         if self.group is not None and (self.config.variant.absolute or self.pos_embed is not None):
-            before, total = rank_offset(self.group, idx.shape[1])  # this rank's slice within the sequence
+            before, total = rank_offset(self.group, idx.shape[1], idx.device)
             offset, end = offset + before, offset + total
         x = self.embed(idx)  # (B, N, C)
         if self.config.variant.absolute:

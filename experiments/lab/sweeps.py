@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-from linrope._checks import check_number, is_int
-
 from . import plots
+from .checks import check_number, is_int
 from .data import IGNORE, LMTask, SyntheticTask, load_corpus, pair_recall_distances
 from .models import CORE_VARIANTS, VARIANTS, ModelConfig, sequence_parallel_refusal
 from .train import TrainConfig, distributed_context, load_model, position_losses, read_metrics, train

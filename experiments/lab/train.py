@@ -44,10 +44,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from linrope._checks import check_int, check_number, is_int
 from linrope.features import redraw_projections
 from linrope.rotary import LearnedRotary
 
+from .checks import check_int, check_number, is_int
 from .data import IGNORE
 from .models import ByteLM, ModelConfig, sequence_parallel_refusal
 from .profiling import machine

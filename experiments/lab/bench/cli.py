@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 
 from tqdm import tqdm
@@ -164,8 +165,8 @@ def _gpu(p, args) -> None:
         p.error("--gpu: needs a CUDA GPU, and torch sees none here (torch.cuda.is_available() is False)")
     if min(args.lengths) < 1 or args.repeats < 1:
         p.error(f"--lengths and --repeats must be >= 1, got {args.lengths} and {args.repeats}")
-    from linrope._engine import triton_kernels
-    series = [s for s in GPU_SERIES if "triton" not in s or triton_kernels.available()]
+    triton = importlib.util.find_spec("triton") is not None  # kernel="triton" needs the package
+    series = [s for s in GPU_SERIES if "triton" not in s or triton]
     if len(series) < len(GPU_SERIES):
         print("triton does not import here: the triton series is skipped")
     info = gpu_info()
@@ -180,7 +181,7 @@ def _gpu(p, args) -> None:
         records = gpu_profile(args.lengths, series, time_budget=args.time_budget, repeats=args.repeats,
                               on_record=lambda r: done(r, bar))
     n_sweep = 65536
-    kernels = ("torch", "triton") if triton_kernels.available() else ("torch",)
+    kernels = ("torch", "triton") if triton else ("torch",)
     sweep = group_sweep(n_sweep, [512, 2048, 8192, 32768, None], repeats=args.repeats, kernels=kernels)
     syncs = host_syncs()
     write_gpu_profile(records, args.out, dict(gpu=info, date=str(datetime.date.today()), sweep_n=n_sweep,

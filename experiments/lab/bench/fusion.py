@@ -1,12 +1,13 @@
 """Would ``torch.compile`` (inductor's C++ backend) speed up the engine's elementwise passes? (issue 14)
 
 The engine turns one group of queries into FAVOR+ features and their rotated copy in five passes after the
-projection u = x Wᵀ: max over features, subtract, exp, and the complex multiply by the rotation (which writes the
-rotated copy; the unrotated one stays for the normalizer). Inductor can fuse everything after the matmul into one
-loop that writes both. This probe times, on one group of the bench's shape, interleaved over rounds:
+projection u = x Wᵀ: max over features, subtract, exp, and the multiply by the rotation (which writes the rotated
+copy; the unrotated one stays for the normalizer). Inductor can fuse everything after the matmul into one loop that
+writes both. This probe times, on one group of the bench's shape, interleaved over rounds:
 
 * ``matmul``: u = x Wᵀ alone (the part no fusion removes);
-* ``eager``: the engine's own code (``FavorFeatures.query`` then ``Rotation``);
+* ``eager``: the same passes through the library's public ``favor_plus`` and ``apply_rotary`` (the engine's own
+  sources are private: the lab measures what it can import);
 * ``compiled``: the same matmul, then a ``torch.compile``'d function computing both outputs.
 
 The engine keeps its eager path unless the compiled one wins clearly; ``python experiments/bench.py --fusion``.
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from linrope._engine.feature_sources import FavorFeatures, Rotation
-from linrope.rotary import RotaryEmbedding
+from linrope.features import favor_plus
+from linrope.rotary import RotaryEmbedding, apply_rotary
 
 __all__ = ["FusionResult", "fusion_probe"]
 
@@ -43,7 +44,7 @@ class FusionResult:
         BH, G, r, d = self.shape
         return (f"| one group (B·H={BH}, G={G}, r={r}, d={d}) | median ms |\n|---|---:|\n"
                 f"| u = x Wᵀ alone | {self.matmul_ms:.3f} |\n"
-                f"| eager: the engine's FavorFeatures.query + Rotation | {self.eager_ms:.3f} |\n"
+                f"| eager: favor_plus + apply_rotary | {self.eager_ms:.3f} |\n"
                 f"| torch.compile'd exp and rotation after the same matmul | {self.compiled_ms:.3f} |\n\n"
                 f"Elementwise passes, compiled / eager: {self.elementwise_ratio:.2f} (max |difference| "
                 f"{self.max_abs_diff:.1e}).")
@@ -63,23 +64,21 @@ def fusion_probe(*, BH: int = 8, G: int = 128, r: int = 256, d: int = 64, rounds
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, BH, G, d, generator=g)
     W = torch.randn(r, d, generator=g)
-    rot = RotaryEmbedding(r)
-    cos, sin = rot.cos_sin(None, G, q.device)
-    src = FavorFeatures(q, q, W, None, torch.float32)
-    rotation = Rotation(cos, sin)
-    u, fq, qr = (torch.empty(BH, G, r) for _ in range(3))
+    cos, sin = RotaryEmbedding(r, interleaved=True).cos_sin(None, G, q.device)
+    Ws = W * d**-0.25  # favor_plus scales x by d^(-1/4): folded into W for the matmul-only ways
+    u = torch.empty(BH, G, r)
     x = q.view(BH, G, d)
     compiled = torch.compile(_fused, dynamic=False)
 
     def run_matmul():
-        return torch.matmul(x, src.Ws.t(), out=u)
+        return torch.matmul(x, Ws.t(), out=u)
 
     def run_eager():
-        f = src.query(0, G, fq)
-        return f, rotation(f, 0, G, qr)
+        f, _ = favor_plus(x, W, is_query=True)
+        return f, apply_rotary(f, cos, sin, interleaved=True)
 
     def run_compiled():
-        return compiled(torch.matmul(x, src.Ws.t(), out=u), cos, sin)
+        return compiled(torch.matmul(x, Ws.t(), out=u), cos, sin)
 
     e, c = run_eager(), run_compiled()
     diff = max((e[0] - c[0]).abs().max().item(), (e[1] - c[1]).abs().max().item())
