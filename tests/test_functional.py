@@ -254,10 +254,11 @@ def test_causal_engine_reads_the_device_once_per_call_not_per_group(jump):
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 @pytest.mark.parametrize("rope", [False, True], ids=["plain", "rope"])
-def test_scans_as_cumsum_match_the_reference(monkeypatch, rope):
+def test_scans_as_cumsum_match_the_reference(monkeypatch, rope, causal):
     """On a GPU the engine's scans over chunks are torch.cumsum (one kernel) instead of loops over slices: the
-    same outputs and gradients, exercised here on the CPU."""
+    same outputs and gradients, exercised here on the CPU (bidirectional: the two-sided scans of RoPE)."""
     from linrope._engine import chunked
 
     monkeypatch.setattr(chunked, "_loop_scans", lambda X: False)
@@ -266,8 +267,8 @@ def test_scans_as_cumsum_match_the_reference(monkeypatch, rope):
     rot, R = (RotaryEmbedding(16), rotation_matrices(torch.arange(70), 16)) if rope else (None, None)
     for t in (q, k, v):
         t.requires_grad_()
-    ref = eq19(favor_features(q, W), favor_features(k, W), v, causal=True, R=R)
-    got = favor_attention(q, k, v, W, causal=True, rotary=rot, chunk_size=8, group_size=32)
+    ref = eq19(favor_features(q, W), favor_features(k, W), v, causal=causal, R=R)
+    got = favor_attention(q, k, v, W, causal=causal, rotary=rot, chunk_size=8, group_size=32)
     assert_close("cumsum scans", ref, got, rtol=1e-10)
     g = torch.randn_like(ref)
     for name, a, b in zip("qkv", torch.autograd.grad(ref, (q, k, v), g), torch.autograd.grad(got, (q, k, v), g)):

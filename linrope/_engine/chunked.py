@@ -125,19 +125,19 @@ def _exclusive_scan(X: Tensor, init: Tensor, out: Tensor, end: bool = True) -> T
     return os[-1] + xs[-1] if end else None
 
 
-def _reverse_scan(X: Tensor, init: Tensor, out: Tensor) -> Tensor:
-    """out[:, c] = init + sum_{c' > c} X[:, c'] along dim 1; returns init + sum of all X."""
+def _reverse_scan(X: Tensor, init: Tensor, out: Tensor, end: bool = True) -> Tensor | None:
+    """out[:, c] = init + sum_{c' > c} X[:, c'] along dim 1; returns init + sum of all X (None with ``end=False``)."""
     if not _loop_scans(X):
         out[:, -1].copy_(init)
         if X.shape[1] > 1:
             rev = torch.cumsum(X[:, 1:].flip(1), 1).flip(1)  # sums from the end
             torch.add(rev, init.unsqueeze(1), out=out[:, :-1])
-        return out[:, 0] + X[:, 0]
+        return out[:, 0] + X[:, 0] if end else None
     xs, os = X.unbind(1), out.unbind(1)
     os[-1].copy_(init)
     for c in range(len(xs) - 2, -1, -1):
         torch.add(os[c + 1], xs[c + 1], out=os[c])
-    return os[0] + xs[0]
+    return os[0] + xs[0] if end else None
 
 
 def _key_sums(ws, k0, z, sub: int) -> tuple[Tensor, Tensor]:
@@ -544,27 +544,114 @@ def causal_backward(src, rot, V, out, den, dout, dS, dz, plan: list[Group], cfg:
 
 
 # ---------------------------------------------------------------------------------------------- bidirectional
+def _add_keys(src, rot_k, V, a, b, S, z, M, ws):
+    """Add the keys and values of positions [a, b) to the state (S, z) kept relative to M, the running max of
+    the key log-scales (rescaled in place when the max grows). Returns S, z, M and P, the reference the state is
+    at (M, or 0 while there is no key; None if keys carry no log-scale)."""
+    BH, r, dv = S.shape
+    u, logscale = src.key_logscale(a, b, ws.get("k0", BH, b - a, r))
+    P = None
+    if logscale is not None:
+        M_new = torch.maximum(M, logscale.amax(-1))
+        P = _nonneg_ref(M_new)
+        e = torch.exp(M - P).to(S.dtype)
+        S.mul_(e[:, None, None]), z.mul_(e[:, None])
+        M = M_new
+    k0 = src.key_finish(a, b, u, logscale, P, ws.get("k0", BH, b - a, r))
+    kr = _rotated(rot_k, k0, a, b, ws, "kr")
+    S.baddbmm_((k0 if kr is None else kr).transpose(1, 2), group_rows(V, a, b, ws.get("v", BH, b - a, dv)))
+    z.add_(k0.sum(1))
+    return S, z, M, P
+
+
+def _nonneg_ref(M: Tensor) -> Tensor:
+    """The reference of a state at running max M: M, or 0 while it holds no key (M == NEG)."""
+    return torch.where(M > NEG / 2, M, torch.zeros_like(M))
+
+
 def key_state(src, rot_k, V, S, z, M, cfg: EngineConfig):
     """Add the keys and values of V's N positions (keys rotated by ``rot_k``) to the state (S, z) kept relative
     to M, the running max of the key log-scales: S (BH, r, dv), z (BH, r), M (BH,), updated in place. Returns
     S, z, M and P, the reference the state ends at (M, or 0 while there is no key; None if keys carry no
     log-scale)."""
-    BH, r, dv = S.shape
     ws = Workspace(V.device, cfg.dtype)
     P = None
     for a, b in _groups(V.shape[2], cfg.group_size):
-        u, logscale = src.key_logscale(a, b, ws.get("k0", BH, b - a, r))
-        if logscale is not None:
-            M_new = torch.maximum(M, logscale.amax(-1))
-            P = torch.where(M_new > NEG / 2, M_new, torch.zeros_like(M_new))
-            e = torch.exp(M - P).to(S.dtype)
-            S.mul_(e[:, None, None]), z.mul_(e[:, None])
-            M = M_new
-        k0 = src.key_finish(a, b, u, logscale, P, ws.get("k0", BH, b - a, r))
-        kr = _rotated(rot_k, k0, a, b, ws, "kr")
-        S.baddbmm_((k0 if kr is None else kr).transpose(1, 2), group_rows(V, a, b, ws.get("v", BH, b - a, dv)))
-        z.add_(k0.sum(1))
+        S, z, M, P = _add_keys(src, rot_k, V, a, b, S, z, M, ws)
     return S, z, M, P
+
+
+def _segments(N: int, G: int, C: int) -> list[tuple[int, int]]:
+    """Groups of G positions, each cut into whole chunks of C and one shorter chunk, as the causal pass cuts them."""
+    out = []
+    for a, b in _groups(N, G):
+        cut = a + (b - a) // C * C
+        out.extend(((a, cut), (cut, b)) if b - a > C and cut < b else ((a, b),))
+    return out
+
+
+def _two_sided_scan(X: Tensor, init: Tensor, out: Tensor) -> Tensor:
+    """out[:, c] = init + sum_{c' != c} X[:, c'] along dim 1, from a suffix and a prefix scan: X[:, c] is never
+    added and subtracted back out, which would leave its rounding in what chunk c reads. Returns sum_c X[:, c]."""
+    _reverse_scan(X, init, out, end=False)
+    if not _loop_scans(X):
+        if X.shape[1] > 1:
+            out[:, 1:] += torch.cumsum(X[:, :-1], 1)
+        return X.sum(1)
+    xs, os = X.unbind(1), out.unbind(1)
+    acc = xs[0].clone()
+    for c in range(1, len(xs)):
+        os[c].add_(acc)
+        acc.add_(xs[c])
+    return acc
+
+
+def _two_sided_forward(src, rot, V, S, z, M, cfg: EngineConfig):
+    """Bidirectional eq. 19 with RoPE where each row reads a state that never held its own key, so its distance-0
+    term is the unrotated fq_t . k0_t, as in the causal path: R_t fq_t . R_t k0_t read from a state is rounded to
+    eps |fq_t| |k0_t|, all of a row's digits when its own key dominates it and the two weigh on different members of
+    the pairs (large activations). Subtracting the own term from a total state would leave that rounding in place.
+
+    Two sweeps over segments (``_segments``): newest first, the state of the keys after each segment is kept (one
+    (BH, r, dv) state per segment, like the causal plan's); then in order, a segment's chunks read those plus the
+    keys before the segment plus the segment's other chunks (``_two_sided_scan``), and their own chunk through its
+    scores with the distance-0 products unrotated. About twice the one-sweep forward (see BENCHMARKS.md); the
+    backward is the one-sweep one (``bidirectional_backward``)."""
+    BH, r, dv = S.shape
+    N = V.shape[2]
+    ws = Workspace(V.device, cfg.dtype)
+    segs = _segments(N, cfg.group_size, cfg.chunk_size)
+    after, refs, P, ref = [], [], None, M  # S starts as the incoming state (other ranks' keys), a copy, at M
+    for a, b in reversed(segs):
+        after.append(S.clone())
+        refs.append(ref)
+        S, z, M, P = _add_keys(src, rot, V, a, b, S, z, M, ws)
+        ref = ref if P is None else P
+    after, refs = after[::-1], refs[::-1]
+    if P is not None:  # every state to the final reference (the running max only grew)
+        for s, ref in zip(after, refs):
+            s.mul_(torch.exp(ref - P).to(s.dtype)[:, None, None])
+    out, den = V.new_empty(BH, N, dv), S.new_empty(BH, N)
+    before = torch.zeros_like(S)
+    for i, (a, b) in enumerate(segs):
+        k0, kr, _, _, _ = _group_features(src, rot, ws, a, b, P=P)
+        fq, qr = _query_features(src, rot, ws, a, b, r)
+        C = min(cfg.chunk_size, b - a)
+        nc = (b - a) // C
+        Qc, Kc = qr.view(BH * nc, C, r), kr.view(BH * nc, C, r)
+        Vc = group_rows(V, a, b, ws.get("v", BH, b - a, dv)).view(BH * nc, C, dv)
+        KV = ws.get("KV", BH, nc, r, dv)
+        torch.bmm(Kc.transpose(1, 2), Vc, out=KV.view(BH * nc, r, dv))
+        Sst = ws.get("Sst", BH, nc, r, dv)
+        before.add_(_two_sided_scan(KV, torch.add(before, after[i], out=ws.get("O", BH, r, dv)), Sst))
+        after[i] = None
+        A = torch.bmm(Qc, Kc.transpose(1, 2), out=ws.get("A", BH * nc, C, C))
+        A.diagonal(0, 1, 2).copy_(torch.linalg.vecdot(fq, k0).view(BH * nc, C))
+        num = torch.bmm(A, Vc, out=ws.get("num", BH * nc, C, dv)).baddbmm_(Qc, Sst.view(BH * nc, r, dv))
+        d = torch.bmm(fq, z.unsqueeze(-1)).squeeze(-1)
+        den[:, a:b] = d
+        _divide(num.view(BH, b - a, dv), d, out[:, a:b])
+    return out, den, S, z, M, P
 
 
 def key_state_backward(src, rot_k, V, dS, dz, P, cfg: EngineConfig, dV: Tensor | None = None) -> Tensor:
@@ -592,17 +679,17 @@ def key_state_backward(src, rot_k, V, dS, dz, P, cfg: EngineConfig, dV: Tensor |
 
 
 def bidirectional_forward(src, rot, rot_k, V, Nq: int, S, z, M, cfg: EngineConfig):
-    """Accumulate the key state onto (S, z, M) (zero and NEG for one process; the other ranks' keys under
-    sequence parallelism), then read it with the queries. Keys and values are V's N positions, rotated by
-    ``rot_k``; queries are ``Nq`` positions rotated by ``rot`` (cross-attention: another sequence, other
-    positions). Returns out (BH, Nq, dv) in V's dtype, den (BH, Nq), the final S, z, M and reference P.
+    """Bidirectional eq. 19 onto the state (S, z, M) (zero and NEG for one process; the other ranks' keys under
+    sequence parallelism). Keys and values are V's N positions, rotated by ``rot_k``; queries are ``Nq``
+    positions rotated by ``rot`` (cross-attention: another sequence, other positions). Returns out (BH, Nq, dv)
+    in V's dtype, den (BH, Nq), the final S, z, M, reference P, and what the backward needs beyond them.
 
-    Unlike the causal path, a row's own key (distance 0) is read from the rotated state like every other key:
-    its product R_t fq_t . R_t k0_t is rounded to eps |fq_t| |k0_t| rather than to its value fq_t . k0_t. Rows
-    that their own key dominates while their features and its sit in different members of the pairs (std ~5
-    activations) can lose digits there; removing that needs each row to read states that never held its own key
-    (a two-sided sweep, about twice this cost).
+    Self-attention with RoPE takes the two-sided path (``_two_sided_forward``): a row's own key must not be read
+    from a rotated state. Without RoPE, or with keys of another sequence (no key is a row's own), one sweep of the
+    keys into a state, then one of the queries reading it.
     """
+    if rot is not None and rot_k is rot and Nq == V.shape[2]:
+        return _two_sided_forward(src, rot, V, S, z, M, cfg)
     BH, r, dv = S.shape
     S, z, M, P = key_state(src, rot_k, V, S, z, M, cfg)
     ws = Workspace(V.device, cfg.dtype)
@@ -617,7 +704,12 @@ def bidirectional_forward(src, rot, rot_k, V, Nq: int, S, z, M, cfg: EngineConfi
 
 def bidirectional_backward(src, rot, rot_k, V, out, den, dout, S, z, P, cfg: EngineConfig):
     """Gradients of ``bidirectional_forward``: queries first (d S, d z, query gradients), then keys. Returns dV
-    and the gradients of the final S, z."""
+    and the gradients of the final S, z.
+
+    One sweep each way, reading the total state S also on the two-sided path: the gradient of the same function,
+    whose own-key terms carry rounding of eps |fq_t| |k0_t| here, as large as the terms the row's normalizer
+    gradient cancels them against, so small against its gradient's scale (measured: the same errors against a
+    float64 gradient as a two-sided backward at std 3 to 10)."""
     BH, r, dv = S.shape
     ws = Workspace(V.device, cfg.dtype)
     dS, dz = torch.zeros_like(S), torch.zeros_like(z)
