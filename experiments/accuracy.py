@@ -1,14 +1,15 @@
 """Is eq. 19 computed right once q and k are large? For each sigma (std of the entries of q and k), causal and
 bidirectional, with RoPE on the features and without, each method runs FAVOR+ attention in float32 and every
-output row is compared with eq. 19 evaluated exactly in float64 (see lab/accuracy.py). Reported: the % of rows off
-by more than 1e-3 (relative to the row's norm) and the worst row error. About a minute on 2 cores.
+output row is compared with eq. 19 evaluated exactly in float64 by the library's reference (linrope.reference; see
+lab/accuracy.py). Reported: the % of rows off by more than 1e-3 (relative to the row's norm) and the worst row
+error. About a minute on 2 cores.
 
     python experiments/accuracy.py                                   # sigma 0.5 .. 6, every method found
     python experiments/accuracy.py --mask-holes 0.25 --pairing both  # + masked keys, + half-split RoPE
     python experiments/accuracy.py --methods linrope,linrope-naive --sigmas 3,4,5
 
-Methods: linrope, linrope-c16g64 (chunk 16, group 64), linrope-naive (the library's quadratic reference in
-float32), performer-pytorch (only if installed; without RoPE only). Writes accuracy.csv, summary.json, summary.md
+Methods: linrope, linrope-c16g64 (chunk 16, group 64), linrope-naive (the reference itself: 0 by construction),
+performer-pytorch (only if installed; without RoPE only). Writes accuracy.csv, summary.json, summary.md
 and accuracy.png to --out.
 """
 

@@ -21,15 +21,15 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from lab.mechanism import ATTENTIONS, MechanismConfig, run, trained_study  # noqa: E402
-from lab.sweeps import parse_list, run_script  # noqa: E402
+from lab.sweeps import parse_list, run_script, variant_listing  # noqa: E402
 
 
 def main():
     d = MechanismConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="attentions (append @r=32, @steps=300, @distance=32, @gamma=0.95 or several: "
-                                       "@gamma=0.9+distance=4):\n" + "\n".join(
-                                    f"  {name:<20} {about}" for name, about in ATTENTIONS.items()))
+                                epilog=variant_listing(ATTENTIONS, "attentions (append @r=32, @steps=300, @distance=32,"
+                                                       " @gamma=0.95 or several: @gamma=0.9+distance=4; a decay "
+                                                       "variant decays by the toy's gamma)"))
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "mechanism"))
     p.add_argument("--rs", default=",".join(map(str, d.rs)), help="numbers of features r in the capacity table")
     p.add_argument("--ridge", type=float, default=d.ridge, help="ridge of the selectivity problem (0 = exact)")

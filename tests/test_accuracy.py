@@ -14,6 +14,8 @@ import torch
 
 from lab import accuracy as acc
 from lab.plots import read_rows
+from linrope import RotaryEmbedding
+from linrope.reference import linear_attention_naive
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "accuracy.py"
@@ -87,12 +89,22 @@ def test_reference_stays_finite_where_plain_float64_fails():
     torch.testing.assert_close(out[..., 0, :], v[..., 0, :].double())
 
 
+def library_scores(fq, fk, pairing):
+    """(R_m fq_m).(R_n fk_n) for all m, n (B, N, N) from the library's float64 reference, the harness's: eq. 19 with
+    one-hot values is each score over its row's unrotated normalizer, multiplied back here (one rounding)."""
+    n, r = fq.shape[-2], fq.shape[-1]
+    onehot = torch.eye(n, dtype=torch.float64).expand(fq.shape[0], 1, n, n)
+    rot = RotaryEmbedding(r, interleaved=pairing == "interleaved")
+    a = linear_attention_naive(fq[:, None], fk[:, None], onehot, rotary=rot)[:, 0]
+    return a * (fq @ fk.transpose(-1, -2)).sum(-1, keepdim=True)
+
+
 def test_relative_scores_match_explicit_rotation_matrices():
     fq, fk = torch.rand(2, 9, 12, dtype=torch.float64), torch.rand(2, 9, 12, dtype=torch.float64)
     for pairing in acc.PAIRINGS:
         R = rotation_matrices(9, 12, interleaved=pairing == "interleaved")
         rq, rk = torch.einsum("nij,bnj->bni", R, fq), torch.einsum("nij,bnj->bni", R, fk)
-        torch.testing.assert_close(acc.relative_scores(fq, fk, pairing), rq @ rk.transpose(-1, -2))
+        torch.testing.assert_close(library_scores(fq, fk, pairing), rq @ rk.transpose(-1, -2))
 
 
 def test_relative_scores_are_exact_at_distance_zero_for_extreme_features():
@@ -101,7 +113,7 @@ def test_relative_scores_are_exact_at_distance_zero_for_extreme_features():
     fq = torch.tensor([[[1.0, 1e-30, 1.0, 1e-30]]], dtype=torch.float64).expand(1, 3, 4).clone()
     fk = torch.tensor([[[1e-30, 1.0, 1e-30, 1.0]]], dtype=torch.float64).expand(1, 3, 4).clone()
     for pairing in acc.PAIRINGS:
-        diag = acc.relative_scores(fq, fk, pairing).diagonal(0, -2, -1)
+        diag = library_scores(fq, fk, pairing).diagonal(0, -2, -1)
         torch.testing.assert_close(diag, (fq * fk).sum(-1), rtol=1e-14, atol=0)
 
 

@@ -3,7 +3,7 @@
 For each sigma (the standard deviation of the entries of q and k), causal and bidirectional, without RoPE and with
 RoPE on the features (RoFormer eq. 19), and optionally with a key padding mask with holes, every *method* computes
 FAVOR+ attention in float32 from the same inputs and projection, and each output row m is compared with the exact
-row of eq. 19 evaluated in float64 (``reference_eq19``)::
+row of eq. 19 evaluated in float64 (``reference_eq19``, the library's reference)::
 
     error_m = |out_m - ref_m| / |ref_m|        (2-norms over the value dim; |out_m - ref_m| if ref_m = 0)
 
@@ -13,8 +13,8 @@ error (non-finite outputs count as error inf).
 Methods:
   * ``linrope``: ``linrope.favor_attention`` at its default chunk and group sizes;
   * ``linrope-c16g64``: the same with chunk_size=16, group_size=64 (many group boundaries);
-  * ``linrope-naive``: the library's own quadratic reference ``linrope.reference.favor_attention_naive`` (it
-    computes in float64 from the float32 inputs: a cross-check of the library's reference against this one);
+  * ``linrope-naive``: the library's quadratic reference ``linrope.reference.favor_attention_naive``, which is
+    also the reference here (0 by construction: a check that the table's reference is the library's);
   * ``performer-pytorch``: performer-pytorch's ``softmax_kernel`` (same projection) followed by its
     ``linear_attention`` (bidirectional) or ``causal_linear_attention_noncuda`` (causal). Its attention functions
     use one feature vector for the numerator and the normalizer, so eq. 19 (rotated numerator, unrotated
@@ -43,15 +43,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from linrope.functional import favor_attention
 from linrope.reference import favor_attention_naive
+from linrope.rotary import RotaryEmbedding
 
 from . import plots
 from .checks import check_int
 from .profiling import cpu_name, machine
 
-__all__ = ["THRESHOLD", "DEFAULT_SIGMAS", "METHODS", "PAIRINGS", "favor_log_features",
-           "relative_scores", "reference_eq19", "row_errors", "error_stats", "make_inputs", "make_mask",
-           "performer_status", "run_accuracy", "cpu_name"]
+__all__ = ["THRESHOLD", "DEFAULT_SIGMAS", "METHODS", "PAIRINGS", "reference_eq19", "row_errors", "error_stats",
+           "make_inputs", "make_mask", "performer_status", "run_accuracy", "cpu_name"]
 
 THRESHOLD = 1e-3
 DEFAULT_SIGMAS = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
@@ -63,78 +64,24 @@ INF_SHOWN = 1e2  # where the figure draws a non-finite worst error
 
 
 # ---------------------------------------------------------------------------------------------- reference
-def favor_log_features(x: Tensor, W: Tensor) -> Tensor:
-    """log of the FAVOR+ features phi(x) = exp(W x~ - |x~|^2/2) / sqrt(r), x~ = x d^(-1/4), in float64.
-
-    Kept in log space: at sigma 5-6 phi itself under- or overflows even float64 for long sequences."""
-    xs = x.double() * x.shape[-1] ** -0.25
-    return xs @ W.double().t() - 0.5 * (xs * xs).sum(-1, keepdim=True) - 0.5 * math.log(W.shape[0])
-
-
-def relative_scores(fq: Tensor, fk: Tensor, pairing: str, base: float = ROPE_BASE) -> Tensor:
-    """(R_m fq_m).(R_n fk_n) for all m, n (..., N, N) in float64, as fq_m . (R_{n-m} fk_n), pair by pair:
-
-        sum_i cos(theta_i (n-m)) (q_a k_a + q_b k_b) + sin(theta_i (n-m)) (q_b k_a - q_a k_b)
-
-    over the pairs (a, b) = (2i, 2i+1) ('interleaved') or (i, i + r/2) ('half'), theta_i = base^(-2i/r). Rotating
-    each side by its own angle would round every product to eps |fq| |fk|, which for FAVOR+ features at large
-    sigma exceeds fq . fk by up to 1e16 (the two weigh on different members of a pair): even float64 would get
-    the distance-0 terms wrong. Relative angles are exactly 0 there, and each term is rounded to its own size.
-    """
-    if pairing not in PAIRINGS:
+def _rotary(pairing: str | None, r: int) -> RotaryEmbedding | None:
+    """RoPE on the r features with ``pairing`` ('interleaved' or 'half'), or None for no RoPE."""
+    if pairing is not None and pairing not in PAIRINGS:
         raise ValueError(f"pairing: expected one of {PAIRINGS}, got {pairing!r}")
-    n, r = fq.shape[-2], fq.shape[-1]
-    fq, fk = fq.double(), fk.double()
-    if pairing == "interleaved":
-        qa, qb, ka, kb = fq[..., 0::2], fq[..., 1::2], fk[..., 0::2], fk[..., 1::2]
-    else:
-        qa, qb, ka, kb = fq[..., : r // 2], fq[..., r // 2:], fk[..., : r // 2], fk[..., r // 2:]
-    pos = torch.arange(n, dtype=torch.float64)
-    delta = pos[None, :] - pos[:, None]  # n - m
-    out = fq.new_zeros(*fq.shape[:-1], n)
-    for i in range(r // 2):
-        angle = delta * base ** (-2 * i / r)
-        out += angle.cos() * (qa[..., i, None] * ka[..., None, :, i] + qb[..., i, None] * kb[..., None, :, i])
-        out += angle.sin() * (qb[..., i, None] * ka[..., None, :, i] - qa[..., i, None] * kb[..., None, :, i])
-    return out
+    return None if pairing is None else RotaryEmbedding(r, base=ROPE_BASE, interleaved=pairing == "interleaved")
 
 
 def reference_eq19(q: Tensor, k: Tensor, v: Tensor, W: Tensor, *, causal: bool, pairing: str | None = None,
                    key_padding_mask: Tensor | None = None) -> Tensor:
-    """RoFormer eq. 19 on exact FAVOR+ features, evaluated in float64 (no eps, no clamp):
+    """RoFormer eq. 19 on exact FAVOR+ features in float64 (no eps, no clamp): the library's reference
+    ``linrope.reference.favor_attention_naive`` (query features lose their row maximum, key features theirs as a
+    log-scale, rotations applied as relative angles: exact at any sigma), for the pairing or None.
 
         out_m = sum_n (R_m phi(q_m)).(R_n phi(k_n)) v_n / sum_n phi(q_m).phi(k_n),   n visible from m
 
-    (n <= m when causal, and kept by ``key_padding_mask`` (B, N), True = keep); ``pairing`` None: no RoPE.
-    Rows that see no key are 0. q, k (B, H, N, d), v (B, H, N, dv), W (r, d); returns (B, H, N, dv) float64.
-
-    Evaluated stably yet exactly: log phi(q_m) loses its row maximum (a factor of row m's numerator and
-    normalizer alike), log phi(k_n) loses its maximum s_n, which comes back as the weight exp(s_n - M_m) of key n
-    in row m, M_m the largest s_n that row m sees (again a factor of the whole row). Every entry is then <= 1 and
-    the largest term of each row's normalizer is >= exp(-(range of log phi(q_m))), far from underflow: the
-    rounding of float64 is the only error.
-    """
-    B, H, N, _ = q.shape
-    lq, lk = favor_log_features(q, W), favor_log_features(k, W)
-    fq = torch.exp(lq - lq.amax(-1, keepdim=True))  # (B, H, N, r), max 1 per row
-    s = lk.amax(-1)  # (B, H, N)
-    fk = torch.exp(lk - s[..., None])
-    keep = torch.ones(B, 1, N, N, dtype=torch.bool)
-    if causal:
-        keep = keep & torch.ones(N, N, dtype=torch.bool).tril()
-    if key_padding_mask is not None:
-        keep = keep & key_padding_mask.bool()[:, None, None, :]
-    logw = s[:, :, None, :].masked_fill(~keep, -math.inf)  # (B, H, N, N)
-    M = logw.amax(-1, keepdim=True)
-    sees = torch.isfinite(M)  # rows that see at least one key
-    weight = torch.exp(logw - torch.where(sees, M, torch.zeros_like(M)))  # 0 where not visible
-    den = ((fq @ fk.transpose(-1, -2)) * weight).sum(-1, keepdim=True)
-    if pairing is None:
-        num = (fq @ fk.transpose(-1, -2)) * weight
-    else:
-        num = relative_scores(fq, fk, pairing) * weight
-    out = (num @ v.double()) / torch.where(sees, den, torch.ones_like(den))
-    return out.masked_fill(~sees, 0.0)
+    Rows that see no key are 0. q, k (B, H, N, d), v (B, H, N, dv), W (r, d); returns (B, H, N, dv) float64."""
+    return favor_attention_naive(q.double(), k.double(), v.double(), W.double(), causal=causal,
+                                 rotary=_rotary(pairing, W.shape[0]), key_padding_mask=key_padding_mask)
 
 
 # ---------------------------------------------------------------------------------------------- metric
@@ -211,21 +158,16 @@ def _run_performer(q, k, v, W, *, causal, mask, eps=None):
 
 def _method_fn(method: str, r: int):
     """A callable (q, k, v, W, causal, pairing, mask) -> out for ``method``."""
-    from linrope.functional import favor_attention
-    from linrope.rotary import RotaryEmbedding
-
-    def rotary(pairing):
-        return None if pairing is None else RotaryEmbedding(r, base=ROPE_BASE, interleaved=pairing == "interleaved")
-
     if method == "linrope":
         return lambda q, k, v, W, causal, pairing, mask: favor_attention(
-            q, k, v, W, causal=causal, rotary=rotary(pairing), key_padding_mask=mask)
+            q, k, v, W, causal=causal, rotary=_rotary(pairing, r), key_padding_mask=mask)
     if method == "linrope-c16g64":
         return lambda q, k, v, W, causal, pairing, mask: favor_attention(
-            q, k, v, W, causal=causal, rotary=rotary(pairing), key_padding_mask=mask, chunk_size=16, group_size=64)
+            q, k, v, W, causal=causal, rotary=_rotary(pairing, r), key_padding_mask=mask, chunk_size=16,
+            group_size=64)
     if method == "linrope-naive":
-        return lambda q, k, v, W, causal, pairing, mask: favor_attention_naive(
-            q, k, v, W, causal=causal, rotary=rotary(pairing), key_padding_mask=mask)
+        return lambda q, k, v, W, causal, pairing, mask: reference_eq19(
+            q, k, v, W, causal=causal, pairing=pairing, key_padding_mask=mask)
     if method == "performer-pytorch":
         return lambda q, k, v, W, causal, pairing, mask: _run_performer(q, k, v, W, causal=causal, mask=mask)
     if method == "performer-pytorch-eps0":
@@ -289,7 +231,7 @@ def _tables(rows: list[dict], header: list[str]) -> str:
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> None:
-    plt = plots._pyplot()
+    plt = plots.pyplot()
     ok = [r for r in rows if r["status"] == "ok"]
     panels = [c for c in (True, False) if any(r["causal"] == c for r in ok)] or [True]
     fig, axes = plt.subplots(2, len(panels), figsize=(6.5 * len(panels), 9), squeeze=False, sharex=True)
@@ -307,7 +249,7 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
                         continue
                     label = f"{method}, " + ("no RoPE" if pairing is None else f"RoPE {pairing}") + \
                         (", mask" if masked else "")
-                    kw = dict(color=plots._color(i), linestyle=styles[pairing], marker="s" if masked else "o",
+                    kw = dict(color=plots.color(i), linestyle=styles[pairing], marker="s" if masked else "o",
                               markersize=4, label=label)
                     xs = [r["sigma"] for r in line]
                     top.plot(xs, [min(max(r["worst"], 1e-16), INF_SHOWN) for r in line], **kw)

@@ -164,7 +164,7 @@ def decode_profile(lengths=DEFAULT_LENGTHS, kinds=KINDS, *, max_cache_gib: float
 
 def plot_decode(rows: list[dict], path: str | Path, title: str = "") -> None:
     """Two log-log panels against context length: per-token latency and decoding-state memory."""
-    plt = plots._pyplot()
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, kind in enumerate(sorted({r["kind"] for r in rows})):
         ok = [r for r in rows if r["kind"] == kind and r["status"] == "ok"]
@@ -172,8 +172,8 @@ def plot_decode(rows: list[dict], path: str | Path, title: str = "") -> None:
         label = {"linear": "LinearRotaryAttention (eq. 19 state)",
                  "softmax": "SoftmaxAttention (KVCache, concatenated)",
                  "softmax-prealloc": "softmax, preallocated cache (SDPA only)"}[kind]
-        axes[0].plot(xs, [r["token_ms"] for r in ok], "o-", color=plots._color(i), label=label)
-        axes[1].plot(xs, [r["state_bytes"] / 2**20 for r in ok], "o-", color=plots._color(i), label=label)
+        axes[0].plot(xs, [r["token_ms"] for r in ok], "o-", color=plots.color(i), label=label)
+        axes[1].plot(xs, [r["state_bytes"] / 2**20 for r in ok], "o-", color=plots.color(i), label=label)
     for ax, ylabel in zip(axes, ("ms per generated token", "decoding state (MiB)")):
         plots.log_axes(ax, "context length (tokens)", ylabel)
     axes[0].legend(fontsize=8)

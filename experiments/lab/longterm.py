@@ -81,7 +81,7 @@ from linrope.reference import linear_attention_naive
 from .data import LMTask, load_corpus
 from .mechanism import rope_frequencies, study_start
 from .models import VARIANTS, ByteLM, ModelConfig, T5Attention, t5_buckets
-from .plots import _pyplot, write_rows
+from .plots import pyplot, write_rows
 from .sweeps import PRESETS
 from .train import TrainConfig, train
 
@@ -504,7 +504,7 @@ def run(cfg: LongtermConfig, log=print) -> dict:
 def plot_bound(rows: list[dict], path: Path) -> None:
     """Left: the relative upper bound against Delta = 0..256 (linear axes, as the paper's Fig. 2); right: divided
     by its value at Delta = 0, log distance up to the largest Delta."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     styles = ["-", "--", "-"]
     for i, design in enumerate(dict.fromkeys(r["design"] for r in rows)):
@@ -531,7 +531,7 @@ def plot_bound(rows: list[dict], path: Path) -> None:
 def plot_kernel(curves: dict, deltas, brows: list[dict], path: Path, cfg: LongtermConfig) -> None:
     """Mean |ratio| (top) and median |ratio| (bottom) against Delta (log-log) for each kernel, independent (left)
     and aligned (right) content; the bound relative to Delta = 0 (d = 64) in gray for reference."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(14, 10), sharey=True)
     x = np.asarray(deltas)
     sel = x >= 1
@@ -572,7 +572,7 @@ def plot_trained(profiles: dict, path: Path, cfg: LongtermConfig) -> None:
     """Trained models (solid) and the same models at init (dotted), all layers, seed cfg.seeds[0]: mean |a| (top
     left), mean |a| (m+1) (top right), mean signed a (m+1) (bottom left), and mean |a| (m+1) per layer of
     trained models (bottom right). Distances in log bins (0..15 one by one)."""
-    plt = _pyplot()
+    plt = pyplot()
     seed = cfg.seeds[0]
     bins = _log_bins(cfg.length)
     xs = np.array([max((lo + hi) / 2, 0.5) for lo, hi in bins])

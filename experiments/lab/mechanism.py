@@ -1,80 +1,25 @@
-"""The mechanism of eq. 19, measured (issue 13 section 1): why RoPE on positive features selects positions weakly.
+"""Why RoPE on positive features (eq. 19) selects positions weakly: the kernel it can express, and what one
+attention layer learns with it (``experiments/mechanism.py``; results in the README and experiments/results/).
 
-Eq. 19 as a kernel of the distance
-----------------------------------
-Write each feature pair as a complex number z_i = phi_2i + i phi_2i+1 (i = 0 .. r/2-1, the interleaved pairs of
-``RotaryEmbedding``) and c_i = z_q,i conj(z_k,i). Under eq. 19 the numerator weight of a key at distance
-Delta = m - n >= 0 from the query is
+Kernel: with content-free queries and keys (the same q, k at every position), eq. 19 weighs a key at distance
+Delta = m - n by K(Delta) = Re sum_i c_i e^{i theta_i Delta}, c_i = z_q,i conj(z_k,i) over the feature pairs
+z_i = phi_2i + i phi_2i+1 (``kernel_from_attention`` checks it against ``linear_attention``). Positive features
+confine arg c_i to [-pi/2, pi/2] (Re c_i >= 0); pairing each feature with a copy of itself makes c real, so
+K(Delta) <= K(0) (``copy_pairing_check``).
 
-    K(Delta) = Re sum_i c_i e^{i theta_i Delta}  =  sum_i a_i cos(theta_i Delta) - b_i sin(theta_i Delta),
+Part (a), capacity: the best selectivity SNR = K(target)^2 / sum_(Delta != target) K(Delta)^2 over the N distances,
+for a frequency design (``DESIGNS``, optionally with a decay gamma^Delta) and a cone of c (``CONES``: 'positive',
+'free' for any phase, 'copy'). It is a cone-constrained least-squares problem (``cone_lstsq``: NNLS extended to
+free variables, checked against projected gradient and the KKT conditions). RoPE's low frequencies make the
+problem nearly singular, so it carries a ridge term (stated, with each solution's cancellation) instead of
+optima that only huge cancelling coefficients reach, which float32 features cannot represent.
 
-with a_i = Re c_i, b_i = Im c_i, and the (unrotated) normalizer counts every key with sum_i a_i. With content-free
-queries and keys (the same q, k at every position) c does not depend on the position, so K is a fixed function of
-Delta: a member of the span of the r/2 sinusoid pairs cos(theta_i Delta), sin(theta_i Delta). Positive features put
-every z in the closed first quadrant, so arg c_i lies in [-pi/2, pi/2], i.e. a_i = Re c_i >= 0, while b_i is free;
-every such c is reached by some pair of positive vectors. ``kernel_from_attention`` checks this formula against
-``linrope.functional.linear_attention``.
-
-Capacity: the selectivity problem (part a)
-------------------------------------------
-How well can one distance ``target`` (8) be singled out among the N (64) distances 0..N-1 a query at the end of the
-window sees? With decay gamma (1 for none) the kernel is gamma^Delta K(Delta) (on numerator and normalizer alike:
-the normalizer only scales the row, so it does not enter). As a matrix, y = A x with x = (a, b) in R^r and
-A[Delta] = gamma^Delta [cos(theta_i Delta) | -sin(theta_i Delta)] (N x r). The selectivity is
-
-    SNR(x) = y_target^2 / sum_{Delta != target} y_Delta^2,
-
-the power at the target over the power elsewhere (values are random tokens: the noise a readout sees is the sum
-of the other keys' values weighted by K). SNR is scale-free; its best value over a closed convex cone C is found by
-a least-squares projection (Moreau): with p = argmin_{x in C} ||A x - s e_target||^2, for s = +1 and s = -1 (a
-linear readout can flip a sign), ||A p||^2 = s e_target^T A p = rho and SNR* = rho / (1 - rho), the larger of the
-two signs. The cones:
-
-* ``positive``: a_i >= 0, b_i free (eq. 19 on positive features: arg c_i in [-pi/2, pi/2]);
-* ``free``: no constraint (a learned per-pair phase, or signed features);
-* ``copy``: b_i = 0, a_i >= 0 (each random feature paired with a copy of itself, z = phi_j (1 + i), so
-  c_i = 2 phi_q,j phi_k,j: real and >= 0).
-
-At base 10000 the low-frequency columns are nearly collinear (singular values of A fall to 1e-18 of the largest),
-so the unregularized optimum (``ridge=0``) relies on cancellations between coefficients 10^9 to 10^12 times
-K(target), which float32 features cannot represent and gradient descent never finds (and with any phase it is not
-even determined in float64). The problem is therefore solved with a ridge term, min_{x in C} ||A x - s e_target||^2
-+ ridge ||x||^2 (1e-4 by default: cancellations of at most ~10^2), stated with every number; the table reports
-the ``cancellation`` sum_j |x_j| / |K(target)| of each solution (1 = no cancellation at the target). The solver is
-Lawson-Hanson NNLS extended to free variables (``cone_lstsq``, float64, ridge by row augmentation) and checked
-against projected gradient (``cone_lstsq_pgd``) and by its KKT conditions.
-
-Copy pairing: with b = 0 and a >= 0, K(Delta) = sum_i a_i cos(theta_i Delta) <= sum_i a_i = K(0): no peak away
-from distance 0 (``copy_pairing_check`` verifies it through the library on random draws).
-
-The one-layer toys (part b and c)
----------------------------------
-``OneLayerToy``: tokens -> values v_n = E_v[x_n]; one causal attention head (``ATTENTIONS``); a linear readout of
-the attention output to the vocabulary. No residual, no MLP: the prediction at m is a function of the attention
-output alone. In the ``lookback`` toy (copy the token ``distance`` = 8 back, random symbols) the query and key are
-*content-free*: two learned vectors q0, k0 in R^d, the same at every position, so the attention pattern depends on
-(m, n) only and can select the target only through the positional mechanism under test (with no positions it is
-the running mean: chance). In the ``pair-recall`` toy q, k come from token embeddings (content lookup).
-
-Attention variants (one head, d = dim_head, r features, FAVOR+ projection drawn from the run's seed):
-
-* ``softmax-rope``: softmax, RoPE on q, k (d, base 10000);
-* ``linear-rope-inputs``: RoPE on q, k, then FAVOR+ (``favor_attention``);
-* ``linear-rope``: eq. 19, FAVOR+ features rotated by ``RotaryEmbedding(r)`` (``favor_attention(rotary=...)``);
-* ``linear-rope-copy``: eq. 19 on r/2 FAVOR+ features each paired with a copy of itself
-  (``favor_plus`` + ``linear_attention``, same state size r);
-* ``linear-rope-learned``: eq. 19 with a learned frequency theta_i per pair (initialised at base 10000) and a
-  learned per-pair phase psi_i applied to the numerator only: K(Delta) = Re sum_i c_i e^{i(theta_i Delta + psi_i)},
-  normalizer sum_i Re c_i as in eq. 19. ``linear-rope-theta`` learns theta alone, ``linear-rope-phase`` psi alone.
-  These run through the library's engine with ``rotary=LearnedRotary(r, 1)`` (``favor_plus`` + ``linear_attention``;
-  gradients reach theta and the phase); at its initial angles it equals ``favor_attention(rotary=RotaryEmbedding(r))``
-  (tested). (Before the engine learned angles, a quadratic module of this file computed the same, to 1e-16.)
-* ``linear-nope``: FAVOR+ with no positions (the floor in ``lookback``, a content-only baseline in recall);
-* ``linear-rope-c`` (lookback only): the content-free eq. 19 pattern K(m - n) / ((m + 1) sum_i Re c_i) with c learned
-  directly (Re c = softplus, Im c free): the whole kernel class of the positive cone, no feature map in the way;
-* ``linear-rope-optimum`` (lookback only): that pattern fixed at the SNR optimum of part (a); only the values and
-  the readout learn. Its accuracy is what the best full-window SNR buys, not an upper bound: the SNR is that of
-  the last query, while the accuracy averages queries that see 9 to 64 keys.
+Parts (b) and (c), toys (``OneLayerToy``): one causal attention head of a variant of the lab's one registry
+(``ATTENTIONS``, the toys' view of ``lab.models.ALL_VARIANTS``) and a linear readout, nothing else. In 'lookback'
+(copy the token ``distance`` back) q and k are learned content-free vectors, so only the positional mechanism
+can find the target; in 'pair-recall' they come from token embeddings. The toys' own variants: eq. 19 with copy
+pairing, with learned frequencies or phases alone, and the kernel alone ('linear-rope-c': c learned directly;
+'linear-rope-optimum': fixed at part (a)'s optimum). A decay variant decays by the toy's ``gamma``.
 """
 
 from __future__ import annotations
@@ -95,7 +40,8 @@ from linrope.functional import favor_attention, linear_attention, softmax_attent
 from linrope.rotary import LearnedRotary, RotaryEmbedding
 
 from .data import IGNORE, lookback, pair_recall
-from .plots import finite_stats, write_rows
+from .models import TOY_VARIANTS
+from .plots import finite_stats, pyplot, write_rows
 from .profiling import cpu_name as _profiling_cpu_name
 
 __all__ = [
@@ -416,21 +362,8 @@ def copy_pairing_check(*, draws: int = 200, r: int = 32, d: int = 16, n: int = 6
 
 
 # ============================================================================================ part (b): the toys
-ATTENTIONS = {
-    "softmax-rope": "softmax, RoPE on q and k",
-    "linear-rope-inputs": "RoPE on q and k, then FAVOR+",
-    "linear-rope": "eq. 19: FAVOR+ features rotated, normalizer unrotated",
-    "linear-rope-copy": "eq. 19 on r/2 features each paired with a copy of itself",
-    "linear-rope-learned": "eq. 19 with learned theta_i and a learned per-pair phase",
-    "linear-rope-theta": "eq. 19 with learned theta_i only",
-    "linear-rope-phase": "eq. 19 with a learned per-pair phase only",
-    "linear-nope": "FAVOR+, no positions",
-    "linear-rope-decay": "eq. 19 with a decay gamma^(m-n) on numerator and normalizer (RetNet's; gamma= in the spec)",
-    "linear-nope-decay": "FAVOR+ with the decay gamma^(m-n), no RoPE",
-    "linear-rope-c": "content-free only: eq. 19's kernel with c learned directly (Re c >= 0), no feature map",
-    "linear-rope-optimum": "content-free only: the fixed eq. 19 kernel K(m - n) of the selectivity optimum (Re c >= 0)",
-}
-POSITIONAL_ONLY = ("linear-rope-c", "linear-rope-optimum")  # kernels of the distance alone: 'lookback' only
+ATTENTIONS = TOY_VARIANTS  # the variants a one-head toy builds, from the one registry (``lab.models``)
+POSITIONAL_ONLY = tuple(name for name, v in ATTENTIONS.items() if v.kernel)  # kernels of the distance alone
 
 
 class ToyAttention(nn.Module):
@@ -441,29 +374,30 @@ class ToyAttention(nn.Module):
         super().__init__()
         if name not in ATTENTIONS:
             raise ValueError(f"attention: expected one of {sorted(ATTENTIONS)}, got {name!r}")
-        self.name, self.gamma = name, gamma
-        if name == "linear-rope-optimum":  # K(Delta) of the best c (base ``base``, r features), fixed
+        self.name, self.variant = name, ATTENTIONS[name]
+        self.gamma = gamma if self.variant.decay is not None else None  # one head: the toy's gamma, not multiscale
+        if self.variant.kernel == "optimum":  # K(Delta) of the best c (base ``base``, r features), fixed
             best = best_selectivity(rope_frequencies(r, base), n=n, target=target, cone="positive", ridge=ridge)
             self.register_buffer("kernel", torch.tensor(best["K"] / abs(best["K"][target]), dtype=torch.float32))
-        if name == "linear-rope-c":  # c_i = softplus(alpha_i) + i beta_i: the whole cone Re c > 0
+        if self.variant.kernel == "learned":  # c_i = softplus(alpha_i) + i beta_i: the whole cone Re c > 0
             self.alpha = nn.Parameter(torch.randn(r // 2))
             self.beta = nn.Parameter(torch.randn(r // 2))
             self.register_buffer("theta", torch.tensor(rope_frequencies(r, base), dtype=torch.float32))
         g = torch.Generator().manual_seed(seed)
-        rows = r // 2 if name == "linear-rope-copy" else r
+        rows = r // 2 if self.variant.copy_pairs else r
         self.register_buffer("projection", gaussian_orthogonal_matrix(rows, d, generator=g).float())
         self.rotary_d = RotaryEmbedding(d, base)
         self.rotary_r = RotaryEmbedding(r, base)
         self.learned = None
-        if name in ("linear-rope-learned", "linear-rope-theta", "linear-rope-phase"):
-            self.learned = LearnedRotary(r, 1, base, learn_theta=name != "linear-rope-phase",
-                                         learn_phase=name != "linear-rope-theta")
+        if self.variant.rope_learned:
+            self.learned = LearnedRotary(r, 1, base, learn_theta=self.variant.learn_theta,
+                                         learn_phase=self.variant.learn_phase)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        n = self.name
-        if n in POSITIONAL_ONLY:  # content-free eq. 19: weight K(m - n) / ((m + 1) sum_i Re c_i)
+        var = self.variant
+        if var.kernel:  # content-free eq. 19: weight K(m - n) / ((m + 1) sum_i Re c_i)
             N = q.shape[-2]
-            if n == "linear-rope-c":
+            if var.kernel == "learned":
                 a = F.softplus(self.alpha)
                 ang = torch.arange(N, dtype=torch.float32)[:, None] * self.theta
                 K = (a * ang.cos() - self.beta * ang.sin()).sum(-1) / a.sum()  # (N,) over Delta
@@ -472,23 +406,19 @@ class ToyAttention(nn.Module):
             delta = torch.arange(N)[:, None] - torch.arange(N)[None, :]
             w = torch.where(delta >= 0, K[delta.clamp(0, N - 1)], 0) / torch.arange(1, N + 1)[:, None]
             return w.to(v.dtype) @ v
-        if n == "softmax-rope":
-            return softmax_attention(q, k, v, causal=True, rotary=self.rotary_d)
-        if n == "linear-rope-inputs":
-            return favor_attention(self.rotary_d.rotate(q), self.rotary_d.rotate(k), v, self.projection, causal=True)
-        if n == "linear-rope":
-            return favor_attention(q, k, v, self.projection, causal=True, rotary=self.rotary_r)
-        if n == "linear-nope":
-            return favor_attention(q, k, v, self.projection, causal=True)
-        if n in ("linear-rope-decay", "linear-nope-decay"):
-            rot = self.rotary_r if n == "linear-rope-decay" else None
+        if var.kind == "softmax":
+            return softmax_attention(q, k, v, causal=True, rotary=self.rotary_d if var.rope == "inputs" else None)
+        if var.rope == "inputs":
+            q, k = self.rotary_d.rotate(q), self.rotary_d.rotate(k)
+        if not (var.copy_pairs or var.rope_learned):
+            rot = self.rotary_r if var.rope == "features" else None
             return favor_attention(q, k, v, self.projection, causal=True, rotary=rot, decay=self.gamma)
         qf, _ = favor_plus(q, self.projection, is_query=True)
         kf, ks = favor_plus(k, self.projection, is_query=False)
-        if n == "linear-rope-copy":
+        if var.copy_pairs:
             qf, kf = qf.repeat_interleave(2, -1), kf.repeat_interleave(2, -1)
-            return linear_attention(qf, kf, v, causal=True, rotary=self.rotary_r, k_logscale=ks)
-        return linear_attention(qf, kf, v, causal=True, rotary=self.learned, k_logscale=ks)
+        rot = self.rotary_r if var.copy_pairs else self.learned
+        return linear_attention(qf, kf, v, causal=True, rotary=rot, k_logscale=ks, decay=self.gamma)
 
 
 @dataclass
@@ -735,17 +665,10 @@ def toy_markdown(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_capacity(path, *, rs=(32, 64, 128), n=64, target=8, ridge=1e-4) -> None:
     """One panel per design (and copy pairing): the optimal K(Delta) / |K(target)| for each r (positive cone,
     solid) and, for r = 32, the free-phase optimum (dashed)."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = [(name, des, "positive") for name, des in DESIGNS.items()] + [("copy pairing (base 10000)",
                                                                            DESIGNS["base 10000"], "copy")]
     fig, axes = plt.subplots(2, 3, figsize=(15, 7.5), sharex=True)
@@ -802,7 +725,7 @@ def plot_toys(results: list[dict], path, *, chance: float, optimum: dict | None 
     Top right: accuracy against step (mean, band min-max). Bottom left: the trained last-query weights over distance
     (seed 0) of a few attentions, divided by w(8), with the optimum of the selectivity problem. Bottom right:
     the pair-recall toy against step."""
-    plt = _pyplot()
+    plt = pyplot()
     cmap = plt.get_cmap("tab20")
     label = lambda r: r.get("label", r["config"]["attention"])  # noqa: E731
     lb = [r for r in results if r["config"]["task"] == "lookback"]

@@ -24,15 +24,17 @@ from linrope.features import FEATURE_MAPS, redraw_projections
 
 from .checks import check_int, check_number
 
-__all__ = ["Variant", "VARIANTS", "CORE_VARIANTS", "T5Attention", "t5_buckets", "ModelConfig", "RMSNorm", "MLP",
-           "Block", "ByteLM", "sinusoidal_positions", "sequence_parallel_refusal"]
+__all__ = ["Variant", "ALL_VARIANTS", "VARIANTS", "TOY_VARIANTS", "CORE_VARIANTS", "T5Attention", "t5_buckets",
+           "ModelConfig", "RMSNorm", "MLP", "Block", "ByteLM", "sinusoidal_positions", "sequence_parallel_refusal",
+           "rank_offset"]
 
 VOCAB_SIZE = 256  # bytes
 
 
 @dataclass(frozen=True)
 class Variant:
-    """How one named attention variant is built."""
+    """How one named attention variant is built, by the byte LM (``make_attention``) and by the one-head toys
+    (``lab.mechanism.ToyAttention``); ``in_models`` and ``in_toys`` say which can build it."""
 
     kind: str                        # 'softmax' or 'linear'
     rope: str | None                 # the layers' ``rope=`` argument
@@ -43,9 +45,24 @@ class Variant:
     t5: bool = False                 # softmax only: T5's bucketed relative bias on the logits (Raffel et al. 2020)
     decay: str | float | None = None  # linear only: the layers' ``decay=`` (RetNet's 'multiscale', or gamma)
     rope_learned: bool = False       # linear, rope='features': learned frequencies and phases (``LearnedRotary``)
+    learn_theta: bool = True         # with rope_learned: the frequencies learn (toys only: one without the other)
+    learn_phase: bool = True         # with rope_learned: the phases learn
+    copy_pairs: bool = False         # toys only: eq. 19 on r/2 features, each paired with a copy of itself
+    kernel: str | None = None        # toys only, content-free: eq. 19's kernel of the distance alone, no feature
+                                     # map: 'learned' (c learned directly) or 'optimum' (fixed at the SNR optimum)
+
+    @property
+    def in_models(self) -> bool:
+        """Whether ``make_attention`` builds it (a layer of the library)."""
+        return self.kernel is None and not self.copy_pairs and self.learn_theta and self.learn_phase
+
+    @property
+    def in_toys(self) -> bool:
+        """Whether a one-head toy builds it: positions only through the attention, eq. 19's normalizer unrotated."""
+        return not (self.absolute or self.learned or self.t5 or self.rotate_normalizer)
 
 
-VARIANTS: dict[str, Variant] = {
+ALL_VARIANTS: dict[str, Variant] = {
     "softmax-rope": Variant("softmax", "inputs", absolute=False,
                             about="softmax attention, RoPE on q and k: the quality ceiling"),
     "softmax-abs": Variant("softmax", None, absolute=True,
@@ -84,7 +101,23 @@ VARIANTS: dict[str, Variant] = {
     "softmax-t5": Variant("softmax", None, absolute=False, t5=True,
                           about="baseline: softmax attention, T5's bucketed relative bias (no place in linear "
                                 "attention)"),
+    # the one-head toys' own mechanisms (lab.mechanism), which no layer of the library builds
+    "linear-rope-copy": Variant("linear", "features", absolute=False, copy_pairs=True,
+                                about="eq. 19 on r/2 features each paired with a copy of itself"),
+    "linear-rope-theta": Variant("linear", "features", absolute=False, rope_learned=True, learn_phase=False,
+                                 about="eq. 19 with learned frequencies theta_i only"),
+    "linear-rope-phase": Variant("linear", "features", absolute=False, rope_learned=True, learn_theta=False,
+                                 about="eq. 19 with a learned per-pair phase only"),
+    "linear-rope-c": Variant("linear", "features", absolute=False, kernel="learned",
+                             about="content-free only: eq. 19's kernel with c learned directly (Re c >= 0), no "
+                                   "feature map"),
+    "linear-rope-optimum": Variant("linear", "features", absolute=False, kernel="optimum",
+                                   about="content-free only: the fixed eq. 19 kernel K(m - n) of the selectivity "
+                                         "optimum (Re c >= 0)"),
 }
+# one registry, two views: what the byte LM builds (every script's --variants) and what the toys build
+VARIANTS = {name: v for name, v in ALL_VARIANTS.items() if v.in_models}
+TOY_VARIANTS = {name: v for name, v in ALL_VARIANTS.items() if v.in_toys}
 # the variants the presets and the synthetic tasks run by default: eq. 19, its comparisons and the ablation; the
 # position baselines above are there to be named (``--variants softmax-learned,...``)
 CORE_VARIANTS = ("softmax-rope", "softmax-abs", "linear-rope", "linear-rope-inputs", "linear-abs", "linear-nope",

@@ -25,7 +25,7 @@ import tempfile
 import torch
 
 from . import profiling
-from .plots import log_axes, write_rows
+from .plots import log_axes, pyplot, write_rows
 from .train import sequence_slice
 
 __all__ = ["CASE", "RUNNER", "SHAPE", "MODES", "case_sequence_parallel", "sequence_parallel_profile", "ratios",
@@ -161,10 +161,7 @@ def ratios(records) -> list[dict]:
 
 
 def _plot(records, path: str, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
     modes = [m for m in MODES if any(_mode(r) == m for r in records)]
     style = {"fwd+bwd": "-", "fwd": "--"}

@@ -13,13 +13,15 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["read_rows", "write_rows", "plot_curves", "plot_accuracy_vs_length", "plot_extrapolation",
-           "finite_stats", "log_axes"]
+__all__ = ["pyplot", "color", "read_rows", "write_rows", "plot_curves", "plot_accuracy_vs_length",
+           "plot_extrapolation", "finite_stats", "log_axes"]
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display needed), imported on first use: the lab's
+    only way to it, so that importing a lab module never needs matplotlib."""
     import matplotlib
-    matplotlib.use("Agg")  # files only, no display needed
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
@@ -59,8 +61,9 @@ def finite_stats(values: list[float]) -> dict:
     return {"mean": sum(finite) / len(finite), "std": std, "min": min(finite), "max": max(finite)}
 
 
-def _color(i: int):
-    return _pyplot().get_cmap("tab10")(i % 10)
+def color(i: int):
+    """The i-th color of the lab's figures (tab10, cycling)."""
+    return pyplot().get_cmap("tab10")(i % 10)
 
 
 def _mean_band(ax, xs, groups: list[list[float]], color, label: str | None, fmt: str = "-", band: bool = True):
@@ -90,7 +93,7 @@ def _save(fig, path: str | Path, axes=(), title: str = "") -> None:
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 def plot_curves(rows: list[dict], path: str | Path, *, metric: str = "bpb", title: str = "",
@@ -98,7 +101,7 @@ def plot_curves(rows: list[dict], path: str | Path, *, metric: str = "bpb", titl
     """One column per sequence length: validation ``metric`` (top) and training loss in the same units (bottom,
     bits per byte for ``metric='bpb'``, nats otherwise) against step, one line per variant (mean over seeds, band
     min..max). ``reference`` draws a dotted horizontal line (e.g. the unigram entropy)."""
-    plt = _pyplot()
+    plt = pyplot()
     lengths = sorted({r["length"] for r in rows})
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     fig, axes = plt.subplots(2, len(lengths), figsize=(max(7.0, 5.5 * len(lengths)), 7.5), squeeze=False,
@@ -120,7 +123,7 @@ def plot_curves(rows: list[dict], path: str | Path, *, metric: str = "bpb", titl
                     continue
                 steps = sorted(curve)
                 label = f"{variant} ({len(seeds)} seed{'s' * (len(seeds) != 1)})"
-                _mean_band(ax, steps, [curve[s] for s in steps], _color(i), label, band=len(seeds) > 1)
+                _mean_band(ax, steps, [curve[s] for s in steps], color(i), label, band=len(seeds) > 1)
             if reference is not None and split == "val":
                 ax.axhline(reference, color="gray", linestyle=":", label=reference_label)
             unit = ("bits per byte" if metric == "bpb" else "loss (nats)") if split == "train" else metric
@@ -149,7 +152,7 @@ def plot_accuracy_vs_length(rows: list[dict], path: str | Path, *, title: str = 
                             chance: float | None = None) -> None:
     """Final accuracy (``rows``: one per variant, length, seed with ``accuracy``) against sequence length, one
     line per variant (mean over seeds, band min..max)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for i, variant in enumerate(dict.fromkeys(r["variant"] for r in rows)):
         by_len: dict[int, list[float]] = defaultdict(list)
@@ -157,7 +160,7 @@ def plot_accuracy_vs_length(rows: list[dict], path: str | Path, *, title: str = 
             if r["variant"] == variant:
                 by_len[int(r["length"])].append(float(r["accuracy"]))
         lengths = sorted(by_len)
-        _mean_band(ax, lengths, [by_len[n] for n in lengths], _color(i), variant, "o-")
+        _mean_band(ax, lengths, [by_len[n] for n in lengths], color(i), variant, "o-")
     if chance is not None:
         ax.axhline(chance, color="gray", linestyle=":", label="chance")
     ax.set_xscale("log", base=2)
@@ -171,7 +174,7 @@ def plot_accuracy_vs_length(rows: list[dict], path: str | Path, *, title: str = 
 def plot_by_distance(rows: list[dict], path: str | Path, *, chance: float | None = None, title: str = "") -> None:
     """Accuracy against query-key distance, one panel per length (``rows``: variant, length, seed, start, end,
     accuracy); lines are means over seeds at each bucket's middle, bands min..max."""
-    plt = _pyplot()
+    plt = pyplot()
     lengths = sorted({int(r["length"]) for r in rows})
     fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.5), squeeze=False)
     for ax, n in zip(axes[0], lengths):
@@ -182,7 +185,7 @@ def plot_by_distance(rows: list[dict], path: str | Path, *, chance: float | None
                     by[(int(r["start"]) + int(r["end"])) / 2].append(float(r["accuracy"]))
             xs = sorted(by)
             if xs:
-                _mean_band(ax, xs, [by[x] for x in xs], _color(i), variant, "o-")
+                _mean_band(ax, xs, [by[x] for x in xs], color(i), variant, "o-")
         if chance is not None:
             ax.axhline(chance, color="gray", linestyle=":", label="chance")
         ax.set_xlabel("distance from the query to its pair")
@@ -196,7 +199,7 @@ def plot_extrapolation(rows: list[dict], bucket_rows: list[dict], path: str | Pa
     Middle: bpb by position bucket at the longest evaluation length (``bucket_rows``: variant, eval_length, seed,
     start, end, bpb). Right, when bucket rows carry ``attn_rms``: the attention outputs' RMS by position bucket at
     that length (dilution). Lines are means over seeds, bands min..max."""
-    plt = _pyplot()
+    plt = pyplot()
     rms = bool(bucket_rows) and all("attn_rms" in r for r in bucket_rows)
     fig, axes = plt.subplots(1, 3 if rms else 2, figsize=(18 if rms else 12, 4.5))
     left, right = axes[0], axes[1]
@@ -209,7 +212,7 @@ def plot_extrapolation(rows: list[dict], bucket_rows: list[dict], path: str | Pa
                 if r["variant"] == variant and r["train_length"] == train_len:
                     by_len[int(r["eval_length"])].append(float(r["bpb"]))
             lengths = sorted(by_len)
-            _mean_band(left, lengths, [by_len[n] for n in lengths], _color(i), f"{variant} (trained at {train_len})",
+            _mean_band(left, lengths, [by_len[n] for n in lengths], color(i), f"{variant} (trained at {train_len})",
                        "o-")
         for ax, column in ((right, "bpb"), (axes[2], "attn_rms")) if rms else ((right, "bpb"),):
             buckets: dict[int, list[float]] = defaultdict(list)
@@ -218,7 +221,7 @@ def plot_extrapolation(rows: list[dict], bucket_rows: list[dict], path: str | Pa
                     buckets[int(r["end"])].append(float(r[column]))
             if buckets:
                 ends = sorted(buckets)
-                _mean_band(ax, ends, [buckets[e] for e in ends], _color(i), variant, "o-")
+                _mean_band(ax, ends, [buckets[e] for e in ends], color(i), variant, "o-")
     for i, n in enumerate(sorted({int(r["train_length"]) for r in rows})):
         for ax in axes[1:]:
             ax.axvline(n, color="gray", linestyle=":", label="training length" if i == 0 else None)

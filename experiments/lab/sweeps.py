@@ -88,9 +88,10 @@ def listing(title: str, items) -> str:
     return "\n".join([f"{title}:"] + [f"  {name:<{width}}  {about}".rstrip() for name, about in items.items()])
 
 
-def variant_listing() -> str:
-    """The attention variants, one a line with what each builds (the epilog of the scripts that take them)."""
-    return listing("variants", {name: v.about for name, v in VARIANTS.items()})
+def variant_listing(variants: dict | None = None, title: str = "variants") -> str:
+    """Attention variants (default: the byte LM's, ``VARIANTS``), one a line with what each builds (the epilog of
+    the scripts that take them)."""
+    return listing(title, {name: v.about for name, v in (VARIANTS if variants is None else variants).items()})
 
 
 def add_synthetic_arguments(parser, *, out: str, seeds: str, steps: int) -> None:

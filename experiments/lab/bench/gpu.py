@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..plots import log_axes, write_rows
+from ..plots import log_axes, pyplot, write_rows
 from ..profiling import Record, measure, run_series
 from .cases import case_linrope, case_sdpa
 from .memory import pick_series
@@ -132,10 +132,7 @@ def sync_sites(fn) -> list[str]:
 
 
 def _plot(records: list[Record], path: str, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for name in dict.fromkeys(r.params["series"] for r in records):
         pts = [(r.params["n"], r.seconds, r.peak_mib) for r in records if r.params["series"] == name

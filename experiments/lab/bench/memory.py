@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..plots import log_axes, write_rows
+from ..plots import log_axes, pyplot, write_rows
 from ..profiling import Record, machine, run_series
 from .cases import CASES
 
@@ -59,10 +59,7 @@ def memory_profile(lengths, series=None, modes=("fwd", "fwd+bwd"), with_peers=Fa
 
 def plot_profile(records: list[Record], path: str, title: str = "") -> None:
     """Log-log peak memory and time against N, one panel per (quantity, mode)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     modes = sorted({r.params["mode"] for r in records}, key=lambda m: m != "fwd")
     fig, axes = plt.subplots(2, len(modes), figsize=(6.5 * len(modes), 9), squeeze=False)
     names = list(dict.fromkeys(r.params["series"] for r in records))
