@@ -9,7 +9,7 @@ preallocated cache would (SDPA over the cache, no copy). Writes decode.csv, deco
 
 import argparse
 
-from lab.decode import DEFAULT_LENGTHS, KINDS, decode_profile, write_decode
+from lab.decode import DEFAULT_LENGTHS, KINDS, decode_profile, decode_table, point_line, write_decode
 from lab.sweeps import parse_list, run_script
 
 
@@ -27,37 +27,11 @@ def main():
     args = p.parse_args()
 
     def run():
-        lengths = parse_list(args.lengths, int, "lengths")
-        kinds = parse_list(args.kinds, str, "kinds")
-        if any(n < 1 for n in lengths):
-            raise ValueError(f"lengths: expected positive integers, got {lengths}")
-        if any(k not in KINDS for k in kinds):
-            raise ValueError(f"kinds: expected names from {KINDS}, got {kinds}")
-        if args.tokens < 1:
-            raise ValueError(f"tokens: expected an integer >= 1, got {args.tokens}")
-
-        def show(r):
-            if r["status"] != "ok":
-                print(f"{r['kind']:<8} L={r['length']:<8} {r['status']}", flush=True)
-            else:
-                print(f"{r['kind']:<8} L={r['length']:<8} {r['token_ms']:8.3f} ms/token  state "
-                      f"{r['state_bytes'] / 2**20:10.2f} MiB  (reached in {r['build_s']:.1f} s)", flush=True)
-
-        rows = decode_profile(lengths, kinds, max_cache_gib=args.max_cache_gib, on_point=show, dim=args.dim,
-                              heads=args.heads, dim_head=args.dim_head, nb_features=args.nb_features,
+        rows = decode_profile(parse_list(args.lengths, int, "lengths"), parse_list(args.kinds, str, "kinds"),
+                              max_cache_gib=args.max_cache_gib, on_point=lambda r: print(point_line(r), flush=True),
+                              dim=args.dim, heads=args.heads, dim_head=args.dim_head, nb_features=args.nb_features,
                               tokens=args.tokens)
-        print("\n| context | linear ms/token | softmax ms/token (concat / prealloc) | linear / softmax time (concat / "
-              "prealloc) | linear state | softmax cache |")
-        print("|---:|---:|---:|---:|---:|---:|")
-        f3 = "{:.3f}".format
-        for n in sorted({r["length"] for r in rows}):
-            got = {r["kind"]: r for r in rows if r["length"] == n and r["status"] == "ok"}
-            cell = lambda kind, key, f: f(got[kind][key]) if key in got.get(kind, {}) else "—"  # noqa: E731
-            print(f"| {n} | {cell('linear', 'token_ms', f3)} | {cell('softmax', 'token_ms', f3)} / "
-                  f"{cell('softmax-prealloc', 'token_ms', f3)} | {cell('linear', 'token_vs_softmax', f3)} / "
-                  f"{cell('linear', 'token_vs_prealloc', f3)} | "
-                  f"{cell('linear', 'state_bytes', lambda b: f'{b / 2**20:.2f} MiB')} | "
-                  f"{cell('softmax', 'state_bytes', lambda b: f'{b / 2**20:.1f} MiB')} |")
+        print("\n" + decode_table(rows))
         print(f"wrote {write_decode(rows, args.out, vars(args))}")
 
     run_script(p, run)

@@ -32,9 +32,11 @@ from linrope.attention import KVCache, LinearRotaryAttention, SoftmaxAttention
 from linrope.functional import AttentionState
 
 from . import plots
+from .checks import check_int, is_int
 from .profiling import machine
 
-__all__ = ["DEFAULT_LENGTHS", "KINDS", "state_bytes", "build_layer", "decode_point", "decode_profile", "plot_decode"]
+__all__ = ["DEFAULT_LENGTHS", "KINDS", "state_bytes", "build_layer", "decode_point", "decode_profile", "point_line",
+           "decode_table", "plot_decode", "write_decode"]
 
 DEFAULT_LENGTHS = (1024, 4096, 16384, 65536, 262144, 1048576)
 KINDS = ("linear", "softmax", "softmax-prealloc")
@@ -133,7 +135,14 @@ def _prealloc_step(layer: SoftmaxAttention, cache: KVCache):
 
 def decode_profile(lengths=DEFAULT_LENGTHS, kinds=KINDS, *, max_cache_gib: float = 6.0,
                    on_point=None, **kwargs) -> list[dict]:
-    """Points for every kind and length; a softmax cache larger than ``max_cache_gib`` is skipped (recorded)."""
+    """Points for every kind and length; a softmax cache larger than ``max_cache_gib`` is skipped (recorded).
+    ``on_point(row)`` sees each row as it ends (``point_line`` prints one); ``kwargs`` go to ``decode_point``."""
+    if not lengths or any(not is_int(n) or n < 1 for n in lengths):
+        raise ValueError(f"lengths: expected positive integers, got {list(lengths)}")
+    if not kinds or any(k not in KINDS for k in kinds):
+        raise ValueError(f"kinds: expected names from {KINDS}, got {list(kinds)}")
+    if "tokens" in kwargs:
+        check_int("tokens", kwargs["tokens"])
     rows = []
     for length in sorted(lengths):
         for kind in kinds:
@@ -160,6 +169,34 @@ def decode_profile(lengths=DEFAULT_LENGTHS, kinds=KINDS, *, max_cache_gib: float
                 r[f"token_vs_{key}"] = r["token_ms"] / other["token_ms"]
                 r[f"state_vs_{key}"] = r["state_bytes"] / other["state_bytes"]
     return rows
+
+
+def point_line(row: dict) -> str:
+    """One line for one point of ``decode_profile`` (its progress as the points end)."""
+    head = f"{row['kind']:<8} L={row['length']:<8}"
+    if row["status"] != "ok":
+        return f"{head} {row['status']}"
+    return (f"{head} {row['token_ms']:8.3f} ms/token  state {row['state_bytes'] / 2**20:10.2f} MiB  "
+            f"(reached in {row['build_s']:.1f} s)")
+
+
+def decode_table(rows: list[dict]) -> str:
+    """The markdown table of ``decode_profile``'s rows, a line per context length ('—' where a point is missing)."""
+    def cell(got: dict, kind: str, key: str, fmt: str, unit: str = "") -> str:
+        return format(got[kind][key], fmt) + unit if key in got.get(kind, {}) else "—"
+
+    lines = ["| context | linear ms/token | softmax ms/token (concat / prealloc) | linear / softmax time (concat / "
+             "prealloc) | linear state | softmax cache |", "|---:|---:|---:|---:|---:|---:|"]
+    for n in sorted({r["length"] for r in rows}):
+        got = {r["kind"]: dict(r, state_mib=r["state_bytes"] / 2**20) for r in rows
+               if r["length"] == n and r["status"] == "ok"}
+        lines.append(f"| {n} | {cell(got, 'linear', 'token_ms', '.3f')} | {cell(got, 'softmax', 'token_ms', '.3f')} / "
+                     f"{cell(got, 'softmax-prealloc', 'token_ms', '.3f')} | "
+                     f"{cell(got, 'linear', 'token_vs_softmax', '.3f')} / "
+                     f"{cell(got, 'linear', 'token_vs_prealloc', '.3f')} | "
+                     f"{cell(got, 'linear', 'state_mib', '.2f', ' MiB')} | "
+                     f"{cell(got, 'softmax', 'state_mib', '.1f', ' MiB')} |")
+    return "\n".join(lines)
 
 
 def plot_decode(rows: list[dict], path: str | Path, title: str = "") -> None:
