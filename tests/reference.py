@@ -5,17 +5,37 @@ import math
 import torch
 
 
+def rotation_from_angles(angles, interleaved=True):
+    """Explicit block-diagonal rotations (..., r, r), float64, turning pair i by ``angles[..., i]`` (..., r/2):
+    pairs (2i, 2i+1) or, not ``interleaved``, (i, i + r/2). Differentiable in the angles."""
+    angles = torch.as_tensor(angles, dtype=torch.float64)
+    half = angles.shape[-1]
+    R = torch.zeros(*angles.shape[:-1], 2 * half, 2 * half, dtype=torch.float64)
+    for i in range(half):
+        a, b = (2 * i, 2 * i + 1) if interleaved else (i, i + half)
+        cos, sin = torch.cos(angles[..., i]), torch.sin(angles[..., i])
+        R[..., a, a], R[..., a, b] = cos, -sin
+        R[..., b, a], R[..., b, b] = sin, cos
+    return R
+
+
 def rotation_matrices(positions, dim, base=10000.0, interleaved=True, scale=1.0):
     """Explicit block-diagonal R_m (len(positions), dim, dim), float64, from the paper's definition."""
     positions = torch.as_tensor(positions, dtype=torch.float64)
-    R = torch.zeros(len(positions), dim, dim, dtype=torch.float64)
-    for i in range(dim // 2):
-        theta = base ** (-2 * i / dim)
-        a, b = (2 * i, 2 * i + 1) if interleaved else (i, i + dim // 2)
-        ang = positions * theta / scale
-        R[:, a, a], R[:, a, b] = torch.cos(ang), -torch.sin(ang)
-        R[:, b, a], R[:, b, b] = torch.sin(ang), torch.cos(ang)
-    return R
+    theta = torch.tensor([base ** (-2 * i / dim) for i in range(dim // 2)], dtype=torch.float64)
+    return rotation_from_angles(positions[:, None] * theta / scale, interleaved)
+
+
+def decay_weights(gammas, positions):
+    """RetNet's decay written out: gamma_h^(p_m - p_n) for n <= m and 0 above the diagonal, (H, N, N) float64."""
+    p = torch.as_tensor(positions, dtype=torch.float64)
+    gammas = torch.as_tensor(gammas, dtype=torch.float64)
+    N = len(p)
+    w = torch.zeros(len(gammas), N, N, dtype=torch.float64)
+    for m in range(N):
+        for n in range(m + 1):
+            w[:, m, n] = gammas ** (p[m] - p[n])
+    return w
 
 
 def favor_features(x, W, shift=0.0):
@@ -91,19 +111,29 @@ def eq19(qf, kf, v, *, causal, R=None, mask=None):
     sum_n (R_m qf_m).(R_n kf_n) v_n / sum_n qf_m.kf_n, no stabilizer, no clamp; rows whose normalizer is 0 (they
     see no key) are 0. Absolute rotations: exact only while |qf| |kf| / qf.kf stays far below 1e16 (moderate
     feature ranges); ``eq19_relative`` holds at any scale."""
+    N = qf.shape[2]
+    tri = torch.ones(N, N, dtype=torch.float64).tril() if causal else None
+    return eq19_weighted(qf, kf, v, Rq=R, Rk=R, weights=tri, mask=mask)
+
+
+def eq19_weighted(qf, kf, v, *, Rq=None, Rk=None, weights=None, mask=None, rotated_normalizer=False):
+    """eq. 19 in float64 with each term weighted: out_m = sum_n w_mn (Rq_m qf_m).(Rk_n kf_n) v_n /
+    sum_n w_mn qf_m.kf_n, 0 where the normalizer is 0.
+
+    Rq, Rk: explicit rotations (N, r, r), or (H, N, r, r) per head (learned angles: queries and keys turn by
+    their own), None for none; ``weights`` (N, N) or (H, N, N): the causal mask, times gamma^(m-n) for a decay
+    (``decay_weights``), None for all ones; ``mask`` (B, N) drops keys. ``rotated_normalizer``: the ablation that
+    rotates the normalizer too, sum_n w_mn (Rq_m qf_m).(Rk_n kf_n).
+    """
     qf, kf, v = qf.double(), kf.double(), v.double()
     if mask is not None:
         kf = kf * mask[:, None, :, None]
-    den = qf @ kf.transpose(-1, -2)
-    if R is not None:
-        rq = torch.einsum("nij,bhnj->bhni", R.double(), qf)
-        rk = torch.einsum("nij,bhnj->bhni", R.double(), kf)
-        num = rq @ rk.transpose(-1, -2)
-    else:
-        num = den
-    if causal:
-        tri = torch.ones(qf.shape[2], qf.shape[2], dtype=torch.bool).tril()
-        num, den = num * tri, den * tri
+    rq = qf if Rq is None else torch.einsum("...ij,...j->...i", Rq.double(), qf)
+    rk = kf if Rk is None else torch.einsum("...ij,...j->...i", Rk.double(), kf)
+    num = rq @ rk.transpose(-1, -2)
+    den = num if rotated_normalizer else qf @ kf.transpose(-1, -2)
+    if weights is not None:
+        num, den = num * weights, den * weights
     den = den.sum(-1, keepdim=True)
     return ((num @ v) / torch.where(den == 0, 1, den)).masked_fill(den == 0, 0)
 
