@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from lab import parallel_profile
 from lab.bench import PROFILE_SERIES, memory_profile, merge_profile, peers_available, read_profile, write_profile
+from lab.bench.memory import profile_line
 from lab.sweeps import listing
 
 
@@ -56,10 +57,8 @@ def main():
     bar.close()
     if args.update:
         records = merge_profile(read_profile(args.out), records)
-    for r in write_profile(records, args.out, {"args": vars(args)}):
-        s = "" if r["seconds"] is None else f"{r['seconds']:.3f} s"
-        m = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f} MiB"
-        print(f"{r['series']:<38} {r['mode']:<8} N={r['n']:<7} {s:>10} {m:>10}  {r['status']}")
+    for row in write_profile(records, args.out, {"args": vars(args)}):
+        print(profile_line(row))
 
 
 def sequence_parallel(p, args):
@@ -77,13 +76,7 @@ def sequence_parallel(p, args):
         p.error(str(e))
     bar.close()
     parallel_profile.write_sequence_parallel_profile(records, out, {"args": vars(args)})
-    for r in records:
-        s = "" if r.seconds is None else f"{r.seconds:.3f} s"
-        m = "" if r.peak_mib is None else f"{r.peak_mib:.0f} MiB"
-        print(f"{r.params['mode']:<8} P={r.params['ranks']:<3} N={r.params['n']:<7} {s:>10} {m:>10}  {r.status}")
-    for row in parallel_profile.ratios(records):
-        print(f"{row['mode']:<8} N={row['n']:<7} P={row['ranks']}/P=1: memory per rank x{row['memory_ratio']:.3f}, "
-              f"time x{row['time_ratio']:.3f}")
+    print("\n".join(parallel_profile.summary_lines(records)))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from .plots import log_axes, pyplot, write_rows
 from .train import sequence_slice
 
 __all__ = ["CASE", "RUNNER", "SHAPE", "MODES", "case_sequence_parallel", "sequence_parallel_profile", "ratios",
-           "write_sequence_parallel_profile", "read_sequence_parallel_profile"]
+           "summary_lines", "write_sequence_parallel_profile", "read_sequence_parallel_profile"]
 
 CASE = "lab.parallel_profile:case_sequence_parallel"
 RUNNER = "lab.parallel_profile"
@@ -158,6 +158,18 @@ def ratios(records) -> list[dict]:
                          "memory_ratio": r.peak_mib / b.peak_mib if b.peak_mib else math.nan,
                          "time_ratio": r.seconds / b.seconds if b.seconds else math.nan})
     return rows
+
+
+def summary_lines(records) -> list[str]:
+    """A line per point (mode, P, N, seconds, peak MiB per rank, status), then a line per ratio of ``ratios``."""
+    lines = []
+    for r in records:
+        lines.append(f"{r.params['mode']:<8} P={r.params['ranks']:<3} N={r.params['n']:<7} "
+                     f"{profiling.time_and_peak(r.seconds, r.peak_mib)}  {r.status}")
+    for row in ratios(records):
+        lines.append(f"{row['mode']:<8} N={row['n']:<7} P={row['ranks']}/P=1: memory per rank "
+                     f"x{row['memory_ratio']:.3f}, time x{row['time_ratio']:.3f}")
+    return lines
 
 
 def _plot(records, path: str, title: str) -> None:

@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 
 __all__ = ["Record", "median_time", "measure", "run_point", "run_series", "rss_bytes", "cpu_name", "machine",
-           "vector_extensions", "MachineInfo", "machine_info", "lab_env"]
+           "vector_extensions", "MachineInfo", "machine_info", "lab_env", "time_and_peak"]
 
 MIB = 2**20
 
@@ -126,6 +126,13 @@ def _load(case: str) -> Callable:
     if not name:
         raise ValueError(f"case: expected 'module:function', got {case!r}")
     return getattr(importlib.import_module(module), name)
+
+
+def time_and_peak(seconds: float | None, peak_mib: float | None) -> str:
+    """'  0.123 s    456 MiB' (right-aligned columns, blank where not measured), for the lines of a profile."""
+    t = "" if seconds is None else f"{seconds:.3f} s"
+    m = "" if peak_mib is None else f"{peak_mib:.0f} MiB"
+    return f"{t:>10} {m:>10}"
 
 
 def lab_env() -> dict:

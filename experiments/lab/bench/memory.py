@@ -9,10 +9,11 @@ import json
 import os
 
 from ..plots import log_axes, pyplot, write_rows
-from ..profiling import Record, machine, run_series
+from ..profiling import Record, machine, run_series, time_and_peak
 from .cases import CASES
 
-__all__ = ["PROFILE_SERIES", "pick_series", "memory_profile", "plot_profile", "write_profile", "read_profile", "merge_profile"]
+__all__ = ["PROFILE_SERIES", "pick_series", "memory_profile", "plot_profile", "write_profile", "profile_line",
+           "read_profile", "merge_profile"]
 
 
 PROFILE_SERIES = {
@@ -91,6 +92,12 @@ def write_profile(records: list[Record], out: str, meta: dict | None = None) -> 
         json.dump({"machine": machine(), **(meta or {}), "records": [r.to_dict() for r in records]}, f, indent=1)
     plot_profile(records, os.path.join(out, "memory.png"), f"{machine()}; B=1 H=8 d=64 r=256 float32")
     return rows
+
+
+def profile_line(row: dict) -> str:
+    """One line for a row of ``write_profile``: series, mode, N, seconds, peak MiB and status."""
+    return (f"{row['series']:<38} {row['mode']:<8} N={row['n']:<7} {time_and_peak(row['seconds'], row['peak_mib'])}  "
+            f"{row['status']}")
 
 
 def read_profile(out: str) -> list[Record]:
