@@ -69,3 +69,31 @@ def test_the_library_does_not_import_the_lab():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.split(".")[0] in ("lab", "experiments") for n in names), (path, node.lineno)
+
+
+# ---------------------------------------------------------------- one home per idea inside the lab
+def _defined_functions(path: Path) -> set[str]:
+    return {n.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.FunctionDef)}
+
+
+def test_one_variant_registry_for_the_models_and_the_toys():
+    from lab import mechanism, models
+    assert mechanism.ATTENTIONS is models.TOY_VARIANTS
+    for view in (models.VARIANTS, models.TOY_VARIANTS):
+        assert all(models.ALL_VARIANTS[name] is v for name, v in view.items())
+    assert set(models.VARIANTS) | set(models.TOY_VARIANTS) == set(models.ALL_VARIANTS)
+    toy_only = sorted(set(models.TOY_VARIANTS) - set(models.VARIANTS))
+    assert toy_only and all(not models.ALL_VARIANTS[name].in_models for name in toy_only)
+    with pytest.raises(ValueError, match="attention: expected one of"):
+        models.ModelConfig(attention=toy_only[0])
+    with pytest.raises(ValueError, match="attention: expected one of"):
+        mechanism.ToyAttention("softmax-abs", 8, 8, seed=0)  # absolute positions: the models' alone
+
+
+def test_the_lab_draws_through_one_pyplot_and_keeps_no_eq19_reference_of_its_own():
+    lab = ROOT / "experiments" / "lab"
+    users = {p.relative_to(lab).as_posix() for p in lab.rglob("*.py") if "matplotlib" in p.read_text()}
+    assert users == {"plots.py"}
+    test_reference = _defined_functions(ROOT / "tests" / "reference.py")
+    assert not _defined_functions(lab / "accuracy.py") & test_reference
+    assert "favor_attention_naive" in (lab / "accuracy.py").read_text()  # the library's reference instead
