@@ -18,6 +18,7 @@ exchange states only.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -122,6 +123,8 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
     chunk_size = check_int("chunk_size", chunk_size)
     group_size = check_group_size(group_size)
     mask = check_mask(key_padding_mask, B, N)
+    if mask is not None:  # padded slots may hold anything (torch.empty, other buffers): 0 * nan would stay nan
+        v = v.masked_fill(~mask[:, None, :, None], 0)
     if not causal and (initial_state is not None or return_state):
         raise ValueError("initial_state/return_state: streaming needs causal=True")
     dt = compute_dtype(q, k, v)
@@ -468,11 +471,23 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         if cross:
             resolve_positions(key_positions, Nk, q.device, B)
     k, v = k.to(q.dtype), v.to(q.dtype)
+    if mask is not None:  # a padded key or value must not reach any row, whatever it holds (nan - inf is nan)
+        k, v = (x.masked_fill(~mask[:, None, :, None], 0) for x in (k, v))
+    # a non-finite value reaches, through SDPA's 0 * nan, rows whose weight on it is 0 (causal: earlier rows):
+    # computed without it, then the rows that see it are NaN, as the definition gives them (no host sync)
+    bad = ~torch.isfinite(v).all(-1)  # (B, H, Nk)
+    v = torch.where(bad.unsqueeze(-1), 0, v)
     if mask is None and (not causal or Nq == Nk):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Nq > 1)
-    keep = torch.ones(B, 1, 1, Nk, dtype=torch.bool, device=q.device) if mask is None else mask[:, None, None, :]
-    if causal:
-        keep = keep & torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril(Nk - Nq)
-    has_key = keep.any(-1, keepdim=True)  # (B, 1, Nq or 1, 1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep | ~has_key)
-    return out.masked_fill(~has_key, 0)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and Nq > 1)
+        has_key = None
+    else:
+        keep = torch.ones(B, 1, 1, Nk, dtype=torch.bool, device=q.device) if mask is None else mask[:, None, None, :]
+        if causal:
+            keep = keep & torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril(Nk - Nq)
+        has_key = keep.any(-1, keepdim=True)  # (B, 1, Nq or 1, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep | ~has_key).masked_fill(~has_key, 0)
+    first = torch.where(bad, torch.arange(Nk, device=q.device), Nk).amin(-1, keepdim=True)  # (B, H, 1)
+    sees = torch.arange(Nq, device=q.device) + (Nk - Nq) >= first if causal else first < Nk  # (B, H, Nq or 1)
+    if has_key is not None:
+        sees = sees & has_key[..., 0]
+    return out.masked_fill(sees.unsqueeze(-1), math.nan)

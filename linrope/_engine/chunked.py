@@ -420,6 +420,23 @@ def _output_grads(out, den, dout, buf):
     return g, dden
 
 
+def _confine(k0: Tensor, kr: Tensor | None, V: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """A group's keys and values with non-finite rows (a NaN or inf key feature or value) set to 0, and the first
+    such position per row of BH (G where none), or None when all are finite: the caller computes the rows before it
+    without them and marks the others NaN, as the float64 definition gives them (a causal row never sees a later
+    position, a non-finite one included)."""
+    bad = ~(torch.isfinite(k0).all(-1) & torch.isfinite(V).all(-1))
+    if kr is not None:
+        bad |= ~torch.isfinite(kr).all(-1)
+    if not bool(bad.any()):
+        return k0, kr, V, None
+    G = k0.shape[1]
+    first = torch.where(bad, torch.arange(G, device=k0.device), G).amin(-1)
+    keep = (torch.arange(G, device=k0.device) < first[:, None]).unsqueeze(-1)
+    zero = lambda x: None if x is None else torch.where(keep, x, 0)  # noqa: E731  (0 * nan would stay nan)
+    return zero(k0), zero(kr), zero(V), first
+
+
 def causal_forward(src, rot, V, S, z, M, cfg: EngineConfig, keep_states: bool = True, rot_k=None):
     """Run all groups; returns outputs (BH, N, dv) in V's dtype, den, the final (S, z, M) and the plan (a list
     of ``Group``) the backward replays (without the group states when ``keep_states`` is False). Queries turn
@@ -430,6 +447,10 @@ def causal_forward(src, rot, V, S, z, M, cfg: EngineConfig, keep_states: bool = 
     optimistically, the jump flags gathered on the device, and one read at the end (the engine's only host
     synchronisation, one per call) says whether a jump occurred; only then does the call run again, splitting
     groups at jumps as it goes (rare: keys whose log-scales rise by more than 40 within a group).
+
+    The same flag records a non-finite state after a group: a NaN or inf key or value, which the chunk products
+    would spread to the earlier rows of its chunk (0 * nan = nan). The second pass then confines it
+    (``_confine``): rows before the first such position compute without it, the rest of that (batch, head) is NaN.
     """
     first = _causal_pass(src, rot, V, S, z, M, cfg, keep_states, rot_k, split=False)
     jumped = first[-1]
@@ -470,6 +491,9 @@ def _causal_pass(src, rot, V, S, z, M, cfg: EngineConfig, keep_states, rot_k, sp
                 t = a + 1 + int(jumps[1:].nonzero()[0])
                 work.extend(((t, b), (a, t)))
                 continue
+        first_bad = None
+        if split:  # a non-finite key or value is seen by its own row and the later ones only
+            k0, kr, Vg, first_bad = _confine(k0, kr, group_rows(V, a, b, ws.get("v", BH, b - a, dv)))
         group = Group(a, b, P, None, None)
         if P is not None:
             group.rescale_in = torch.exp(M - P).to(cfg.dtype)
@@ -480,13 +504,23 @@ def _causal_pass(src, rot, V, S, z, M, cfg: EngineConfig, keep_states, rot_k, sp
         if diag is not None:
             group.diag = diag[:, a:b]
         fq, qr = _query_features(src, rot, ws, a, b, r)
-        Vg = group_rows(V, a, b, ws.get("v", BH, b - a, dv))
+        if first_bad is None:
+            Vg = group_rows(V, a, b, ws.get("v", BH, b - a, dv))
         C = min(C0, b - a)
         num, d, S, z = group_forward(ws, fq, qr, k0, kr, Vg, S, z, C, math.gcd(DEN_CHUNK, C),
                                      _phase_side(rot, fq, ws), group.diag, cfg.kernel)
         owned = True  # the group's end state is new (stored states are never the one rescaled later)
         den[:, a:b] = d
         _divide(num, d, out[:, a:b])
+        if first_bad is not None:
+            after = torch.arange(b - a, device=V.device) >= first_bad[:, None]  # (BH, G): rows that see it
+            out[:, a:b].masked_fill_(after.unsqueeze(-1), math.nan)
+            den[:, a:b].masked_fill_(after, math.nan)
+            hit = after[:, -1]
+            S, z = S.masked_fill(hit[:, None, None], math.nan), z.masked_fill(hit[:, None], math.nan)
+        elif not split:
+            finite = torch.isfinite(S).all() & torch.isfinite(z).all()
+            jumped = ~finite if jumped is None else jumped | ~finite
         if P is not None:  # M follows real keys only (a group without any keeps M, and P was a stand-in)
             M = torch.maximum(M, logscale.amax(-1))
             group.rescale_out = torch.exp(P - torch.where(M > NEG / 2, M, P)).to(cfg.dtype)
