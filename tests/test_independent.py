@@ -6,10 +6,11 @@ functions; these tests do not use it.) Float64, outputs and gradients."""
 import pytest
 import torch
 
-from linrope import LearnedRotary, LinearRotaryAttention, RotaryEmbedding, favor_attention
+from linrope import (LearnedRotary, LinearRotaryAttention, RotaryEmbedding, favor_attention, linear_attention,
+                     softmax_attention)
 from linrope.attention import multiscale_decays
 from reference import (assert_close, decay_weights, eq19_weighted, favor_eq19, favor_features,
-                       rotation_from_angles, rotation_matrices)
+                       rotation_from_angles, rotation_matrices, softmax_ref)
 
 F64 = torch.float64
 B, H, N, D, R, DV = 2, 3, 40, 8, 16, 4
@@ -161,3 +162,28 @@ def test_float32_holds_queries_whose_features_exceed_exp_range():
         got = favor_attention(q, k, v, W, causal=causal, chunk_size=8, group_size=16)
         assert _row_error(got, favor_eq19(q, k, v, W, causal=causal)) < 1e-4
 
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("kind", ["favor", "features", "softmax"])
+def test_padded_positions_may_hold_nan_and_inf(kind, causal):
+    """What a padded key, value or key feature holds (an uninitialised buffer: NaN, inf) reaches no row: the outputs
+    are eq. 19 (softmax) over the kept keys of clean inputs."""
+    q, k, v, W = _data(8)
+    keep = torch.ones(B, N, dtype=torch.bool)
+    keep[0, 5:9] = keep[1, 30:] = False
+    pad = ~keep[:, None, :, None]
+    k_bad, v_bad = k.masked_fill(pad, float("nan")), v.masked_fill(pad, float("inf"))
+    fq, fk = favor_features(q, W), favor_features(k, W)
+    rot = rotation_matrices(torch.arange(N), R)
+    tri = torch.ones(N, N, dtype=F64).tril() if causal else None
+    ref = eq19_weighted(fq, fk, v, Rq=rot, Rk=rot, weights=tri, mask=keep)
+    kw = dict(causal=causal, key_padding_mask=keep)
+    if kind == "favor":
+        got = favor_attention(q, k_bad, v_bad, W, rotary=RotaryEmbedding(R), chunk_size=8, **kw)
+    elif kind == "features":
+        got = linear_attention(fq, fk.masked_fill(pad, float("inf")), v_bad, rotary=RotaryEmbedding(R), chunk_size=8,
+                               **kw)
+    else:
+        got = softmax_attention(q, k_bad, v_bad, **kw)
+        ref = softmax_ref(q, k, v, causal=causal, mask=keep)
+    assert_close(kind, ref, got, rtol=1e-9)
