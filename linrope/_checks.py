@@ -90,18 +90,3 @@ def check_mask(mask, B: int, N: int) -> Tensor | None:
     if tuple(mask.shape) != (B, N):
         raise ValueError(f"key_padding_mask: expected shape (B, N) = ({B}, {N}), got {tuple(mask.shape)}")
     return mask
-
-
-def check_rotary(rotary, dim: int, what: str, learned: bool = False) -> None:
-    """None, or a ``RotaryEmbedding`` of dim ``dim`` (``what`` says what that dim is); with ``learned``, a
-    ``LearnedRotary`` too (eq. 19's rotation of features, where the engine turns the pairs itself)."""
-    from .rotary import LearnedRotary, RotaryEmbedding  # here, not at the top: rotary.py uses the checks above
-
-    if rotary is None:
-        return
-    kinds = (RotaryEmbedding, LearnedRotary) if learned else RotaryEmbedding
-    if not isinstance(rotary, kinds):
-        expected = "a linrope.RotaryEmbedding, a LearnedRotary" if learned else "a linrope.RotaryEmbedding"
-        raise TypeError(f"rotary: expected {expected} or None, got {type(rotary).__name__}")
-    if rotary.dim != dim:
-        raise ValueError(f"rotary: its dim ({rotary.dim}) must equal {what} ({dim})")

@@ -8,6 +8,7 @@ switches between linear and softmax attention with one argument.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,8 @@ from torch import Tensor, nn
 from ._checks import check_group_size, check_int, check_kernel
 from .features import FavorPlus, make_feature_map
 from ._engine.parallel import rank_offset
-from .functional import AttentionState, document_positions, favor_attention, linear_attention, softmax_attention
+from .functional import (AttentionState, document_positions, favor_attention, linear_attention, multiscale_decays,
+                         resolve_decay, softmax_attention)
 from .rotary import LearnedRotary, RotaryEmbedding
 
 __all__ = ["LinearRotaryAttention", "SoftmaxAttention", "KVCache", "ROPE_PLACEMENTS", "multiscale_decays"]
@@ -67,8 +69,6 @@ class _Heads(nn.Module):
             raise ValueError(f"x: expected shape (B, N, {self.dim}), got {shape}")
         if not x.is_floating_point():
             raise TypeError(f"x: expected a floating-point tensor (B, N, {self.dim}) of embeddings, got {x.dtype}")
-        if x.shape[1] == 0:
-            raise ValueError(f"x: expected at least one position, got shape {tuple(x.shape)}")
         if context is not None:
             if self.causal:
                 raise ValueError("context: expected None for a layer built with causal=True (cross-attention "
@@ -156,28 +156,18 @@ def _keys(key_padding_mask, context, context_mask, context_positions):
     return context_mask, (0 if context_positions is None else context_positions)
 
 
-def multiscale_decays(heads: int) -> tuple[float, ...]:
-    """RetNet's per-head decay rates gamma_h = 1 - 2^(-5-h): half-lives from ~22 positions to ~2^(4+heads)."""
-    return tuple(1.0 - 2.0 ** (-5 - h) for h in range(heads))
-
-
 def _decays(decay, heads: int, causal: bool) -> tuple[float, ...] | None:
-    if decay is None:
-        return None
-    if isinstance(decay, str):
-        if decay != "multiscale":
-            raise ValueError(f"decay: expected None, 'multiscale', a float or {heads} floats, got {decay!r}")
-        gammas = multiscale_decays(heads)
-    else:
-        try:
-            gammas = tuple(float(g) for g in (decay if isinstance(decay, (tuple, list)) else [decay] * heads))
-        except (TypeError, ValueError):
-            raise ValueError(f"decay: expected None, 'multiscale', a float or {heads} floats, got {decay!r}") from None
-    if len(gammas) != heads or not all(0 < g <= 1 for g in gammas):
-        raise ValueError(f"decay: expected a float or heads = {heads} floats in (0, 1], got {decay!r}")
-    if not causal:
+    gammas = resolve_decay(decay, heads)
+    if gammas is not None and not causal:
         raise ValueError("decay: expected None for a layer built with causal=False (a decay weighs the past)")
     return gammas
+
+
+def _check_state_heads(state: AttentionState, B: int, heads: int) -> None:
+    """A layer's decoding state holds ``heads`` heads (kv heads, or every query head: ``state_group``)."""
+    if state.numerator.dim() != 4 or tuple(state.numerator.shape[:2]) != (B, heads):
+        raise ValueError(f"state: expected a decoding state of (B, heads) = ({B}, {heads}) (this layer's batch and "
+                         f"state heads), got numerator {tuple(state.numerator.shape)}")
 
 
 def _check_rope(rope, allowed) -> None:
@@ -283,6 +273,26 @@ class LinearRotaryAttention(_Heads):
         self.group_size = check_group_size(group_size)
         self.kernel = check_kernel(kernel)
 
+    def _config(self) -> dict:
+        """What the parameters and buffers mean beyond their shapes: a state_dict of another configuration whose
+        tensors happen to have the same shapes must not load silently."""
+        return dict(feature_map=self.feature_map_name, rope=self.rope, rope_learned=self.rope_learned,
+                    decay=self.decay, rotate_normalizer=self.rotate_normalizer, causal=self.causal)
+
+    def get_extra_state(self) -> Tensor:
+        # as bytes of JSON in a uint8 tensor: a state_dict stays all tensors (safetensors, code that clones it)
+        return torch.tensor(list(json.dumps(self._config(), sort_keys=True).encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        if not isinstance(state, Tensor) or state.dtype != torch.uint8:
+            return
+        saved = json.loads(bytes(state.tolist()).decode())
+        mine = json.loads(json.dumps(self._config()))
+        differ = {key: (saved[key], mine[key]) for key in mine if key in saved and saved[key] != mine[key]}
+        if differ:
+            raise ValueError("state_dict: saved from a LinearRotaryAttention with another configuration: "
+                             + ", ".join(f"{key}={a!r} there, {b!r} here" for key, (a, b) in differ.items()))
+
     @property
     def state_group(self) -> int:
         """How many query heads share one head of the decoding state: heads / kv_heads when the heads of a kv
@@ -314,9 +324,10 @@ class LinearRotaryAttention(_Heads):
             q, k = self.rotary.rotate(q, positions), self.rotary.rotate(k, kpos)
         k, v = self.share_kv(k), self.share_kv(v)
         g = self.state_group
-        if state is not None and g > 1:  # one state per kv head
-            state = AttentionState(self.share_kv(state.numerator), self.share_kv(state.key_sum),
-                                   self.share_kv(state.log_ref), state.offset)
+        if state is not None:
+            _check_state_heads(state, x.shape[0], self.heads // g)
+            if g > 1:  # one state per kv head
+                state = state.map(self.share_kv)
         kwargs = dict(causal=self.causal, positions=positions, chunk_size=self.chunk_size,
                       initial_state=state, return_state=return_state, key_padding_mask=key_padding_mask,
                       key_positions=None if self.rope == "inputs" else key_positions, cu_seqlens=cu_seqlens,
@@ -333,7 +344,7 @@ class LinearRotaryAttention(_Heads):
             out = linear_attention(qf, kf, v, rotary=feature_rotary, k_logscale=ks, **kwargs)
         if return_state:
             out, st = out
-            new_state = AttentionState(st.numerator[:, ::g], st.key_sum[:, ::g], st.log_ref[:, ::g], st.offset)
+            new_state = st.map(lambda t: t[:, ::g])
             return self.merge(out.to(x.dtype)), new_state
         return self.merge(out.to(x.dtype))
 
@@ -382,6 +393,17 @@ class SoftmaxAttention(_Heads):
             q, k = self.rotary.rotate(q, positions), self.rotary.rotate(k, kpos)
         mask = key_padding_mask
         if state is not None:
+            B, T = x.shape[0], state.k.shape[2] if isinstance(state.k, Tensor) and state.k.dim() == 4 else -1
+            want = (B, self.kv_heads, T, self.dim_head)
+            if T < 0 or tuple(state.k.shape) != want or not isinstance(state.v, Tensor) \
+                    or tuple(state.v.shape) != want or state.k.dtype != k.dtype:
+                got = tuple(state.k.shape) if isinstance(state.k, Tensor) else type(state.k).__name__
+                raise ValueError(f"state: a KVCache of keys (B, kv_heads, T, dim_head) = (B={B}, {self.kv_heads}, T, "
+                                 f"{self.dim_head}) in {k.dtype} and values of the same shape expected, got keys "
+                                 f"{got} in {getattr(state.k, 'dtype', None)} (a cache of another layer or batch?)")
+            if state.mask is not None and tuple(state.mask.shape) != (B, T):
+                raise ValueError(f"state: expected a KVCache mask of shape (B, T) = {(B, T)}, got "
+                                 f"{tuple(state.mask.shape)}")
             k, v = torch.cat((state.k, k), dim=2), torch.cat((state.v, v), dim=2)
             if mask is not None or state.mask is not None:
                 B, N = x.shape[:2]

@@ -135,6 +135,8 @@ class _RandomProjection(FeatureMap):
             seed = int(torch.randint(0, 2**62, (1,)))
         elif not is_int(seed):
             raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+        elif not 0 <= seed < 2**63:
+            raise ValueError(f"seed: expected an int in [0, 2**63) (it is kept as an int64 buffer), got {seed}")
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.long))
         self.register_buffer("redraws", torch.tensor(0, dtype=torch.long))
         self.register_buffer("projection", self._draw(nb_projections, torch.Generator().manual_seed(seed)))

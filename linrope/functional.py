@@ -25,13 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import (check_group_size, check_int, check_kernel, check_mask, check_qkv, check_rotary,
-                      check_tensor)
+from ._checks import check_group_size, check_int, check_kernel, check_mask, check_qkv, check_tensor
 from ._engine import EngineConfig, LinearAttentionFunction, empty_state
 from ._engine import parallel, triton_kernels, tuning
 from ._engine.feature_sources import LOG_DTYPE
 from .features import compute_dtype
-from .rotary import LearnedRotary, RotaryEmbedding, resolve_positions
+from .rotary import LearnedRotary, RotaryEmbedding, check_rotary, resolve_positions
 
 __all__ = ["AttentionState", "linear_attention", "favor_attention", "softmax_attention"]
 
@@ -45,15 +44,24 @@ class AttentionState:
         key_sum: (B, H, r) sum over past keys of exp(s_n - log_ref) kf_n (never rotated: the normalizer).
         log_ref: (B, H) reference log-scale of both sums (the largest key log-scale seen so far).
         offset: number of positions consumed; the default position of the next token.
+        signature: what the sums were made with (feature kind, rotation, decay), set by the call that returned
+            the state; a call continuing it with other options refuses it. None (a state built by hand) is
+            taken as it is.
     """
 
     numerator: Tensor
     key_sum: Tensor
     log_ref: Tensor
     offset: int
+    signature: tuple | None = None
 
     def detach(self) -> "AttentionState":
-        return AttentionState(self.numerator.detach(), self.key_sum.detach(), self.log_ref.detach(), self.offset)
+        return AttentionState(self.numerator.detach(), self.key_sum.detach(), self.log_ref.detach(), self.offset,
+                              self.signature)
+
+    def map(self, fn) -> "AttentionState":
+        """The same state with ``fn`` applied to its three tensors (e.g. selecting or repeating heads)."""
+        return AttentionState(fn(self.numerator), fn(self.key_sum), fn(self.log_ref), self.offset, self.signature)
 
 
 # ---------------------------------------------------------------------------------------------- linear attention
@@ -89,6 +97,9 @@ def _per_document(run_one, cu_seqlens, B: int, N: int, positions, key_padding_ma
         raise ValueError("cu_seqlens: expected keys at the queries' positions (no cross-attention when packed)")
     if streaming:
         raise ValueError("cu_seqlens: expected no initial_state/return_state (packed documents each start afresh)")
+    if isinstance(positions, Tensor):  # checked against the whole row: a slice of a longer tensor would pass
+        resolve_positions(positions, N, positions.device, B)
+    check_mask(key_padding_mask, B, N)
     outs = []
     for a, b in documents(cu_seqlens, B, N):
         pos = positions[..., a:b] if isinstance(positions, Tensor) else positions
@@ -117,9 +128,13 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
          return_state, key_padding_mask, key_positions=None, cross=False, group=None, decay=None, kernel="torch"):
     B, H, N, dv = v.shape  # N: keys (the queries' length too, but in cross-attention)
     Nq = q.shape[2]
-    if N < 1 or Nq < 1:
-        raise ValueError("v: the sequence length N must be at least 1" if N < 1 else
-                         "q: the sequence length N must be at least 1")
+    if r < 1:
+        raise ValueError("projection: expected at least one row (r >= 1 features)" if kind == "favor" else
+                         "qf: expected at least one feature (r >= 1)")
+    if kind == "favor" and q.shape[-1] < 1:
+        raise ValueError(f"q: expected a head dim d >= 1, got shape {tuple(q.shape)}")
+    if dv < 1:
+        raise ValueError(f"v: expected a value dim dv >= 1, got shape {tuple(v.shape)}")
     chunk_size = check_int("chunk_size", chunk_size)
     group_size = check_group_size(group_size)
     mask = check_mask(key_padding_mask, B, N)
@@ -129,7 +144,9 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
         raise ValueError("initial_state/return_state: streaming needs causal=True")
     dt = compute_dtype(q, k, v)
     _check_kernel(kernel, chunk_size, dt, v.device)
-    lam = _decay_rates(decay, H, causal, v.device)
+    gammas = resolve_decay(decay, H)
+    lam = _decay_rates(gammas, causal, v.device)
+    signature = (kind, None if rotary is None else rotary.signature(), gammas)
     learned = isinstance(rotary, LearnedRotary)
     theta = phase = apos = None
     if learned:
@@ -146,6 +163,36 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
     if isinstance(initial_state, AttentionState):
         inputs += (initial_state.numerator, initial_state.key_sum)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    if initial_state is not None:
+        if not isinstance(initial_state, AttentionState):
+            raise TypeError(f"initial_state: expected an AttentionState, got {type(initial_state).__name__}")
+        S0, z0, M0 = initial_state.numerator, initial_state.key_sum, initial_state.log_ref
+        if tuple(S0.shape) != (B, H, r, dv) or tuple(z0.shape) != (B, H, r) or tuple(M0.shape) != (B, H):
+            raise ValueError(f"initial_state: expected numerator (B, H, r, dv) = {(B, H, r, dv)}, key_sum "
+                             f"{(B, H, r)} and log_ref {(B, H)}, got {tuple(S0.shape)}, {tuple(z0.shape)}, "
+                             f"{tuple(M0.shape)}")
+        if initial_state.signature is not None and initial_state.signature != signature:
+            raise ValueError(f"initial_state: made by a call with {_describe(initial_state.signature)}, continued "
+                             f"by one with {_describe(signature)}")
+        if S0.dtype != dt or z0.dtype != dt:
+            raise ValueError(f"initial_state: its sums are {S0.dtype}, but this call computes in {dt} (from the "
+                             f"dtypes of q, k, v): continue a state with inputs of the dtype that made it")
+        offset = initial_state.offset
+        S0, z0, M0 = S0.to(dt), z0.to(dt), M0.to(LOG_DTYPE)
+        if lam is not None:  # the state's log_ref is that of its sums decayed to its last position, offset - 1
+            M0 = M0 + lam * (offset - 1)
+    else:
+        offset = 0
+        S0, z0, M0 = empty_state(B, H, r, dv, dt, v.device)
+    if B * H == 0 or Nq == 0 or N == 0:  # nothing to attend with, or to (rows that see no key are 0)
+        if group is not None:
+            raise ValueError("group: expected at least one position, batch row and head on every rank")
+        resolve_positions(positions if positions is not None else offset, Nq, v.device, B)
+        out = v.new_zeros(B, H, Nq, dv)
+        if not return_state:
+            return out
+        st = initial_state or AttentionState(S0, z0, M0, 0)
+        return out, AttentionState(st.numerator, st.key_sum, st.log_ref, st.offset + N, signature)
     if group_size is None:  # 1 MiB work buffers, L2-sized for calls of many groups (see _engine/tuning.py)
         group_size = tuning.default_group_size(max(N, Nq), B * H, r, chunk_size, q.device)
     elif group_size == "auto":
@@ -160,21 +207,6 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
         lay = parallel.layout(group, N, (B, H, r, dv, causal, kind == "favor", ks is not None, needs_grad,
                                          rotary is not None, initial_state is not None, return_state,
                                          lam is not None), v.device)
-    if initial_state is not None:
-        if not isinstance(initial_state, AttentionState):
-            raise TypeError(f"initial_state: expected an AttentionState, got {type(initial_state).__name__}")
-        S0, z0, M0 = initial_state.numerator, initial_state.key_sum, initial_state.log_ref
-        if tuple(S0.shape) != (B, H, r, dv) or tuple(z0.shape) != (B, H, r) or tuple(M0.shape) != (B, H):
-            raise ValueError(f"initial_state: expected numerator (B, H, r, dv) = {(B, H, r, dv)}, key_sum "
-                             f"{(B, H, r)} and log_ref {(B, H)}, got {tuple(S0.shape)}, {tuple(z0.shape)}, "
-                             f"{tuple(M0.shape)}")
-        offset = initial_state.offset
-        S0, z0, M0 = S0.to(dt), z0.to(dt), M0.to(LOG_DTYPE)
-        if lam is not None:  # the state's log_ref is that of its sums decayed to its last position, offset - 1
-            M0 = M0 + lam * (offset - 1)
-    else:
-        offset = 0
-        S0, z0, M0 = empty_state(B, H, r, dv, dt, v.device)
     if positions is None:  # under sequence parallelism: after the earlier ranks' positions
         positions = offset + (0 if lay is None else lay.offset)
     cos = sin = kcos = ksin = None
@@ -201,8 +233,16 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
         kind, cfg, interleaved, q, k, ks, kb, v, W if W is None else W.to(dt), mask, cos, sin, kcos, ksin, S0, z0,
         M0, theta, phase, apos, positions if learned and isinstance(positions, int) else None, par)
     if return_state:  # under sequence parallelism, every rank gets the state after the whole sequence
-        return out, _state_out(S, z, M, offset + (N if lay is None else lay.total), lam)
+        return out, _state_out(S, z, M, offset + (N if lay is None else lay.total), lam, signature)
     return out
+
+
+def _describe(signature: tuple) -> str:
+    kind, rotary, gammas = signature
+    rot = "no rotary" if rotary is None else "learned rotations" if rotary[0] == "learned" else \
+        f"RotaryEmbedding(dim={rotary[1]}, base={rotary[2]:g}, interleaved={rotary[3]}, scale={rotary[4]:g}, " \
+        f"scaling={rotary[5]!r})"
+    return f"{'favor_attention' if kind == 'favor' else 'linear_attention'}, {rot}, decay={gammas}"
 
 
 def _check_kernel(kernel, chunk_size: int, dt: torch.dtype, device: torch.device) -> None:
@@ -269,29 +309,51 @@ def _tuned_group_size(kind, q, ks, v, r, causal, rotary, chunk_size, dt, cross) 
         return tuning.tune(key, candidates, measure)
 
 
-def _state_out(S, z, M, offset: int, lam) -> AttentionState:
+def _state_out(S, z, M, offset: int, lam, signature: tuple) -> AttentionState:
     """The state after ``offset`` positions; with a decay, its log_ref refers to the sums as they stand at the last
     position (offset - 1), not to the engine's keys weighted by e^(lam n), whose log-scales grow with n."""
-    return AttentionState(S, z, M if lam is None else M - lam * (offset - 1), offset)
+    return AttentionState(S, z, M if lam is None else M - lam * (offset - 1), offset, signature)
 
 
-def _decay_rates(decay, H: int, causal: bool, device) -> Tensor | None:
-    """lam = -log(gamma) (H,) in ``LOG_DTYPE`` from ``decay``: None, a float or H floats gamma in (0, 1]."""
+def multiscale_decays(heads: int) -> tuple[float, ...]:
+    """RetNet's per-head decay rates gamma_h = 1 - 2^(-5-h): half-lives from ~22 positions to ~2^(4+heads)."""
+    return tuple(1.0 - 2.0 ** (-5 - h) for h in range(heads))
+
+
+def resolve_decay(decay, heads: int) -> tuple[float, ...] | None:
+    """The ``decay`` argument of the functions and the layer as one gamma per head in (0, 1], or None: None,
+    'multiscale' (``multiscale_decays``), one float for every head, or ``heads`` floats (a sequence or tensor)."""
     if decay is None:
         return None
-    try:  # floats are checked on the CPU and then copied without a host sync (the layer passes floats)
-        gamma = torch.as_tensor(decay, dtype=LOG_DTYPE).flatten()
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"decay: expected a float or {H} floats in (0, 1], got {decay!r}") from None
-    if gamma.numel() == 1:
-        gamma = gamma.expand(H)
-    if gamma.numel() != H or not bool(((gamma > 0) & (gamma <= 1)).all()):
-        raise ValueError(f"decay: expected a float or H = {H} floats in (0, 1] (gamma per head), got "
-                         f"{gamma.tolist() if gamma.numel() <= 16 else tuple(gamma.shape)}")
+    what = f"decay: expected None, 'multiscale', a float or {heads} floats in (0, 1] (gamma per head), got"
+    if isinstance(decay, str):
+        if decay != "multiscale":
+            raise ValueError(f"{what} {decay!r}")
+        return multiscale_decays(heads)
+    items = decay.flatten().tolist() if isinstance(decay, Tensor) else \
+        list(decay) if isinstance(decay, (tuple, list)) else [decay]
+    if isinstance(decay, Tensor) and decay.dtype == torch.bool or any(isinstance(g, bool) for g in items):
+        raise ValueError(f"{what} {decay!r} (a bool is not a rate)")
+    try:
+        gammas = tuple(float(g) for g in items)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} {decay!r}") from None
+    if len(gammas) == 1:
+        gammas = gammas * heads
+    if len(gammas) != heads or not all(0 < g <= 1 for g in gammas):
+        raise ValueError(f"{what} {gammas if len(gammas) <= 16 else f'{len(gammas)} values'}")
+    return gammas
+
+
+def _decay_rates(gammas: tuple[float, ...] | None, causal: bool, device) -> Tensor | None:
+    """lam = -log(gamma) (H,) in ``LOG_DTYPE`` from ``resolve_decay``'s rates (None: no decay)."""
+    if gammas is None:
+        return None
     if not causal:
         raise ValueError("decay: expected causal=True (a decay gamma^(m - n) weighs the past; bidirectional "
                          "attention has no direction to decay along)")
-    return (-gamma.log()).to(device, non_blocking=True)
+    # from floats on the CPU, copied without a host sync
+    return (-torch.tensor(gammas, dtype=LOG_DTYPE).log()).to(device, non_blocking=True)
 
 
 def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False, rotary: RotaryEmbedding | None = None,
@@ -471,6 +533,8 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         if cross:
             resolve_positions(key_positions, Nk, q.device, B)
     k, v = k.to(q.dtype), v.to(q.dtype)
+    if B * H * Nq * Nk == 0:  # nothing to attend with, or to (rows that see no key are 0)
+        return q.new_zeros(B, H, Nq, v.shape[-1])
     if mask is not None:  # a padded key or value must not reach any row, whatever it holds (nan - inf is nan)
         k, v = (x.masked_fill(~mask[:, None, :, None], 0) for x in (k, v))
     # a non-finite value reaches, through SDPA's 0 * nan, rows whose weight on it is 0 (causal: earlier rows):

@@ -17,10 +17,10 @@ import math
 import torch
 from torch import Tensor
 
-from ._checks import check_mask, check_qkv, check_rotary
+from ._checks import check_mask, check_qkv
 from .features import favor_plus
 from .functional import AttentionState
-from .rotary import LearnedRotary, RotaryEmbedding, apply_rotary, resolve_positions
+from .rotary import LearnedRotary, RotaryEmbedding, apply_rotary, check_rotary, resolve_positions
 
 __all__ = ["linear_attention_naive", "favor_attention_naive", "linear_attention_recurrent",
            "favor_attention_recurrent"]

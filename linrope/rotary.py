@@ -22,6 +22,7 @@ from ._checks import check_int, check_number, check_tensor, is_int
 __all__ = ["RotaryEmbedding", "LearnedRotary", "apply_rotary", "resolve_positions", "SCALINGS"]
 
 SCALINGS = ("linear", "ntk", "yarn")
+MAX_POSITION = 2**53  # float64 holds every integer position up to here: the angles stay exact
 
 
 def resolve_positions(positions: int | Tensor | None, n: int, device: torch.device, batch: int | None = None
@@ -38,6 +39,9 @@ def resolve_positions(positions: int | Tensor | None, n: int, device: torch.devi
         raise TypeError("positions: expected None, an int offset or an integer tensor of shape (N,) or (B, N), "
                         f"got {type(positions).__name__}")
     if isinstance(positions, int):
+        if not -MAX_POSITION <= positions <= MAX_POSITION - n:
+            raise ValueError(f"positions: expected an offset p with |p| + N <= 2**53 (angles come from float64 "
+                             f"positions, exact up to there), got {positions} for N = {n}")
         return torch.arange(positions, positions + n, device=device)
     if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
         raise TypeError(f"positions: expected an integer tensor, got dtype {positions.dtype}")
@@ -113,6 +117,9 @@ class RotaryEmbedding(nn.Module):
         check_int("max_cached", max_cached, 0, "an integer >= 0 (0 disables the cache)")
         if scaling not in SCALINGS:
             raise ValueError(f"scaling: expected one of {SCALINGS}, got {scaling!r}")
+        if scaling == "ntk" and dim < 4:
+            raise ValueError(f"dim: expected at least 4 with scaling='ntk' (it scales the base by "
+                             f"s^(dim / (dim - 2))), got {dim}")
         if scaling == "yarn":
             check_int("original_length", original_length, 1, "the trained context length (a positive integer) "
                                                                 "with scaling='yarn'")
@@ -132,6 +139,11 @@ class RotaryEmbedding(nn.Module):
         part = "" if self.rotary_fraction == 1 else f", rotary_fraction={self.rotary_fraction:g}"
         return (f"dim={self.dim}, base={self.base:g}, interleaved={self.interleaved}, scale={self.scale:g}, "
                 f"scaling={self.scaling!r}{extra}{part}, max_cached={self.max_cached}")
+
+    def signature(self) -> tuple:
+        """What a state summed under this rotation depends on (``AttentionState.signature``)."""
+        return ("rope", self.dim, self.base, self.interleaved, self.scale, self.scaling, self.original_length,
+                self.yarn_beta_fast, self.yarn_beta_slow, self.rotary_fraction)
 
     @property
     def attention_factor(self) -> float:
@@ -249,3 +261,20 @@ class LearnedRotary(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.heads}"
+
+    def signature(self) -> tuple:
+        """What a state summed under these rotations depends on (their values are parameters: not part of it)."""
+        return ("learned", self.dim, self.heads)
+
+
+def check_rotary(rotary, dim: int, what: str, learned: bool = False) -> None:
+    """None, or a ``RotaryEmbedding`` of dim ``dim`` (``what`` says what that dim is); with ``learned``, a
+    ``LearnedRotary`` too (eq. 19's rotation of features, where the engine turns the pairs itself)."""
+    if rotary is None:
+        return
+    kinds = (RotaryEmbedding, LearnedRotary) if learned else RotaryEmbedding
+    if not isinstance(rotary, kinds):
+        expected = "a linrope.RotaryEmbedding, a LearnedRotary" if learned else "a linrope.RotaryEmbedding"
+        raise TypeError(f"rotary: expected {expected} or None, got {type(rotary).__name__}")
+    if rotary.dim != dim:
+        raise ValueError(f"rotary: its dim ({rotary.dim}) must equal {what} ({dim})")

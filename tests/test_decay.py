@@ -130,16 +130,23 @@ def test_layer_with_multiscale_decay_decodes_token_by_token():
         outs.append(y)
     assert _rel(torch.cat(outs, 1), full) < 1e-10
     plain = LinearRotaryAttention(32, heads=4, nb_features=32, causal=True, seed=1, chunk_size=8).double()
-    plain.load_state_dict(layer.state_dict())  # the rates are not parameters: the same state_dict
-    assert _rel(plain(x), full) > 1e-3
+    with pytest.raises(ValueError, match=r"state_dict: saved from a LinearRotaryAttention with another "
+                                         r"configuration: decay=\[0\.96875, .*\] there, None here"):
+        plain.load_state_dict(layer.state_dict())  # same tensors, but they were trained for the decays
+    with pytest.raises(ValueError, match=r"initial_state: made by a call with .*decay=\(0\.96875.* continued by "
+                                         r"one with .*decay=None"):
+        plain(x[:, :1], state=state)
 
 
 def test_bad_decay_raises_clearly():
     q, k, v, W = _data(7, N=8)
     with pytest.raises(ValueError, match="decay: expected causal=True"):
         favor_attention(q, k, v, W, decay=0.9)
-    with pytest.raises(ValueError, match=r"decay: expected a float or H = 3 floats in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"decay: expected None, 'multiscale', a float or 3 floats in \(0, 1\]"):
         favor_attention(q, k, v, W, causal=True, decay=(0.9, 0.8))
+    for bad in (True, False, (0.9, True, 0.8)):
+        with pytest.raises(ValueError, match="a bool is not a rate"):
+            favor_attention(q, k, v, W, causal=True, decay=bad)
     for bad in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="decay: expected"):
             favor_attention(q, k, v, W, causal=True, decay=bad)
@@ -149,5 +156,5 @@ def test_bad_decay_raises_clearly():
         LinearRotaryAttention(32, heads=4, decay=0.9)
     with pytest.raises(ValueError, match="decay: expected None, 'multiscale'"):
         LinearRotaryAttention(32, heads=4, causal=True, decay="retnet")
-    with pytest.raises(ValueError, match="decay: expected a float or heads = 4 floats"):
+    with pytest.raises(ValueError, match="decay: expected None, 'multiscale', a float or 4 floats"):
         LinearRotaryAttention(32, heads=4, causal=True, decay=(0.9, 0.9))
