@@ -108,8 +108,9 @@ def test_learned_rotations_are_rotation_matrices_of_theta_p_plus_phase(positions
                           decay=decay, chunk_size=8, group_size=16)
     angle = rot.theta[:, None, :] * p.double()[None, :, None]  # (H, N, r/2)
     weights = decay_weights((1.0 if decay is None else decay,) * H, p)
-    ref = eq19_weighted(favor_features(q, W), favor_features(k, W), v, Rq=rotation_from_angles(angle + rot.phase[:, None]),
-                        Rk=rotation_from_angles(angle), weights=weights)
+    ref = eq19_weighted(favor_features(q, W), favor_features(k, W), v,
+                        Rq=rotation_from_angles(angle + rot.phase[:, None]), Rk=rotation_from_angles(angle),
+                        weights=weights)
     _compare(got, ref, (q, k, v, rot.theta, rot.phase))
 
 
