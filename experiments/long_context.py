@@ -1,7 +1,10 @@
 """Loss against sequence length for every attention variant: byte-level language modelling on the Python
 standard library's own sources (no download) or any local file such as enwik8.
 
-    python experiments/long_context.py --preset quick          # <= 10 min on 2 CPU cores, every variant
+    python experiments/long_context.py --preset quick          # ~5 min on 2 CPU cores: softmax + RoPE, RoPE before
+                                                               # phi, eq. 19, + decay, learned rotations + decay,
+                                                               # no positions
+    python experiments/long_context.py --preset ablations      # quick's scale: absolute positions, rotated normalizer
     python experiments/long_context.py --preset cpu-long       # ~65 min: softmax-rope + 4 linear variants, 3 seeds
     python experiments/long_context.py --preset paper --data enwik8 --device cuda   # RoFormer sec. 4.4
     torchrun --nproc_per_node=2 experiments/long_context.py --preset quick --out /tmp/ddp   # DDP (gloo on CPU)
@@ -10,8 +13,9 @@ standard library's own sources (no download) or any local file such as enwik8.
 
 Writes to --out (default experiments/results/long_context/<preset>): results.csv (every logged row),
 summary.md / summary.csv (final validation bits per byte per variant and length: mean, std and range over seeds,
-seeds, steps, skipped steps, flags), long_context.png and runs/<variant>_n<N>_s<seed>/ (config.json,
-metrics.jsonl, ckpt.pt). --resume continues interrupted runs exactly.
+seeds, steps, flags; summary.md best first, with the difference to softmax-rope and to eq. 19), long_context.png (validation bpb
+against step, and the final bpb of each variant) and runs/<variant>_n<N>_s<seed>/ (config.json, metrics.jsonl,
+ckpt.pt). --resume continues interrupted runs exactly.
 """
 
 import argparse

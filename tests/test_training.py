@@ -13,9 +13,9 @@ import torch
 
 import lab.train as train_module
 from lab.data import Corpus, LMTask, SyntheticTask
-from lab.models import CORE_VARIANTS, VARIANTS, ByteLM, ModelConfig
-from lab.plots import plot_curves, read_rows
-from lab.sweeps import PRESETS, Preset, parse_list, run_long_context, run_positions, summarize
+from lab.models import CORE_VARIANTS, RECOMMENDED, VARIANTS, ByteLM, ModelConfig
+from lab.plots import plot_curves, plot_long_context, read_rows
+from lab.sweeps import PRESETS, Preset, _markdown, parse_list, run_long_context, run_positions, summarize
 from lab.train import TrainConfig, evaluate, load_model, lr_at, read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,10 +212,64 @@ def test_presets_match_the_documented_configurations():
     paper = PRESETS["paper"]
     assert (paper.model["n_layer"], paper.model["dim"], paper.model["heads"]) == (12, 768, 12)
     assert paper.lengths == (1024,) and paper.train["lr"] == 1e-4 and paper.tokens_per_step // 1024 == 128
-    assert PRESETS["quick"].variants == CORE_VARIANTS and set(CORE_VARIANTS) <= set(VARIANTS)
+    quick = PRESETS["quick"].variants  # the story: the ceiling, eq. 19 and what fixes it, no positions
+    assert {"softmax-rope", "linear-rope-inputs", "linear-rope", "linear-rope-decay", RECOMMENDED,
+            "linear-nope"} <= set(quick) and "linear-rope-rotden" not in quick
+    assert set(CORE_VARIANTS) <= set(VARIANTS)
+    # every core variant quick leaves out runs at quick's scale in another preset
+    assert set(CORE_VARIANTS) - set(quick) <= set(PRESETS["ablations"].variants)
+    assert PRESETS["ablations"].train == PRESETS["quick"].train
     long = PRESETS["cpu-long"]
     assert len(long.seeds) >= 3 and "softmax-rope" in long.variants
     assert {v for v in CORE_VARIANTS if v.startswith("linear") and v != "linear-rope-rotden"} <= set(long.variants)
+
+
+def summary_row(variant, bpb, flags="ok", seeds=1):
+    return {"variant": variant, "length": 16, "bpb": bpb, "std": 0.0, "min": bpb, "max": bpb, "seeds": seeds,
+            "steps": 2, "skipped": 0, "s_per_step": 0.1, "flags": flags}
+
+
+def test_summary_table_lists_variants_best_first_with_differences_to_the_ceiling_and_eq19():
+    summary = [summary_row("linear-rope", 3.4), summary_row("softmax-rope", 2.9),
+               summary_row("linear-rope-rotden", 4.8, "unigram"), summary_row(RECOMMENDED, 3.1),
+               summary_row("linear-nope", float("nan"), "nan")]
+    lines = _markdown(summary, "bpb", ["# title"]).splitlines()
+    assert lines[2] == ("| variant | what | N | bpb (mean ± std) | vs softmax-rope | vs linear-rope | seeds | "
+                        "steps | s/step | flags |")
+    rows = [ln.split(" | ") for ln in lines[4:9]]
+    assert [r[0] for r in rows] == ["| softmax-rope", f"| {RECOMMENDED}", "| linear-rope", "| linear-rope-rotden",
+                                    "| linear-nope"]
+    assert [(r[4], r[5]) for r in rows] == [("—", "-0.500"), ("+0.200", "-0.300"), ("+0.500", "—"),
+                                            ("+1.900", "+1.400"), ("—", "—")]
+    assert rows[2][1] == "eq. 19" and lines[-1].startswith("vs X: the variant's mean bpb minus X's")
+    accuracy = [{**summary_row("linear-rope", 0.5), "accuracy": 0.5}, {**summary_row("softmax-rope", 0.9),
+                                                                        "accuracy": 0.9}]
+    assert [ln.split(" | ")[0] for ln in _markdown(accuracy, "accuracy", [])[1:].splitlines()[2:4]] == \
+        ["| softmax-rope", "| linear-rope"]  # higher accuracy first
+
+
+def test_long_context_figure_fits_the_variants_that_train(tmp_path, monkeypatch):
+    """A diverged variant is clipped to the axis and named so; the recommended one is drawn thick."""
+    import matplotlib.figure
+
+    rows = [{"variant": v, "length": 16, "seed": 0, "step": step, "split": "val", "bpb": value}
+            for v, values in (("softmax-rope", (8.0, 3.0, 2.8)), (RECOMMENDED, (8.0, 3.4, 3.1)),
+                              ("linear-rope-rotden", (8.0, 4.5, 5.0)))
+            for step, value in zip((0, 10, 20), values)]
+    summary = [summary_row("softmax-rope", 2.8), summary_row(RECOMMENDED, 3.1),
+               summary_row("linear-rope-rotden", 5.0, "unigram")]
+    saved = {}
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.setdefault("fig", fig))
+    plot_long_context(rows, summary, tmp_path / "f.png", reference=4.5, reference_label="unigram",
+                      highlight=RECOMMENDED, title="t")
+    ax = saved["fig"].axes[0]
+    lo, hi = ax.get_ylim()
+    assert 2.7 < lo < 2.8 and 3.4 < hi < 3.5  # the trained values after step 0 set the scale
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    failed = lines["linear-rope-rotden: diverged (5.00 bpb, clipped)"]
+    assert max(failed.get_ydata()) == hi
+    assert lines[f"{RECOMMENDED}: recommended"].get_linewidth() > 2 * lines["softmax-rope"].get_linewidth()
+    assert "unigram 4.50 (off scale)" in lines
 
 
 DDP_WORKER = textwrap.dedent("""

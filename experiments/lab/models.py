@@ -24,9 +24,9 @@ from linrope.features import FEATURE_MAPS, redraw_projections
 
 from .checks import check_int, check_number
 
-__all__ = ["Variant", "ALL_VARIANTS", "VARIANTS", "TOY_VARIANTS", "CORE_VARIANTS", "T5Attention", "t5_buckets",
-           "ModelConfig", "RMSNorm", "MLP", "Block", "ByteLM", "sinusoidal_positions", "sequence_parallel_refusal",
-           "rank_offset"]
+__all__ = ["Variant", "ALL_VARIANTS", "VARIANTS", "TOY_VARIANTS", "CORE_VARIANTS", "RECOMMENDED", "T5Attention",
+           "t5_buckets", "ModelConfig", "RMSNorm", "MLP", "Block", "ByteLM", "sinusoidal_positions",
+           "sequence_parallel_refusal", "rank_offset"]
 
 VOCAB_SIZE = 256  # bytes
 
@@ -41,6 +41,7 @@ class Variant:
     absolute: bool                   # add sinusoidal absolute positions to the token embeddings
     rotate_normalizer: bool = False  # ablation of eq. 19 (linear, rope='features' only)
     about: str = ""                  # one line for a reader (and for --help)
+    label: str = ""                  # a few words for figures and tables (the name where empty)
     learned: bool = False            # add learned absolute position embeddings (BERT, GPT-2); up to max_len
     t5: bool = False                 # softmax only: T5's bucketed relative bias on the logits (Raffel et al. 2020)
     decay: str | float | None = None  # linear only: the layers' ``decay=`` (RetNet's 'multiscale', or gamma)
@@ -63,20 +64,22 @@ class Variant:
 
 
 ALL_VARIANTS: dict[str, Variant] = {
-    "softmax-rope": Variant("softmax", "inputs", absolute=False,
+    "softmax-rope": Variant("softmax", "inputs", absolute=False, label="softmax + RoPE: the ceiling",
                             about="softmax attention, RoPE on q and k: the quality ceiling"),
-    "softmax-abs": Variant("softmax", None, absolute=True,
+    "softmax-abs": Variant("softmax", None, absolute=True, label="softmax + absolute positions",
                            about="softmax attention, sinusoidal absolute positions added to the embeddings"),
-    "linear-rope": Variant("linear", "features", absolute=False,
+    "linear-rope": Variant("linear", "features", absolute=False, label="eq. 19",
                            about="linear attention, RoPE on the features phi(q), phi(k), normalizer unrotated "
                                  "(RoFormer eq. 19, the paper's proposal)"),
-    "linear-rope-inputs": Variant("linear", "inputs", absolute=False,
+    "linear-rope-inputs": Variant("linear", "inputs", absolute=False, label="RoPE before phi",
                                   about="linear attention, RoPE on q and k before the feature map "
                                         "(what performer-pytorch does)"),
-    "linear-abs": Variant("linear", None, absolute=True,
+    "linear-abs": Variant("linear", None, absolute=True, label="absolute positions (Performer)",
                           about="linear attention, sinusoidal absolute positions (the classic Performer)"),
-    "linear-nope": Variant("linear", None, absolute=False, about="linear attention, no positions at all"),
+    "linear-nope": Variant("linear", None, absolute=False, label="no positions",
+                           about="linear attention, no positions at all"),
     "linear-rope-rotden": Variant("linear", "features", absolute=False, rotate_normalizer=True,
+                                  label="eq. 19 with the normalizer rotated",
                                   about="ablation: eq. 19 with the normalizer rotated too; it can vanish or turn "
                                         "negative"),
     "softmax-learned": Variant("softmax", None, absolute=False, learned=True,
@@ -86,11 +89,11 @@ ALL_VARIANTS: dict[str, Variant] = {
     "linear-rope-learned": Variant("linear", "features", absolute=False, rope_learned=True,
                                    about="eq. 19 with learned frequencies per head and a learned per-pair phase on "
                                          "the queries (still exactly relative)"),
-    "linear-rope-decay": Variant("linear", "features", absolute=False, decay="multiscale",
+    "linear-rope-decay": Variant("linear", "features", absolute=False, decay="multiscale", label="eq. 19 + decay",
                                  about="eq. 19 with RetNet's per-head decay gamma_h^(m-n) on numerator and "
                                        "normalizer (gamma_h = 1 - 2^(-5-h))"),
     "linear-rope-learned-decay": Variant("linear", "features", absolute=False, rope_learned=True,
-                                         decay="multiscale",
+                                         decay="multiscale", label="learned rotations + decay",
                                          about="eq. 19 with learned frequencies and phases and the multiscale decay "
                                                "(the two fixes together)"),
     "linear-nope-decay": Variant("linear", None, absolute=False, decay="multiscale",
@@ -118,7 +121,9 @@ ALL_VARIANTS: dict[str, Variant] = {
 # one registry, two views: what the byte LM builds (every script's --variants) and what the toys build
 VARIANTS = {name: v for name, v in ALL_VARIANTS.items() if v.in_models}
 TOY_VARIANTS = {name: v for name, v in ALL_VARIANTS.items() if v.in_toys}
-# the variants the presets and the synthetic tasks run by default: eq. 19, its comparisons and the ablation; the
+# the configuration the README recommends: the best linear variant measured (cpu-long, every extrapolation length)
+RECOMMENDED = "linear-rope-learned-decay"
+# the variants the synthetic tasks run by default: eq. 19, its comparisons and the ablation; the
 # position baselines above are there to be named (``--variants softmax-learned,...``)
 CORE_VARIANTS = ("softmax-rope", "softmax-abs", "linear-rope", "linear-rope-inputs", "linear-abs", "linear-nope",
                  "linear-rope-rotden")

@@ -13,8 +13,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["pyplot", "color", "read_rows", "write_rows", "plot_curves", "plot_accuracy_vs_length",
-           "plot_extrapolation", "finite_stats", "log_axes"]
+__all__ = ["pyplot", "color", "read_rows", "write_rows", "plot_curves", "plot_long_context", "plot_accuracy_vs_length",
+           "plot_extrapolation", "finite_stats", "lower_is_better", "best_first", "diverged", "log_axes"]
 
 
 def pyplot():
@@ -61,15 +61,38 @@ def finite_stats(values: list[float]) -> dict:
     return {"mean": sum(finite) / len(finite), "std": std, "min": min(finite), "max": max(finite)}
 
 
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller ``metric`` is the better result (bits per byte, loss) or a larger one (accuracy)."""
+    return metric in ("bpb", "loss")
+
+
+def best_first(summary: list[dict], metric: str) -> list[dict]:
+    """Summary rows (``lab.sweeps.summarize``) by length, and within a length best ``metric`` first (non-finite
+    last)."""
+    sign = 1 if lower_is_better(metric) else -1
+
+    def key(r):
+        value = r[metric] if r[metric] is not None else math.nan
+        return r["length"], not math.isfinite(value), sign * value if math.isfinite(value) else 0.0
+    return sorted(summary, key=key)
+
+
+def diverged(row: dict) -> bool:
+    """Whether a summary row's flags say its runs learned nothing ('unigram') or ended non-finite ('nan')."""
+    return bool({"nan", "unigram"} & set(str(row.get("flags", "")).split()))
+
+
 def color(i: int):
     """The i-th color of the lab's figures (tab10, cycling)."""
     return pyplot().get_cmap("tab10")(i % 10)
 
 
-def _mean_band(ax, xs, groups: list[list[float]], color, label: str | None, fmt: str = "-", band: bool = True):
-    """The mean of each group of values against ``xs``, and the band min..max shaded (unless ``band`` is False)."""
+def _mean_band(ax, xs, groups: list[list[float]], color, label: str | None, fmt: str = "-", band: bool = True,
+               **line):
+    """The mean of each group of values against ``xs`` (``line``: more matplotlib line properties), and the band
+    min..max shaded (unless ``band`` is False)."""
     stats = [finite_stats(g) for g in groups]
-    ax.plot(xs, [s["mean"] for s in stats], fmt, color=color, label=label)
+    ax.plot(xs, [s["mean"] for s in stats], fmt, color=color, label=label, **line)
     if band:
         ax.fill_between(xs, [s["min"] for s in stats], [s["max"] for s in stats], color=color, alpha=0.2)
 
@@ -96,6 +119,19 @@ def _save(fig, path: str | Path, axes=(), title: str = "") -> None:
     pyplot().close(fig)
 
 
+def _curve(rows: list[dict], n: int, variant: str, split: str, key: str, scale: float = 1.0
+           ) -> tuple[dict[int, list[float]], set]:
+    """``key`` times ``scale`` of one variant at length ``n`` in ``split``: {step: [one value per seed]}, and the
+    seeds seen."""
+    curve: dict[int, list[float]] = defaultdict(list)
+    seeds = set()
+    for r in rows:
+        if r["length"] == n and r["variant"] == variant and r["split"] == split and r.get(key) is not None:
+            curve[int(r["step"])].append(float(r[key]) * scale)
+            seeds.add(r["seed"])
+    return curve, seeds
+
+
 def plot_curves(rows: list[dict], path: str | Path, *, metric: str = "bpb", title: str = "",
                 reference: float | None = None, reference_label: str = "") -> None:
     """One column per sequence length: validation ``metric`` (top) and training loss in the same units (bottom,
@@ -110,15 +146,8 @@ def plot_curves(rows: list[dict], path: str | Path, *, metric: str = "bpb", titl
         for row_i, (split, key) in enumerate((("val", metric), ("train", "loss"))):
             ax = axes[row_i][col]
             for i, variant in enumerate(variants):
-                curve: dict[int, list[float]] = defaultdict(list)
-                seeds = set()
-                for r in rows:
-                    if r["length"] == n and r["variant"] == variant and r["split"] == split and r.get(key) is not None:
-                        value = float(r[key])
-                        if split == "train" and metric == "bpb":
-                            value /= math.log(2)
-                        curve[int(r["step"])].append(value)
-                        seeds.add(r["seed"])
+                scale = 1 / math.log(2) if split == "train" and metric == "bpb" else 1.0
+                curve, seeds = _curve(rows, n, variant, split, key, scale)
                 if not curve:
                     continue
                 steps = sorted(curve)
@@ -145,6 +174,94 @@ def plot_curves(rows: list[dict], path: str | Path, *, metric: str = "bpb", titl
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_long_context(rows: list[dict], summary: list[dict], path: str | Path, *, metric: str = "bpb",
+                      title: str = "", reference: float | None = None, reference_label: str = "",
+                      highlight: str | None = None, labels: dict | None = None) -> None:
+    """One row of two panels per sequence length. Left: validation ``metric`` against step (``rows`` as in
+    ``results.csv``), one line per variant (mean over seeds, band min..max), the y-axis fitted to the variants
+    that train after the first evaluation; a variant whose summary flags say it diverged (``diverged``) is drawn
+    dashed and clipped to the axis and named so in the legend. Right: each variant's final ``metric``
+    (``summary`` rows as in ``summary.csv``), best first, bars min..max over seeds. ``highlight`` (a variant)
+    stands out: a thick line with markers, a framed bar. ``labels`` maps variants to a few words shown beside
+    their names. ``reference`` is a dotted line (e.g. the unigram entropy), named in the legend when off scale."""
+    plt = pyplot()
+    labels = labels or {}
+    lengths = sorted({r["length"] for r in summary})
+    palette = {v: color(i) for i, v in enumerate(dict.fromkeys(r["variant"] for r in summary))}
+    fig, axes = plt.subplots(len(lengths), 2, figsize=(13, 5 * len(lengths)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.3, 1]})
+    for (ax, bars), n in zip(axes, lengths):
+        final = [r for r in best_first(summary, metric) if r["length"] == n]
+        failed = {r["variant"] for r in final if diverged(r)}
+        trained = [float(r[metric]) for r in rows if r["length"] == n and r["split"] == "val" and r["step"] > 0
+                   and r["variant"] not in failed and r.get(metric) is not None and math.isfinite(float(r[metric]))]
+        lo, hi = (min(trained), max(trained)) if trained else (0.0, 1.0)
+        pad = 0.04 * (hi - lo) + 1e-3
+        lo, hi = lo - pad, hi + pad
+        for r in final:
+            variant = r["variant"]
+            name = f"{variant} ({labels[variant]})" if labels.get(variant) else variant
+            curve, seeds = _curve(rows, n, variant, "val", metric)
+            steps = sorted(curve)
+            if variant in failed:
+                means = [finite_stats(curve[s])["mean"] for s in steps]
+                ax.plot(steps, [min(m, hi) if math.isfinite(m) else hi for m in means], "--", color=palette[variant],
+                        label=f"{name}: diverged ({r[metric]:.2f} {metric}, clipped)")
+            elif steps:
+                mark = dict(lw=3.2, marker="o", zorder=5) if variant == highlight else dict(lw=1.5)
+                suffix = ": recommended" if variant == highlight else ""
+                _mean_band(ax, steps, [curve[s] for s in steps], palette[variant], name + suffix,
+                           band=len(seeds) > 1, **mark)
+        if reference is not None:
+            if lo <= reference <= hi:
+                ax.axhline(reference, color="gray", linestyle=":", label=reference_label)
+            else:
+                ax.plot([], [], ":", color="gray", label=f"{reference_label} {reference:.2f} (off scale)")
+        ax.set_ylim(lo, hi)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"validation {metric}")
+        ax.set_title(f"N = {n}: validation {metric} during training")
+        ax.grid(alpha=0.3)
+        # right: final values, best first from the top
+        done = [r for r in final if r["variant"] not in failed and math.isfinite(float(r[metric]))]
+        values = [float(r[metric]) for r in done] or [0.0, 1.0]
+        span = max(values) - min(values) + 1e-3
+        left, right = min(values) - 0.3 * span, max(values) + 0.35 * span
+        for y, r in enumerate(final):
+            variant, value = r["variant"], float(r[metric])
+            if variant in failed or not math.isfinite(value):
+                bars.barh(y, right - left, left=left, color=palette[variant], alpha=0.35, hatch="//")
+                bars.text(left + 0.02 * (right - left), y, f"diverged: {value:.2f} {metric}, off scale", va="center",
+                          fontsize=9, bbox=dict(facecolor="white", edgecolor="none", pad=1))
+                continue
+            frame = dict(edgecolor="black", linewidth=2.5) if variant == highlight else {}
+            spread = [[value - float(r["min"])], [float(r["max"]) - value]] if r["seeds"] > 1 else None
+            bars.barh(y, value - left, left=left, color=palette[variant], xerr=spread, **frame)
+            bars.text(value + 0.02 * (right - left), y, f"{value:.3f}", va="center", fontsize=9,
+                      fontweight="bold" if variant == highlight else "normal")
+        bars.set_yticks(range(len(final)))
+        bars.set_yticklabels([f"{r['variant']}\n{labels.get(r['variant'], '')}".strip() for r in final], fontsize=8)
+        for tick, r in zip(bars.get_yticklabels(), final):
+            if r["variant"] == highlight:
+                tick.set_fontweight("bold")
+        bars.invert_yaxis()
+        bars.set_xlim(left, right)
+        bars.set_xlabel(f"final validation {metric} ({'lower' if lower_is_better(metric) else 'higher'} is better)")
+        bars.set_title(f"N = {n}: after training, best first")
+        bars.grid(axis="x", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    legend = {}  # one legend for the figure, below the panels: every line's label once
+    for ax in axes[:, 0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(legend.values(), legend.keys(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=9,
+               frameon=False)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

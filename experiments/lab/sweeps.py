@@ -20,11 +20,12 @@ import torch
 from . import plots
 from .checks import check_number, is_int
 from .data import IGNORE, LMTask, SyntheticTask, load_corpus, pair_recall_distances
-from .models import CORE_VARIANTS, VARIANTS, ModelConfig, sequence_parallel_refusal
+from .models import CORE_VARIANTS, RECOMMENDED, VARIANTS, ModelConfig, sequence_parallel_refusal
 from .train import TrainConfig, distributed_context, load_model, position_losses, read_metrics, train
 
-__all__ = ["Preset", "PRESETS", "parse_list", "listing", "variant_listing", "add_synthetic_arguments", "run_script",
-           "run_long_context", "run_positions", "run_recall", "run_extrapolation"]
+__all__ = ["Preset", "PRESETS", "QUICK_VARIANTS", "DIFFERENCE_BASES", "parse_list", "listing", "variant_listing",
+           "add_synthetic_arguments", "run_script", "run_long_context", "run_positions", "run_recall",
+           "run_extrapolation"]
 
 LINEAR_POSITION_VARIANTS = ("linear-rope", "linear-rope-inputs", "linear-abs", "linear-nope")
 UNIGRAM_MARGIN = 0.3  # bpb within this of the byte-unigram entropy: the model has learned no context
@@ -46,12 +47,21 @@ class Preset:
 
 
 _SMALL = dict(n_layer=3, dim=128, heads=4, nb_features=64)
+_QUICK_TRAIN = dict(steps=240, lr=2e-3, warmup=30, eval_interval=40, log_interval=10, ckpt_interval=80)
+# the main job: the ceiling, the linear variant eq. 19 is compared with, eq. 19, what fixes it (a decay; learned
+# rotations with it: the recommended configuration) and no positions at all
+QUICK_VARIANTS = ("softmax-rope", "linear-rope-inputs", "linear-rope", "linear-rope-decay", RECOMMENDED, "linear-nope")
 PRESETS: dict[str, Preset] = {
-    # 7 runs x 240 steps x ~0.25 s (batch 8 x 512 on 2 cores) + evaluations: about 8 minutes.
-    "quick": Preset(CORE_VARIANTS, (512,), (0,), 8 * 512, 16 * 512, _SMALL,
-                    dict(steps=240, lr=2e-3, warmup=30, eval_interval=40, log_interval=10, ckpt_interval=80),
-                    note="smoke scale: shows the softmax-linear gap and flags broken variants; one seed and a few "
-                         "hundred steps cannot rank the linear variants"),
+    # 6 runs x 240 steps x 0.2-0.3 s (batch 8 x 512 on 2 cores) + evaluations: about 5 minutes on the Zen 4.
+    "quick": Preset(QUICK_VARIANTS, (512,), (0,), 8 * 512, 16 * 512, _SMALL, _QUICK_TRAIN,
+                    note="one seed and 240 steps: shows the gaps of several tenths of a bpb (softmax to linear, "
+                         "eq. 19 to eq. 19 + decay); it cannot order variants closer than about 0.1 bpb (in "
+                         "cpu-long, 3 seeds of eq. 19 span 0.12)"),
+    # what quick leaves out, at its scale: absolute positions and the rotated-normalizer ablation, which diverges
+    "ablations": Preset(("linear-rope", "linear-abs", "softmax-abs", "linear-rope-rotden"), (512,), (0,), 8 * 512,
+                        16 * 512, _SMALL, _QUICK_TRAIN,
+                        note="quick's scale: absolute positions, and eq. 19 with its normalizer rotated (which can "
+                             "vanish or turn negative: expected to diverge)"),
     # 15 runs x 1200 steps x 0.17-0.26 s + evaluations: measured 65 minutes on 2 cores.
     "cpu-long": Preset(("softmax-rope",) + LINEAR_POSITION_VARIANTS, (512,), (0, 1, 2), 8 * 512, 32 * 512, _SMALL,
                        dict(steps=1200, lr=2e-3, warmup=60, eval_interval=100, log_interval=20, ckpt_interval=200),
@@ -226,13 +236,33 @@ def summarize(finals: list[dict], metric: str, unigram: float | None = None) -> 
     return rows
 
 
-def _markdown(summary: list[dict], metric: str, header: list[str]) -> str:
-    lines = header + ["", f"| variant | N | {metric} (mean ± std) | min – max | seeds | steps | skipped steps | "
-                          f"s/step | flags |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in summary:
-        lines.append(f"| {r['variant']} | {r['length']} | {r[metric]:.3f} ± {r['std']:.3f} | {r['min']:.3f} – "
-                     f"{r['max']:.3f} | {r['seeds']} | {r['steps']} | {r['skipped']} | {r['s_per_step']:.3f} | "
-                     f"{r['flags']} |")
+DIFFERENCE_BASES = ("softmax-rope", "linear-rope")  # the ceiling and eq. 19: every variant's distance to both
+
+
+def _markdown(summary: list[dict], metric: str, header: list[str], bases=DIFFERENCE_BASES) -> str:
+    """The summary as a table, best first, with each variant's difference to every base of ``bases`` that ran at
+    its length (means over seeds); the min - max column only where some variant ran more than one seed."""
+    means = {(r["variant"], r["length"]): r[metric] for r in summary}
+    shown = [b for b in bases if any(v == b for v, _ in means)]
+    spread = any(r["seeds"] > 1 for r in summary)
+    lines = header + ["", "| variant | what | N | " + f"{metric} (mean ± std) | "
+                      + "".join(f"vs {b} | " for b in shown) + ("min – max | " if spread else "")
+                      + "seeds | steps | s/step | flags |",
+                      "|---|---|---|---|" + "---|" * len(shown) + ("---|" if spread else "") + "---|---|---|---|"]
+    for r in plots.best_first(summary, metric):
+        diffs = []
+        for b in shown:
+            base = means.get((b, r["length"]), math.nan)
+            value = r[metric] - base
+            diffs.append("—" if r["variant"] == b or not math.isfinite(value) else f"{value:+.3f}")
+        variant = VARIANTS.get(r["variant"])
+        lines.append(f"| {r['variant']} | {variant.label if variant else ''} | {r['length']} | "
+                     f"{r[metric]:.3f} ± {r['std']:.3f} | " + "".join(f"{d} | " for d in diffs)
+                     + (f"{r['min']:.3f} – {r['max']:.3f} | " if spread else "")
+                     + f"{r['seeds']} | {r['steps']} | {r['s_per_step']:.3f} | {r['flags']} |")
+    if shown:
+        better = "negative" if plots.lower_is_better(metric) else "positive"
+        lines += ["", f"vs X: the variant's mean {metric} minus X's at the same N ({better} is better)."]
     return "\n".join(lines) + "\n"
 
 
@@ -245,7 +275,7 @@ def paired_differences(finals: list[dict], metric: str, bases=PAIRED_BASES) -> l
     One row per (base, variant, length) with two or more common seeds: mean, std, min, max of the differences and
     how many seeds the variant did better on (lower bpb, higher accuracy)."""
     value = {(r["variant"], r["length"], r["seed"]): r[metric] for r in finals if r[metric] is not None}
-    better = (lambda d: d < 0) if metric in ("bpb", "loss") else (lambda d: d > 0)
+    better = (lambda d: d < 0) if plots.lower_is_better(metric) else (lambda d: d > 0)
     rows = []
     for base in bases:
         for variant in dict.fromkeys(r["variant"] for r in finals):
@@ -356,9 +386,13 @@ def run_long_context(preset: str | Preset = "quick", *, variants=None, lengths=N
                 line += f", gap {finite['linear'] - finite['softmax']:.3f} bpb"
             header.append(f"N = {n}: {line}.")
         _write_outputs(out, finals, curves, summary, "bpb", header, "long_context")
-        plots.plot_curves(curves, out / "long_context.png", metric="bpb", reference=unigram,
-                          reference_label="byte unigram entropy",
-                          title=f"{corpus.name}, preset {preset}: validation bpb (mean, band min-max over seeds)")
+        seeds = f"{len(p.seeds)} seed{'s' * (len(p.seeds) != 1)}"
+        machines = sorted({r["machine"] or "machine not recorded" for r in finals})
+        title = (f"Byte-level LM on {corpus.name}, preset {preset}: {train_cfg['steps']} steps of "
+                 f"{p.tokens_per_step:,} bytes, {seeds} (mean, band min-max)\ntrained on {'; '.join(machines)}")
+        plots.plot_long_context(curves, summary, out / "long_context.png", metric="bpb", title=title,
+                                reference=unigram, reference_label="byte unigram entropy", highlight=RECOMMENDED,
+                                labels={v: VARIANTS[v].label for v in p.variants})
     return summary
 
 
