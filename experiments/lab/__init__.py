@@ -6,6 +6,7 @@ experiments/ import it as ``lab`` (their folder is on ``sys.path``), e.g. ``from
 * ``train``: training, evaluation and checkpoints of one run;
 * ``sweeps``: grids of runs (variant x length x seed) with their tables and figures, behind ``experiments/*.py``;
 * ``plots``: reading and writing result rows, and the figures drawn from them (``pyplot()``);
+* ``readme``: the README's results block, written from the committed quick run;
 * ``checks``: the lab's argument checks;
 * ``accuracy``: eq. 19 against the library's float64 reference as q and k grow;
 * ``mechanism``, ``longterm``: eq. 19's kernel, one-head toys, and attention weights against distance;
