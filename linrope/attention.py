@@ -134,7 +134,7 @@ class _Heads(nn.Module):
         return RotaryEmbedding(rdim, base=rope_base, interleaved=interleaved, scale=rope_scale, scaling=rope_scaling,
                                original_length=rope_original_length, rotary_fraction=rotary_fraction)
 
-    def temper(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    def yarn_scale(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """YaRN's attention factor on q and k (1 unless ``rope_scaling='yarn'``): q.k scaled by its square."""
         f = 1.0 if self.rotary is None else self.rotary.attention_factor
         return (q, k) if f == 1.0 else (q * f, k * f)
@@ -318,7 +318,7 @@ class LinearRotaryAttention(_Heads):
         elif positions is None and state is not None:
             positions = state.offset
         feature_rotary = self.rotary if self.rope == "features" else None
-        q, k = self.temper(q, k)
+        q, k = self.yarn_scale(q, k)
         kpos = positions if context is None else key_positions
         if self.rope == "inputs":
             q, k = self.rotary.rotate(q, positions), self.rotary.rotate(k, kpos)
@@ -387,7 +387,7 @@ class SoftmaxAttention(_Heads):
         offset = 0 if state is None else state.offset
         if positions is None:
             positions = offset
-        q, k = self.temper(q, k)
+        q, k = self.yarn_scale(q, k)
         if self.rotary is not None:
             kpos = positions if context is None else key_positions
             q, k = self.rotary.rotate(q, positions), self.rotary.rotate(k, kpos)

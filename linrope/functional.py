@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_group_size, check_int, check_kernel, check_mask, check_qkv, check_tensor
-from ._engine import EngineConfig, LinearAttentionFunction, empty_state
+from ._engine import Call, EngineConfig, Inputs, empty_state, run
 from ._engine import parallel, triton_kernels, tuning
 from ._engine.feature_sources import LOG_DTYPE
 from .features import compute_dtype
@@ -123,18 +123,27 @@ def _cross(q: Tensor, k: Tensor, causal, key_positions) -> bool:
     return cross
 
 
+@dataclass(frozen=True)
+class _Start:
+    """The state a call starts from, in the engine's terms: sums (B, H, r, dv), (B, H, r) in the compute dtype,
+    their reference log-scale (B, H) in ``LOG_DTYPE`` (with a decay: of the sums as the keys' log-scales count
+    them), and the number of positions before the call."""
+
+    S0: Tensor
+    z0: Tensor
+    M0: Tensor
+    offset: int
+
+
 @torch.compiler.disable  # opaque to dynamo: a compiled model calls the eager engine (a graph break)
-def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, group_size, initial_state,
-         return_state, key_padding_mask, key_positions=None, cross=False, group=None, decay=None, kernel="torch"):
+def _run(features, q, k, k_logscale, v, projection, r, *, causal, rotary, positions, chunk_size, group_size,
+         initial_state, return_state, key_padding_mask, key_positions=None, cross=False, group=None, decay=None,
+         kernel="torch"):
+    """The engine call behind ``linear_attention`` ('features') and ``favor_attention`` ('favor'): the argument
+    checks, the state the call starts from, positions and rotations, then ``_engine.run``."""
     B, H, N, dv = v.shape  # N: keys (the queries' length too, but in cross-attention)
     Nq = q.shape[2]
-    if r < 1:
-        raise ValueError("projection: expected at least one row (r >= 1 features)" if kind == "favor" else
-                         "qf: expected at least one feature (r >= 1)")
-    if kind == "favor" and q.shape[-1] < 1:
-        raise ValueError(f"q: expected a head dim d >= 1, got shape {tuple(q.shape)}")
-    if dv < 1:
-        raise ValueError(f"v: expected a value dim dv >= 1, got shape {tuple(v.shape)}")
+    _check_sizes(features, q, r, dv)
     chunk_size = check_int("chunk_size", chunk_size)
     group_size = check_group_size(group_size)
     mask = check_mask(key_padding_mask, B, N)
@@ -142,98 +151,126 @@ def _run(kind, q, k, ks, v, W, r, *, causal, rotary, positions, chunk_size, grou
         v = v.masked_fill(~mask[:, None, :, None], 0)
     if not causal and (initial_state is not None or return_state):
         raise ValueError("initial_state/return_state: streaming needs causal=True")
-    dt = compute_dtype(q, k, v)
-    _check_kernel(kernel, chunk_size, dt, v.device)
+    dtype = compute_dtype(q, k, v)
+    _check_kernel(kernel, chunk_size, dtype, v.device)
     gammas = resolve_decay(decay, H)
-    lam = _decay_rates(gammas, causal, v.device)
-    signature = (kind, None if rotary is None else rotary.signature(), gammas)
-    learned = isinstance(rotary, LearnedRotary)
-    theta = phase = apos = None
-    if learned:
-        theta, phase = rotary.theta, rotary.phase
-        if not causal:
-            raise ValueError("rotary: a LearnedRotary needs causal=True (its phase turns queries against earlier "
-                             "keys)")
-        if rotary.heads != H:
-            raise ValueError(f"rotary: a LearnedRotary of {rotary.heads} heads for H = {H} heads")
-        if group is not None:
-            raise ValueError("group: expected None with a LearnedRotary (sequence parallelism takes fixed "
-                             "rotations)")
-    inputs = (q, k, ks, v, theta, phase)
-    if isinstance(initial_state, AttentionState):
-        inputs += (initial_state.numerator, initial_state.key_sum)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    if initial_state is not None:
-        if not isinstance(initial_state, AttentionState):
-            raise TypeError(f"initial_state: expected an AttentionState, got {type(initial_state).__name__}")
-        S0, z0, M0 = initial_state.numerator, initial_state.key_sum, initial_state.log_ref
-        if tuple(S0.shape) != (B, H, r, dv) or tuple(z0.shape) != (B, H, r) or tuple(M0.shape) != (B, H):
-            raise ValueError(f"initial_state: expected numerator (B, H, r, dv) = {(B, H, r, dv)}, key_sum "
-                             f"{(B, H, r)} and log_ref {(B, H)}, got {tuple(S0.shape)}, {tuple(z0.shape)}, "
-                             f"{tuple(M0.shape)}")
-        if initial_state.signature is not None and initial_state.signature != signature:
-            raise ValueError(f"initial_state: made by a call with {_describe(initial_state.signature)}, continued "
-                             f"by one with {_describe(signature)}")
-        if S0.dtype != dt or z0.dtype != dt:
-            raise ValueError(f"initial_state: its sums are {S0.dtype}, but this call computes in {dt} (from the "
-                             f"dtypes of q, k, v): continue a state with inputs of the dtype that made it")
-        offset = initial_state.offset
-        S0, z0, M0 = S0.to(dt), z0.to(dt), M0.to(LOG_DTYPE)
-        if lam is not None:  # the state's log_ref is that of its sums decayed to its last position, offset - 1
-            M0 = M0 + lam * (offset - 1)
-    else:
-        offset = 0
-        S0, z0, M0 = empty_state(B, H, r, dv, dt, v.device)
+    decay_rates = _decay_rates(gammas, causal, v.device)
+    signature = (features, None if rotary is None else rotary.signature(), gammas)
+    learned = _check_learned(rotary, causal, H, group)
+    start = _start(initial_state, signature, (B, H, r, dv), dtype, decay_rates, v.device)
     if B * H == 0 or Nq == 0 or N == 0:  # nothing to attend with, or to (rows that see no key are 0)
         if group is not None:
             raise ValueError("group: expected at least one position, batch row and head on every rank")
-        resolve_positions(positions if positions is not None else offset, Nq, v.device, B)
+        resolve_positions(positions if positions is not None else start.offset, Nq, v.device, B)
         out = v.new_zeros(B, H, Nq, dv)
         if not return_state:
             return out
-        st = initial_state or AttentionState(S0, z0, M0, 0)
+        st = initial_state or AttentionState(start.S0, start.z0, start.M0, 0)
         return out, AttentionState(st.numerator, st.key_sum, st.log_ref, st.offset + N, signature)
+    grads = (q, k, k_logscale, v) + ((rotary.theta, rotary.phase) if learned else ()) + \
+        ((initial_state.numerator, initial_state.key_sum) if initial_state is not None else ())
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grads)
     if group_size is None:  # 1 MiB work buffers, L2-sized for calls of many groups (see _engine/tuning.py)
         group_size = tuning.default_group_size(max(N, Nq), B * H, r, chunk_size, q.device)
     elif group_size == "auto":
-        group_size = _tuned_group_size(kind, q, ks, v, r, causal, rotary, chunk_size, dt, cross)
+        group_size = _tuned_group_size(features, q, k_logscale, v, r, causal, rotary, chunk_size, dtype, cross)
     else:  # whole chunks
         group_size = -(-group_size // chunk_size) * chunk_size
-    lay = None
+    layout = None
     if group is not None:
         if cross:
             raise ValueError("group: expected self-attention (sequence parallelism splits one sequence; "
                              "cross-attention keys are not supported)")
-        lay = parallel.layout(group, N, (B, H, r, dv, causal, kind == "favor", ks is not None, needs_grad,
-                                         rotary is not None, initial_state is not None, return_state,
-                                         lam is not None), v.device)
+        layout = parallel.layout(group, N, (B, H, r, dv, causal, features == "favor", k_logscale is not None,
+                                            needs_grad, rotary is not None, initial_state is not None, return_state,
+                                            decay_rates is not None), v.device)
     if positions is None:  # under sequence parallelism: after the earlier ranks' positions
-        positions = offset + (0 if lay is None else lay.offset)
-    cos = sin = kcos = ksin = None
-    if learned:  # the engine turns the pairs by theta p (+ phase for queries), p in float64
-        apos = resolve_positions(positions, Nq, v.device, B).to(LOG_DTYPE)
-    elif rotary is not None:
-        cos, sin = rotary.cos_sin(positions, Nq, v.device, dt, batch=B)
-        if cross:  # keys at their own positions, 0..M-1 by default
-            kcos, ksin = rotary.cos_sin(key_positions, N, v.device, dt, batch=B)
-    else:  # still validate what the caller passed
-        resolve_positions(positions, Nq, v.device, B)
-        if cross:
-            resolve_positions(key_positions, N, v.device, B)
-    cfg = EngineConfig(causal=bool(causal), chunk_size=chunk_size, group_size=group_size, dtype=dt,
-                       needs_grad=needs_grad, kernel=kernel)
-    kb = None
-    if lam is not None:  # gamma^(m - n) = e^(-lam m) e^(lam n): the row factor cancels in out_m, keys get lam * n
+        positions = start.offset + (0 if layout is None else layout.offset)
+    rotations = _rotations(rotary, learned, positions, key_positions, cross, Nq, N, B, dtype, v.device)
+    key_bias = None
+    if decay_rates is not None:  # gamma^(m - n) = e^(-lam m) e^(lam n): the row factor cancels, keys get lam * n
         pos = resolve_positions(positions, Nq, v.device, B).to(LOG_DTYPE)
-        kb = (lam[:, None] * pos[..., None, :]).expand(B, H, N).reshape(B * H, N)
-    interleaved = rotary is not None and rotary.interleaved
-    par = None if lay is None else parallel.Parallel(lay, initial_state is not None, return_state)
+        key_bias = (decay_rates[:, None] * pos[..., None, :]).expand(B, H, N).reshape(B * H, N)
+    call = Call(EngineConfig(causal=bool(causal), chunk_size=chunk_size, group_size=group_size, dtype=dtype,
+                             needs_grad=needs_grad, kernel=kernel),
+                features, interleaved=rotary is not None and rotary.interleaved,
+                first_position=positions if learned and isinstance(positions, int) else None,
+                parallel=None if layout is None else parallel.Parallel(layout, initial_state is not None,
+                                                                       return_state))
     # inputs go in as they are (half stays half: autograd keeps them); the engine casts each group
-    out, S, z, M = LinearAttentionFunction.apply(
-        kind, cfg, interleaved, q, k, ks, kb, v, W if W is None else W.to(dt), mask, cos, sin, kcos, ksin, S0, z0,
-        M0, theta, phase, apos, positions if learned and isinstance(positions, int) else None, par)
+    out, S, z, M = run(call, Inputs(q=q, k=k, v=v, S0=start.S0, z0=start.z0, M0=start.M0, k_logscale=k_logscale,
+                                    key_bias=key_bias, projection=None if projection is None else projection.to(dtype),
+                                    mask=mask, **rotations))
     if return_state:  # under sequence parallelism, every rank gets the state after the whole sequence
-        return out, _state_out(S, z, M, offset + (N if lay is None else lay.total), lam, signature)
+        return out, _state_out(S, z, M, start.offset + (N if layout is None else layout.total), decay_rates,
+                               signature)
+    return out
+
+
+def _check_sizes(features: str, q: Tensor, r: int, dv: int) -> None:
+    if r < 1:
+        raise ValueError("projection: expected at least one row (r >= 1 features)" if features == "favor" else
+                         "qf: expected at least one feature (r >= 1)")
+    if features == "favor" and q.shape[-1] < 1:
+        raise ValueError(f"q: expected a head dim d >= 1, got shape {tuple(q.shape)}")
+    if dv < 1:
+        raise ValueError(f"v: expected a value dim dv >= 1, got dv = {dv}")
+
+
+def _check_learned(rotary, causal: bool, H: int, group) -> bool:
+    """Whether ``rotary`` is a ``LearnedRotary``, checked against the call."""
+    if not isinstance(rotary, LearnedRotary):
+        return False
+    if not causal:
+        raise ValueError("rotary: a LearnedRotary needs causal=True (its phase turns queries against earlier keys)")
+    if rotary.heads != H:
+        raise ValueError(f"rotary: a LearnedRotary of {rotary.heads} heads for H = {H} heads")
+    if group is not None:
+        raise ValueError("group: expected None with a LearnedRotary (sequence parallelism takes fixed rotations)")
+    return True
+
+
+def _start(initial_state, signature: tuple, shape: tuple, dtype: torch.dtype, decay_rates, device) -> _Start:
+    """The state a call starts from: ``initial_state`` checked against the call, or the empty state."""
+    B, H, r, dv = shape
+    if initial_state is None:
+        return _Start(*empty_state(B, H, r, dv, dtype, device), 0)
+    if not isinstance(initial_state, AttentionState):
+        raise TypeError(f"initial_state: expected an AttentionState, got {type(initial_state).__name__}")
+    S0, z0, M0 = initial_state.numerator, initial_state.key_sum, initial_state.log_ref
+    if tuple(S0.shape) != (B, H, r, dv) or tuple(z0.shape) != (B, H, r) or tuple(M0.shape) != (B, H):
+        raise ValueError(f"initial_state: expected numerator (B, H, r, dv) = {(B, H, r, dv)}, key_sum "
+                         f"{(B, H, r)} and log_ref {(B, H)}, got {tuple(S0.shape)}, {tuple(z0.shape)}, "
+                         f"{tuple(M0.shape)}")
+    if initial_state.signature is not None and initial_state.signature != signature:
+        raise ValueError(f"initial_state: made by a call with {_describe(initial_state.signature)}, continued "
+                         f"by one with {_describe(signature)}")
+    if S0.dtype != dtype or z0.dtype != dtype:
+        raise ValueError(f"initial_state: its sums are {S0.dtype}, but this call computes in {dtype} (from the "
+                         f"dtypes of q, k, v): continue a state with inputs of the dtype that made it")
+    offset = initial_state.offset
+    M0 = M0.to(LOG_DTYPE)
+    if decay_rates is not None:  # the state's log_ref is that of its sums decayed to its last position
+        M0 = M0 + decay_rates * (offset - 1)
+    return _Start(S0, z0, M0, offset)
+
+
+def _rotations(rotary, learned: bool, positions, key_positions, cross: bool, Nq: int, N: int, B: int,
+               dtype: torch.dtype, device) -> dict:
+    """The engine's rotation inputs (``Inputs`` fields) at these positions: cos/sin tables (the keys' own with
+    cross-attention), or the learned angles and float64 positions; positions are validated either way."""
+    if learned:  # the engine turns the pairs by theta p (+ phase for queries), p in float64
+        return dict(theta=rotary.theta, phase=rotary.phase,
+                    angle_positions=resolve_positions(positions, Nq, device, B).to(LOG_DTYPE))
+    if rotary is None:
+        resolve_positions(positions, Nq, device, B)
+        if cross:
+            resolve_positions(key_positions, N, device, B)
+        return {}
+    cos, sin = rotary.cos_sin(positions, Nq, device, dtype, batch=B)
+    out = dict(cos=cos, sin=sin)
+    if cross:  # keys at their own positions, 0..M-1 by default
+        out["key_cos"], out["key_sin"] = rotary.cos_sin(key_positions, N, device, dtype, batch=B)
     return out
 
 
@@ -426,16 +463,16 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
         if k_logscale.shape != kf.shape[:3]:
             raise ValueError(f"k_logscale: expected shape (B, H, N) = {tuple(kf.shape[:3])}, "
                              f"got {tuple(k_logscale.shape)}")
-    run = lambda sl, pos, mask: _run(  # noqa: E731
+    call = lambda sl, pos, mask: _run(  # noqa: E731
         "features", qf[:, :, sl], kf[:, :, sl], None if k_logscale is None else k_logscale[:, :, sl],
         v[:, :, sl], None, r, causal=causal, rotary=rotary, positions=pos, chunk_size=chunk_size,
         group_size=group_size, initial_state=initial_state, return_state=return_state, key_padding_mask=mask,
         key_positions=key_positions, cross=cross, group=group, decay=decay, kernel=kernel)
     if cu_seqlens is not None:
         _no_group(group)
-        return _per_document(run, cu_seqlens, v.shape[0], v.shape[2], positions, key_padding_mask,
+        return _per_document(call, cu_seqlens, v.shape[0], v.shape[2], positions, key_padding_mask,
                              initial_state is not None or return_state, cross)
-    return run(slice(None), positions, key_padding_mask)
+    return call(slice(None), positions, key_padding_mask)
 
 
 def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, causal: bool = False,
@@ -471,16 +508,16 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
                          "differentiate it; detach it, or use favor_plus features with linear_attention)")
     r = projection.shape[0]
     check_rotary(rotary, r, "the number of features r (projection rows)", learned=True)
-    run = lambda sl, pos, mask: _run(  # noqa: E731
+    call = lambda sl, pos, mask: _run(  # noqa: E731
         "favor", q[:, :, sl], k[:, :, sl], None, v[:, :, sl], projection, r, causal=causal, rotary=rotary,
         positions=pos, chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,
         return_state=return_state, key_padding_mask=mask, key_positions=key_positions, cross=cross, group=group,
         decay=decay, kernel=kernel)
     if cu_seqlens is not None:
         _no_group(group)
-        return _per_document(run, cu_seqlens, v.shape[0], v.shape[2], positions, key_padding_mask,
+        return _per_document(call, cu_seqlens, v.shape[0], v.shape[2], positions, key_padding_mask,
                              initial_state is not None or return_state, cross)
-    return run(slice(None), positions, key_padding_mask)
+    return call(slice(None), positions, key_padding_mask)
 
 
 # ---------------------------------------------------------------------------------------------- softmax baseline

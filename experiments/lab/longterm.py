@@ -234,7 +234,7 @@ def attention_weights(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     if not isinstance(inner, (LinearRotaryAttention, SoftmaxAttention)):
         raise TypeError(f"attn: expected a linrope attention layer, got {type(attn).__name__}")
     q, k, v = inner.split(x, None, False)
-    q, k = inner.temper(q, k)
+    q, k = inner.yarn_scale(q, k)
     q, k, v = q.to(F64), inner.share_kv(k).to(F64), inner.share_kv(v).to(F64)
     B, H, N, dh = q.shape
     pos = torch.arange(N, device=x.device)

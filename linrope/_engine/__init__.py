@@ -6,8 +6,11 @@
   and the autograd Functions that ``linrope.functional`` calls.
 * ``parallel.py``: sequence parallelism (``group=``): layout checks, the all-gather of key states, their
   combination weights, the all-reduce of their gradients (the engine calls them inside its Function).
+* ``tuning.py``: group sizes: defaults per CPU / GPU and the measured ``"auto"`` choice, cached per machine.
+* ``triton_kernels.py``: the experimental ``kernel="triton"``: a group's chunk products fused on CUDA, beside
+  their float64 reference.
 """
 
-from .chunked import JUMP_LIMIT, EngineConfig, LinearAttentionFunction, empty_state
+from .chunked import JUMP_LIMIT, Call, EngineConfig, Inputs, empty_state, run
 
-__all__ = ["EngineConfig", "LinearAttentionFunction", "empty_state", "JUMP_LIMIT"]
+__all__ = ["Call", "EngineConfig", "Inputs", "run", "empty_state", "JUMP_LIMIT"]

@@ -44,7 +44,7 @@ How, and why:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -760,71 +760,117 @@ def bidirectional_backward(src, rot, rot_k, V, out, den, dout, S, z, P, cfg: Eng
 
 
 # ---------------------------------------------------------------------------------------------- autograd
-class LinearAttentionFunction(torch.autograd.Function):
-    """out, S, z, M = f(q, k, ks, v, S0, z0); q, k are features (kind 'features') or raw inputs ('favor').
-    kb (BH, N) ``LOG_DTYPE`` or None: a log-bias added to the keys' log-scales (a decay), not differentiated.
-    theta, phase (H, r/2), apos ((N,) or (B, N) float64 positions): learned angles (``LearnedRotary``, causal), in
-    place of cos/sin; their gradients are returned. astart: the first position when apos is astart, astart + 1, ...
-    (an int; None for positions of any other pattern), which lets the rotations build their factors by one
-    product with a table (``AngleRotation``). par: a ``parallel.Parallel`` for sequence parallelism (or
-    None): (S0, z0, M0) is then the initial state, the other ranks' keys come by one all-gather of key states
-    (``_parallel_forward``), and the returned state is the whole sequence's when ``par.return_state``.
+@dataclass(frozen=True)
+class Call:
+    """What one engine call computes beyond its tensors.
 
-    Tensors arrive as (B, H, N, .) in the caller's dtypes (kept as they are: half stays half), states as
-    (B, H, r, dv), (B, H, r), (B, H) in the compute dtype ``cfg.dtype``; ``interleaved`` is the pairing of
-    ``cos``/``sin`` (the engine works on interleaved pairs). ``out`` has v's dtype. Autocast is off inside:
-    features, states and normalizer are computed in ``cfg.dtype`` whatever autocast says. The state (S0, z0, M0)
-    is where the causal scan starts (streaming); bidirectional, it holds keys seen elsewhere (the other ranks
-    under sequence parallelism), zero for one process.
+    features: 'favor' (FAVOR+ computed from raw q, k and the projection, recomputed in the backward) or
+    'features' (q, k are given features). interleaved: the pairing of the cos/sin tables (the engine works on
+    interleaved pairs and permutes half-split ones on the way in). first_position: with learned angles at
+    consecutive positions, the first one (rotations then build their factors from one table); None otherwise.
+    parallel: sequence parallelism (``parallel.Parallel``), or None.
     """
 
+    cfg: EngineConfig
+    features: str
+    interleaved: bool = True
+    first_position: int | None = None
+    parallel: parallel.Parallel | None = None
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The tensors of one engine call, by name. Autograd needs them as positional arguments of ``apply``: they
+    travel in this order (``fields``), and their gradients come back in it.
+
+    Tensors are (B, H, N, .) in the caller's dtypes (half stays half), states (B, H, r, dv), (B, H, r), (B, H) in
+    the compute dtype. The state (S0, z0, M0) is where the causal scan starts (streaming); bidirectional, it holds
+    keys seen elsewhere (the other ranks under sequence parallelism), zero for one process.
+    """
+
+    q: Tensor  # (B, H, N, d) raw queries ('favor'), or (B, H, N, r) features
+    k: Tensor  # the same for keys; (B, H, M, .) for cross-attention
+    v: Tensor  # (B, H, N or M, dv)
+    S0: Tensor  # (B, H, r, dv) numerator state, relative to exp(M0)
+    z0: Tensor  # (B, H, r) key sum
+    M0: Tensor  # (B, H) LOG_DTYPE reference log-scale of both
+    k_logscale: Tensor | None = None  # (B, H, N) log-magnitudes of given key features
+    key_bias: Tensor | None = None  # (BH, N) LOG_DTYPE added to the keys' log-scales (a decay), not differentiated
+    projection: Tensor | None = None  # (r, d) 'favor'
+    mask: Tensor | None = None  # (B, N) bool key padding mask, True = keep
+    cos: Tensor | None = None  # (N, r/2) or (B, N, r/2): the queries' rotation (and the keys', but cross-attention)
+    sin: Tensor | None = None
+    key_cos: Tensor | None = None  # cross-attention: the keys' rotation at their own positions
+    key_sin: Tensor | None = None
+    theta: Tensor | None = None  # (H, r/2) learned frequencies (``LearnedRotary``), in place of cos/sin
+    phase: Tensor | None = None  # (H, r/2) the queries' learned phase
+    angle_positions: Tensor | None = None  # (N,) or (B, N) float64 positions the learned angles turn by
+
+
+_UNSAVED = ("S0", "z0", "M0")
+
+
+def run(call: Call, x: Inputs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """out (B, H, Nq, dv) in v's dtype and the state after the call: S (B, H, r, dv), z (B, H, r), M (B, H)."""
+    return LinearAttentionFunction.apply(call, *(getattr(x, f.name) for f in fields(Inputs)))
+
+
+class LinearAttentionFunction(torch.autograd.Function):
+    """``run``'s autograd Function: forward(call, *Inputs) -> out, S, z, M; the backward is hand-written (features
+    recomputed group by group). Autocast is off inside: features, states and normalizer are computed in
+    ``call.cfg.dtype`` whatever autocast says. Learned angles get their gradients; M is not differentiated."""
+
     @staticmethod
-    def forward(ctx, kind, cfg, interleaved, q, k, ks, kb, v, W, mask, cos, sin, kcos, ksin, S0, z0, M0, theta, phase,
-                apos, astart, par):
+    def forward(ctx, call: Call, *tensors):
+        x = Inputs(*tensors)
+        cfg, v = call.cfg, x.v
         B, H, N, dv = v.shape
-        r = W.shape[0] if kind == "favor" else q.shape[-1]
-        perm = interleaved_order(r, v.device) if cos is not None and not interleaved else None
-        ctx.meta = (kind, cfg, perm, B, H, astart)
-        S0 = _to_internal(S0, perm).reshape(B * H, r, dv)
-        z0, M0 = _to_internal(z0, perm).reshape(B * H, r), M0.reshape(B * H)
+        r = x.projection.shape[0] if call.features == "favor" else x.q.shape[-1]
+        perm = interleaved_order(r, v.device) if x.cos is not None and not call.interleaved else None
+        ctx.call, ctx.perm = call, perm
+        S0 = _to_internal(x.S0, perm).reshape(B * H, r, dv)
+        z0, M0 = _to_internal(x.z0, perm).reshape(B * H, r), x.M0.reshape(B * H)
+        par, final = call.parallel, None
         with torch.autocast(v.device.type, enabled=False):
-            src, rot, rot_k = _prepare(ctx.meta, q, k, ks, kb, W, mask, cos, sin, kcos, ksin, theta, phase, apos)
-            ctx.par = par
+            src, rot, rot_k = _prepare(call, x, perm)
             if par is not None:  # the other ranks' keys, as the state this rank starts from (or adds)
                 S0, z0, M0, final, ctx.incoming = _parallel_forward(par, src, rot_k, v, S0, z0, M0, cfg)
             if cfg.causal:
-                out, den, S, z, M, plan = causal_forward(src, rot, v, S0, z0, M0, cfg, keep_states=cfg.needs_grad,
-                                                         rot_k=rot_k)
-                ctx.plan = plan
+                out, den, S, z, M, ctx.plan = causal_forward(src, rot, v, S0, z0, M0, cfg,
+                                                             keep_states=cfg.needs_grad, rot_k=rot_k)
             else:  # the state is summed into in place: a copy (S0 may be the caller's, or a view of it)
-                out, den, S, z, M, ctx.ref = bidirectional_forward(src, rot, rot_k, v, q.shape[2], S0.clone(),
+                out, den, S, z, M, ctx.ref = bidirectional_forward(src, rot, rot_k, v, x.q.shape[2], S0.clone(),
                                                                    z0.clone(), M0, cfg)
                 ctx.M0 = M0
-        ctx.save_for_backward(q, k, ks, kb, v, W, mask, cos, sin, kcos, ksin, out, den, theta, phase, apos)
+        # the starting state is not needed again (the plan keeps what the backward reads)
+        ctx.save_for_backward(*(None if f.name in _UNSAVED else t for f, t in zip(fields(Inputs), tensors)), out, den)
         ctx.final = (S, z, M)
-        if par is not None and final is not None:  # the state after the whole sequence (every rank's keys)
+        if final is not None:  # the state after the whole sequence (every rank's keys)
             S, z, M = final
         S = _to_user(S.reshape(B, H, r, dv), perm)
         z = _to_user(z.reshape(B, H, r), perm)
         M = M.reshape(B, H)
         ctx.mark_non_differentiable(M)  # the tensor returned: a log-scale, not differentiated
-        return out.view(B, H, q.shape[2], dv), S, z, M
+        return out.view(B, H, x.q.shape[2], dv), S, z, M
 
     @staticmethod
     def backward(ctx, dout, dS, dz, _dM):
         if torch.is_grad_enabled():  # create_graph=True: the hand-written backward is not differentiable itself
             raise RuntimeError("linear_attention / favor_attention: double backward (create_graph=True) is not "
                                "supported: the backward is hand-written and cannot itself be differentiated")
-        kind, cfg, perm, B, H, _ = ctx.meta
-        q, k, ks, kb, v, W, mask, cos, sin, kcos, ksin, out, den, theta, phase, apos = ctx.saved_tensors
+        call, perm = ctx.call, ctx.perm
+        cfg, par = call.cfg, call.parallel
+        *tensors, out, den = ctx.saved_tensors
+        x = Inputs(*tensors)
+        v = x.v
+        B, H = v.shape[:2]
         S, z, _ = ctx.final
         with torch.autocast(v.device.type, enabled=False):
-            src, rot, rot_k = _prepare(ctx.meta, q, k, ks, kb, W, mask, cos, sin, kcos, ksin, theta, phase, apos)
+            src, rot, rot_k = _prepare(call, x, perm)
             dout = torch.zeros_like(out) if dout is None else dout.reshape(out.shape)
             r = S.shape[1]
             dS = None if dS is None else _to_internal(dS, perm).reshape(S.shape)
             dz = None if dz is None else _to_internal(dz, perm).reshape(z.shape)
-            par = ctx.par
             dSf = dzf = None
             if par is not None:  # the returned state was the whole sequence's: its gradient goes to the ranks' keys
                 dSf, dzf, dS, dz = dS, dz, None, None
@@ -843,13 +889,14 @@ class LinearAttentionFunction(torch.autograd.Function):
             if dS0 is not None:
                 dS0 = _to_user(dS0.reshape(B, H, r, -1), perm)
                 dz0 = _to_user(dz0.reshape(B, H, r), perm)
-        shape = lambda t, like: None if t is None else t.view(like.shape)  # noqa: E731
-        dtheta = dphase = None
-        if theta is not None:  # learned angles: the queries' and the keys' rotations both turn by theta
-            dtheta = (rot.dtheta + rot_k.dtheta).to(theta.dtype)
-            dphase = None if phase is None else rot.dphase.to(phase.dtype)
-        return (None, None, None, shape(src.dq, q), shape(src.dk, k), shape(src.dks, ks), None, dV.view(v.shape),
-                None, None, None, None, None, None, dS0, dz0, None, dtheta, dphase, None, None, None)
+        grads = dict(q=src.dq.view(x.q.shape), k=src.dk.view(x.k.shape), v=dV.view(v.shape), S0=dS0, z0=dz0)
+        if x.k_logscale is not None:
+            grads["k_logscale"] = src.dks.view(x.k_logscale.shape)
+        if x.theta is not None:  # learned angles: the queries' and the keys' rotations both turn by theta
+            grads["theta"] = (rot.dtheta + rot_k.dtheta).to(x.theta.dtype)
+            if x.phase is not None:
+                grads["phase"] = rot.dphase.to(x.phase.dtype)
+        return (None, *(grads.get(f.name) for f in fields(Inputs)))
 
 
 # ---------------------------------------------------------------------------------------------- sequence parallel
@@ -903,19 +950,20 @@ def _parallel_backward(par, inc: _Incoming, src, rot_k, v, dS0, dz0, dSf, dzf, d
     return (dSg[0], dzg[0]) if par.initial else (None, None)
 
 
-def _prepare(meta, q, k, ks, kb, W, mask, cos, sin, kcos, ksin, theta, phase, apos):
+def _prepare(call: Call, x: Inputs, perm: Tensor | None):
     """The feature source and the rotations of queries and keys (the same one unless keys have their own
     positions, cross-attention, or the angles are learned: the queries' then add the phase)."""
-    kind, cfg, perm, B, H, astart = meta
-    rot = None if cos is None else Rotation(cos, sin)
-    rot_k = rot if kcos is None else Rotation(kcos, ksin)
-    if theta is not None:
-        rot = AngleRotation(theta, phase, apos, H, cfg.dtype, astart)
-        rot_k = AngleRotation(theta, None, apos, H, cfg.dtype, astart)
-    if kind == "favor":
-        src = FavorFeatures(q, k, W if perm is None else W[perm], mask, cfg.dtype, kb)
+    dtype, H = call.cfg.dtype, x.v.shape[1]
+    rot = None if x.cos is None else Rotation(x.cos, x.sin)
+    rot_k = rot if x.key_cos is None else Rotation(x.key_cos, x.key_sin)
+    if x.theta is not None:
+        rot = AngleRotation(x.theta, x.phase, x.angle_positions, H, dtype, call.first_position)
+        rot_k = AngleRotation(x.theta, None, x.angle_positions, H, dtype, call.first_position)
+    if call.features == "favor":
+        W = x.projection if perm is None else x.projection[perm]
+        src = FavorFeatures(x.q, x.k, W, x.mask, dtype, x.key_bias)
     else:
-        src = GivenFeatures(q, k, ks, mask, perm, cfg.dtype, kb)
+        src = GivenFeatures(x.q, x.k, x.k_logscale, x.mask, perm, dtype, x.key_bias)
     return src, rot, rot_k
 
 
