@@ -198,8 +198,6 @@ class LinearRotaryAttention(_Heads):
         rope_learned: rope='features' with learned rotations (``LearnedRotary``, causal): per head, frequencies
             theta initialised at this RoPE's and a per-pair phase on the queries (0 at first), so a pair can peak
             away from distance 0; still exactly relative. The decoding state then keeps every query head.
-        rotate_normalizer: ablation only (rope='features'): rotate the normalizer too; it can then vanish or turn
-            negative, which is why eq. 19 keeps it unrotated.
         redraw_interval: redraw the random projection every this many optimizer steps (None: never). The layer
             never redraws by itself: the training loop calls ``linrope.redraw_projections(model, step)`` after
             each ``optimizer.step()`` (step = optimizer steps done), which redraws every layer that is due.
@@ -240,7 +238,7 @@ class LinearRotaryAttention(_Heads):
                  causal: bool = False, feature_map: str = "favor+", rope: str | None = "features",
                  rope_base: float = 10000.0, interleaved: bool = True, rope_scale: float = 1.0,
                  rope_scaling: str = "linear", rope_original_length: int | None = None, rotary_fraction: float = 1.0,
-                 rotate_normalizer: bool = False, redraw_interval: int | None = None, seed: int | None = None,
+                 redraw_interval: int | None = None, seed: int | None = None,
                  orthogonal: bool = True, chunk_size: int = 64, qkv_bias: bool = False, kv_heads: int | None = None,
                  decay: float | str | tuple | None = None, rope_learned: bool = False, group=None,
                  group_size: int | str | None = None, kernel: str = "torch"):
@@ -252,10 +250,6 @@ class LinearRotaryAttention(_Heads):
         kwargs = {} if feature_map == "elu" else dict(orthogonal=orthogonal, seed=seed, redraw_interval=redraw_interval)
         self.feature_map = make_feature_map(feature_map, dim_head, nb_features, **kwargs)
         self.feature_map_name, self.rope = feature_map, rope
-        if rotate_normalizer and rope != "features":
-            raise ValueError(f"rotate_normalizer: expected False unless rope='features' (the normalizer is rotated "
-                             f"only in feature space), got True with rope={rope!r}")
-        self.rotate_normalizer = bool(rotate_normalizer)
         self.rotary = None
         if rope is not None:
             features = rope == "features"
@@ -264,20 +258,31 @@ class LinearRotaryAttention(_Heads):
                                            rope_scale, rope_scaling, rope_original_length, rotary_fraction)
         self.rope_learned = bool(rope_learned)
         if self.rope_learned:
-            if rope != "features" or rotate_normalizer or not self.causal:
-                raise ValueError(f"rope_learned: expected False unless rope='features', causal=True and "
-                                 f"rotate_normalizer=False, got rope={rope!r}, causal={causal}, "
-                                 f"rotate_normalizer={rotate_normalizer}")
+            if rope != "features" or not self.causal:
+                raise ValueError(f"rope_learned: expected False unless rope='features' and causal=True, got "
+                                 f"rope={rope!r}, causal={causal}")
             self.rotary = LearnedRotary(self.rotary.dim, heads, init=self.rotary)
         self.chunk_size = check_int("chunk_size", chunk_size)
         self.group_size = check_group_size(group_size)
         self.kernel = check_kernel(kernel)
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, rotary, kwargs: dict):
+        """The heads' attention: q (B, H, N, d), k and v repeated to every query head, ``rotary`` the feature-space
+        rotation (rope='features') or None, ``kwargs`` the functions' keywords (positions, state, masks, decay,
+        ...). FAVOR+ goes through ``favor_attention`` (features recomputed in the backward), other maps through
+        ``linear_attention`` on their features. Returns what the function returns. A subclass may replace it to
+        study another attention on the same projections (the experiments' rotated-normalizer ablation does)."""
+        if isinstance(self.feature_map, FavorPlus):
+            return favor_attention(q, k, v, self.feature_map.projection, rotary=rotary, **kwargs)
+        qf, _ = self.feature_map(q, is_query=True)
+        kf, ks = self.feature_map(k, is_query=False)
+        return linear_attention(qf, kf, v, rotary=rotary, k_logscale=ks, **kwargs)
+
     def _config(self) -> dict:
         """What the parameters and buffers mean beyond their shapes: a state_dict of another configuration whose
         tensors happen to have the same shapes must not load silently."""
         return dict(feature_map=self.feature_map_name, rope=self.rope, rope_learned=self.rope_learned,
-                    decay=self.decay, rotate_normalizer=self.rotate_normalizer, causal=self.causal)
+                    decay=self.decay, causal=self.causal)
 
     def get_extra_state(self) -> Tensor:
         # as bytes of JSON in a uint8 tensor: a state_dict stays all tensors (safetensors, code that clones it)
@@ -332,16 +337,7 @@ class LinearRotaryAttention(_Heads):
                       initial_state=state, return_state=return_state, key_padding_mask=key_padding_mask,
                       key_positions=None if self.rope == "inputs" else key_positions, cu_seqlens=cu_seqlens,
                       group=self.group, decay=self.decay, group_size=self.group_size, kernel=self.kernel)
-        if isinstance(self.feature_map, FavorPlus) and not self.rotate_normalizer:
-            out = favor_attention(q, k, v, self.feature_map.projection, rotary=feature_rotary, **kwargs)
-        else:
-            qf, _ = self.feature_map(q, is_query=True)
-            kf, ks = self.feature_map(k, is_query=False)
-            if self.rotate_normalizer:
-                qf, kf = self.rotary.rotate(qf, positions), self.rotary.rotate(kf, kpos)
-                feature_rotary = None
-                kwargs["key_positions"] = None
-            out = linear_attention(qf, kf, v, rotary=feature_rotary, k_logscale=ks, **kwargs)
+        out = self.attend(q, k, v, feature_rotary, kwargs)
         if return_state:
             out, st = out
             new_state = st.map(lambda t: t[:, ::g])

@@ -80,9 +80,9 @@ MUTANTS = [
            "    z.add_((k0 if kr is None else kr).sum(1))",
            ("tests/test_functional.py",), k="eq19_matches or favor_attention_matches",
            why="the same in the bidirectional key sweep: the key sum must hold unrotated features"),
-    Mutant("rotate-normalizer-ablation-numerator-twice", ATTENTION,
-           "                feature_rotary = None\n", "",
-           ("tests/test_attention.py", "tests/test_independent.py"), k="rotate_normalizer or rotated_normalizer",
+    Mutant("rotate-normalizer-ablation-numerator-twice", "lab/models.py",
+           "return linear_attention(qf, kf, v, rotary=None,", "return linear_attention(qf, kf, v, rotary=rotary,",
+           ("tests/test_models.py", "tests/test_independent.py"), k="rotate_normalizer or rotated_normalizer",
            why="the ablation behind the README's rotated-normalizer result: features rotated once, for numerator "
                "and normalizer alike; left rotary set, the engine rotates the numerator a second time"),
     # ------------------------------------------------------------------------------------ causal masks

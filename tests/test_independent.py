@@ -6,6 +6,7 @@ functions; these tests do not use it.) Float64, outputs and gradients."""
 import pytest
 import torch
 
+from lab.models import RotatedNormalizerAttention
 from linrope import (LearnedRotary, LinearRotaryAttention, RotaryEmbedding, favor_attention, linear_attention,
                      softmax_attention)
 from linrope.attention import multiscale_decays
@@ -116,11 +117,10 @@ def test_learned_rotations_are_rotation_matrices_of_theta_p_plus_phase(positions
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 def test_rotated_normalizer_ablation_rotates_features_once_for_both_sums(causal):
-    """``rotate_normalizer=True``: sum_n (R_m fq_m).(R_n fk_n) v_n / sum_n (R_m fq_m).(R_n fk_n), both sums from the
+    """The experiments' rotated-normalizer ablation (``lab.models.RotatedNormalizerAttention``): sum_n (R_m fq_m).(R_n fk_n) v_n / sum_n (R_m fq_m).(R_n fk_n), both sums from the
     same once-rotated features."""
     torch.manual_seed(0)
-    layer = LinearRotaryAttention(32, heads=2, nb_features=R, causal=causal, rotate_normalizer=True, seed=5,
-                                  chunk_size=8).double()
+    layer = RotatedNormalizerAttention(32, heads=2, nb_features=R, causal=causal, seed=5, chunk_size=8).double()
     x = torch.randn(2, 24, 32, dtype=F64)
     q, k, v = _layer_qkv(layer, x)
     W = layer.feature_map.projection

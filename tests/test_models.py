@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from lab.models import VARIANTS, ByteLM, ModelConfig, sinusoidal_positions
+from lab.models import VARIANTS, ByteLM, ModelConfig, RotatedNormalizerAttention, sinusoidal_positions
+from linrope import LinearRotaryAttention
 
 TINY = dict(n_layer=1, dim=16, heads=2, nb_features=8, chunk_size=8)
 
@@ -53,9 +54,9 @@ def test_feature_maps_of_the_linear_variants_train(feature_map):
 def test_variants_build_the_documented_layers():
     def attn(name):
         return tiny(name).blocks[0].attn
-    assert attn("linear-rope").rope == "features" and not attn("linear-rope").rotate_normalizer
+    assert attn("linear-rope").rope == "features" and not isinstance(attn("linear-rope"), RotatedNormalizerAttention)
     assert attn("linear-rope-inputs").rope == "inputs"
-    assert attn("linear-rope-rotden").rotate_normalizer
+    assert isinstance(attn("linear-rope-rotden"), RotatedNormalizerAttention)
     assert attn("linear-nope").rope is None and attn("linear-abs").rope is None
     assert type(attn("softmax-rope")).__name__ == "SoftmaxAttention" and attn("softmax-rope").rope == "inputs"
     assert attn("softmax-abs").rope is None
@@ -247,3 +248,15 @@ def test_learned_positions_stop_at_max_len():
     with pytest.raises(ValueError, match=r"idx: positions up to 16 need max_len > that; learned absolute positions "
                                          r"stop at max_len = 16"):
         model(torch.randint(0, 256, (1, 17)))
+
+
+def test_rotated_normalizer_ablation_differs_from_eq19_and_refuses_other_placements():
+    torch.manual_seed(0)
+    a = LinearRotaryAttention(32, heads=2, dim_head=16, nb_features=16, causal=True, seed=0).double()
+    torch.manual_seed(0)
+    b = RotatedNormalizerAttention(32, heads=2, dim_head=16, nb_features=16, causal=True, seed=0).double()
+    x = torch.randn(1, 40, 32, dtype=torch.float64)
+    assert (a(x) - b(x)).abs().max() > 1e-3
+    for kw in (dict(rope="inputs"), dict(rope_learned=True, causal=True)):
+        with pytest.raises(ValueError, match=r"rope: the rotated-normalizer ablation rotates features"):
+            RotatedNormalizerAttention(32, heads=2, **kw)

@@ -253,7 +253,7 @@ def attention_weights(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     onehot = torch.eye(N, dtype=F64, device=x.device).expand(B, H, N, N)
     a = linear_attention_naive(qf, kf, onehot, causal=True, k_logscale=ks,
                                rotary=inner.rotary if inner.rope == "features" else None)
-    if inner.rotate_normalizer:  # the rotated scores normalize themselves: divide by their own row sums
+    if getattr(inner, "rotate_normalizer", False):  # the rotated scores normalize themselves: divide by their own row sums
         total = a.sum(-1, keepdim=True)
         a = a / torch.where(total == 0, 1, total)
     return a, v

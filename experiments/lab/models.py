@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from linrope.attention import KVCache, LinearRotaryAttention, SoftmaxAttention
 from linrope.features import FEATURE_MAPS, redraw_projections
+from linrope.functional import linear_attention
 
 from .checks import check_int, check_number
 
@@ -270,6 +271,28 @@ def rank_offset(group, n: int, device: torch.device) -> tuple[int, int]:
     return sum(lengths[:dist.get_rank(group)]), sum(lengths)
 
 
+class RotatedNormalizerAttention(LinearRotaryAttention):
+    """Ablation of eq. 19: the normalizer rotated too, sum_n (R_m fq_m).(R_n fk_n) v_n / sum_n (R_m fq_m).(R_n fk_n),
+    both sums from the same once-rotated features. Rotated, the normalizer can vanish or turn negative, which is why
+    eq. 19 keeps it unrotated (``linear-rope-rotden``). Takes ``LinearRotaryAttention``'s arguments with
+    rope='features' and fixed rotations."""
+
+    rotate_normalizer = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.rope != "features" or self.rope_learned:
+            raise ValueError(f"rope: the rotated-normalizer ablation rotates features: expected rope='features' "
+                             f"without learned rotations, got rope={self.rope!r}, rope_learned={self.rope_learned}")
+
+    def attend(self, q, k, v, rotary, kwargs):
+        positions, key_positions = kwargs["positions"], kwargs["key_positions"]
+        qf, _ = self.feature_map(q, is_query=True)
+        kf, ks = self.feature_map(k, is_query=False)
+        qf, kf = rotary.rotate(qf, positions), rotary.rotate(kf, positions if key_positions is None else key_positions)
+        return linear_attention(qf, kf, v, rotary=None, k_logscale=ks, **{**kwargs, "key_positions": None})
+
+
 def make_attention(config: ModelConfig, layer: int, group=None) -> nn.Module:
     """The causal attention layer of block ``layer`` for ``config.attention``; input and output (B, N, C).
     ``group``: sequence parallelism (linear variants only, see ``ByteLM``)."""
@@ -280,11 +303,11 @@ def make_attention(config: ModelConfig, layer: int, group=None) -> nn.Module:
     if v.kind == "softmax":
         return SoftmaxAttention(config.dim, heads=config.heads, dim_head=dim_head, causal=True, rope=v.rope,
                                 rope_base=config.rope_base)
-    return LinearRotaryAttention(config.dim, heads=config.heads, dim_head=dim_head, nb_features=config.nb_features,
-                                 causal=True, feature_map=config.feature_map, rope=v.rope, rope_base=config.rope_base,
-                                 rotate_normalizer=v.rotate_normalizer, redraw_interval=config.redraw_interval,
-                                 seed=config.feature_seed * 1000 + layer, chunk_size=config.chunk_size,
-                                 decay=v.decay, rope_learned=v.rope_learned, group=group)
+    cls = RotatedNormalizerAttention if v.rotate_normalizer else LinearRotaryAttention
+    return cls(config.dim, heads=config.heads, dim_head=dim_head, nb_features=config.nb_features, causal=True,
+               feature_map=config.feature_map, rope=v.rope, rope_base=config.rope_base,
+               redraw_interval=config.redraw_interval, seed=config.feature_seed * 1000 + layer,
+               chunk_size=config.chunk_size, decay=v.decay, rope_learned=v.rope_learned, group=group)
 
 
 class Block(nn.Module):
