@@ -539,20 +539,14 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         (B, H, Nq, dv) in q's dtype.
     """
     if cu_seqlens is not None:
-        for name, x in (("q", q), ("k", k), ("v", v)):
-            check_tensor(name, x)
+        check_qkv(("q", "k"), q, k, v, cross=True)
         return _per_document(lambda sl, pos, mask: softmax_attention(
             q[:, :, sl], k[:, :, sl], v[:, :, sl], causal=causal, rotary=rotary, positions=pos,
             key_padding_mask=mask), cu_seqlens, q.shape[0], q.shape[2], positions, key_padding_mask, False,
             k.shape[2] != q.shape[2] or key_positions is not None)
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, x)
+    check_qkv(("q", "k"), q, k, v, cross=True)  # keys of their own length: a cache, or another sequence
     B, H, Nq, d = q.shape
     Nk = k.shape[2]
-    if k.shape[:2] != q.shape[:2] or k.shape[-1] != d:
-        raise ValueError(f"k: expected (B, H, Nk, d) with (B, H, d) = {(B, H, d)} like q, got {tuple(k.shape)}")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v: expected (B, H, Nk) = {tuple(k.shape[:3])} like k, got {tuple(v.shape)}")
     if causal and Nq > Nk:
         raise ValueError(f"q: more queries ({Nq}) than keys ({Nk}) with causal=True")
     if causal and key_positions is not None:  # causal keys sit at the end of the queries' own sequence (a cache)

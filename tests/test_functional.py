@@ -418,7 +418,7 @@ BAD_CALLS = [  # (call on the inputs above, the phrase the error must contain: t
                  r"rotary: its dim \(8\) must equal the number of features r \(projection rows\) \(12\)",
                  id="favor-rotary-dim"),
     pytest.param(lambda x: softmax_attention(x["q"], x["k"][:, :, :, :7], x["v"]),
-                 r"k: expected \(B, H, Nk, d\) with \(B, H, d\) = \(2, 3, 8\) like q", id="softmax-k"),
+                 r"q, k: last dimensions differ: \(2, 3, 10, 8\) vs \(2, 3, 10, 7\)", id="softmax-k"),
     pytest.param(lambda x: softmax_attention(x["q"], x["k"], x["v"], rotary=RotaryEmbedding(12)),
                  r"rotary: its dim \(12\) must equal the head dim d \(8\)", id="softmax-rotary-dim"),
 ]
