@@ -206,8 +206,8 @@ class LinearRotaryAttention(_Heads):
         chunk_size: chunk of the causal path.
         group_size: positions whose features the engine holds at once (see ``linear_attention``): None sizes its
             buffers to 1 MiB (L2-sized for long sequences), ``"auto"`` measures once per shape class and machine and caches the fastest.
-        kernel: the causal path's chunk products (see ``linear_attention``): "torch" (any device) or "triton"
-            (fused kernels on a CUDA GPU; needs the triton package).
+        kernel: the causal path's chunk products (see ``linear_attention``): "torch" (any device; the default)
+            or "triton" (experimental fused kernels on a CUDA GPU, slower than "torch" where measured).
         qkv_bias: bias in the q/k/v projection.
         decay: causal only: weigh the key at distance m - n by gamma_h^(m - n) in numerator and normalizer alike
             (RetNet's decay; against attention dilution): None, a float gamma in (0, 1] for every head, one per
