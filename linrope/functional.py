@@ -173,7 +173,10 @@ def _run(features, q, k, k_logscale, v, projection, r, *, causal, rotary, positi
     if group_size is None:  # 1 MiB work buffers, L2-sized for calls of many groups (see _engine/tuning.py)
         group_size = tuning.default_group_size(max(N, Nq), B * H, r, chunk_size, q.device)
     elif group_size == "auto":
-        group_size = _tuned_group_size(features, q, k_logscale, v, r, causal, rotary, chunk_size, dtype, cross)
+        rotation = ("none" if rotary is None else "learned" if learned else
+                    "interleaved" if rotary.interleaved else "half")
+        group_size = tuning.auto_group_size(features, q, k_logscale, v, r, causal, rotation, chunk_size, dtype,
+                                            cross)
     else:  # whole chunks
         group_size = -(-group_size // chunk_size) * chunk_size
     layout = None
@@ -297,53 +300,6 @@ def _check_kernel(kernel, chunk_size: int, dt: torch.dtype, device: torch.device
                          f'inputs: use kernel="torch")')
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f'chunk_size: expected a power of two >= 16 with kernel="triton", got {chunk_size}')
-
-
-def _tuned_group_size(kind, q, ks, v, r, causal, rotary, chunk_size, dt, cross) -> int:
-    """``group_size="auto"``: the fastest group size for this call's shape class on this machine, measured once on
-    random inputs of the same B, H, d, r, dv, feature kind, rotation kind, dtype and direction, forward and backward,
-    at a probe length (the call's length rounded up to a power of two, at most 4096 and at least 8 chunks), then
-    cached (see ``_engine/tuning.py``). The size does not depend on whether this call needs gradients, so a
-    checkpointed layer's recomputation uses the size of its first pass. The probe runs on fresh tensors and a fresh
-    rotation module: nothing of the caller's is touched, the global random state included."""
-    B, H, N, dv = v.shape
-    d = q.shape[-1]
-    L = min(max(1 << (N - 1).bit_length(), 8 * chunk_size), 4096)
-    candidates = sorted({min(tuning.group_size_for(e, B * H, r, chunk_size), -(-L // chunk_size) * chunk_size)
-                         for e in tuning.BUDGETS})
-    rot = ("none" if rotary is None else "learned" if isinstance(rotary, LearnedRotary)
-           else "interleaved" if rotary.interleaved else "half")
-    key = "|".join(map(str, (tuning.machine(v.device), v.device.type, dt, kind, rot, "causal" if causal else
-                             "cross" if cross else "bidirectional", f"B={B}", f"H={H}", f"d={d}", f"r={r}",
-                             f"dv={dv}", f"C={chunk_size}", f"L={L}", "logscale" if ks is not None else "")))
-    hit = tuning.lookup(key, candidates)
-    if hit is not None:
-        return hit
-    # inference_mode(False): a caller in inference mode still gets a probe autograd can run through
-    with torch.inference_mode(False), torch.enable_grad():
-        gen = torch.Generator(device=v.device).manual_seed(0)
-        rand = lambda *shape: torch.randn(*shape, generator=gen, device=v.device, dtype=dt)  # noqa: E731
-        x = [rand(B, H, L, d), rand(B, H, L, d), rand(B, H, L, dv)]
-        if kind == "features":
-            x[0], x[1] = rand(B, H, L, r).exp(), rand(B, H, L, r).exp()
-        for t in x:
-            t.requires_grad_()
-        probe_rot = (None if rotary is None else LearnedRotary(r, H).to(v.device) if rot == "learned"
-                     else RotaryEmbedding(r, interleaved=rotary.interleaved))
-        W = rand(r, d) if kind == "favor" else None
-        ls = rand(B, H, L) if ks is not None else None
-
-        def measure(G: int) -> None:
-            if kind == "favor":
-                out = favor_attention(*x, W, causal=causal, rotary=probe_rot, chunk_size=chunk_size, group_size=G)
-            else:
-                out = linear_attention(*x, causal=causal, rotary=probe_rot, chunk_size=chunk_size, group_size=G,
-                                       k_logscale=ls)
-            out.sum().backward()
-            if v.device.type == "cuda":
-                torch.cuda.synchronize(v.device)
-
-        return tuning.tune(key, candidates, measure)
 
 
 def _state_out(S, z, M, offset: int, lam, signature: tuple) -> AttentionState:

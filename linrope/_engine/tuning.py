@@ -2,24 +2,18 @@
 
 The group size G is how many positions' features sit in the workspace at once, in buffers of (B*H, G, r): too
 small and the per-group Python and dispatch costs dominate (each group is some 50 small operations forward and
-100 backward), too large and the buffers fall out of cache. The best size depends on the CPU *and* the shape. On
-the Intel Xeon of these machines (2 MiB L2), forward+backward of causal eq. 19: at N=16384, B*H=8, r=256, buffers
-of 4 MiB were fastest (1 MiB 15% slower); at the byte LM's N=512, B*H=32, r=64, 1 MiB was fastest (2 MiB 4-13%
-slower, 4 MiB 15-25%). On the Zen 4, 1 MiB was best at the first shape. What separates the two shapes on the
-Xeon is the number of groups a call runs: 2 MiB against 1 MiB was 3% slower at 4 groups, equal at 8, 7-9% faster at
-16 (N=2048 at both shapes) and 10-12% faster from 32 groups up (N=4096 ... 32768, B*H=8, r=256). Hence:
+100 backward), too large and the buffers fall out of cache. The best size depends on the CPU *and* the shape (the
+measurements behind these rules are in BENCHMARKS.md, "Group sizes"):
 
 * ``default_group_size``: when ``group_size`` is None, 1 MiB buffers (``DEFAULT_ELEMENTS``), or, when that would
-  take more than ``MANY_GROUPS`` groups, buffers of the CPU's L2 per core where it is larger (at most 4 MiB): on the
-  Zen 4 (1 MiB L2) and the AVX2 EPYC (512 KiB) that is still 1 MiB. Deterministic for a given machine and shape.
+  take more than ``MANY_GROUPS`` groups, buffers of the CPU's L2 per core where it is larger (at most 4 MiB).
+  Deterministic for a given machine and shape.
 * On a GPU every group costs some 150 kernel launches and no cache is to be kept, so groups are as large as a
-  memory budget allows: buffers of 64 MiB (``GPU_ELEMENTS``). Measured on an H200 (N=65536, B*H=8, r=256, causal
-  eq. 19 forward+backward): G=128 1.39 s, 512 0.36 s, 2048 0.102 s, 8192 0.042 s, 32768 0.038 s at 2.8x the
-  peak memory of 8192 (5.3 against 1.9 GiB); 8192 is what 64 MiB gives at that shape.
-* ``lookup(key, candidates)`` / ``tune(key, candidates, measure)``: ``group_size="auto"`` measures a few budgets
-  on a probe of the call's shape class (``linrope.functional`` builds it) and keeps the fastest, in memory and in a
-  JSON file per machine (``$LINROPE_CACHE_DIR``, else ``~/.cache/linrope``), so that a process pays the measurement
-  once per shape class and later processes not at all. Outputs differ between group sizes by float rounding only.
+  memory budget allows: buffers of 64 MiB (``GPU_ELEMENTS``).
+* ``auto_group_size``: ``group_size="auto"`` measures a few budgets on a probe of the call's shape class and keeps
+  the fastest (``lookup`` / ``tune``), in memory and in a JSON file per machine (``$LINROPE_CACHE_DIR``, else
+  ``~/.cache/linrope``), so that a process pays the measurement once per shape class and later processes not at
+  all. Outputs differ between group sizes by float rounding only.
 """
 
 from __future__ import annotations
@@ -150,3 +144,59 @@ def tune(key: str, candidates: list[int], measure: Callable[[int], None], rounds
     _save(cache_file(), key, best)
     _MEMORY[key] = best
     return best
+
+
+def auto_group_size(kind: str, q, ks, v, r: int, causal: bool, rotation: str, chunk_size: int, dt: torch.dtype,
+                    cross: bool) -> int:
+    """``group_size="auto"``: the fastest group size for this call's shape class on this machine, measured once on
+    random inputs of the same B, H, d, r, dv, feature kind ('favor' / 'features'), rotation ('none', 'interleaved',
+    'half', 'learned'), dtype and direction, forward and backward, at a probe length (the call's length rounded up
+    to a power of two, at most 4096 and at least 8 chunks), then cached. The size does not depend on whether this
+    call needs gradients, so a checkpointed layer's recomputation uses the size of its first pass. The probe runs
+    the engine on fresh tensors (random rotation tables: only their cost matters); nothing of the caller's is
+    touched, the global random state included."""
+    from .chunked import Call, EngineConfig, Inputs, empty_state, run  # here: chunked's users import this module
+
+    B, H, N, dv = v.shape
+    d = q.shape[-1]
+    L = min(max(1 << (N - 1).bit_length(), 8 * chunk_size), 4096)
+    candidates = sorted({min(group_size_for(e, B * H, r, chunk_size), -(-L // chunk_size) * chunk_size)
+                         for e in BUDGETS})
+    key = "|".join(map(str, (machine(v.device), v.device.type, dt, kind, rotation, "causal" if causal else
+                             "cross" if cross else "bidirectional", f"B={B}", f"H={H}", f"d={d}", f"r={r}",
+                             f"dv={dv}", f"C={chunk_size}", f"L={L}", "logscale" if ks is not None else "")))
+    hit = lookup(key, candidates)
+    if hit is not None:
+        return hit
+    # inference_mode(False): a caller in inference mode still gets a probe autograd can run through
+    with torch.inference_mode(False), torch.enable_grad():
+        gen = torch.Generator(device=v.device).manual_seed(0)
+        rand = lambda *shape: torch.randn(*shape, generator=gen, device=v.device, dtype=dt)  # noqa: E731
+        x = dict(q=rand(B, H, L, d), k=rand(B, H, L, d), v=rand(B, H, L, dv))
+        if kind == "features":
+            x["q"], x["k"] = rand(B, H, L, r).exp(), rand(B, H, L, r).exp()
+        for t in x.values():
+            t.requires_grad_()
+        if kind == "favor":
+            x["projection"] = rand(r, d) * d ** -0.5
+        if ks is not None:
+            x["k_logscale"] = rand(B, H, L)
+        if rotation == "learned":
+            x.update(theta=rand(H, r // 2).requires_grad_(), phase=rand(H, r // 2).requires_grad_(),
+                     angle_positions=torch.arange(L, device=v.device, dtype=torch.float64))
+        elif rotation != "none":
+            angle = rand(L, r // 2)
+            x.update(cos=angle.cos(), sin=angle.sin())
+            if cross:
+                x.update(key_cos=x["cos"], key_sin=x["sin"])
+        S0, z0, M0 = empty_state(B, H, r, dv, dt, v.device)
+
+        def measure(G: int) -> None:
+            cfg = EngineConfig(causal=causal, chunk_size=chunk_size, group_size=G, dtype=dt)
+            call = Call(cfg, kind, interleaved=rotation != "half", first_position=0 if rotation == "learned" else None)
+            out = run(call, Inputs(S0=S0, z0=z0, M0=M0, **x))[0]
+            out.sum().backward()
+            if v.device.type == "cuda":
+                torch.cuda.synchronize(v.device)
+
+        return tune(key, candidates, measure)
