@@ -22,14 +22,10 @@ not powers of two); blocks are powers of two >= 16 because ``tl.dot`` needs that
 looped over (no upper limit). All accumulation is float32; ``precision`` is ``tl.dot``'s input_precision ("ieee" by
 default: true float32 products on CUDA cores; "tf32"/"tf32x3" use tensor cores at a loss of accuracy).
 
-Tuning notes: ptxas -v for sm_90 shows 4 warps spilling heavily with "ieee" and 64-wide C, BK, BV (~23-35 KB of
-spill stores in the output and dq/dk kernels), 8 warps little (<1.2 KB), hence num_warps=8 by default; "tf32" with
-4 warps spills <1.4 KB. The state kernels do not spill. h costs BH * nc * r * dv floats.
-Measured on an H200 (BENCHMARKS.md; causal eq. 19 forward+backward, B*H=8, r=256, dv=64): inside the engine these
-kernels are 1.02-1.24x faster than its batched matmuls at groups of 2048, but 1.15-1.25x slower at the engine's
-GPU default (8192), where the matmuls' launches are few. A likely reason: ``_state_fwd`` / ``_state_bwd`` run
-BH * r/BK = 32 programs, each scanning all chunks of the group in sequence, on 132 SMs; a chunk-parallel state
-(each chunk's k^T v in parallel, then a scan) would use the whole GPU. Not measured yet.
+Experimental (``kernel="triton"``): checked against float64 in Triton's CPU interpreter; slower than the batched
+matmuls at the engine's GPU default groups where measured, and not re-run on a GPU since the forward output and the
+dv kernel became one (BENCHMARKS.md, "NVIDIA H200": timings, register spills, a likely reason). num_warps=8 by
+default: 4 warps spill heavily with "ieee" products and 64-wide tiles. h costs BH * nc * r * dv floats.
 
 Triton is imported lazily: this module imports without it (``available()`` says whether it can be used).
 CPU tensors run only under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported).
