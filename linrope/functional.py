@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ._checks import check_group_size, check_int, check_kernel, check_mask, check_qkv, check_tensor
 from ._engine import Call, EngineConfig, Inputs, empty_state, run
-from ._engine import parallel, triton_kernels, tuning
+from ._engine import parallel, step, triton_kernels, tuning
 from ._engine.feature_sources import LOG_DTYPE
 from .features import compute_dtype
 from .rotary import LearnedRotary, RotaryEmbedding, check_rotary, resolve_positions
@@ -201,9 +201,12 @@ def _run(features, q, k, k_logscale, v, projection, r, *, causal, rotary, positi
                 parallel=None if layout is None else parallel.Parallel(layout, initial_state is not None,
                                                                        return_state))
     # inputs go in as they are (half stays half: autograd keeps them); the engine casts each group
-    out, S, z, M = run(call, Inputs(q=q, k=k, v=v, S0=start.S0, z0=start.z0, M0=start.M0, k_logscale=k_logscale,
-                                    key_bias=key_bias, projection=None if projection is None else projection.to(dtype),
-                                    mask=mask, **rotations))
+    inputs = Inputs(q=q, k=k, v=v, S0=start.S0, z0=start.z0, M0=start.M0, k_logscale=k_logscale, key_bias=key_bias,
+                    projection=None if projection is None else projection.to(dtype), mask=mask, **rotations)
+    if step.usable(causal, Nq, initial_state, needs_grad, group, kernel):  # decoding: _engine/step.py, no autograd
+        out, S, z, M = step.run(call, inputs)
+    else:
+        out, S, z, M = run(call, inputs)
     if return_state:  # under sequence parallelism, every rank gets the state after the whole sequence
         return out, _state_out(S, z, M, start.offset + (N if layout is None else layout.total), decay_rates,
                                signature)

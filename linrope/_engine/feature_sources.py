@@ -44,7 +44,8 @@ class FeatureSource(Protocol):
 
     def key_finish(self, a: int, b: int, u: Tensor, logscale: Tensor | None, ref: Tensor | None,
                    buf: Tensor) -> Tensor:
-        """Key features relative to the reference ``ref`` (BH,): exp(logscale - ref) times the bounded part."""
+        """Key features relative to the reference ``ref`` (BH,), or one per key (BH, G): exp(logscale - ref)
+        times the bounded part."""
 
     def query_grad(self, a: int, b: int, fq: Tensor, dfq: Tensor) -> None:
         """Store the gradient of the loss w.r.t. the query inputs of [a, b), given d fq."""
@@ -228,6 +229,11 @@ def group_rows(x: Tensor, a: int, b: int, buf: Tensor | None = None, dtype: torc
     return buf.view(B, H, b - a, D).copy_(part).view_as(buf)
 
 
+def _per_key(ref: Tensor) -> Tensor:
+    """A reference (BH,) shared by a group's keys, or one per key (BH, G), as (BH, 1) or (BH, G)."""
+    return ref if ref.dim() == 2 else ref[:, None]
+
+
 def _flat_mask(mask: Tensor | None, H: int) -> Tensor | None:
     return None if mask is None else mask[:, None].expand(-1, H, -1).reshape(-1, mask.shape[-1])
 
@@ -237,11 +243,18 @@ def _square_norms(x: Tensor, dtype: torch.dtype) -> Tensor:
     through 1 MiB pieces: the whole (B, H, N, d) temporary would cost page faults worth ten times the arithmetic.
     (The norm is faster still but squares a rounded square root: five times the error at std-5 activations.)"""
     B, H, N, d = x.shape
-    out = torch.empty(B, H, N, dtype=dtype, device=x.device)
     step = max(1, 2**18 // (B * H * d))
+    if N <= step:  # one piece: no buffer (a decoding step)
+        return x.to(dtype).square().sum(-1)
+    out = torch.empty(B, H, N, dtype=dtype, device=x.device)
     for s in range(0, N, step):
         torch.sum(x[:, :, s:s + step].to(dtype).square(), -1, out=out[:, :, s:s + step])
     return out
+
+
+def _bounded(u: Tensor) -> Tensor:
+    """exp(u - max_i u) in place: FAVOR+ query features up to their row's factor, each in (0, 1]."""
+    return u.sub_(u.amax(-1, keepdim=True)).exp_()
 
 
 class FavorFeatures:
@@ -269,17 +282,27 @@ class FavorFeatures:
 
     def query(self, a, b, buf):
         torch.matmul(group_rows(self.q, a, b, dtype=self.dtype), self.Ws.t(), out=buf)
-        return buf.sub_(buf.amax(-1, keepdim=True)).exp_()
+        return _bounded(buf)
 
     def key_logscale(self, a, b, buf):
         torch.matmul(group_rows(self.k, a, b, dtype=self.dtype), self.Ws.t(), out=buf)
-        logscale = buf.amax(-1).to(LOG_DTYPE).sub_(self.half_sq[:, a:b])
+        return buf, self._logscale(buf, a, b)
+
+    def _logscale(self, u, a, b):
+        logscale = u.amax(-1).to(LOG_DTYPE).sub_(self.half_sq[:, a:b])
         if self.mask is not None:
             logscale.masked_fill_(~self.mask[:, a:b], NEG)
-        return buf, logscale
+        return logscale
+
+    def pair(self, a, b, buf):
+        """``query`` into buf[0] and ``key_logscale`` into buf[1] (buf (2, BH, G, r)) by one product: for a few
+        positions (a decoding step), where each call's fixed cost is what counts."""
+        x = torch.stack((self.q[:, :, a:b], self.k[:, :, a:b])).to(self.dtype)
+        torch.matmul(x.view(2, self.BH, b - a, -1), self.Ws.t(), out=buf)
+        return _bounded(buf[0]), buf[1], self._logscale(buf[1], a, b)
 
     def key_finish(self, a, b, u, logscale, ref, buf):
-        u.sub_((self.half_sq[:, a:b] + ref[:, None]).to(u.dtype).unsqueeze(-1))  # moderate: exact in u's dtype
+        u.sub_((self.half_sq[:, a:b] + _per_key(ref)).to(u.dtype).unsqueeze(-1))  # moderate: exact in u's dtype
         if self.mask is not None:  # before exp: a padded key may lie far above the reference (inf * 0 = nan)
             u.masked_fill_(~self.mask[:, a:b, None], -math.inf)
         return u.exp_()
@@ -322,6 +345,10 @@ class GivenFeatures:
     def query(self, a, b, buf):
         return self._take(self.qf, a, b, buf)
 
+    def pair(self, a, b, buf):
+        """``query`` and ``key_logscale`` (as ``FavorFeatures.pair``; the features may be views of the inputs)."""
+        return (self.query(a, b, buf[0]),) + self.key_logscale(a, b, buf[1])
+
     def key_logscale(self, a, b, buf):
         fk = self._take(self.kf, a, b, buf)
         if self.ks is None and self.bias is None:
@@ -336,7 +363,7 @@ class GivenFeatures:
     def _weight(self, a, b, logscale, ref):
         """exp(logscale - ref) per key (BH, G), 0 for padded keys (their log-scale is NEG); None if all 1."""
         if logscale is not None:
-            return torch.exp(logscale - ref[:, None]).to(self.dtype)
+            return torch.exp(logscale - _per_key(ref)).to(self.dtype)
         return None if self.mask is None else self.mask[:, a:b].to(self.dtype)
 
     def key_finish(self, a, b, fk, logscale, ref, buf):
