@@ -41,7 +41,7 @@ def _rel(got, ref):
     return float((got - ref).abs().max() / ref.abs().max())
 
 
-def _data(seed, B=2, H=3, N=24, d=16, dv=8, std=1.0):
+def _data(seed, B=2, H=3, N=40, d=16, dv=8, std=1.0):
     g = torch.Generator().manual_seed(seed)
     q, k = (std * torch.randn(B, H, N, d, generator=g) for _ in range(2))
     v = torch.randn(B, H, N, dv, generator=g)
@@ -49,11 +49,12 @@ def _data(seed, B=2, H=3, N=24, d=16, dv=8, std=1.0):
 
 
 def _pieces(N, prompt, seed):
-    """[0, prompt) for the engine, then pieces of 1 to step.MAX_POSITIONS positions."""
+    """[0, prompt) for the engine, then pieces of 1 (mostly) to step.MAX_POSITIONS positions."""
     g = torch.Generator().manual_seed(seed)
+    sizes = (1, 1, 1, 2, 3, 5, step.MAX_POSITIONS)
     cuts, a = [(0, prompt)], prompt
     while a < N:
-        b = min(N, a + int(torch.randint(1, step.MAX_POSITIONS + 1, (1,), generator=g)))
+        b = min(N, a + sizes[int(torch.randint(len(sizes), (1,), generator=g))])
         cuts.append((a, b))
         a = b
     return cuts
@@ -130,7 +131,7 @@ def _engine_inputs(features, rope, N, seed, std=1.0, decay=False, mask=False, pe
 
 @pytest.mark.parametrize("features", ["favor", "features"])
 @pytest.mark.parametrize("rope", [None, "interleaved", "half", "learned"])
-@pytest.mark.parametrize("N", [1, 2, 4])
+@pytest.mark.parametrize("N", [1, 2, 5, step.MAX_POSITIONS])
 @pytest.mark.parametrize("std", [1.0, 5.0])
 def test_step_equals_the_float64_reference_and_the_engine(features, rope, N, std):
     for i, (decay, mask, per_example, empty) in enumerate([(False, False, False, False), (True, True, False, False),
@@ -274,7 +275,7 @@ def test_fixed_rope_far_from_position_zero_and_in_float64(steps):
 
 
 def test_gradients_and_long_pieces_take_the_engine(steps):
-    q, k, v, W = _data(11, N=8)
+    q, k, v, W = _data(11, N=4 + step.MAX_POSITIONS)
     with torch.no_grad():
         _, state = favor_attention(q[:, :, :3], k[:, :, :3], v[:, :, :3], W, causal=True, return_state=True)
     n = step.MAX_POSITIONS + 1
@@ -329,13 +330,13 @@ def test_the_caller_state_is_left_as_it_was_and_half_inputs_keep_their_dtype(ste
 def test_layer_decoding_equals_its_full_pass(steps, options, std):
     torch.manual_seed(0)
     layer = LinearRotaryAttention(32, heads=4, dim_head=8, nb_features=16, causal=True, **options).eval()
-    x = std * torch.randn(2, 20, 32)
-    mask = torch.ones(2, 20, dtype=torch.bool)
+    x = std * torch.randn(2, 40, 32)
+    mask = torch.ones(2, 40, dtype=torch.bool)
     mask[1, 3:6] = False
     with torch.no_grad():
         full = layer(x, key_padding_mask=mask)
     got, _ = _decode(lambda sl, **a: layer(x[:, sl], **{"state" if n == "initial_state" else n: t
                                                         for n, t in a.items()}),
-                     20, _pieces(20, 4, 13), mask=mask, dim=1)
-    assert len(steps) == len(_pieces(20, 4, 13)) - 1
+                     40, _pieces(40, 4, 13), mask=mask, dim=1)
+    assert len(steps) == len(_pieces(40, 4, 13)) - 1
     assert _rel(got, full) < (1e-5 if std == 1 else 1e-4)

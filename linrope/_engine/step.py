@@ -40,7 +40,8 @@ from torch import Tensor
 from .chunked import _distance0, _divide
 from .feature_sources import LOG_DTYPE, NEG, AngleRotation, FavorFeatures, GivenFeatures, Rotation, group_rows
 
-MAX_POSITIONS = 4  # the most positions a call takes this path with (see BENCHMARKS.md, "Decoding step")
+MAX_POSITIONS = 16  # the most positions a call takes this path with: on the Zen 4 it took 0.35-0.6 of the
+# engine's time from 1 to 16 positions (H = 8, r = 256), 0.8 at 32 (BENCHMARKS.md, "Decoding step")
 
 
 def usable(causal: bool, positions: int, initial_state, needs_grad: bool, group, kernel: str) -> bool:
@@ -137,8 +138,7 @@ def step(features: str, interleaved: bool, dtype: torch.dtype, q: Tensor, k: Ten
         rope = cos is not None or theta is not None
         pq = None
         if rope:
-            pair = buf if fq.data_ptr() == buf.data_ptr() and k0.data_ptr() == buf[1].data_ptr() \
-                else torch.stack((fq, k0))
+            pair = buf if features == "favor" else torch.stack((fq, k0))  # FAVOR+'s are in buf already
             qr, kr, pq = _rotate(pair, B, cos, sin, interleaved, theta, phase, angle_positions, first_position)
         else:
             qr, kr = fq, k0
