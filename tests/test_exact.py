@@ -212,6 +212,22 @@ def test_rows_are_exact_at_large_activations_in_both_directions(causal, d, r, si
         assert_exact_rows(got[representable], ref[representable], kappa[representable])
 
 
+def test_bidirectional_rows_before_a_padded_tail_at_large_activations():
+    """Right padding that fills whole segments, keys whose log-scales are all far below 0 (std 8, d = 64): the
+    states after the padded segments hold no key, and must weigh 0, not exp(0 - max log-scale) = inf (found by
+    experiments/accuracy.py at chunk 16, group 64)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = (8.0 * torch.randn(2, 2, 128, 64, generator=gen) for _ in range(2))
+    v = torch.randn(2, 2, 128, 8, generator=gen)
+    W = projection(64, 64, 0)
+    mask = torch.ones(2, 128, dtype=torch.bool)
+    mask[1, 80:] = False
+    got = favor_attention(q, k, v, W, causal=False, rotary=RotaryEmbedding(64), key_padding_mask=mask, chunk_size=16,
+                          group_size=32)
+    ref = favor_eq19(q, k, v, W, causal=False, rope="interleaved", mask=mask)
+    assert_exact_rows(got, ref, favor_condition(q, k, v, W, causal=False, rope="interleaved", mask=mask))
+
+
 def test_token_by_token_decoding_at_large_activations_matches_the_full_pass():
     """Issue 9 item 2: token-by-token decoding was off by 0.53 at inputs x8 (the normalizer floor)."""
     gen = torch.Generator().manual_seed(3)

@@ -655,12 +655,13 @@ def _two_sided_forward(src, rot, V, S, z, M, cfg: EngineConfig):
     N = V.shape[2]
     ws = Workspace(V.device, cfg.dtype)
     segs = _segments(N, cfg.group_size, cfg.chunk_size)
-    after, refs, P, ref = [], [], None, M  # S starts as the incoming state (other ranks' keys), a copy, at M
+    # S starts as the incoming state (other ranks' keys), a copy; a state is relative to its running max M, NEG
+    # while it holds no key (then it is 0, and so is its factor below: its stand-in reference 0 could overflow it)
+    after, refs, P = [], [], None
     for a, b in reversed(segs):
         after.append(S.clone())
-        refs.append(ref)
+        refs.append(M)
         S, z, M, P = _add_keys(src, rot, V, a, b, S, z, M, ws)
-        ref = ref if P is None else P
     after, refs = after[::-1], refs[::-1]
     if P is not None:  # every state to the final reference (the running max only grew)
         for s, ref in zip(after, refs):
