@@ -200,6 +200,20 @@ def test_a_row_that_sees_no_key_returns_zero():
     assert (S[1] == 0).all() and (z[1] == 0).all() and (M[1] == NEG).all()
 
 
+def test_padded_keys_before_the_first_key_of_an_empty_state_and_log_scales_far_below_zero():
+    """Rows before any key refer to a stand-in 0; a later real key whose log-scale is far below it (std 8, or
+    given features with log-scales of -500) must not weigh those padded keys by exp(500) (0 * inf = NaN)."""
+    interleaved, x, (S64, z64, M64) = _engine_inputs("features", "interleaved", 3, 7, empty=True)
+    x["k_logscale"] = x["k_logscale"] - 500
+    x["mask"] = torch.tensor([[False, True, True], [False, False, True]])
+    x["v"] = x["v"].masked_fill(~x["mask"][:, None, :, None], 0)
+    got = step.step("features", interleaved, torch.float32, **x)
+    ref = step.reference("features", interleaved, **dict(x, S0=S64, z0=z64, M0=M64))
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
+    assert _rel(got[0], ref[0]) < 2e-6 and (got[0][:, :, 0] == 0).all()
+    assert torch.equal(got[3], ref[3].to(got[3].dtype))
+
+
 # ---------------------------------------------------------------------------------------------- through the functions
 @pytest.mark.parametrize("std", [1.0, 5.0])
 @pytest.mark.parametrize("rope", [None, "interleaved", "half"])

@@ -131,8 +131,10 @@ def step(features: str, interleaved: bool, dtype: torch.dtype, q: Tensor, k: Ten
             M = M[:, -1]
             k0 = src.key_finish(0, N, u, logscale, refs, buf[1])
             e = torch.exp(M0[:, None] - refs).to(dtype)  # (BH, N): the state at each row's reference
-            if N > 1:  # exp(m_n - m_t) <= 1 for n <= t; a later key's may be inf: masked, never multiplied
-                W = torch.exp(refs[:, None, :] - refs[:, :, None]).to(dtype).masked_fill_(
+            if N > 1:  # exp(m_n - m_t) <= 1 for n <= t; a later key's may be inf: masked, never multiplied. The
+                # stand-in 0 of a key before any real one (padded: its features are 0) may exceed a later real m_t
+                # (e.g. every log-scale below -88): capped at exp(0), or 0 * inf would be NaN
+                W = torch.exp((refs[:, None, :] - refs[:, :, None]).clamp_max_(0)).to(dtype).masked_fill_(
                     ~torch.ones(N, N, dtype=torch.bool, device=v.device).tril_(), 0)
         V = group_rows(v, 0, N, dtype=dtype)
         rope = cos is not None or theta is not None
