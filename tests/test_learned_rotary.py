@@ -164,7 +164,7 @@ def test_learned_rotation_errors_are_clear():
         softmax_attention(q, k, v, rotary=LearnedRotary(D, H))
     with pytest.raises(ValueError, match="group: expected None with a LearnedRotary"):
         favor_attention(q, k, v, W, causal=True, rotary=LearnedRotary(R, H), group=object())
-    with pytest.raises(ValueError, match="rope_learned: expected False unless rope='features', causal=True"):
+    with pytest.raises(ValueError, match="rope_learned: expected False unless rope='features' and causal=True"):
         LinearRotaryAttention(32, heads=4, causal=True, rope="inputs", rope_learned=True)
     with pytest.raises(ValueError, match="rope_learned: expected False unless"):
         LinearRotaryAttention(32, heads=4, rope_learned=True)
