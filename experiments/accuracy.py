@@ -4,7 +4,7 @@ output row is compared with eq. 19 evaluated exactly in float64 by the library's
 lab/accuracy.py). Reported: the % of rows off by more than 1e-3 (relative to the row's norm) and the worst row
 error. About a minute on 2 cores.
 
-    python experiments/accuracy.py                                   # sigma 0.5 .. 6, every method found
+    python experiments/accuracy.py                                   # sigma 0.5 .. 10, every method found
     python experiments/accuracy.py --mask-holes 0.25 --pairing both  # + masked keys, + half-split RoPE
     python experiments/accuracy.py --methods linrope,linrope-naive --sigmas 3,4,5
 

@@ -55,7 +55,7 @@ __all__ = ["THRESHOLD", "DEFAULT_SIGMAS", "METHODS", "PAIRINGS", "reference_eq19
            "make_inputs", "make_mask", "performer_status", "run_accuracy", "cpu_name"]
 
 THRESHOLD = 1e-3
-DEFAULT_SIGMAS = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+DEFAULT_SIGMAS = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)
 METHODS = ("linrope", "linrope-c16g64", "linrope-naive", "performer-pytorch", "performer-pytorch-eps0")
 PERFORMER = ("performer-pytorch", "performer-pytorch-eps0")
 PAIRINGS = ("interleaved", "half")
