@@ -1,5 +1,5 @@
 """Why RoPE on positive features (eq. 19) selects positions weakly: the kernel it can express, and what one
-attention layer learns with it (``experiments/mechanism.py``; results in the README and experiments/results/).
+attention layer learns with it (``experiments/mechanism.py``; results in experiments/results/mechanism*/).
 
 Kernel: with content-free queries and keys (the same q, k at every position), eq. 19 weighs a key at distance
 Delta = m - n by K(Delta) = Re sum_i c_i e^{i theta_i Delta}, c_i = z_q,i conj(z_k,i) over the feature pairs

@@ -47,14 +47,15 @@ class Preset:
 
 
 _SMALL = dict(n_layer=3, dim=128, heads=4, nb_features=64)
-_QUICK_TRAIN = dict(steps=240, lr=2e-3, warmup=30, eval_interval=40, log_interval=10, ckpt_interval=80)
+_QUICK_TRAIN = dict(steps=180, lr=2e-3, warmup=30, eval_interval=30, log_interval=10, ckpt_interval=60)
 # the main job: the ceiling, the linear variant eq. 19 is compared with, eq. 19, what fixes it (a decay; learned
 # rotations with it: the recommended configuration) and no positions at all
 QUICK_VARIANTS = ("softmax-rope", "linear-rope-inputs", "linear-rope", "linear-rope-decay", RECOMMENDED, "linear-nope")
 PRESETS: dict[str, Preset] = {
-    # 6 runs x 240 steps x 0.2-0.3 s (batch 8 x 512 on 2 cores) + evaluations: about 5 minutes on the Zen 4.
+    # 6 runs x 180 steps x 0.23-0.30 s (batch 8 x 512 on the 2-core Zen 4, 1.57 s per step of all six) + 7
+    # evaluations each: about 5 minutes there, under 10 from a fresh clone on a CPU 1.6x slower.
     "quick": Preset(QUICK_VARIANTS, (512,), (0,), 8 * 512, 16 * 512, _SMALL, _QUICK_TRAIN,
-                    note="one seed and 240 steps: shows the gaps of several tenths of a bpb (softmax to linear, "
+                    note="one seed and 180 steps: shows the gaps of several tenths of a bpb (softmax to linear, "
                          "eq. 19 to eq. 19 + decay); it cannot order variants closer than about 0.1 bpb (in "
                          "cpu-long, 3 seeds of eq. 19 span 0.12)"),
     # what quick leaves out, at its scale: absolute positions and the rotated-normalizer ablation, which diverges
