@@ -5,7 +5,7 @@ features. Functions take (B, H, N, d) like ``scaled_dot_product_attention``; lay
 """
 
 from .attention import KVCache, LinearRotaryAttention, SoftmaxAttention
-from .features import EluFeatures, FavorPlus, FavorTrig, FeatureMap, ReLUFeatures, redraw_projections
+from .features import EluFeatures, FavorPlus, FavorTrig, FeatureMap, Hedgehog, ReLUFeatures, redraw_projections
 from .functional import AttentionState, favor_attention, linear_attention, softmax_attention
 from .rotary import LearnedRotary, RotaryEmbedding
 
@@ -14,5 +14,5 @@ __version__ = "0.1.0"
 __all__ = [
     "LinearRotaryAttention", "SoftmaxAttention", "RotaryEmbedding", "LearnedRotary", "AttentionState", "KVCache",
     "linear_attention", "favor_attention", "softmax_attention",
-    "FeatureMap", "FavorPlus", "FavorTrig", "ReLUFeatures", "EluFeatures", "redraw_projections",
+    "FeatureMap", "FavorPlus", "FavorTrig", "ReLUFeatures", "EluFeatures", "Hedgehog", "redraw_projections",
 ]

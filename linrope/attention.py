@@ -43,7 +43,7 @@ class _Heads(nn.Module):
     """q/k/v and output projections shared by both layers; checks x and the streaming arguments."""
 
     def __init__(self, dim: int, heads: int, dim_head: int | None, causal: bool, qkv_bias: bool,
-                 kv_heads: int | None = None):
+                 kv_heads: int | None = None, projections: bool = True):
         super().__init__()
         check_int("dim", dim)
         check_int("heads", heads)
@@ -58,12 +58,17 @@ class _Heads(nn.Module):
         check_int("dim_head", dim_head)
         self.dim, self.heads, self.dim_head, self.causal = dim, heads, dim_head, bool(causal)
         self.kv_heads = kv_heads
-        self.to_qkv = nn.Linear(dim, (heads + 2 * kv_heads) * dim_head, bias=qkv_bias)  # q, then k, then v
-        self.to_out = nn.Linear(heads * dim_head, dim)
+        self.projections = bool(projections)
+        if self.projections:  # without them, a host model's own projections feed ``forward_heads``
+            self.to_qkv = nn.Linear(dim, (heads + 2 * kv_heads) * dim_head, bias=qkv_bias)  # q, then k, then v
+            self.to_out = nn.Linear(heads * dim_head, dim)
 
     def split(self, x: Tensor, state, return_state: bool, context: Tensor | None = None
               ) -> tuple[Tensor, Tensor, Tensor]:
         """q from x, k and v from x or, for cross-attention, from ``context``: each (B, heads, N or M, dim_head)."""
+        if not self.projections:
+            raise TypeError(f"x: a {type(self).__name__} built with projections=False takes q, k, v through "
+                            "forward_heads(q, k, v, ...), not x")
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x: expected shape (B, N, {self.dim}), got {shape}")
@@ -187,7 +192,8 @@ class LinearRotaryAttention(_Heads):
             that differ within a group, e.g. 'multiscale'): ``state_group`` says which.
         nb_features: r, random features per head (even when ``rope='features'``).
         causal: attend to positions n <= m only (chunked, O(N) memory; supports streaming).
-        feature_map: 'favor+' (default; fused path ``favor_attention``), 'trig', 'relu' or 'elu'.
+        feature_map: 'favor+' (default; fused path ``favor_attention``), 'hedgehog' (trained per head, see
+            ``linrope.Hedgehog``: for distilling a softmax teacher), 'trig', 'relu' or 'elu'.
         rope: 'features' (eq. 19: rotate phi(q), phi(k) by R_m in feature space, normalizer unrotated),
             'inputs' (rotate q, k before phi: relative only in expectation over the random draw) or None.
         rope_base, interleaved, rope_scale, rope_scaling, rope_original_length, rotary_fraction: the
@@ -209,6 +215,8 @@ class LinearRotaryAttention(_Heads):
         kernel: the causal path's chunk products (see ``linear_attention``): "torch" (any device; the default)
             or "triton" (experimental fused kernels on a CUDA GPU, slower than "torch" where measured).
         qkv_bias: bias in the q/k/v projection.
+        projections: False builds the attention without ``to_qkv`` and ``to_out``, for a host model that projects
+            q, k, v and the output itself and calls ``forward_heads`` (``linrope.hf`` does).
         decay: causal only: weigh the key at distance m - n by gamma_h^(m - n) in numerator and normalizer alike
             (RetNet's decay; against attention dilution): None, a float gamma in (0, 1] for every head, one per
             head, or 'multiscale' (RetNet's gamma_h = 1 - 2^(-5-h), short to long ranges across heads). Exact in
@@ -241,13 +249,15 @@ class LinearRotaryAttention(_Heads):
                  redraw_interval: int | None = None, seed: int | None = None,
                  orthogonal: bool = True, chunk_size: int = 64, qkv_bias: bool = False, kv_heads: int | None = None,
                  decay: float | str | tuple | None = None, rope_learned: bool = False, group=None,
-                 group_size: int | str | None = None, kernel: str = "torch"):
-        super().__init__(dim, heads, dim_head, causal, qkv_bias, kv_heads)
+                 group_size: int | str | None = None, kernel: str = "torch", projections: bool = True):
+        super().__init__(dim, heads, dim_head, causal, qkv_bias, kv_heads, projections)
         dim_head = self.dim_head
         self.decay = _decays(decay, heads, self.causal)  # fixed rates: a tuple, so no dtype cast ever rounds them
         self.group = group  # not a parameter or buffer: the state_dict is the same with and without it
         _check_rope(rope, ROPE_PLACEMENTS)
         kwargs = {} if feature_map == "elu" else dict(orthogonal=orthogonal, seed=seed, redraw_interval=redraw_interval)
+        if feature_map == "hedgehog":  # trained per head
+            kwargs["heads"] = heads
         self.feature_map = make_feature_map(feature_map, dim_head, nb_features, **kwargs)
         self.feature_map_name, self.rope = feature_map, rope
         self.rotary = None
@@ -317,20 +327,37 @@ class LinearRotaryAttention(_Heads):
         q, k, v, key_padding_mask, key_positions, positions = self.inputs(
             x, key_padding_mask, positions, state, return_state, context, context_mask, context_positions,
             cu_seqlens, AttentionState)
+        out = self.forward_heads(q, k, v, key_padding_mask, positions, state, return_state, key_positions, cu_seqlens)
+        if return_state:
+            return self.merge(out[0].to(x.dtype)), out[1]
+        return self.merge(out.to(x.dtype))
+
+    def forward_heads(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
+                      positions: int | Tensor | None = None, state: AttentionState | None = None,
+                      return_state: bool = False, key_positions: int | Tensor | None = None,
+                      cu_seqlens: Tensor | None = None):
+        """The attention between the projections: q (B, heads, N, dim_head), k and v (B, kv_heads, M, dim_head)
+        -> (B, heads, N, dim_head) in float32 (float64 for float64 input), and the ``AttentionState`` with
+        ``return_state``. ``forward`` is ``to_qkv``, this, then ``to_out``; a host model with projections of its
+        own (``linrope.hf``) calls it on its q, k, v. Arguments as in ``forward``; ``key_positions`` are the
+        context's (cross-attention), None for self-attention."""
+        if state is not None and not isinstance(state, AttentionState):
+            raise TypeError(f"state: expected an AttentionState (returned with return_state=True), got "
+                            f"{type(state).__name__}")
         if positions is None and self.group is not None:  # global positions: the functions find them, or here
             if self.rope == "inputs":  # where q and k are rotated before the feature map
-                positions = (0 if state is None else state.offset) + rank_offset(self.group, x.shape[1])[0]
+                positions = (0 if state is None else state.offset) + rank_offset(self.group, q.shape[2])[0]
         elif positions is None and state is not None:
             positions = state.offset
         feature_rotary = self.rotary if self.rope == "features" else None
         q, k = self.yarn_scale(q, k)
-        kpos = positions if context is None else key_positions
+        kpos = positions if key_positions is None else key_positions
         if self.rope == "inputs":
             q, k = self.rotary.rotate(q, positions), self.rotary.rotate(k, kpos)
         k, v = self.share_kv(k), self.share_kv(v)
         g = self.state_group
         if state is not None:
-            _check_state_heads(state, x.shape[0], self.heads // g)
+            _check_state_heads(state, q.shape[0], self.heads // g)
             if g > 1:  # one state per kv head
                 state = state.map(self.share_kv)
         kwargs = dict(causal=self.causal, positions=positions, chunk_size=self.chunk_size,
@@ -340,9 +367,8 @@ class LinearRotaryAttention(_Heads):
         out = self.attend(q, k, v, feature_rotary, kwargs)
         if return_state:
             out, st = out
-            new_state = st.map(lambda t: t[:, ::g])
-            return self.merge(out.to(x.dtype)), new_state
-        return self.merge(out.to(x.dtype))
+            return out, st.map(lambda t: t[:, ::g])
+        return out
 
 
 class SoftmaxAttention(_Heads):

@@ -12,6 +12,8 @@ Maps:
     can be zero or negative, the reason FAVOR+ exists)
   * ``ReLUFeatures``: relu(W x~) + kernel_eps (Performer's "generalized attention")
   * ``EluFeatures``: elu(x) + 1 (Katharopoulos et al. 2020), r = d, no projection
+  * ``Hedgehog``: a trained projection per head followed by a softmax over features, [softmax(W x~),
+    softmax(-W x~)] (Zhang et al. 2024, "The Hedgehog & the Porcupine"): for distilling softmax attention
 
 Random maps hold their projection as a buffer (saved with the state dict) drawn reproducibly from ``seed``;
 ``redraw()`` draws the next one. A forward never changes a map: a training loop calls
@@ -37,7 +39,8 @@ from torch import Tensor, nn
 from ._checks import check_int, check_number, check_tensor, is_int
 
 __all__ = [
-    "FeatureMap", "FavorPlus", "FavorTrig", "ReLUFeatures", "EluFeatures", "FEATURE_MAPS", "make_feature_map",
+    "FeatureMap", "FavorPlus", "FavorTrig", "ReLUFeatures", "EluFeatures", "Hedgehog", "FEATURE_MAPS",
+    "make_feature_map",
     "gaussian_orthogonal_matrix", "favor_plus", "compute_dtype", "redraw_projections",
 ]
 
@@ -247,6 +250,58 @@ class EluFeatures(FeatureMap):
             return F.elu(x.to(compute_dtype(x))) + 1, None
 
 
+class Hedgehog(FeatureMap):
+    """A trained positive feature map: phi(x) = [softmax(W_h x~), softmax(-W_h x~)] over features, per head h.
+
+    Hedgehog's map (Zhang et al., ICLR 2024; LoLCATs' first stage trains it to match a softmax teacher). W_h
+    (r/2, d) starts at FAVOR+'s orthogonal random projection, which makes the initial kernel a FAVOR+ estimate of
+    the softmax kernel exp(q.k / sqrt(d)): each half is a softmax over r/2 random projections, whose denominator
+    is r/2 times an estimate of exp(|x~|^2 / 2) (FAVOR+'s exact key factor), and the two halves are the
+    antithetic pair w, -w. Training then moves W_h where the teacher's attention needs it. Features are bounded
+    (in (0, 1], each half sums to 1): no log-scale is returned, and no row's normalizer can underflow (each
+    half has an entry >= 2/r). The map is the same for queries and keys, so it works with every RoPE placement.
+
+    Args:
+        dim: the head dim d.
+        nb_features: r (even): r/2 projections, two halves.
+        heads: H, each with its own W_h; inputs are (B, H, N, d).
+        orthogonal, seed: the initial draw, as in ``FavorPlus`` (seed None: from torch's global generator).
+        redraw_interval: must be None (the projection is trained, not redrawn).
+    """
+
+    def __init__(self, dim: int, nb_features: int = 256, heads: int = 1, orthogonal: bool = True,
+                 seed: int | None = None, redraw_interval: int | None = None):
+        super().__init__()
+        self.dim = _check_dim("dim", dim)
+        if not is_int(nb_features) or nb_features < 2 or nb_features % 2:
+            raise ValueError(f"nb_features: expected an even integer >= 2 (Hedgehog has two halves), got "
+                             f"{nb_features!r}")
+        self.heads = check_int("heads", heads)
+        if redraw_interval is not None:
+            raise ValueError(f"redraw_interval: expected None for feature_map='hedgehog' (its projection is "
+                             f"trained, not redrawn), got {redraw_interval!r}")
+        if seed is not None and (not is_int(seed) or not 0 <= seed < 2**63):
+            raise ValueError(f"seed: expected None or an int in [0, 2**63), got {seed!r}")
+        self.nb_features = nb_features
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))) if seed is None else seed)
+        w = torch.stack([gaussian_orthogonal_matrix(nb_features // 2, dim, orthogonal=orthogonal,
+                                                    generator=generator) for _ in range(heads)])
+        self.weight = nn.Parameter(w.float())  # (H, r/2, d)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, nb_features={self.nb_features}, heads={self.heads}"
+
+    def forward(self, x, *, is_query):
+        _check_input(x, self.dim)
+        if x.dim() != 4 or x.shape[1] != self.heads:
+            raise ValueError(f"x: expected shape (B, {self.heads}, N, {self.dim}) (one trained map per head), got "
+                             f"{tuple(x.shape)}")
+        with _full_precision(x):
+            dt = compute_dtype(x)
+            u = torch.einsum("bhnd,hfd->bhnf", x.to(dt) * self.dim ** -0.25, self.weight.to(dt))
+            return torch.cat((u.softmax(-1), (-u).softmax(-1)), dim=-1), None
+
+
 def redraw_projections(module: nn.Module, step: int) -> int:
     """Redraw the projection of every random feature map in ``module`` whose ``redraw_interval`` divides ``step``.
 
@@ -270,11 +325,12 @@ def redraw_projections(module: nn.Module, step: int) -> int:
     return redrawn
 
 
-FEATURE_MAPS = {"favor+": FavorPlus, "trig": FavorTrig, "relu": ReLUFeatures, "elu": EluFeatures}
+FEATURE_MAPS = {"favor+": FavorPlus, "hedgehog": Hedgehog, "trig": FavorTrig, "relu": ReLUFeatures,
+                "elu": EluFeatures}
 
 
 def make_feature_map(name: str, dim: int, nb_features: int = 256, **kwargs) -> FeatureMap:
-    """Build a feature map by name: one of ``FEATURE_MAPS`` ('favor+', 'trig', 'relu', 'elu')."""
+    """Build a feature map by name: one of ``FEATURE_MAPS`` ('favor+', 'hedgehog', 'trig', 'relu', 'elu')."""
     if not isinstance(name, str) or name not in FEATURE_MAPS:
         raise ValueError(f"feature_map: expected one of {sorted(FEATURE_MAPS)}, got {name!r}")
     if name == "elu":

@@ -107,7 +107,7 @@ def small(**kw):
 
 @pytest.mark.parametrize("call, error, match", [
     pytest.param(lambda: LinearRotaryAttention(32, feature_map="cosformer"), ValueError,
-                 r"feature_map: expected one of \['elu', 'favor\+', 'relu', 'trig'\], got 'cosformer'",
+                 r"feature_map: expected one of \['elu', 'favor\+', 'hedgehog', 'relu', 'trig'\], got 'cosformer'",
                  id="unknown-feature_map"),
     pytest.param(lambda: LinearRotaryAttention(32, rope="alibi"), ValueError,
                  r"rope: expected one of \('features', 'inputs', None\), got 'alibi'", id="unknown-rope"),

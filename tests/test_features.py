@@ -188,7 +188,7 @@ def test_low_precision_inputs_give_float32_features():
     pytest.param(lambda: FavorPlus(8, 16)(torch.ones(1, 1, 3, 8, dtype=torch.long), is_query=True), TypeError,
                  r"x: expected a floating-point tensor, got dtype torch\.int64", id="x-integer"),
     pytest.param(lambda: make_feature_map("softmax", 8), ValueError,
-                 r"feature_map: expected one of \['elu', 'favor\+', 'relu', 'trig'\], got 'softmax'",
+                 r"feature_map: expected one of \['elu', 'favor\+', 'hedgehog', 'relu', 'trig'\], got 'softmax'",
                  id="unknown-feature_map"),
     pytest.param(lambda: ReLUFeatures(8, 16, kernel_eps=0), ValueError,
                  r"kernel_eps: expected a finite number > 0, got 0", id="zero-kernel_eps"),

@@ -144,7 +144,7 @@ def test_tied_embeddings_receive_the_output_gradient():
     pytest.param(dict(attention="linear-rope-nope"), ValueError, r"attention: expected one of \[.*'linear-rope'.*\], "
                  r"got 'linear-rope-nope'", id="unknown-attention"),
     pytest.param(dict(feature_map="softmax"), ValueError,
-                 r"feature_map: expected one of \['elu', 'favor\+', 'relu', 'trig'\], got 'softmax'",
+                 r"feature_map: expected one of \['elu', 'favor\+', 'hedgehog', 'relu', 'trig'\], got 'softmax'",
                  id="unknown-feature_map"),
     pytest.param(dict(dim=30, heads=4), ValueError, r"dim: expected a multiple of heads=4, got 30",
                  id="indivisible-dim"),
