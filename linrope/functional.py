@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_group_size, check_int, check_kernel, check_mask, check_qkv, check_tensor
+from ._checks import check_group_size, check_int, check_kernel, check_mask, check_qkv, check_tensor, is_int
 from ._engine import Call, EngineConfig, Inputs, empty_state, run
 from ._engine import parallel, step, triton_kernels, tuning
 from ._engine.feature_sources import LOG_DTYPE
 from .features import compute_dtype
-from .rotary import LearnedRotary, RotaryEmbedding, check_rotary, resolve_positions
+from .rotary import MAX_POSITION, LearnedRotary, RotaryEmbedding, check_rotary, resolve_positions
 
 __all__ = ["AttentionState", "linear_attention", "favor_attention", "softmax_attention"]
 
@@ -211,6 +211,71 @@ def _run(features, q, k, k_logscale, v, projection, r, *, causal, rotary, positi
         return out, _state_out(S, z, M, start.offset + (N if layout is None else layout.total), decay_rates,
                                signature)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- decoding steps
+def _decoding_call(causal, initial_state, group, kernel, cross: bool, v: Tensor, inputs: tuple) -> bool:
+    """Whether a call is a decoding step for ``_decode``: causal, continuing an ``AttentionState``, at most
+    ``step.MAX_POSITIONS`` positions, nothing to differentiate, one process, the torch kernels, eager. What
+    ``_run`` would refuse or differentiate goes to ``_run`` (the same checks, the same errors)."""
+    if not (causal is True and isinstance(initial_state, AttentionState) and group is None and kernel == "torch"
+            and not cross and 0 < v.shape[2] <= step.MAX_POSITIONS and v.shape[0] * v.shape[1] > 0):
+        return False
+    if torch.is_grad_enabled() and (any(t is not None and t.requires_grad for t in inputs)
+                                    or initial_state.numerator.requires_grad or initial_state.key_sum.requires_grad):
+        return False
+    return not torch.compiler.is_compiling()  # under torch.compile: _run, opaque to dynamo
+
+
+_RATES: dict = {}  # (gammas, device) -> lam (H,): a decay's rates, made once
+
+
+def _decode(features, q, k, k_logscale, v, projection, r, rotary, positions, chunk_size, group_size, initial_state,
+            return_state, key_padding_mask, decay):
+    """``_run`` for a call ``_decoding_call`` accepts: its argument checks, then ``step.step`` directly (no
+    planning, no autograd Function). A decay is taken relative to the state's last position: its log_ref is
+    kept as it is, key n weighs lam (p_n - offset + 1) more, and the returned log_ref is the step's less lam N
+    (``_run`` adds lam (offset - 1) to every log-scale and subtracts it again: the same sums)."""
+    B, H, N, dv = v.shape
+    _check_sizes(features, q, r, dv)
+    check_int("chunk_size", chunk_size)
+    check_group_size(group_size)
+    mask = check_mask(key_padding_mask, B, N)
+    if mask is not None:  # padded slots may hold anything (torch.empty, other buffers): 0 * nan would stay nan
+        v = v.masked_fill(~mask[:, None, :, None], 0)
+    dtype = compute_dtype(q, k, v)
+    gammas = resolve_decay(decay, H)
+    signature = (features, None if rotary is None else rotary.signature(), gammas)
+    learned = _check_learned(rotary, True, H, None)
+    start = _start(initial_state, signature, (B, H, r, dv), dtype, None, v.device)
+    offset = start.offset
+    if positions is None:
+        positions = offset
+    pos = None  # an int offset stays one (checked as resolve_positions checks it); a tensor is resolved
+    if not is_int(positions) or not -MAX_POSITION <= positions <= MAX_POSITION - N:
+        pos = resolve_positions(positions, N, v.device, B)
+    rot = {}
+    if learned:
+        p = pos if pos is not None else torch.arange(positions, positions + N, device=v.device)
+        rot = dict(theta=rotary.theta, phase=rotary.phase, angle_positions=p.to(LOG_DTYPE),
+                   first_position=positions if pos is None else None)
+    elif rotary is not None:
+        rot["cos"], rot["sin"] = rotary.cos_sin(positions, N, v.device, dtype, batch=B)
+    key_bias = lam = None
+    if gammas is not None:
+        lam = _RATES.get((gammas, v.device))
+        if lam is None:
+            lam = _RATES.setdefault((gammas, v.device), _decay_rates(gammas, True, v.device))
+        rel = float(positions - offset + 1) if pos is None and N == 1 else \
+            ((torch.arange(positions, positions + N, device=v.device) if pos is None else pos) - (offset - 1)).to(
+                LOG_DTYPE)[..., None, :]  # (1, N) or (B, 1, N)
+        key_bias = (lam[:, None] * rel).expand(B, H, N).reshape(B * H, N)
+    out, S, z, M = step.step(features, rotary is not None and rotary.interleaved, dtype, q, k, v, start.S0, start.z0,
+                             start.M0, k_logscale=k_logscale, key_bias=key_bias,
+                             projection=None if projection is None else projection.to(dtype), mask=mask, **rot)
+    if not return_state:
+        return out
+    return out, AttentionState(S, z, M if lam is None else M - lam * N, offset + N, signature)
 
 
 def _check_sizes(features: str, q: Tensor, r: int, dv: int) -> None:
@@ -424,6 +489,9 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
         if k_logscale.shape != kf.shape[:3]:
             raise ValueError(f"k_logscale: expected shape (B, H, N) = {tuple(kf.shape[:3])}, "
                              f"got {tuple(k_logscale.shape)}")
+    if cu_seqlens is None and _decoding_call(causal, initial_state, group, kernel, cross, v, (qf, kf, k_logscale, v)):
+        return _decode("features", qf, kf, k_logscale, v, None, r, rotary, positions, chunk_size, group_size,
+                       initial_state, return_state, key_padding_mask, decay)
     call = lambda sl, pos, mask: _run(  # noqa: E731
         "features", qf[:, :, sl], kf[:, :, sl], None if k_logscale is None else k_logscale[:, :, sl],
         v[:, :, sl], None, r, causal=causal, rotary=rotary, positions=pos, chunk_size=chunk_size,
@@ -469,6 +537,9 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
                          "differentiate it; detach it, or use favor_plus features with linear_attention)")
     r = projection.shape[0]
     check_rotary(rotary, r, "the number of features r (projection rows)", learned=True)
+    if cu_seqlens is None and _decoding_call(causal, initial_state, group, kernel, cross, v, (q, k, v)):
+        return _decode("favor", q, k, None, v, projection, r, rotary, positions, chunk_size, group_size,
+                       initial_state, return_state, key_padding_mask, decay)
     call = lambda sl, pos, mask: _run(  # noqa: E731
         "favor", q[:, :, sl], k[:, :, sl], None, v[:, :, sl], projection, r, causal=causal, rotary=rotary,
         positions=pos, chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,

@@ -109,6 +109,9 @@ def step(features: str, interleaved: bool, dtype: torch.dtype, q: Tensor, k: Ten
     Returns out (B, H, N, dv) in v's dtype, S (B, H, r, dv), z (B, H, r) in ``dtype`` and M (B, H) ``LOG_DTYPE``.
     """
     B, H, N, dv = v.shape
+    if N == 1:
+        return _one(features, interleaved, dtype, q, k, v, S0, z0, M0, k_logscale, key_bias, projection, mask, cos,
+                    sin, theta, phase, angle_positions)
     BH, r = B * H, S0.shape[2]
     with _no_autocast(v.device):
         if features == "favor":
@@ -171,6 +174,119 @@ def step(features: str, interleaved: bool, dtype: torch.dtype, q: Tensor, k: Ten
         out = v.new_empty(B, H, N, dv)
         _divide(num, den.view(BH, N), out.view(BH, N, dv))
     return out, S.view(B, H, r, dv), z.view(B, H, r), M.view(B, H)
+
+
+def _one(features, interleaved, dtype, q, k, v, S0, z0, M0, k_logscale=None, key_bias=None, projection=None,
+         mask=None, cos=None, sin=None, theta=None, phase=None, angle_positions=None, factor=None):
+    """``step`` for one position, the token-by-token decoding step, in as few tensor operations as its arithmetic
+    allows: at these sizes each operation costs a few microseconds of dispatch, more than its arithmetic, so the
+    per-head scalars stay in (B, H, 1[, 1]) shapes that broadcast without views, and nothing is computed that a
+    single position does not need (no intra-step scores, no cumulative maxima).
+
+    The same sums as ``step`` with N = 1. The row's one new key is its own, at distance 0 (unrotated). With the
+    key's log-scale s and the state's M0, m = max(M0, s) and the weights e = exp(M0 - m) of the state and
+    w = exp(s - m) of the key are one subtraction from the pair (M0, s), each <= 1 and one of them exactly 1 (both
+    1 when neither holds a key: the state is empty and the key padded, whose features are zeroed). FAVOR+ keys are
+    exp(u - max u) * w (the engine subtracts the log-scale inside the exponent and scales W, not x, by d^(-1/4):
+    the same values to float32 rounding), with s = max u - |k~|^2/2 formed in float32 and carried in float64.
+    A non-finite key feature or value turns e into NaN through one sum of x * 0 (rotated key features: a pair
+    turned by a unit factor is non-finite when it was), so the row and the state of its (batch, head) are NaN.
+    The state is read twice, for the row's product and for the update; where e is exactly 1 on every head (a
+    key below the running max, or keys without magnitudes: the common case without a decay) the update is one
+    pass, S0 + k v^T, the value of (S0 * 1) + k v^T; that test reads e on the host, so it is made on CPUs only.
+
+    ``factor``: the fixed rotation as complex numbers cos + i sin, (1, r/2) or (B, 1, r/2), instead of cos, sin.
+    """
+    B, H, _, dv = v.shape
+    r = S0.shape[2]
+    with _no_autocast(v.device):
+        if features == "favor":  # u = x~ W^T for the query and the key at once, exp(u - max u) in place
+            d = q.shape[-1]
+            x = torch.cat((q, k), 2)  # (B, H, 2, d)
+            x = x.mul_(d ** -0.25) if x.dtype == dtype else x.to(dtype).mul_(d ** -0.25)  # x~
+            u = torch.matmul(x, projection.t() if projection.dtype == dtype else projection.to(dtype).t())
+            top = u.amax(-1, keepdim=True)
+            u.sub_(top).exp_()
+            kx = x[:, :, 1:]
+            s = torch.sub(top[:, :, 1], torch.linalg.vecdot(kx, kx), alpha=0.5)  # (B, H, 1)
+            fq, kb = u.split(1, 2)  # (B, H, 1, r) each: views of u, written in place below
+        else:
+            fq, kb = (x if x.dtype == dtype else x.to(dtype) for x in (q, k))  # maybe the inputs: never written
+            s = k_logscale
+        if key_bias is not None:
+            bias = key_bias.view(B, H, 1)
+            s = bias if s is None else s + bias  # float64
+        if mask is not None:
+            keep = mask.view(B, 1, 1, 1)
+            if s is not None:
+                s = s.masked_fill(~keep[..., 0], NEG)
+        if s is None:  # keys carry no magnitudes: the state is as it was summed
+            e, M = None, M0
+            k0 = kb if mask is None else kb.masked_fill(~keep, 0)
+        else:
+            ms = torch.cat((M0.unsqueeze(-1), s), -1)  # (B, H, 2) in LOG_DTYPE: the state's and the key's
+            M = ms.amax(-1, keepdim=True)  # NaN from a NaN log-scale
+            e, w = ms.sub_(M).exp_().to(dtype).unsqueeze(-1).split(1, 2)  # (B, H, 1, 1) each
+            M = M.view(B, H)
+            k0 = kb.mul_(w) if features == "favor" else kb * w
+            if mask is not None:  # whatever a padded key holds (inf * 0 = nan), it contributes 0
+                k0 = k0.masked_fill_(~keep, 0)
+        V = v if v.dtype == dtype else v.to(dtype)
+        pq = None
+        if factor is None and cos is not None:
+            factor = torch.complex(cos, sin)
+        if factor is not None or theta is not None:
+            pair = u if features == "favor" else torch.cat((fq, k0), 2)  # (B, H, 2, r): FAVOR+'s k0 is in u
+            if theta is None:
+                f = factor if factor.dim() == 2 else factor.unsqueeze(1)  # the heads of an example share it
+            else:  # learned: queries turn by theta p + phase, keys by theta p; pq = R_phase fq
+                f, pf = _angle_factors(theta, phase, angle_positions, dtype)
+                pq = torch.view_as_real(_as_complex(fq) * pf).view(B, H, 1, r)
+            if interleaved or theta is not None:
+                turned = torch.view_as_real(_as_complex(pair) * f).view(B, H, 2, r)
+            else:  # half-split pairs (i, i + r/2) turned where they are
+                c = torch.complex(pair[..., :r // 2], pair[..., r // 2:]) * f
+                turned = torch.cat((c.real, c.imag), -1)
+            qr, kr = turned.split(1, 2)
+            checked = (kr, V)
+        else:
+            qr, kr = fq, k0
+            checked = (k0, V)
+        # 0, or NaN where a key feature or value is not finite (x * 0 is 0 unless x is not finite)
+        bad = torch.cat(checked, -1).mul_(0).sum(-1, keepdim=True)
+        e = bad.add_(1) if e is None else bad.add_(e)  # (B, H, 1, 1)
+        num = torch.matmul(qr * e, S0)  # (B, H, 1, dv)
+        num.addcmul_((fq if pq is None else pq).mul(k0).sum(-1, keepdim=True), V)  # distance 0: unrotated
+        z = torch.addcmul(k0, z0.unsqueeze(2), e)  # (B, H, 1, r)
+        den = fq.mul(z).sum(-1, keepdim=True)
+        krt = kr.transpose(2, 3)
+        if S0.device.type == "cpu" and float(e.sum(dtype=torch.float64)) == B * H:  # every e is 1 (each <= 1)
+            S = torch.addcmul(S0, krt, V)
+        else:
+            S = (S0 * e).addcmul_(krt, V)
+        empty = den == 0  # a row that sees no key returns 0
+        out = num.div_(den).masked_fill_(empty, 0)
+        if out.dtype != v.dtype:
+            out = out.to(v.dtype)
+    return out, S, z.view(B, H, r), M
+
+
+def _as_complex(x: Tensor) -> Tensor:
+    """(..., r) real, contiguous in its last dim, as (..., r/2) complex pairs (2i, 2i+1)."""
+    return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+
+
+def _angle_factors(theta: Tensor, phase: Tensor | None, angle_positions: Tensor, dtype: torch.dtype):
+    """Learned rotations at one position p ((1,) or (B, 1) float64): the factors (1 or B, H, 2, r/2) of the
+    query (theta p + phase) and of the key (theta p), and the phase's own (H, 1, r/2) (1 without a phase), from
+    float64 angles as ``AngleRotation`` makes them (its factor for one position is the same number)."""
+    theta = theta.detach().to(torch.float64)
+    ang = angle_positions.view(-1, 1, 1) * theta  # (1 or B, H, r/2)
+    ph = None if phase is None else phase.detach().to(torch.float64)
+    angs = torch.stack((ang if ph is None else ang + ph, ang), -2)
+    f = torch.complex(angs.cos().to(dtype), angs.sin().to(dtype))
+    pf = 1 if ph is None else torch.complex(ph.cos().to(dtype), ph.sin().to(dtype)).unsqueeze(1)
+    return f, pf
 
 
 # ---------------------------------------------------------------------------------------------- float64 reference
