@@ -19,6 +19,7 @@ exchange states only.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -228,6 +229,25 @@ def _decoding_call(causal, initial_state, group, kernel, cross: bool, v: Tensor,
 
 
 _RATES: dict = {}  # (gammas, device) -> lam (H,): a decay's rates, made once
+_FACTORS: dict = {}  # id(rotary) -> (its signature, device, dtype, first position, (FACTOR_BLOCK, r/2) complex)
+FACTOR_BLOCK = 64  # positions whose rotation factors one cos_sin call makes for the decoding steps ahead
+
+
+def _step_factor(rotary: RotaryEmbedding, signature: tuple, p: int, device, dtype: torch.dtype) -> Tensor:
+    """cos + i sin of ``rotary`` at position p (1, r/2), as ``rotary.cos_sin`` gives them (the same numbers),
+    made FACTOR_BLOCK positions at a time: one call to cos_sin and one complex tensor per block instead of per
+    token. Kept per rotary while it lives and its signature, device and dtype stay; 64 KiB at r = 256."""
+    key = id(rotary)
+    got = _FACTORS.get(key)
+    if got is None or got[0] != signature or got[1] != device or got[2] != dtype or not got[3] <= p < got[3] + \
+            got[4].shape[0]:
+        n = max(1, min(FACTOR_BLOCK, MAX_POSITION - p))
+        cos, sin = rotary.cos_sin(p, n, device, dtype)
+        if got is None:  # forgotten with the rotary
+            weakref.finalize(rotary, _FACTORS.pop, key, None)
+        got = _FACTORS[key] = (signature, device, dtype, p, torch.complex(cos, sin))
+    i = p - got[3]
+    return got[4][i:i + 1]
 
 
 def _decode(features, q, k, k_logscale, v, projection, r, rotary, positions, chunk_size, group_size, initial_state,
@@ -259,6 +279,8 @@ def _decode(features, q, k, k_logscale, v, projection, r, rotary, positions, chu
         p = pos if pos is not None else torch.arange(positions, positions + N, device=v.device)
         rot = dict(theta=rotary.theta, phase=rotary.phase, angle_positions=p.to(LOG_DTYPE),
                    first_position=positions if pos is None else None)
+    elif rotary is not None and pos is None and N == 1:  # the next token: its factor from a block of them
+        rot["factor"] = _step_factor(rotary, signature[1], positions, v.device, dtype)
     elif rotary is not None:
         rot["cos"], rot["sin"] = rotary.cos_sin(positions, N, v.device, dtype, batch=B)
     key_bias = lam = None

@@ -95,7 +95,7 @@ def step(features: str, interleaved: bool, dtype: torch.dtype, q: Tensor, k: Ten
          z0: Tensor, M0: Tensor, k_logscale: Tensor | None = None, key_bias: Tensor | None = None,
          projection: Tensor | None = None, mask: Tensor | None = None, cos: Tensor | None = None,
          sin: Tensor | None = None, theta: Tensor | None = None, phase: Tensor | None = None,
-         angle_positions: Tensor | None = None, first_position: int | None = None
+         angle_positions: Tensor | None = None, first_position: int | None = None, factor: Tensor | None = None
          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Causal eq. 19 over N positions continuing the state (S0, z0, M0); what the engine's causal pass returns.
 
@@ -104,14 +104,15 @@ def step(features: str, interleaved: bool, dtype: torch.dtype, q: Tensor, k: Ten
     already 0); S0 (B, H, r, dv), z0 (B, H, r) in ``dtype``, M0 (B, H) ``LOG_DTYPE`` (a decay's bias included);
     key_bias (B*H, N) ``LOG_DTYPE`` (a decay); mask (B, N) bool, True = keep; cos, sin (N, r/2) or (B, N, r/2) of
     the pairing ``interleaved``, or learned theta, phase (H, r/2) at ``angle_positions`` ((N,) or (B, N) float64,
-    ``first_position`` their first when consecutive). Nothing is written into the inputs.
+    ``first_position`` their first when consecutive); for N = 1 the fixed rotation may come as ``factor`` instead
+    of cos, sin: cos + i sin as one complex tensor (1, r/2) or (B, 1, r/2). Nothing is written into the inputs.
 
     Returns out (B, H, N, dv) in v's dtype, S (B, H, r, dv), z (B, H, r) in ``dtype`` and M (B, H) ``LOG_DTYPE``.
     """
     B, H, N, dv = v.shape
     if N == 1:
         return _one(features, interleaved, dtype, q, k, v, S0, z0, M0, k_logscale, key_bias, projection, mask, cos,
-                    sin, theta, phase, angle_positions)
+                    sin, theta, phase, angle_positions, factor)
     BH, r = B * H, S0.shape[2]
     with _no_autocast(v.device):
         if features == "favor":
@@ -179,14 +180,14 @@ def step(features: str, interleaved: bool, dtype: torch.dtype, q: Tensor, k: Ten
 def _one(features, interleaved, dtype, q, k, v, S0, z0, M0, k_logscale=None, key_bias=None, projection=None,
          mask=None, cos=None, sin=None, theta=None, phase=None, angle_positions=None, factor=None):
     """``step`` for one position, the token-by-token decoding step, in as few tensor operations as its arithmetic
-    allows: at these sizes each operation costs a few microseconds of dispatch, more than its arithmetic, so the
-    per-head scalars stay in (B, H, 1[, 1]) shapes that broadcast without views, and nothing is computed that a
-    single position does not need (no intra-step scores, no cumulative maxima).
+    allows: at these sizes each operation costs a microsecond or two of dispatch, more than its arithmetic, so the
+    query and the key travel as one (2, B, H, 1, .) pair, per-head scalars as (B, H, 1, 1) that broadcast without
+    views, and nothing is computed that one position does not need (no intra-step scores, no cumulative maxima).
 
     The same sums as ``step`` with N = 1. The row's one new key is its own, at distance 0 (unrotated). With the
     key's log-scale s and the state's M0, m = max(M0, s) and the weights e = exp(M0 - m) of the state and
-    w = exp(s - m) of the key are one subtraction from the pair (M0, s), each <= 1 and one of them exactly 1 (both
-    1 when neither holds a key: the state is empty and the key padded, whose features are zeroed). FAVOR+ keys are
+    w = exp(s - m) of the key come from the pair (M0, s) at once, each <= 1 and one of them exactly 1 (both 1
+    when neither holds a key: the state is empty and the key padded, whose features are zeroed). FAVOR+ keys are
     exp(u - max u) * w (the engine subtracts the log-scale inside the exponent and scales W, not x, by d^(-1/4):
     the same values to float32 rounding), with s = max u - |k~|^2/2 formed in float32 and carried in float64.
     A non-finite key feature or value turns e into NaN through one sum of x * 0 (rotated key features: a pair
@@ -197,78 +198,115 @@ def _one(features, interleaved, dtype, q, k, v, S0, z0, M0, k_logscale=None, key
 
     ``factor``: the fixed rotation as complex numbers cos + i sin, (1, r/2) or (B, 1, r/2), instead of cos, sin.
     """
+    if _autocast_on(v.device):  # features, state and normalizer in the compute dtype, as in the engine
+        with torch.autocast(v.device.type, enabled=False):
+            return _one(features, interleaved, dtype, q, k, v, S0, z0, M0, k_logscale, key_bias, projection, mask,
+                        cos, sin, theta, phase, angle_positions, factor)
     B, H, _, dv = v.shape
     r = S0.shape[2]
-    with _no_autocast(v.device):
-        if features == "favor":  # u = x~ W^T for the query and the key at once, exp(u - max u) in place
-            d = q.shape[-1]
-            x = torch.cat((q, k), 2)  # (B, H, 2, d)
-            x = x.mul_(d ** -0.25) if x.dtype == dtype else x.to(dtype).mul_(d ** -0.25)  # x~
-            u = torch.matmul(x, projection.t() if projection.dtype == dtype else projection.to(dtype).t())
-            top = u.amax(-1, keepdim=True)
-            u.sub_(top).exp_()
-            kx = x[:, :, 1:]
-            s = torch.sub(top[:, :, 1], torch.linalg.vecdot(kx, kx), alpha=0.5)  # (B, H, 1)
-            fq, kb = u.split(1, 2)  # (B, H, 1, r) each: views of u, written in place below
-        else:
-            fq, kb = (x if x.dtype == dtype else x.to(dtype) for x in (q, k))  # maybe the inputs: never written
-            s = k_logscale
+    M0 = M0.view(B, H, 1, 1)
+    if features == "favor":  # u = x~ W^T for the query and the key at once, exp(u - max u) in place
+        x = torch.stack((q, k))  # (2, B, H, 1, d)
+        x = (x if x.dtype == dtype else x.to(dtype)).mul_(q.shape[-1] ** -0.25)  # x~
+        u = torch.matmul(x, (projection if projection.dtype == dtype else projection.to(dtype)).t())  # (2, B, H, 1, r)
+        top = u.amax(-1, keepdim=True)
+        u.sub_(top).exp_()
+        s = torch.sub(top, x.square().sum(-1, keepdim=True), alpha=0.5)  # the key's log-scale in row 1 (float32)
         if key_bias is not None:
-            bias = key_bias.view(B, H, 1)
+            s = s + key_bias.view(B, H, 1, 1)  # float64
+        ms = torch.where(_first_row(v.device), M0, s)  # (2, B, H, 1, 1) in LOG_DTYPE: the state's, the key's
+        fq, kb = u.unbind(0)  # (B, H, 1, r) each: views of u, k0 written in place below
+    else:
+        fq, kb = (x if x.dtype == dtype else x.to(dtype) for x in (q, k))  # maybe the inputs: never written
+        s = None if k_logscale is None else k_logscale.view(B, H, 1, 1)
+        if key_bias is not None:
+            bias = key_bias.view(B, H, 1, 1)
             s = bias if s is None else s + bias  # float64
-        if mask is not None:
-            keep = mask.view(B, 1, 1, 1)
-            if s is not None:
-                s = s.masked_fill(~keep[..., 0], NEG)
-        if s is None:  # keys carry no magnitudes: the state is as it was summed
-            e, M = None, M0
-            k0 = kb if mask is None else kb.masked_fill(~keep, 0)
-        else:
-            ms = torch.cat((M0.unsqueeze(-1), s), -1)  # (B, H, 2) in LOG_DTYPE: the state's and the key's
-            M = ms.amax(-1, keepdim=True)  # NaN from a NaN log-scale
-            e, w = ms.sub_(M).exp_().to(dtype).unsqueeze(-1).split(1, 2)  # (B, H, 1, 1) each
-            M = M.view(B, H)
-            k0 = kb.mul_(w) if features == "favor" else kb * w
-            if mask is not None:  # whatever a padded key holds (inf * 0 = nan), it contributes 0
-                k0 = k0.masked_fill_(~keep, 0)
-        V = v if v.dtype == dtype else v.to(dtype)
-        pq = None
-        if factor is None and cos is not None:
-            factor = torch.complex(cos, sin)
-        if factor is not None or theta is not None:
-            pair = u if features == "favor" else torch.cat((fq, k0), 2)  # (B, H, 2, r): FAVOR+'s k0 is in u
-            if theta is None:
-                f = factor if factor.dim() == 2 else factor.unsqueeze(1)  # the heads of an example share it
-            else:  # learned: queries turn by theta p + phase, keys by theta p; pq = R_phase fq
-                f, pf = _angle_factors(theta, phase, angle_positions, dtype)
+        ms = None if s is None else torch.stack((M0, s.to(LOG_DTYPE)))
+    if mask is not None:
+        keep = mask.view(B, 1, 1, 1)
+        if ms is not None:
+            ms[1].masked_fill_(~keep, NEG)
+    if ms is None:  # keys carry no magnitudes: the state is as it was summed
+        e, M = None, M0
+        k0 = kb if mask is None else kb.masked_fill(~keep, 0)
+    else:
+        M = ms.amax(0)  # (B, H, 1, 1); NaN from a NaN log-scale
+        e, w = ms.sub_(M).exp_().to(dtype).unbind(0)  # (B, H, 1, 1) each
+        k0 = kb.mul_(w) if features == "favor" else kb * w
+        if mask is not None:  # whatever a padded key holds (inf * 0 = nan), it contributes 0
+            k0 = k0.masked_fill_(~keep, 0)
+    V = v if v.dtype == dtype else v.to(dtype)
+    pq = None
+    if factor is None and cos is not None:
+        factor = torch.complex(cos, sin)
+    if factor is not None or theta is not None:
+        pair = u if features == "favor" else torch.stack((fq, k0))  # (2, B, H, 1, r): FAVOR+'s k0 is in u
+        if theta is None:
+            f = factor if factor.dim() == 2 else factor.unsqueeze(1)  # the heads of an example share it
+        else:  # learned: queries turn by theta p + phase, keys by theta p; pq = R_phase fq
+            f, pf = _angle_factors(theta, phase, angle_positions, dtype)
+            if pf is not None:
                 pq = torch.view_as_real(_as_complex(fq) * pf).view(B, H, 1, r)
-            if interleaved or theta is not None:
-                turned = torch.view_as_real(_as_complex(pair) * f).view(B, H, 2, r)
-            else:  # half-split pairs (i, i + r/2) turned where they are
-                c = torch.complex(pair[..., :r // 2], pair[..., r // 2:]) * f
-                turned = torch.cat((c.real, c.imag), -1)
-            qr, kr = turned.split(1, 2)
-            checked = (kr, V)
-        else:
-            qr, kr = fq, k0
-            checked = (k0, V)
-        # 0, or NaN where a key feature or value is not finite (x * 0 is 0 unless x is not finite)
-        bad = torch.cat(checked, -1).mul_(0).sum(-1, keepdim=True)
-        e = bad.add_(1) if e is None else bad.add_(e)  # (B, H, 1, 1)
-        num = torch.matmul(qr * e, S0)  # (B, H, 1, dv)
-        num.addcmul_((fq if pq is None else pq).mul(k0).sum(-1, keepdim=True), V)  # distance 0: unrotated
-        z = torch.addcmul(k0, z0.unsqueeze(2), e)  # (B, H, 1, r)
-        den = fq.mul(z).sum(-1, keepdim=True)
-        krt = kr.transpose(2, 3)
-        if S0.device.type == "cpu" and float(e.sum(dtype=torch.float64)) == B * H:  # every e is 1 (each <= 1)
-            S = torch.addcmul(S0, krt, V)
-        else:
-            S = (S0 * e).addcmul_(krt, V)
-        empty = den == 0  # a row that sees no key returns 0
-        out = num.div_(den).masked_fill_(empty, 0)
-        if out.dtype != v.dtype:
-            out = out.to(v.dtype)
-    return out, S, z.view(B, H, r), M
+        if interleaved or theta is not None:
+            turned = torch.view_as_real(_as_complex(pair) * f).view(2, B, H, 1, r)
+        else:  # half-split pairs (i, i + r/2) turned where they are
+            c = torch.complex(pair[..., :r // 2], pair[..., r // 2:]) * f
+            turned = torch.cat((c.real, c.imag), -1)
+        qr, kr = turned.unbind(0)
+        checked = (kr, V)
+    else:
+        qr, kr = fq, k0
+        checked = (k0, V)
+    # 0, or NaN where a key feature or value is not finite (x * 0 is 0 unless x is not finite)
+    bad = torch.cat(checked, -1).mul_(0).sum(-1, keepdim=True)
+    e = bad.add_(1) if e is None else bad.add_(e)  # (B, H, 1, 1)
+    num = torch.matmul(qr * e, S0)  # (B, H, 1, dv)
+    num.addcmul_((fq if pq is None else pq).mul(k0).sum(-1, keepdim=True), V)  # distance 0: unrotated
+    z = torch.addcmul(k0, z0.unsqueeze(2), e)  # (B, H, 1, r)
+    den = fq.mul(z).sum(-1, keepdim=True)
+    krt = kr.transpose(2, 3)
+    if S0.device.type == "cpu" and torch.equal(e, _ones(e)):  # one pass where every e is 1
+        S = torch.addcmul(S0, krt, V)
+    else:
+        S = (S0 * e).addcmul_(krt, V)
+    empty = den == 0  # a row that sees no key returns 0
+    out = num.div_(den).masked_fill_(empty, 0)
+    if out.dtype != v.dtype:
+        out = out.to(v.dtype)
+    return out, S, z.view(B, H, r), M.view(B, H)
+
+
+_AUTOCAST: dict = {}  # device type -> whether autocast exists there
+_CONSTANTS: dict = {}  # (what, device, ...) -> a small constant tensor
+
+
+def _autocast_on(device: torch.device) -> bool:
+    kind = device.type
+    there = _AUTOCAST.get(kind)
+    if there is None:
+        there = _AUTOCAST[kind] = torch.amp.is_autocast_available(kind)
+    return there and torch.is_autocast_enabled(kind)
+
+
+def _first_row(device: torch.device) -> Tensor:
+    """(2, 1, 1, 1, 1) bool, True in row 0: the query's row of a (2, B, H, 1, 1) pair."""
+    key = ("first", device)
+    got = _CONSTANTS.get(key)
+    if got is None:
+        got = _CONSTANTS[key] = torch.tensor([True, False], device=device).view(2, 1, 1, 1, 1)
+    return got
+
+
+def _ones(e: Tensor) -> Tensor:
+    """Ones of e's shape, dtype and device (kept: compared against on every step)."""
+    key = ("ones", e.device, e.dtype, e.shape)
+    got = _CONSTANTS.get(key)
+    if got is None:
+        if len(_CONSTANTS) > 256:
+            _CONSTANTS.clear()
+        got = _CONSTANTS[key] = torch.ones(e.shape, dtype=e.dtype, device=e.device)
+    return got
 
 
 def _as_complex(x: Tensor) -> Tensor:
@@ -277,15 +315,15 @@ def _as_complex(x: Tensor) -> Tensor:
 
 
 def _angle_factors(theta: Tensor, phase: Tensor | None, angle_positions: Tensor, dtype: torch.dtype):
-    """Learned rotations at one position p ((1,) or (B, 1) float64): the factors (1 or B, H, 2, r/2) of the
-    query (theta p + phase) and of the key (theta p), and the phase's own (H, 1, r/2) (1 without a phase), from
+    """Learned rotations at one position p ((1,) or (B, 1) float64): the factors (2, 1 or B, H, 1, r/2) of the
+    query (theta p + phase) and of the key (theta p), and the phase's own (H, 1, r/2) (None without a phase), from
     float64 angles as ``AngleRotation`` makes them (its factor for one position is the same number)."""
     theta = theta.detach().to(torch.float64)
     ang = angle_positions.view(-1, 1, 1) * theta  # (1 or B, H, r/2)
     ph = None if phase is None else phase.detach().to(torch.float64)
-    angs = torch.stack((ang if ph is None else ang + ph, ang), -2)
+    angs = torch.stack((ang if ph is None else ang + ph, ang)).unsqueeze(-2)
     f = torch.complex(angs.cos().to(dtype), angs.sin().to(dtype))
-    pf = 1 if ph is None else torch.complex(ph.cos().to(dtype), ph.sin().to(dtype)).unsqueeze(1)
+    pf = None if ph is None else torch.complex(ph.cos().to(dtype), ph.sin().to(dtype)).unsqueeze(1)
     return f, pf
 
 
