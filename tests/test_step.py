@@ -354,3 +354,81 @@ def test_layer_decoding_equals_its_full_pass(steps, options, std):
                      40, _pieces(40, 4, 13), mask=mask, dim=1)
     assert len(steps) == len(_pieces(40, 4, 13)) - 1
     assert _rel(got, full) < (1e-5 if std == 1 else 1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- one position
+def test_one_position_takes_no_planning_and_leaves_the_caller_state(steps, monkeypatch):
+    """A decoding call of one position goes from the function's checks to the step (no ``_run``: no planning, no
+    autograd Function) and writes nothing into the state it continues."""
+    import linrope.functional as functional
+
+    q, k, v, W = _data(21, N=8)
+    rot = RotaryEmbedding(32)
+    with torch.no_grad():
+        full = favor_attention(q, k, v, W, causal=True, rotary=rot, decay=0.9)
+        _, state = favor_attention(q[:, :, :7], k[:, :, :7], v[:, :, :7], W, causal=True, rotary=rot, decay=0.9,
+                                   return_state=True)
+        kept = [t.clone() for t in (state.numerator, state.key_sum, state.log_ref)]
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a decoding step went through _run")
+
+        monkeypatch.setattr(functional, "_run", refuse)
+        out, new = favor_attention(q[:, :, 7:], k[:, :, 7:], v[:, :, 7:], W, causal=True, rotary=rot, decay=0.9,
+                                   initial_state=state, return_state=True)
+    assert steps == [1] and new.offset == 8
+    assert all(torch.equal(a, b) for a, b in zip(kept, (state.numerator, state.key_sum, state.log_ref)))
+    assert _rel(out, full[:, :, 7:]) < 1e-5
+
+
+def test_the_one_pass_update_equals_the_two_pass_one(monkeypatch):
+    """Where every e is 1 the state update is S0 + k v^T in one pass: bit for bit the (S0 * 1) + k v^T of the
+    general update (forced here by a ones tensor that never compares equal)."""
+    for features, rope in (("favor", "interleaved"), ("features", "half"), ("favor", None)):
+        interleaved, x, _ = _engine_inputs(features, rope, 1, 31)
+        one = step.step(features, interleaved, torch.float32, **x)
+        monkeypatch.setattr(step, "_ones", lambda e: torch.zeros_like(e))
+        two = step.step(features, interleaved, torch.float32, **x)
+        monkeypatch.undo()
+        assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+def test_step_factors_are_the_rotary_tables():
+    """The factors of the decoding step, made a block of positions at a time, are cos + i sin as ``cos_sin``
+    gives them, in and past the rotary's cached tables, for both dtypes; a block follows its rotary."""
+    import linrope.functional as functional
+
+    rot = RotaryEmbedding(32, max_cached=100)
+    sig = rot.signature()
+    for dt in (torch.float32, F64):
+        for p in (0, 1, 63, 64, 65, 99, 100, 130, 10**7, -5):
+            got = functional._step_factor(rot, sig, p, torch.device("cpu"), dt)
+            cos, sin = rot.cos_sin(p, 1, "cpu", dt)
+            assert torch.equal(got, torch.complex(cos, sin)), (p, dt)
+    other = RotaryEmbedding(32, base=500.0)
+    assert not torch.equal(functional._step_factor(other, other.signature(), 5, torch.device("cpu"), torch.float32),
+                           functional._step_factor(rot, sig, 5, torch.device("cpu"), torch.float32))
+    key = id(other)
+    del other
+    assert key not in functional._FACTORS
+
+
+@pytest.mark.parametrize("options", [dict(), dict(decay="multiscale"), dict(rope_learned=True),
+                                     dict(interleaved=False), dict(kv_heads=2), dict(feature_map="relu")])
+def test_token_by_token_decoding_equals_the_full_pass_past_the_cached_tables(steps, options):
+    """One token at a time from an empty state over 150 positions (factor blocks of 64, the rotary's table of
+    100), with a padded token: the full pass's outputs."""
+    torch.manual_seed(1)
+    layer = LinearRotaryAttention(32, heads=4, dim_head=8, nb_features=16, causal=True, **options).eval()
+    if layer.rotary is not None and not options.get("rope_learned"):
+        layer.rotary.max_cached = 100
+    x = torch.randn(2, 150, 32)
+    mask = torch.ones(2, 150, dtype=torch.bool)
+    mask[0, 70] = mask[1, :3] = False
+    with torch.no_grad():
+        full = layer(x, key_padding_mask=mask)
+    cuts = [(0, 1)] + [(a, a + 1) for a in range(1, 150)]
+    got, state = _decode(lambda sl, **a: layer(x[:, sl], **{"state" if n == "initial_state" else n: t
+                                                            for n, t in a.items()}), 150, cuts, mask=mask, dim=1)
+    assert steps == [1] * 149 and state.offset == 150
+    assert _rel(got, full) < 1e-5
