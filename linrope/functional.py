@@ -263,12 +263,18 @@ def _decode(features, q, k, k_logscale, v, projection, r, rotary, positions, chu
     mask = check_mask(key_padding_mask, B, N)
     if mask is not None:  # padded slots may hold anything (torch.empty, other buffers): 0 * nan would stay nan
         v = v.masked_fill(~mask[:, None, :, None], 0)
-    dtype = compute_dtype(q, k, v)
+    F64 = torch.float64
+    dtype = F64 if q.dtype == F64 or k.dtype == F64 or v.dtype == F64 else torch.float32  # compute_dtype(q, k, v)
     gammas = resolve_decay(decay, H)
     signature = (features, None if rotary is None else rotary.signature(), gammas)
     learned = _check_learned(rotary, True, H, None)
-    start = _start(initial_state, signature, (B, H, r, dv), dtype, None, v.device)
-    offset = start.offset
+    S0, z0, M0, offset = (initial_state.numerator, initial_state.key_sum, initial_state.log_ref,
+                          initial_state.offset)
+    if not (S0.shape == (B, H, r, dv) and z0.shape == (B, H, r) and M0.shape == (B, H) and S0.dtype == dtype
+            and z0.dtype == dtype and initial_state.signature in (None, signature)):
+        _start(initial_state, signature, (B, H, r, dv), dtype, None, v.device)  # raises, saying what differs
+    if M0.dtype != LOG_DTYPE:
+        M0 = M0.to(LOG_DTYPE)
     if positions is None:
         positions = offset
     pos = None  # an int offset stays one (checked as resolve_positions checks it); a tensor is resolved
@@ -292,8 +298,8 @@ def _decode(features, q, k, k_logscale, v, projection, r, rotary, positions, chu
             ((torch.arange(positions, positions + N, device=v.device) if pos is None else pos) - (offset - 1)).to(
                 LOG_DTYPE)[..., None, :]  # (1, N) or (B, 1, N)
         key_bias = (lam[:, None] * rel).expand(B, H, N).reshape(B * H, N)
-    out, S, z, M = step.step(features, rotary is not None and rotary.interleaved, dtype, q, k, v, start.S0, start.z0,
-                             start.M0, k_logscale=k_logscale, key_bias=key_bias,
+    out, S, z, M = step.step(features, rotary is not None and rotary.interleaved, dtype, q, k, v, S0, z0, M0,
+                             k_logscale=k_logscale, key_bias=key_bias,
                              projection=None if projection is None else projection.to(dtype), mask=mask, **rot)
     if not return_state:
         return out
@@ -439,13 +445,46 @@ def _decay_rates(gammas: tuple[float, ...] | None, causal: bool, device) -> Tens
     return (-torch.tensor(gammas, dtype=LOG_DTYPE).log()).to(device, non_blocking=True)
 
 
+def _check_gates(log_gates, shape, causal) -> None:
+    check_tensor("log_gates", log_gates, dims=3)
+    if tuple(log_gates.shape) != tuple(shape):
+        raise ValueError(f"log_gates: expected shape (B, H, N) = {tuple(shape)} (one log gate per key), got "
+                         f"{tuple(log_gates.shape)}")
+    if causal is not True:
+        raise ValueError("log_gates: expected causal=True (a gate g_t forgets the past; bidirectional attention "
+                         "has no past)")
+
+
+def _gated(attend, log_gates: Tensor, k_logscale: Tensor | None, group, return_state: bool):
+    """``attend(k_logscale)`` with the gates folded into the keys' log-scales: key n gets -G_n, G the running sum
+    of log_gates in float64 (after the earlier ranks' totals under ``group``); a returned state is moved to the
+    last position's reference (its log_ref gains G at the end, the product of every gate so far)."""
+    G = torch.cumsum(log_gates.to(LOG_DTYPE), dim=-1)
+    if group is not None:  # earlier ranks' products reach this rank's keys (and their gradients go back)
+        import torch.distributed as dist
+        from torch.distributed.nn.functional import all_gather
+        totals = torch.stack(all_gather(G[..., -1].contiguous(), group=group))  # (ranks, B, H)
+        rank = dist.get_rank(group)
+        G = G + totals[:rank].sum(0)[..., None]
+        end = totals.sum(0)
+    else:
+        end = G[..., -1] if G.shape[-1] else G.new_zeros(G.shape[:-1])
+    ks = -G if k_logscale is None else k_logscale.to(LOG_DTYPE) - G
+    out = attend(ks)
+    if not return_state:
+        return out
+    out, st = out
+    return out, AttentionState(st.numerator, st.key_sum, st.log_ref + end.to(st.log_ref.dtype), st.offset,
+                               st.signature)
+
+
 def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False, rotary: RotaryEmbedding | None = None,
                      positions: int | Tensor | None = None, chunk_size: int = 64,
                      initial_state: AttentionState | None = None, return_state: bool = False,
                      key_padding_mask: Tensor | None = None, k_logscale: Tensor | None = None,
                      group_size: int | str | None = None, key_positions: int | Tensor | None = None,
                      cu_seqlens: Tensor | None = None, group=None, decay: float | Tensor | None = None,
-                     kernel: str = "torch"):
+                     kernel: str = "torch", log_gates: Tensor | None = None):
     """Normalized linear attention on features; RoFormer eq. 19 when ``rotary`` is given.
 
     out_m = sum_n (R_m qf_m).(R_n kf'_n) v_n / sum_n qf_m.kf'_n, with kf'_n = kf_n exp(k_logscale_n), n over all
@@ -495,6 +534,14 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
             the ``triton`` package), checked against float64 in Triton's CPU interpreter but slower than "torch"
             on the one GPU measured, and not re-run on a GPU since their last change (see BENCHMARKS.md). The
             normalizer, features and rotations are the same code either way; the bidirectional path ignores it.
+        log_gates: causal only: (B, H, N) log forget gates log g_t (a data-dependent decay, GLA's gate with one
+            value per head): every term of row m, numerator and normalizer alike, is weighted by
+            prod_{n < t <= m} g_t = exp(G_m - G_n), G the running sum of ``log_gates`` (float64). Exact as the
+            fixed decay is: G_n enters as the key's log-scale (row m's factor exp(G_m) cancels), so gradients
+            reach the gates through ``k_logscale``'s; a returned state is referred to its last position, so
+            streaming and decoding continue the product; per document with ``cu_seqlens``; across ranks with
+            ``group`` (each rank's running sum starts after the earlier ranks' totals). Values > 0 (g > 1) are
+            allowed and computed as exactly; the layers keep g in (0, 1].
 
     Returns:
         (B, H, N, dv) in v's dtype; with ``return_state``, also the ``AttentionState`` after the last row.
@@ -511,6 +558,20 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
         if k_logscale.shape != kf.shape[:3]:
             raise ValueError(f"k_logscale: expected shape (B, H, N) = {tuple(kf.shape[:3])}, "
                              f"got {tuple(k_logscale.shape)}")
+    if log_gates is not None:
+        _check_gates(log_gates, kf.shape[:3], causal)
+        call = lambda sl, pos, mask: _gated(  # noqa: E731
+            lambda ks: linear_attention(
+                qf[:, :, sl], kf[:, :, sl], v[:, :, sl], causal=True, rotary=rotary, positions=pos,
+                chunk_size=chunk_size, initial_state=initial_state, return_state=return_state,
+                key_padding_mask=mask, k_logscale=ks, group_size=group_size, group=group, decay=decay,
+                kernel=kernel), log_gates[:, :, sl], None if k_logscale is None else k_logscale[:, :, sl], group,
+            return_state)
+        if cu_seqlens is not None:
+            _no_group(group)
+            return _per_document(call, cu_seqlens, v.shape[0], v.shape[2], positions, key_padding_mask,
+                                 initial_state is not None or return_state, cross)
+        return call(slice(None), positions, key_padding_mask)
     if cu_seqlens is None and _decoding_call(causal, initial_state, group, kernel, cross, v, (qf, kf, k_logscale, v)):
         return _decode("features", qf, kf, k_logscale, v, None, r, rotary, positions, chunk_size, group_size,
                        initial_state, return_state, key_padding_mask, decay)

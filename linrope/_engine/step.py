@@ -35,6 +35,7 @@ import math
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .chunked import _distance0, _divide
@@ -208,7 +209,7 @@ def _one(features, interleaved, dtype, q, k, v, S0, z0, M0, k_logscale=None, key
     if features == "favor":  # u = x~ W^T for the query and the key at once, exp(u - max u) in place
         x = torch.stack((q, k))  # (2, B, H, 1, d)
         x = (x if x.dtype == dtype else x.to(dtype)).mul_(q.shape[-1] ** -0.25)  # x~
-        u = torch.matmul(x, (projection if projection.dtype == dtype else projection.to(dtype)).t())  # (2, B, H, 1, r)
+        u = F.linear(x, projection if projection.dtype == dtype else projection.to(dtype))  # (2, B, H, 1, r)
         top = u.amax(-1, keepdim=True)
         u.sub_(top).exp_()
         s = torch.sub(top, x.square().sum(-1, keepdim=True), alpha=0.5)  # the key's log-scale in row 1 (float32)
