@@ -8,6 +8,7 @@ switches between linear and softmax attention with one argument.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from .rotary import LearnedRotary, RotaryEmbedding
 __all__ = ["LinearRotaryAttention", "SoftmaxAttention", "KVCache", "ROPE_PLACEMENTS", "multiscale_decays"]
 
 ROPE_PLACEMENTS = ("features", "inputs", None)
+GATE_TEMPERATURE = 16.0  # GLA's 1/tau: log g = logsigmoid(.) / 16 keeps gates near 1 (slow forgetting) at init
 
 
 @dataclass
@@ -217,6 +219,11 @@ class LinearRotaryAttention(_Heads):
         qkv_bias: bias in the q/k/v projection.
         projections: False builds the attention without ``to_qkv`` and ``to_out``, for a host model that projects
             q, k, v and the output itself and calls ``forward_heads`` (``linrope.hf`` does).
+        gate: causal only: a data-dependent decay (a forget gate): key n weighs prod_{n < t <= m} g_t in row m,
+            numerator and normalizer alike, g_t = sigmoid(w_h . x_t + b_h)^(1/16) per kv head (GLA's gate), w = 0
+            and b at RetNet's multiscale rates at initialisation (``gate_proj``). Combines with ``decay``; exact
+            in streaming and decoding (``linear_attention``'s ``log_gates``). FAVOR+ then goes through
+            ``linear_attention`` on its features.
         decay: causal only: weigh the key at distance m - n by gamma_h^(m - n) in numerator and normalizer alike
             (RetNet's decay; against attention dilution): None, a float gamma in (0, 1] for every head, one per
             head, or 'multiscale' (RetNet's gamma_h = 1 - 2^(-5-h), short to long ranges across heads). Exact in
@@ -249,10 +256,23 @@ class LinearRotaryAttention(_Heads):
                  redraw_interval: int | None = None, seed: int | None = None,
                  orthogonal: bool = True, chunk_size: int = 64, qkv_bias: bool = False, kv_heads: int | None = None,
                  decay: float | str | tuple | None = None, rope_learned: bool = False, group=None,
-                 group_size: int | str | None = None, kernel: str = "torch", projections: bool = True):
+                 group_size: int | str | None = None, kernel: str = "torch", projections: bool = True,
+                 gate: bool = False):
         super().__init__(dim, heads, dim_head, causal, qkv_bias, kv_heads, projections)
         dim_head = self.dim_head
         self.decay = _decays(decay, heads, self.causal)  # fixed rates: a tuple, so no dtype cast ever rounds them
+        self.gate = bool(gate)
+        if self.gate:
+            if not self.causal:
+                raise ValueError(f"gate: expected False unless causal=True (a forget gate weighs the past), got "
+                                 f"gate={gate!r}, causal={causal}")
+            # log g = logsigmoid(W x + b) / tau, one gate per kv head (GLA's form, tau = 16); W = 0 and b such that
+            # g starts at RetNet's multiscale rates: the gate begins as the fixed decay and learns from the input
+            self.gate_proj = nn.Linear(dim, self.kv_heads)
+            with torch.no_grad():
+                self.gate_proj.weight.zero_()
+                g = torch.tensor(multiscale_decays(self.kv_heads), dtype=torch.float64) ** GATE_TEMPERATURE
+                self.gate_proj.bias.copy_(torch.log(g / (1 - g)))
         self.group = group  # not a parameter or buffer: the state_dict is the same with and without it
         _check_rope(rope, ROPE_PLACEMENTS)
         kwargs = {} if feature_map == "elu" else dict(orthogonal=orthogonal, seed=seed, redraw_interval=redraw_interval)
@@ -282,7 +302,7 @@ class LinearRotaryAttention(_Heads):
         ...). FAVOR+ goes through ``favor_attention`` (features recomputed in the backward), other maps through
         ``linear_attention`` on their features. Returns what the function returns. A subclass may replace it to
         study another attention on the same projections (the experiments' rotated-normalizer ablation does)."""
-        if isinstance(self.feature_map, FavorPlus):
+        if isinstance(self.feature_map, FavorPlus) and kwargs.get("log_gates") is None:
             return favor_attention(q, k, v, self.feature_map.projection, rotary=rotary, **kwargs)
         qf, _ = self.feature_map(q, is_query=True)
         kf, ks = self.feature_map(k, is_query=False)
@@ -292,7 +312,7 @@ class LinearRotaryAttention(_Heads):
         """What the parameters and buffers mean beyond their shapes: a state_dict of another configuration whose
         tensors happen to have the same shapes must not load silently."""
         return dict(feature_map=self.feature_map_name, rope=self.rope, rope_learned=self.rope_learned,
-                    decay=self.decay, causal=self.causal)
+                    decay=self.decay, causal=self.causal, gate=self.gate)
 
     def get_extra_state(self) -> Tensor:
         # as bytes of JSON in a uint8 tensor: a state_dict stays all tensors (safetensors, code that clones it)
@@ -327,7 +347,13 @@ class LinearRotaryAttention(_Heads):
         q, k, v, key_padding_mask, key_positions, positions = self.inputs(
             x, key_padding_mask, positions, state, return_state, context, context_mask, context_positions,
             cu_seqlens, AttentionState)
-        out = self.forward_heads(q, k, v, key_padding_mask, positions, state, return_state, key_positions, cu_seqlens)
+        log_gates = None
+        if self.gate:  # (B, N, kv_heads) -> (B, kv_heads, N), in float32 whatever autocast says
+            with torch.autocast(x.device.type, enabled=False) if torch.amp.is_autocast_available(x.device.type) \
+                    else contextlib.nullcontext():
+                log_gates = F.logsigmoid(self.gate_proj(x.float())).transpose(1, 2) / GATE_TEMPERATURE
+        out = self.forward_heads(q, k, v, key_padding_mask, positions, state, return_state, key_positions, cu_seqlens,
+                                 log_gates)
         if return_state:
             return self.merge(out[0].to(x.dtype)), out[1]
         return self.merge(out.to(x.dtype))
@@ -335,12 +361,15 @@ class LinearRotaryAttention(_Heads):
     def forward_heads(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
                       positions: int | Tensor | None = None, state: AttentionState | None = None,
                       return_state: bool = False, key_positions: int | Tensor | None = None,
-                      cu_seqlens: Tensor | None = None):
+                      cu_seqlens: Tensor | None = None, log_gates: Tensor | None = None):
         """The attention between the projections: q (B, heads, N, dim_head), k and v (B, kv_heads, M, dim_head)
         -> (B, heads, N, dim_head) in float32 (float64 for float64 input), and the ``AttentionState`` with
         ``return_state``. ``forward`` is ``to_qkv``, this, then ``to_out``; a host model with projections of its
         own (``linrope.hf``) calls it on its q, k, v. Arguments as in ``forward``; ``key_positions`` are the
-        context's (cross-attention), None for self-attention."""
+        context's (cross-attention), None for self-attention; ``log_gates`` (B, kv_heads, N) the gate's log g
+        (a layer built with ``gate=True``; ``forward`` computes them from x)."""
+        if (log_gates is None) == self.gate:
+            raise ValueError(f"log_gates: expected {'(B, kv_heads, N) log gates for this gated layer' if self.gate else 'None (the layer was built with gate=False)'}")
         if state is not None and not isinstance(state, AttentionState):
             raise TypeError(f"state: expected an AttentionState (returned with return_state=True), got "
                             f"{type(state).__name__}")
@@ -364,6 +393,8 @@ class LinearRotaryAttention(_Heads):
                       initial_state=state, return_state=return_state, key_padding_mask=key_padding_mask,
                       key_positions=None if self.rope == "inputs" else key_positions, cu_seqlens=cu_seqlens,
                       group=self.group, decay=self.decay, group_size=self.group_size, kernel=self.kernel)
+        if log_gates is not None:
+            kwargs["log_gates"] = self.share_kv(log_gates)
         out = self.attend(q, k, v, feature_rotary, kwargs)
         if return_state:
             out, st = out

@@ -39,6 +39,8 @@ CASES = {
     "features-causal-rope-holes": dict(fn="features", causal=True, rope="interleaved", lengths=(45, 83),
                                        mask="holes"),
     "features-bidir-halfsplit": dict(fn="features", causal=False, rope="half", lengths=(70, 58)),
+    "features-causal-gates-stream": dict(fn="features", causal=True, rope="interleaved", lengths=(37, 43), initial=19,
+                                         gates=True, decay=(0.95, 0.9)),
     "favor-causal-positions-per-example": dict(fn="favor", causal=True, rope="interleaved", lengths=(52, 76),
                                                positions="per-example"),
 }
@@ -47,6 +49,7 @@ LAYERS = {
     "layer-inputs": dict(rope="inputs"),
     "layer-gqa": dict(rope="features", kv_heads=1),
     "layer-gqa-multiscale": dict(rope="features", kv_heads=2, decay="multiscale"),  # per-query-head states
+    "layer-gated-gqa": dict(rope="features", kv_heads=2, gate=True),
 }
 DECODE = 3  # tokens decoded after the parallel prefill
 
@@ -73,7 +76,12 @@ def _data(name: str, case: dict, N: int):
     x["mask"] = mask
     x["positions"] = (torch.randint(0, 3 * N, (B, N), generator=g) if case.get("positions") == "per-example"
                       else None)
+    x["log_gates"] = -0.3 * torch.rand(B, H, N, generator=g, dtype=dt) if case.get("gates") else None
     return x
+
+
+def _names(x) -> tuple:
+    return ("q", "k", "v") + (("log_gates",) if x["log_gates"] is not None else ())
 
 
 def _call(case, x, sl, group, rotary, state=None, return_state=False):
@@ -82,6 +90,8 @@ def _call(case, x, sl, group, rotary, state=None, return_state=False):
               key_padding_mask=None if x["mask"] is None else x["mask"][:, sl],
               positions=None if x["positions"] is None else x["positions"][:, sl],
               initial_state=state, return_state=return_state, decay=case.get("decay"))
+    if x["log_gates"] is not None:
+        kw["log_gates"] = x["log_gates"][:, :, sl]
     q, k, v = (x[n][:, :, sl] for n in ("q", "k", "v"))
     if case["fn"] == "favor":
         return favor_attention(q, k, v, x["W"], **kw)
@@ -99,7 +109,7 @@ def _run_case(name: str, case: dict, rank: int) -> dict:
     rotary = None if rope is None else RotaryEmbedding(R, interleaved=rope == "interleaved")
     stream = initial > 0
     # one process: the prefix (if any) streamed in, then the rest, as the reference
-    for n in ("q", "k", "v"):
+    for n in _names(x):
         x[n].requires_grad_(True)
     state = None
     if stream:
@@ -108,8 +118,8 @@ def _run_case(name: str, case: dict, rank: int) -> dict:
     ref = _call(case, x, slice(initial, N), None, rotary, state=state, return_state=stream)
     ref_out, ref_state = ref if stream else (ref, None)
     (ref_out * x["w"][:, :, initial:]).sum().backward()
-    ref_grads = {n: x[n].grad[:, :, initial:].clone() for n in ("q", "k", "v")}
-    for n in ("q", "k", "v"):
+    ref_grads = {n: x[n].grad[:, :, initial:].clone() for n in _names(x)}
+    for n in _names(x):
         x[n].grad = None
     # this rank's slice
     a = initial + sum(lengths[:rank])
@@ -119,7 +129,7 @@ def _run_case(name: str, case: dict, rank: int) -> dict:
     (out * x["w"][:, :, sl]).sum().backward()
     local = slice(a - initial, a - initial + lengths[rank])
     errs = {"out": _rel(out, ref_out[:, :, local])}
-    for n in ("q", "k", "v"):
+    for n in _names(x):
         errs["d" + n] = _rel(x[n].grad[:, :, sl], ref_grads[n][:, :, local])
     if stream:
         errs["state.numerator"] = _rel(st.numerator, ref_state.numerator)

@@ -1,0 +1,115 @@
+"""Data-dependent decay (``log_gates``, a forget gate per head and position) against float64 eq. 19 with the
+product of gates written out, in outputs and gradients, at large cumulative gates, in streaming, decoding,
+packed documents, and in the layer (``gate=True``)."""
+
+import pytest
+import torch
+
+from linrope import LinearRotaryAttention, RotaryEmbedding, linear_attention
+from reference import assert_close, eq19_weighted, rotation_matrices
+
+
+def gate_weights(log_gates, N):
+    """prod_{n < t <= m} g_t for n <= m, 0 above the diagonal: (B, H, N, N) float64, written out."""
+    lg = log_gates.double()
+    w = torch.zeros(*lg.shape[:2], N, N, dtype=torch.float64)
+    for m in range(N):
+        for n in range(m + 1):
+            w[..., m, n] = torch.exp(lg[..., n + 1:m + 1].sum(-1))
+    return w
+
+
+def inputs(B=2, H=3, N=23, r=8, dv=5, scale=1.0, gate_scale=0.3, dtype=torch.float64):
+    qf = torch.rand(B, H, N, r, dtype=dtype) + 0.05
+    kf = torch.rand(B, H, N, r, dtype=dtype) + 0.05
+    v = torch.randn(B, H, N, dv, dtype=dtype)
+    lg = -gate_scale * torch.rand(B, H, N, dtype=dtype) * scale
+    return qf, kf, v, lg
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_outputs_and_gradients_match_the_written_out_product(rope):
+    qf, kf, v, lg = inputs()
+    N = qf.shape[2]
+    tensors = [t.clone().requires_grad_() for t in (qf, kf, v, lg)]
+    rot = RotaryEmbedding(8) if rope else None
+    out = linear_attention(*tensors[:3], causal=True, rotary=rot, log_gates=tensors[3], chunk_size=4, group_size=8)
+    R = rotation_matrices(torch.arange(N), 8) if rope else None
+    ref_t = [t.clone().requires_grad_() for t in (qf, kf, v, lg)]
+    ref = eq19_weighted(*ref_t[:3], Rq=R, Rk=R, weights=gate_weights(ref_t[3], N))
+    assert_close("gated", ref, out, rtol=1e-10, atol=1e-12)
+    w = torch.randn_like(ref)
+    got = torch.autograd.grad((out * w).sum(), tensors)
+    want = torch.autograd.grad((ref * w).sum(), ref_t)
+    for name, a, b in zip(("qf", "kf", "v", "log_gates"), want, got):
+        assert_close(f"d {name}", a, b, rtol=1e-8, atol=1e-11)
+
+
+def test_exact_when_the_gates_forget_fast_and_with_a_decay_beside_them():
+    qf, kf, v, lg = inputs(N=70, gate_scale=6.0)  # G falls to about -200: old keys far below float32's range
+    out = linear_attention(qf.float(), kf.float(), v.float(), causal=True, log_gates=lg.float(), decay=0.9,
+                           chunk_size=8)
+    w = gate_weights(lg.float(), 70) * (0.9 ** (torch.arange(70)[:, None] - torch.arange(70)[None, :])
+                                        ).clamp(max=1).tril().double()
+    ref = eq19_weighted(qf.float(), kf.float(), v.float(), weights=w)
+    assert_close("fast gates + decay", ref, out.double(), rtol=2e-5, atol=1e-6)
+
+
+def test_streaming_and_decoding_continue_the_product():
+    qf, kf, v, lg = inputs(B=1, H=2, N=30)
+    rot = RotaryEmbedding(8)
+    full = linear_attention(qf, kf, v, causal=True, rotary=rot, log_gates=lg)
+    parts, state = [], None
+    for a, b in ((0, 11), (11, 12), (12, 13), (13, 30)):  # a chunked call, single steps, then a chunked call again
+        out, state = linear_attention(qf[:, :, a:b], kf[:, :, a:b], v[:, :, a:b], causal=True, rotary=rot,
+                                      log_gates=lg[:, :, a:b], initial_state=state, return_state=True)
+        parts.append(out)
+    assert_close("streamed", full, torch.cat(parts, 2), rtol=1e-10, atol=1e-12)
+
+
+def test_packed_documents_restart_the_gates():
+    qf, kf, v, lg = inputs(B=1, H=2, N=20)
+    cu = torch.tensor([0, 7, 20])
+    out = linear_attention(qf, kf, v, causal=True, log_gates=lg, cu_seqlens=cu)
+    for a, b in ((0, 7), (7, 20)):
+        alone = linear_attention(qf[:, :, a:b], kf[:, :, a:b], v[:, :, a:b], causal=True, log_gates=lg[:, :, a:b])
+        assert_close(f"document {a}:{b}", alone, out[:, :, a:b], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("rope_learned", [False, True])
+def test_gated_layer_decodes_as_its_full_pass_and_learns_its_gate(rope_learned):
+    torch.manual_seed(0)
+    layer = LinearRotaryAttention(32, heads=4, kv_heads=2, nb_features=16, causal=True, gate=True,
+                                  rope_learned=rope_learned)
+    x = torch.randn(2, 19, 32)
+    full = layer(x)
+    full.square().mean().backward()
+    assert layer.gate_proj.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        out, st = layer(x[:, :9], return_state=True)
+        parts = [out]
+        for t in range(9, 19):
+            o, st = layer(x[:, t:t + 1], state=st, return_state=True)
+            parts.append(o)
+    assert_close("decoded", full.detach().double(), torch.cat(parts, 1).double(), rtol=1e-4, atol=1e-5)
+    assert st.numerator.shape[1] == (4 if rope_learned else 2)  # a kv head's gate is shared by its query heads
+
+
+def test_gated_layer_starts_as_the_multiscale_decay():
+    torch.manual_seed(1)
+    gated = LinearRotaryAttention(32, heads=4, nb_features=16, causal=True, gate=True, seed=3)
+    fixed = LinearRotaryAttention(32, heads=4, nb_features=16, causal=True, decay="multiscale", seed=3)
+    fixed.load_state_dict({k: v for k, v in gated.state_dict().items() if not k.startswith("gate_proj") and "extra_state" not in k},
+                          strict=False)
+    x = torch.randn(1, 40, 32)
+    assert_close("gate at init", fixed(x).double(), gated(x).double(), rtol=1e-4, atol=1e-6)
+
+
+def test_bad_gates_are_named():
+    qf, kf, v, lg = inputs()
+    with pytest.raises(ValueError, match=r"log_gates: expected shape \(B, H, N\)"):
+        linear_attention(qf, kf, v, causal=True, log_gates=lg[..., :-1])
+    with pytest.raises(ValueError, match="log_gates: expected causal=True"):
+        linear_attention(qf, kf, v, causal=False, log_gates=lg)
+    with pytest.raises(ValueError, match="gate: expected False unless causal=True"):
+        LinearRotaryAttention(32, heads=4, gate=True)
