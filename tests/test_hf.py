@@ -266,3 +266,15 @@ def test_bad_input_gets_a_clear_error():
     with pytest.raises(ValueError, match="rope='inputs' applies the model's own RoPE"):
         linearize(yarn)
     linearize(yarn, rope="inputs")  # its own cos/sin: any RoPE type
+
+
+def test_beam_search_and_several_sequences_reorder_and_repeat_the_states():
+    s = linearize(teacher(), nb_features=16, seed=9, decay="multiscale")
+    ids, mask = batch()
+    for kwargs in (dict(num_beams=3, do_sample=False), dict(num_return_sequences=2, do_sample=True, top_k=0)):
+        out = []
+        for use_cache in (True, False):
+            torch.manual_seed(11)
+            out.append(s.generate(ids, attention_mask=mask, max_new_tokens=6, use_cache=use_cache, pad_token_id=0,
+                                  **kwargs))
+        assert torch.equal(*out), kwargs

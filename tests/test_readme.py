@@ -35,3 +35,17 @@ def test_block_is_replaced_between_the_markers_only(tmp_path):
     assert text.startswith(f"top\n{BEGIN}\n![") and text.endswith(f"\n{END}\nbottom\n")
     assert "Trained on: here (1 runs).\n\n| variant | bpb |\n|---|---|\n| a | 1.0 |\n\nvs X:" in text
     assert update_readme(tmp_path)  # now current
+
+
+def test_readme_hugging_face_example_runs_as_written(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("## Hugging Face models")[1].split("```python\n")[1].split("```")[0]
+    assert len([ln for ln in code.splitlines() if ln.strip()]) <= 12
+    monkeypatch.chdir(tmp_path)
+    fast = code.replace("steps=100, finetune_steps=100", "steps=3, finetune_steps=2")  # the same calls, shorter
+    assert fast != code
+    env = {}
+    exec(compile(fast, "README.md", "exec"), env)
+    assert type(env["model"]).__name__ == "LinropeLlamaForCausalLM" and 16 < env["out"].shape[1] <= 80
+    assert (tmp_path / "llama-eq19" / "config.json").exists()
