@@ -351,7 +351,9 @@ class LinearRotaryAttention(_Heads):
         if self.gate:  # (B, N, kv_heads) -> (B, kv_heads, N), in float32 whatever autocast says
             with torch.autocast(x.device.type, enabled=False) if torch.amp.is_autocast_available(x.device.type) \
                     else contextlib.nullcontext():
-                log_gates = F.logsigmoid(self.gate_proj(x.float())).transpose(1, 2) / GATE_TEMPERATURE
+                dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+                w, b = self.gate_proj.weight.to(dt), self.gate_proj.bias.to(dt)
+                log_gates = F.logsigmoid(F.linear(x.to(dt), w, b)).transpose(1, 2) / GATE_TEMPERATURE
         out = self.forward_heads(q, k, v, key_padding_mask, positions, state, return_state, key_positions, cu_seqlens,
                                  log_gates)
         if return_state:

@@ -378,3 +378,18 @@ def test_weight_decay_spares_norms_biases_and_learned_rotations():
     assert angles and angles <= {id(p) for p in rest} and not angles & {id(p) for p in decay}
     assert len(decay) + len(rest) == len(list(model.parameters()))
     assert all(p.dim() >= 2 for p in decay) and any(p.dim() >= 2 for p in rest)
+
+
+def test_position_lr_gives_rotations_and_gates_their_own_rate(tmp_path):
+    mc = ModelConfig(attention="linear-rope-learned-gated", **TINY)
+    model = ByteLM(mc)
+    found = {id(p) for p in train_module.position_parameters(model)}
+    named = {n for n, p in model.named_parameters() if id(p) in found}
+    assert named and all(("rotary" in n) or ("gate_proj" in n) for n in named)
+    assert any("gate_proj" in n for n in named) and any("theta" in n for n in named)
+    _, result = train(mc, fast(position_lr=1e-1), LMTask(text_corpus(), 16, 2), tmp_path, progress=False)
+    groups = torch.load(tmp_path / "ckpt.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert len(groups) == 3 and groups[2]["lr"] == pytest.approx(10 * groups[0]["lr"])
+    assert sorted(len(g["params"]) for g in groups)[0] == len(found)
+    with pytest.raises(ValueError, match="position_lr"):
+        TrainConfig(position_lr=0)

@@ -46,6 +46,7 @@ class Variant:
     learned: bool = False            # add learned absolute position embeddings (BERT, GPT-2); up to max_len
     t5: bool = False                 # softmax only: T5's bucketed relative bias on the logits (Raffel et al. 2020)
     decay: str | float | None = None  # linear only: the layers' ``decay=`` (RetNet's 'multiscale', or gamma)
+    gate: bool = False               # linear only: the layers' ``gate=`` (a data-dependent decay, GLA's gate)
     rope_learned: bool = False       # linear, rope='features': learned frequencies and phases (``LearnedRotary``)
     learn_theta: bool = True         # with rope_learned: the frequencies learn (toys only: one without the other)
     learn_phase: bool = True         # with rope_learned: the phases learn
@@ -102,6 +103,17 @@ ALL_VARIANTS: dict[str, Variant] = {
                                        "does alone)"),
     "linear-rope-inputs-decay": Variant("linear", "inputs", absolute=False, decay="multiscale",
                                         about="control: RoPE before the feature map plus the multiscale decay"),
+    "linear-rope-gated": Variant("linear", "features", absolute=False, gate=True, label="eq. 19 + gate",
+                                 about="eq. 19 with a data-dependent decay: a forget gate per head, "
+                                       "sigmoid(w.x + b)^(1/16), starting at the multiscale rates"),
+    "linear-rope-learned-gated": Variant("linear", "features", absolute=False, rope_learned=True, gate=True,
+                                         label="learned rotations + gate",
+                                         about="eq. 19 with learned frequencies and phases and the forget gate"),
+    "linear-nope-gated": Variant("linear", None, absolute=False, gate=True, label="gate, no rotation",
+                                 about="control: the forget gate without any rotation (what the gate does "
+                                       "alone: GLA-like)"),
+    "linear-rope-inputs-gated": Variant("linear", "inputs", absolute=False, gate=True, label="RoPE before phi + gate",
+                                        about="control: RoPE before the feature map plus the forget gate"),
     "softmax-t5": Variant("softmax", None, absolute=False, t5=True,
                           about="baseline: softmax attention, T5's bucketed relative bias (no place in linear "
                                 "attention)"),
@@ -307,7 +319,8 @@ def make_attention(config: ModelConfig, layer: int, group=None) -> nn.Module:
     return cls(config.dim, heads=config.heads, dim_head=dim_head, nb_features=config.nb_features, causal=True,
                feature_map=config.feature_map, rope=v.rope, rope_base=config.rope_base,
                redraw_interval=config.redraw_interval, seed=config.feature_seed * 1000 + layer,
-               chunk_size=config.chunk_size, decay=v.decay, rope_learned=v.rope_learned, group=group)
+               chunk_size=config.chunk_size, decay=v.decay, rope_learned=v.rope_learned, group=group,
+               gate=v.gate)
 
 
 class Block(nn.Module):

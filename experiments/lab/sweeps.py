@@ -115,6 +115,9 @@ def add_synthetic_arguments(parser, *, out: str, seeds: str, steps: int) -> None
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {_SYNTH_TRAIN['lr']})")
+    parser.add_argument("--position-lr", type=float, default=None,
+                        help="peak learning rate of learned rotations and gates, a parameter group of their own "
+                             "(default: --lr)")
     parser.add_argument("--features", type=int, default=None,
                         help=f"random features r of the linear variants (default {_TINY['nb_features']})")
     parser.add_argument("--rope-base", type=float, default=None,
@@ -457,13 +460,14 @@ def run_positions(*, variants=CORE_VARIANTS, length: int = 64, distance: int = 8
                   seeds=(0, 1, 2), steps: int = 300, batch_size: int = 32, device: str = "cpu",
                   out="experiments/results/positions", resume: bool = False, progress: bool = True,
                   lr: float | None = None, features: int | None = None,
-                  rope_base: float | None = None) -> list[dict]:
+                  rope_base: float | None = None, position_lr: float | None = None) -> list[dict]:
     """``lookback``: predict the symbol ``distance`` places back, a task only position can solve. Accuracy per
     variant over seeds; writes ``positions.png`` (accuracy against step)."""
     return _run_synthetic("positions", "lookback", lambda n: {"distance": distance, "symbols": symbols},
                           1 / symbols, variants=variants, lengths=(length,), seeds=seeds, steps=steps,
                           batch_size=batch_size, model=_tiny(features, rope_base),
-                          train_cfg={**_SYNTH_TRAIN, "eval_interval": 25, **({} if lr is None else {"lr": lr})},
+                          train_cfg={**_SYNTH_TRAIN, "eval_interval": 25, **({} if lr is None else {"lr": lr}),
+                                     **({} if position_lr is None else {"position_lr": position_lr})},
                           device=device, out=out, resume=resume, progress=progress)
 
 
@@ -496,7 +500,7 @@ def run_recall(*, task: str = "pair-recall", variants=CORE_VARIANTS, lengths=(64
                seeds=(0,), steps: int = 400, batch_size: int = 32, device: str = "cpu",
                out="experiments/results/recall", resume: bool = False, progress: bool = True,
                lr: float | None = None, features: int | None = None,
-               rope_base: float | None = None) -> list[dict]:
+               rope_base: float | None = None, position_lr: float | None = None) -> list[dict]:
     """Associative recall at each length with ``pairs`` key-value pairs (default ``length // 8``): ``task`` is
     'pair-recall' (one token per pair, ``lab.data.pair_recall``: learnable in CPU minutes) or 'mqar' (two
     tokens per pair, Zoology's MQAR: needs an induction head, i.e. far more steps). Writes ``recall.png``
@@ -506,7 +510,8 @@ def run_recall(*, task: str = "pair-recall", variants=CORE_VARIANTS, lengths=(64
     return _run_synthetic("recall", task, lambda n: {"num_pairs": pairs or max(1, n // 8)}, 1 / 128,
                           variants=variants, lengths=lengths, seeds=seeds, steps=steps, batch_size=batch_size,
                           model=_tiny(features, rope_base),
-                          train_cfg={**_SYNTH_TRAIN, "eval_interval": 50, **({} if lr is None else {"lr": lr})},
+                          train_cfg={**_SYNTH_TRAIN, "eval_interval": 50, **({} if lr is None else {"lr": lr}),
+                                     **({} if position_lr is None else {"position_lr": position_lr})},
                           device=device, out=out,
                           resume=resume, progress=progress)
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from linrope import LinearRotaryAttention
 from linrope.features import redraw_projections
 from linrope.rotary import LearnedRotary
 
@@ -53,7 +54,7 @@ from .models import ByteLM, ModelConfig, sequence_parallel_refusal
 from .profiling import machine
 
 __all__ = ["TrainConfig", "train", "evaluate", "position_losses", "load_checkpoint", "load_model", "read_metrics",
-           "lr_at", "distributed_context", "leave_distributed", "sequence_parallel_group", "sequence_slice"]
+           "lr_at", "position_parameters", "distributed_context", "leave_distributed", "sequence_parallel_group", "sequence_slice"]
 
 
 @dataclass
@@ -63,6 +64,7 @@ class TrainConfig:
     grad_accum: int = 1           # micro-batches per step on each rank
     sequence_parallel: int = 1    # ranks holding one sequence (each a contiguous 1/P of it); a divisor of the world
     lr: float = 1e-3              # peak learning rate (AdamW)
+    position_lr: float | None = None  # peak learning rate of learned rotations and gates (None: lr), same schedule
     warmup: int = 50              # linear warmup steps, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.1     # 1.0 keeps the learning rate constant after warmup
     weight_decay: float = 0.1     # on matrices only (embeddings and linear weights), not on norms or biases
@@ -79,6 +81,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "sequence_parallel", "log_interval", "eval_interval",
                      "ckpt_interval"):
             check_int(name, getattr(self, name))
+        if self.position_lr is not None:
+            check_number("position_lr", self.position_lr, lambda v: v > 0, "None or a number > 0")
         checks = (("lr", "a number > 0", lambda v: v > 0),
                   ("min_lr_ratio", "a number in [0, 1]", lambda v: 0 <= v <= 1),
                   ("warmup", "an integer >= 0", lambda v: is_int(v) and v >= 0),
@@ -96,6 +100,14 @@ def decay_groups(model: nn.Module) -> tuple[list, list]:
     params = list(model.parameters())
     return ([p for p in params if p.dim() >= 2 and id(p) not in angles],
             [p for p in params if p.dim() < 2 or id(p) in angles])
+
+
+def position_parameters(model: nn.Module) -> list:
+    """The learned rotations' frequencies and phases and the gates' projections (``TrainConfig.position_lr``)."""
+    found = [p for m in model.modules() if isinstance(m, LearnedRotary) for p in m.parameters()]
+    found += [p for m in model.modules() if isinstance(m, LinearRotaryAttention) and m.gate
+              for p in m.gate_proj.parameters()]
+    return found
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -360,8 +372,12 @@ def train(model_config: ModelConfig, cfg: TrainConfig, task, run_dir: str | Path
     torch.manual_seed(cfg.seed)
     model = ByteLM(model_config, group=sp_group).to(device)
     decay, no_decay = decay_groups(model)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.position_lr is not None:  # rotations and gates in a group of their own, at their own rate
+        mine = {id(p) for p in position_parameters(model)}
+        groups = [{**g, "params": [p for p in g["params"] if id(p) not in mine]} for g in groups]
+        groups.append({"params": position_parameters(model), "weight_decay": 0.0, "lr_scale": cfg.position_lr / cfg.lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
     gen = torch.Generator().manual_seed(cfg.seed * 65_537 + replica + 1)  # each replica its own data stream
     step, skipped, elapsed, acc = 0, 0, 0.0, [0.0, 0]  # acc: interval loss sum, finite count
     config = {"model": model_config.to_dict(), "train": asdict(cfg), "task": task.describe(), "world_size": world}
@@ -421,7 +437,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, task, run_dir: str | Path
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         loss_sum = torch.zeros((), device=device)
         for i in range(cfg.grad_accum):
             x, y = task.train_batch(micro, gen)
