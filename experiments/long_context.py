@@ -32,8 +32,9 @@ def main():
     p.add_argument("--lengths", help="comma-separated sequence lengths, e.g. 512,2048 (default: the preset's)")
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default: the preset's)")
     p.add_argument("--steps", type=int, help="optimizer steps per run (default: the preset's)")
-    p.add_argument("--feature-map", choices=["favor+", "trig", "relu", "elu"], help="for the linear variants")
-    p.add_argument("--data", help="a local byte file (enwik8: 90M/5M/5M split); default: the stdlib sources")
+    p.add_argument("--feature-map", choices=["favor+", "hedgehog", "trig", "relu", "elu"], help="for the linear variants")
+    p.add_argument("--data", help="a local byte file (enwik8: 90M/5M/5M split), or debian:PACKAGE (the manual "
+                   "pages a Debian package installed, e.g. debian:manpages-dev); default: the stdlib sources")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: the preset's)")
     p.add_argument("--grad-accum", type=int, help="micro-batches per step (same batch, less memory)")
     p.add_argument("--sequence-parallel", type=int, nargs="?", const=0, default=1, metavar="P",

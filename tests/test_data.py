@@ -170,3 +170,19 @@ def test_synthetic_task_validation_batch_is_fixed_and_training_batches_follow_th
         SyntheticTask("copy", 16)
     with pytest.raises(ValueError, match=r"distance: need 1 <= distance < length .*got distance=20, length=16"):
         SyntheticTask("lookback", 16, distance=20)
+
+
+def test_debian_manual_pages_corpus_or_a_clear_error():
+    from lab.data import load_corpus
+    import shutil
+    if shutil.which("dpkg") is None:
+        pytest.skip("no dpkg here")
+    with pytest.raises(ValueError, match="not installed here"):
+        load_corpus("debian:no-such-package-linrope")
+    try:
+        c = load_corpus("debian:manpages-dev")
+    except ValueError as e:
+        assert "apt-get install manpages-dev" in str(e)
+        return
+    assert c.name == "debian-manpages-dev" and c.files[1] > 0 and c.val.numel() > 10_000
+    assert bytes(c.train[:2].tolist()) in (b".\\", b"'\\")  # roff source, decompressed
