@@ -432,3 +432,28 @@ def test_token_by_token_decoding_equals_the_full_pass_past_the_cached_tables(ste
                                                             for n, t in a.items()}), 150, cuts, mask=mask, dim=1)
     assert steps == [1] * 149 and state.offset == 150
     assert _rel(got, full) < 1e-5
+
+
+@pytest.mark.parametrize("features", ["favor", "features"])
+@pytest.mark.parametrize("what", ["k-inf", "k-nan", "k-minus-inf", "v-inf", "v-nan", "k-huge"])
+def test_one_position_confines_a_non_finite_key_or_value_to_its_head(features, what):
+    """One position: a non-finite key (raw FAVOR+ input, or given feature) or value makes that (batch, head)'s row
+    and returned state NaN, and nothing else; a huge finite FAVOR+ key (|k~|^2 overflows) weighs 0, as in the
+    engine; a given feature of 1e20 is a large finite key."""
+    interleaved, x, _ = _engine_inputs(features, "interleaved", 1, 41)
+    clean = step.step(features, interleaved, torch.float32, **x)
+    name, value = what.split("-", 1)
+    x[name] = x[name].clone()
+    x[name][1, 2, 0, 3] = {"inf": math.inf, "nan": math.nan, "minus-inf": -math.inf, "huge": 1e20}[value]
+    got = step.step(features, interleaved, torch.float32, **x)
+    eng = run(Call(EngineConfig(causal=True, chunk_size=2, group_size=4, dtype=torch.float32, needs_grad=False),
+                   features, interleaved=interleaved), Inputs(**x))
+    head = torch.zeros(2, 3, dtype=torch.bool)
+    head[1, 2] = True
+    nan = what != "k-huge"  # 1e20: a large finite given feature; a FAVOR+ key whose |k~|^2 overflows weighs 0
+    for a, c, e in zip(got[:3], clean[:3], eng[:3]):
+        assert a[head].isnan().all() if nan else torch.isfinite(a).all()
+        assert torch.equal(a[~head], c[~head])
+        assert torch.equal(a.isnan(), e.isnan())
+    if not nan:
+        assert _rel(got[0], eng[0]) < 1e-5

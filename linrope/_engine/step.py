@@ -192,7 +192,8 @@ def _one(features, interleaved, dtype, q, k, v, S0, z0, M0, k_logscale=None, key
     exp(u - max u) * w (the engine subtracts the log-scale inside the exponent and scales W, not x, by d^(-1/4):
     the same values to float32 rounding), with s = max u - |k~|^2/2 formed in float32 and carried in float64.
     A non-finite key feature or value turns e into NaN through one sum of x * 0 (rotated key features: a pair
-    turned by a unit factor is non-finite when it was), so the row and the state of its (batch, head) are NaN.
+    turned by a unit factor is non-finite when it was; FAVOR+ keys make w NaN themselves), so the row and the
+    state of its (batch, head) are NaN.
     The state is read twice, for the row's product and for the update; where e is exactly 1 on every head (a
     key below the running max, or keys without magnitudes: the common case without a decay) the update is one
     pass, S0 + k v^T, the value of (S0 * 1) + k v^T; that test reads e on the host, so it is made on CPUs only.
@@ -255,12 +256,12 @@ def _one(features, interleaved, dtype, q, k, v, S0, z0, M0, k_logscale=None, key
             c = torch.complex(pair[..., :r // 2], pair[..., r // 2:]) * f
             turned = torch.cat((c.real, c.imag), -1)
         qr, kr = turned.unbind(0)
-        checked = (kr, V)
     else:
         qr, kr = fq, k0
-        checked = (k0, V)
-    # 0, or NaN where a key feature or value is not finite (x * 0 is 0 unless x is not finite)
-    bad = torch.cat(checked, -1).mul_(0).sum(-1, keepdim=True)
+    # 0, or NaN where a key feature or value is not finite (x * 0 is 0 unless x is not finite). FAVOR+ keys need
+    # no look: a non-finite k makes s NaN or +inf (|k~|^2 overflows before any u does), so w is NaN and k0 too
+    checked = V if features == "favor" else torch.cat((kr, V), -1)
+    bad = (checked * 0).sum(-1, keepdim=True)
     e = bad.add_(1) if e is None else bad.add_(e)  # (B, H, 1, 1)
     num = torch.matmul(qr * e, S0)  # (B, H, 1, dv)
     num.addcmul_((fq if pq is None else pq).mul(k0).sum(-1, keepdim=True), V)  # distance 0: unrotated
