@@ -48,6 +48,10 @@ class AttentionState:
         signature: what the sums were made with (feature kind, rotation, decay), set by the call that returned
             the state; a call continuing it with other options refuses it. None (a state built by hand) is
             taken as it is.
+        clock: (B, H) float64, the selective rotation's clock A after the last position (``clock=`` of
+            ``linear_attention``): the keys in the sums are turned by theta A_n, and a continuing call's clock
+            starts from it. None for states made without a clock (which a call with a clock refuses, and the
+            other way round). Differentiable like the sums (it is the running sum of the clock's increments).
     """
 
     numerator: Tensor
@@ -55,14 +59,16 @@ class AttentionState:
     log_ref: Tensor
     offset: int
     signature: tuple | None = None
+    clock: Tensor | None = None
 
     def detach(self) -> "AttentionState":
         return AttentionState(self.numerator.detach(), self.key_sum.detach(), self.log_ref.detach(), self.offset,
-                              self.signature)
+                              self.signature, None if self.clock is None else self.clock.detach())
 
     def map(self, fn) -> "AttentionState":
-        """The same state with ``fn`` applied to its three tensors (e.g. selecting or repeating heads)."""
-        return AttentionState(fn(self.numerator), fn(self.key_sum), fn(self.log_ref), self.offset, self.signature)
+        """The same state with ``fn`` applied to its tensors (e.g. selecting or repeating heads)."""
+        return AttentionState(fn(self.numerator), fn(self.key_sum), fn(self.log_ref), self.offset, self.signature,
+                              None if self.clock is None else fn(self.clock))
 
 
 # ---------------------------------------------------------------------------------------------- linear attention
@@ -139,9 +145,10 @@ class _Start:
 @torch.compiler.disable  # opaque to dynamo: a compiled model calls the eager engine (a graph break)
 def _run(features, q, k, k_logscale, v, projection, r, *, causal, rotary, positions, chunk_size, group_size,
          initial_state, return_state, key_padding_mask, key_positions=None, cross=False, group=None, decay=None,
-         kernel="torch"):
+         kernel="torch", clock=None):
     """The engine call behind ``linear_attention`` ('features') and ``favor_attention`` ('favor'): the argument
-    checks, the state the call starts from, positions and rotations, then ``_engine.run``."""
+    checks, the state the call starts from, positions and rotations, then ``_engine.run``. ``clock``: the
+    selective rotation's clock values A (B, H, N) float64 (``_clock_values``), the angles' positions per head."""
     B, H, N, dv = v.shape  # N: keys (the queries' length too, but in cross-attention)
     Nq = q.shape[2]
     _check_sizes(features, q, r, dv)
@@ -167,8 +174,9 @@ def _run(features, q, k, k_logscale, v, projection, r, *, causal, rotary, positi
         if not return_state:
             return out
         st = initial_state or AttentionState(start.S0, start.z0, start.M0, 0)
-        return out, AttentionState(st.numerator, st.key_sum, st.log_ref, st.offset + N, signature)
-    grads = (q, k, k_logscale, v) + ((rotary.theta, rotary.phase) if learned else ()) + \
+        return out, AttentionState(st.numerator, st.key_sum, st.log_ref, st.offset + N, signature,
+                                   _clock_end(clock, initial_state))
+    grads = (q, k, k_logscale, v, clock) + ((rotary.theta, rotary.phase) if learned else ()) + \
         ((initial_state.numerator, initial_state.key_sum) if initial_state is not None else ())
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grads)
     if group_size is None:  # 1 MiB work buffers, L2-sized for calls of many groups (see _engine/tuning.py)
@@ -191,6 +199,8 @@ def _run(features, q, k, k_logscale, v, projection, r, *, causal, rotary, positi
     if positions is None:  # under sequence parallelism: after the earlier ranks' positions
         positions = start.offset + (0 if layout is None else layout.offset)
     rotations = _rotations(rotary, learned, positions, key_positions, cross, Nq, N, B, dtype, v.device)
+    if clock is not None:  # the selective rotation: angles theta A per head (positions still weigh a decay)
+        rotations["angle_positions"] = clock
     key_bias = None
     if decay_rates is not None:  # gamma^(m - n) = e^(-lam m) e^(lam n): the row factor cancels, keys get lam * n
         pos = resolve_positions(positions, Nq, v.device, B).to(LOG_DTYPE)
@@ -198,19 +208,21 @@ def _run(features, q, k, k_logscale, v, projection, r, *, causal, rotary, positi
     call = Call(EngineConfig(causal=bool(causal), chunk_size=chunk_size, group_size=group_size, dtype=dtype,
                              needs_grad=needs_grad, kernel=kernel),
                 features, interleaved=rotary is not None and rotary.interleaved,
-                first_position=positions if learned and isinstance(positions, int) else None,
+                first_position=positions if learned and isinstance(positions, int) and clock is None else None,
                 parallel=None if layout is None else parallel.Parallel(layout, initial_state is not None,
                                                                        return_state))
     # inputs go in as they are (half stays half: autograd keeps them); the engine casts each group
     inputs = Inputs(q=q, k=k, v=v, S0=start.S0, z0=start.z0, M0=start.M0, k_logscale=k_logscale, key_bias=key_bias,
                     projection=None if projection is None else projection.to(dtype), mask=mask, **rotations)
-    if step.usable(causal, Nq, initial_state, needs_grad, group, kernel):  # decoding: _engine/step.py, no autograd
+    # decoding: _engine/step.py, no autograd; a clock goes to the chunked engine (exact; step.py has no clocks)
+    if clock is None and step.usable(causal, Nq, initial_state, needs_grad, group, kernel):
         out, S, z, M = step.run(call, inputs)
     else:
         out, S, z, M = run(call, inputs)
     if return_state:  # under sequence parallelism, every rank gets the state after the whole sequence
-        return out, _state_out(S, z, M, start.offset + (N if layout is None else layout.total), decay_rates,
-                               signature)
+        st = _state_out(S, z, M, start.offset + (N if layout is None else layout.total), decay_rates, signature)
+        st.clock = _clock_end(clock, initial_state)
+        return out, st
     return out
 
 
@@ -475,7 +487,48 @@ def _gated(attend, log_gates: Tensor, k_logscale: Tensor | None, group, return_s
         return out
     out, st = out
     return out, AttentionState(st.numerator, st.key_sum, st.log_ref + end.to(st.log_ref.dtype), st.offset,
-                               st.signature)
+                               st.signature, st.clock)
+
+
+def _check_clock(clock, shape, rotary, causal, group, initial_state) -> None:
+    """``clock`` (None or (B, H, N) increments) against the call, and a state's clock against it (both ways)."""
+    has = isinstance(initial_state, AttentionState) and initial_state.clock is not None
+    if clock is None:
+        if has:
+            raise ValueError("initial_state: made by a call with a clock (a selective rotation), continued without "
+                             "one: pass clock= (the increments of the new positions)")
+        return
+    check_tensor("clock", clock, dims=3)
+    if tuple(clock.shape) != tuple(shape):
+        raise ValueError(f"clock: expected shape (B, H, N) = {tuple(shape)} (one increment per position and head), "
+                         f"got {tuple(clock.shape)}")
+    if not isinstance(rotary, LearnedRotary):
+        raise ValueError(f"clock: expected a LearnedRotary rotary (the clock turns its learned angles), got "
+                         f"{type(rotary).__name__ if rotary is not None else None}")
+    if causal is not True:
+        raise ValueError("clock: expected causal=True (the clock runs forward: A_n sums the increments up to n)")
+    if group is not None:
+        raise ValueError("clock: expected group=None (sequence parallelism does not carry a clock across ranks)")
+    if isinstance(initial_state, AttentionState) and not has:
+        raise ValueError("clock: the initial_state was made without a clock (its keys turned by positions, or a "
+                         "hand-made state: set its clock, (B, H) float64)")
+
+
+def _clock_values(clock: Tensor | None, sl: slice, initial_state) -> Tensor | None:
+    """A = the state's clock + the running sum of ``clock``'s increments over ``sl``, (B, H, N) float64."""
+    if clock is None:
+        return None
+    A = torch.cumsum(clock[:, :, sl].to(LOG_DTYPE), dim=-1)
+    return A if initial_state is None else A + initial_state.clock.to(LOG_DTYPE)[..., None]
+
+
+def _clock_end(A: Tensor | None, initial_state) -> Tensor | None:
+    """The clock after a call's last position (the state's unchanged for an empty call); None without a clock."""
+    if A is None:
+        return None
+    if A.shape[-1]:
+        return A[..., -1]
+    return A.new_zeros(A.shape[:-1]) if initial_state is None else initial_state.clock.to(LOG_DTYPE)
 
 
 def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False, rotary: RotaryEmbedding | None = None,
@@ -484,7 +537,7 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
                      key_padding_mask: Tensor | None = None, k_logscale: Tensor | None = None,
                      group_size: int | str | None = None, key_positions: int | Tensor | None = None,
                      cu_seqlens: Tensor | None = None, group=None, decay: float | Tensor | None = None,
-                     kernel: str = "torch", log_gates: Tensor | None = None):
+                     kernel: str = "torch", log_gates: Tensor | None = None, clock: Tensor | None = None):
     """Normalized linear attention on features; RoFormer eq. 19 when ``rotary`` is given.
 
     out_m = sum_n (R_m qf_m).(R_n kf'_n) v_n / sum_n qf_m.kf'_n, with kf'_n = kf_n exp(k_logscale_n), n over all
@@ -542,6 +595,16 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
             streaming and decoding continue the product; per document with ``cu_seqlens``; across ranks with
             ``group`` (each rank's running sum starts after the earlier ranks' totals). Values > 0 (g > 1) are
             allowed and computed as exactly; the layers keep g in (0, 1].
+        clock: a selective (data-dependent) rotation, with a ``LearnedRotary`` and causal only: (B, H, N) the
+            clock's increments a_t (the layer's are softplus(w . x_t + b) > 0; any real values are computed as
+            exactly). Query pair i of head h at position n turns by theta_hi A_n + phase_hi and key pair i by
+            theta_hi A_n, A_n = sum_{t <= n} a_t (float64, continuing ``initial_state.clock``) in place of the
+            position n; the normalizer stays unrotated. Eq. 19's relative property becomes: the score of rows m
+            and n depends on the clock advanced between them, A_m - A_n. Gradients reach the increments (and
+            the initial state's clock). A returned state carries the clock (``AttentionState.clock``); a state
+            with a clock is continued only with one, and the other way round. Decoding steps go through the
+            chunked engine (exact; the one-position fast path has no clock). Per document with ``cu_seqlens``
+            (the clock restarts); not with ``group`` (it raises). Combines with ``decay`` and ``log_gates``.
 
     Returns:
         (B, H, N, dv) in v's dtype; with ``return_state``, also the ``AttentionState`` after the last row.
@@ -558,6 +621,7 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
         if k_logscale.shape != kf.shape[:3]:
             raise ValueError(f"k_logscale: expected shape (B, H, N) = {tuple(kf.shape[:3])}, "
                              f"got {tuple(k_logscale.shape)}")
+    _check_clock(clock, kf.shape[:3], rotary, causal, group, initial_state)
     if log_gates is not None:
         _check_gates(log_gates, kf.shape[:3], causal)
         call = lambda sl, pos, mask: _gated(  # noqa: E731
@@ -565,21 +629,23 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
                 qf[:, :, sl], kf[:, :, sl], v[:, :, sl], causal=True, rotary=rotary, positions=pos,
                 chunk_size=chunk_size, initial_state=initial_state, return_state=return_state,
                 key_padding_mask=mask, k_logscale=ks, group_size=group_size, group=group, decay=decay,
-                kernel=kernel), log_gates[:, :, sl], None if k_logscale is None else k_logscale[:, :, sl], group,
+                kernel=kernel, clock=None if clock is None else clock[:, :, sl]), log_gates[:, :, sl], None if k_logscale is None else k_logscale[:, :, sl], group,
             return_state)
         if cu_seqlens is not None:
             _no_group(group)
             return _per_document(call, cu_seqlens, v.shape[0], v.shape[2], positions, key_padding_mask,
                                  initial_state is not None or return_state, cross)
         return call(slice(None), positions, key_padding_mask)
-    if cu_seqlens is None and _decoding_call(causal, initial_state, group, kernel, cross, v, (qf, kf, k_logscale, v)):
+    if clock is None and cu_seqlens is None and _decoding_call(causal, initial_state, group, kernel, cross, v,
+                                                               (qf, kf, k_logscale, v)):
         return _decode("features", qf, kf, k_logscale, v, None, r, rotary, positions, chunk_size, group_size,
                        initial_state, return_state, key_padding_mask, decay)
     call = lambda sl, pos, mask: _run(  # noqa: E731
         "features", qf[:, :, sl], kf[:, :, sl], None if k_logscale is None else k_logscale[:, :, sl],
         v[:, :, sl], None, r, causal=causal, rotary=rotary, positions=pos, chunk_size=chunk_size,
         group_size=group_size, initial_state=initial_state, return_state=return_state, key_padding_mask=mask,
-        key_positions=key_positions, cross=cross, group=group, decay=decay, kernel=kernel)
+        key_positions=key_positions, cross=cross, group=group, decay=decay, kernel=kernel,
+        clock=_clock_values(clock, sl, initial_state))
     if cu_seqlens is not None:
         _no_group(group)
         return _per_document(call, cu_seqlens, v.shape[0], v.shape[2], positions, key_padding_mask,
@@ -592,7 +658,7 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
                     chunk_size: int = 64, initial_state: AttentionState | None = None, return_state: bool = False,
                     key_padding_mask: Tensor | None = None, group_size: int | str | None = None,
                     key_positions: int | Tensor | None = None, cu_seqlens: Tensor | None = None, group=None,
-                    decay: float | Tensor | None = None, kernel: str = "torch"):
+                    decay: float | Tensor | None = None, kernel: str = "torch", clock: Tensor | None = None):
     """FAVOR+ attention from raw q, k, v; eq. 19 with ``rotary``. Features are recomputed in the backward.
 
     Equal to ``linear_attention(*favor features of q and k*, v, ...)`` with features ``favor_plus(x, projection)``
@@ -620,14 +686,16 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
                          "differentiate it; detach it, or use favor_plus features with linear_attention)")
     r = projection.shape[0]
     check_rotary(rotary, r, "the number of features r (projection rows)", learned=True)
-    if cu_seqlens is None and _decoding_call(causal, initial_state, group, kernel, cross, v, (q, k, v)):
+    _check_clock(clock, k.shape[:3], rotary, causal, group, initial_state)
+    if clock is None and cu_seqlens is None and _decoding_call(causal, initial_state, group, kernel, cross, v,
+                                                               (q, k, v)):
         return _decode("favor", q, k, None, v, projection, r, rotary, positions, chunk_size, group_size,
                        initial_state, return_state, key_padding_mask, decay)
     call = lambda sl, pos, mask: _run(  # noqa: E731
         "favor", q[:, :, sl], k[:, :, sl], None, v[:, :, sl], projection, r, causal=causal, rotary=rotary,
         positions=pos, chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,
         return_state=return_state, key_padding_mask=mask, key_positions=key_positions, cross=cross, group=group,
-        decay=decay, kernel=kernel)
+        decay=decay, kernel=kernel, clock=_clock_values(clock, sl, initial_state))
     if cu_seqlens is not None:
         _no_group(group)
         return _per_document(call, cu_seqlens, v.shape[0], v.shape[2], positions, key_padding_mask,

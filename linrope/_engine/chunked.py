@@ -805,7 +805,8 @@ class Inputs:
     key_sin: Tensor | None = None
     theta: Tensor | None = None  # (H, r/2) learned frequencies (``LearnedRotary``), in place of cos/sin
     phase: Tensor | None = None  # (H, r/2) the queries' learned phase
-    angle_positions: Tensor | None = None  # (N,) or (B, N) float64 positions the learned angles turn by
+    angle_positions: Tensor | None = None  # (N,) or (B, N) float64 positions the learned angles turn by, or
+    # (B, H, N) float64 clocks (selective rotation, per head; differentiated when it requires grad)
 
 
 _UNSAVED = ("S0", "z0", "M0")
@@ -867,7 +868,7 @@ class LinearAttentionFunction(torch.autograd.Function):
         B, H = v.shape[:2]
         S, z, _ = ctx.final
         with torch.autocast(v.device.type, enabled=False):
-            src, rot, rot_k = _prepare(call, x, perm)
+            src, rot, rot_k = _prepare(call, x, perm, clock_grad=ctx.needs_input_grad[1 + _CLOCK])
             dout = torch.zeros_like(out) if dout is None else dout.reshape(out.shape)
             r = S.shape[1]
             dS = None if dS is None else _to_internal(dS, perm).reshape(S.shape)
@@ -897,6 +898,8 @@ class LinearAttentionFunction(torch.autograd.Function):
             grads["theta"] = (rot.dtheta + rot_k.dtheta).to(x.theta.dtype)
             if x.phase is not None:
                 grads["phase"] = rot.dphase.to(x.phase.dtype)
+            if rot.dpos is not None:  # a clock: its value at each position turns that query and that key
+                grads["angle_positions"] = rot.dpos + rot_k.dpos
         return (None, *(grads.get(f.name) for f in fields(Inputs)))
 
 
@@ -951,15 +954,20 @@ def _parallel_backward(par, inc: _Incoming, src, rot_k, v, dS0, dz0, dSf, dzf, d
     return (dSg[0], dzg[0]) if par.initial else (None, None)
 
 
-def _prepare(call: Call, x: Inputs, perm: Tensor | None):
+_CLOCK = [f.name for f in fields(Inputs)].index("angle_positions")
+
+
+def _prepare(call: Call, x: Inputs, perm: Tensor | None, clock_grad: bool = False):
     """The feature source and the rotations of queries and keys (the same one unless keys have their own
-    positions, cross-attention, or the angles are learned: the queries' then add the phase)."""
+    positions, cross-attention, or the angles are learned: the queries' then add the phase). ``clock_grad``:
+    the (B, H, N) clock of a selective rotation is differentiated (the backward)."""
     dtype, H = call.cfg.dtype, x.v.shape[1]
     rot = None if x.cos is None else Rotation(x.cos, x.sin)
     rot_k = rot if x.key_cos is None else Rotation(x.key_cos, x.key_sin)
     if x.theta is not None:
-        rot = AngleRotation(x.theta, x.phase, x.angle_positions, H, dtype, call.first_position)
-        rot_k = AngleRotation(x.theta, None, x.angle_positions, H, dtype, call.first_position)
+        clock_grad = clock_grad and x.angle_positions.dim() == 3
+        rot = AngleRotation(x.theta, x.phase, x.angle_positions, H, dtype, call.first_position, clock_grad)
+        rot_k = AngleRotation(x.theta, None, x.angle_positions, H, dtype, call.first_position, clock_grad)
     if call.features == "favor":
         W = x.projection if perm is None else x.projection[perm]
         src = FavorFeatures(x.q, x.k, W, x.mask, dtype, x.key_bias)

@@ -116,7 +116,9 @@ class AngleRotation:
     g of every rotated tensor y it used, and d(angle) = Im(g conj(y)) pair by pair, summed into dtheta (times
     the position) and dphase.
 
-    theta, phase: (H, r/2) (phase None: keys, which turn by theta_hi n alone); pos: (N,) or (B, N) float64.
+    theta, phase: (H, r/2) (phase None: keys, which turn by theta_hi n alone); pos: (N,) or (B, N) float64, or
+    (B, H, N) for a clock per head (the selective rotation: A_n = sum_{t<=n} a_t), whose gradient d pos_n =
+    sum_i theta_hi d angle_{n,i} is accumulated into ``dpos`` (float64, (B, H, N)) when ``pos_grad``.
     start: pos[j] = start + j (an int), or None. Then a group's factors are one product, e^(i theta (start + a) +
     phase) times a table of e^(i theta j), j < G, shared by every group, both from float64 angles: the float64
     cos and sin of a whole group's angles cost 4.5 times that (1.1 against 0.25 ms per factor for groups of 256
@@ -124,12 +126,14 @@ class AngleRotation:
     """
 
     def __init__(self, theta: Tensor, phase: Tensor | None, pos: Tensor, H: int, dtype: torch.dtype,
-                 start: int | None = None):
+                 start: int | None = None, pos_grad: bool = False):
         self.theta = theta.detach().to(torch.float64)
         self.phase = None if phase is None else phase.detach().to(torch.float64)
-        self.pos, self.H, self.dtype, self.start = pos, H, dtype, start
+        self.pos, self.H, self.dtype, self.start = pos.detach(), H, dtype, start
         self.dtheta = torch.zeros_like(self.theta)
         self.dphase = None if phase is None else torch.zeros_like(self.phase)
+        self.dpos = torch.zeros_like(self.pos) if pos_grad else None  # (B, H, N) clocks only
+        self._theta_c: Tensor | None = None  # theta in the compute dtype (the clock's gradient)
         self._factors: dict = {}
         self._steps: Tensor | None = None  # (H, L, r/2) complex: e^(i theta j), j < L
 
@@ -164,7 +168,8 @@ class AngleRotation:
                 f = self._consecutive(a, b) if other is None else other
                 self._factors[key] = torch.conj_physical(f) if other is not None or inverse else f
             else:
-                ang = self.pos[..., None, a:b, None] * self.theta[:, None, :]  # (H, G, r/2) or (B, H, G, r/2)
+                pos = self.pos[..., a:b, None] if self.pos.dim() == 3 else self.pos[..., None, a:b, None]
+                ang = pos * self.theta[:, None, :]  # (H, G, r/2) or (B, H, G, r/2)
                 if self.phase is not None:
                     ang = ang + self.phase[:, None, :]
                 self._factors[key] = self._unit(-ang if inverse else ang)
@@ -178,15 +183,24 @@ class AngleRotation:
         """Accumulate the angle gradients from d loss / d y = g, y the rotated (BH, G, r) of [a, b).
 
         d theta = sum_p p d angle_p is taken as p0 sum_p d angle_p (float64) + sum_p (p - p0) d angle_p (a product
-        in the compute dtype, where p - p0 is small and exact): the group's first position p0 may be 10^7."""
+        in the compute dtype, where p - p0 is small and exact): the group's first position p0 may be 10^7.
+        A clock (B, H, N) is taken the same way per head (p0 its value at the group's first position; p - p0 the
+        clock's advance within the group, rounded once to the compute dtype), and its own gradient is
+        d A_n = sum_i theta_hi d angle_{n,i} (the queries' and the keys' calls add into ``dpos``)."""
         dang = self._angle_grads(g, y)  # (B, H, G, r/2)
         per = dang.sum(2, dtype=torch.float64)  # (B, H, r/2)
         if self.dphase is not None:
             self.dphase += per.sum(0)
-        pos = self.pos[..., a:b]  # (G,) or (B, G)
+        pos = self.pos[..., a:b]  # (G,), (B, G) or (B, H, G)
         p0 = pos[..., :1]
         rel = (pos - p0).to(dang.dtype)
-        if pos.dim() == 1:
+        if pos.dim() == 3:
+            self.dtheta += (p0 * per).sum(0) + torch.matmul(rel[:, :, None, :], dang).squeeze(2).sum(0)
+            if self.dpos is not None:
+                if self._theta_c is None:
+                    self._theta_c = self.theta.to(dang.dtype)
+                self.dpos[..., a:b] += torch.matmul(dang, self._theta_c[:, :, None]).squeeze(-1)
+        elif pos.dim() == 1:
             self.dtheta += p0 * per.sum(0) + torch.matmul(rel, dang).sum(0)
         else:
             self.dtheta += (p0[:, :, None] * per).sum(0) + torch.einsum("bhgi,bg->hi", dang, rel)
