@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ __all__ = ["LinearRotaryAttention", "SoftmaxAttention", "KVCache", "ROPE_PLACEME
 
 ROPE_PLACEMENTS = ("features", "inputs", None)
 GATE_TEMPERATURE = 16.0  # GLA's 1/tau: log g = logsigmoid(.) / 16 keeps gates near 1 (slow forgetting) at init
+CLOCK_INIT = math.log(math.e - 1)  # softplus^-1(1): the selective clock starts ticking 1 per position
 
 
 @dataclass
@@ -224,6 +226,14 @@ class LinearRotaryAttention(_Heads):
             and b at RetNet's multiscale rates at initialisation (``gate_proj``). Combines with ``decay``; exact
             in streaming and decoding (``linear_attention``'s ``log_gates``). FAVOR+ then goes through
             ``linear_attention`` on its features.
+        selective: rope='features', causal only; implies ``rope_learned``: a data-dependent ("selective")
+            rotation: the learned angles turn by a clock instead of the position, query pair i of head h at
+            position n by theta_hi A_n + phase_hi, key pairs by theta_hi A_n, A_n = sum_{t <= n} a_t with
+            a_t = softplus(w_g . x_t + b_g) > 0 per kv head g (``clock_proj``; w = 0 and b = softplus^-1(1) at
+            initialisation, so a = 1: the layer starts as ``rope_learned=True``). Still exactly relative: a score
+            depends on the clock advanced between the two positions; the normalizer stays unrotated. Exact in
+            streaming and decoding (the state carries the clock, ``AttentionState.clock``; decoding steps go
+            through the chunked engine). Combines with ``gate`` and ``decay``; not with ``group``.
         decay: causal only: weigh the key at distance m - n by gamma_h^(m - n) in numerator and normalizer alike
             (RetNet's decay; against attention dilution): None, a float gamma in (0, 1] for every head, one per
             head, or 'multiscale' (RetNet's gamma_h = 1 - 2^(-5-h), short to long ranges across heads). Exact in
@@ -257,7 +267,7 @@ class LinearRotaryAttention(_Heads):
                  orthogonal: bool = True, chunk_size: int = 64, qkv_bias: bool = False, kv_heads: int | None = None,
                  decay: float | str | tuple | None = None, rope_learned: bool = False, group=None,
                  group_size: int | str | None = None, kernel: str = "torch", projections: bool = True,
-                 gate: bool = False):
+                 gate: bool = False, selective: bool = False):
         super().__init__(dim, heads, dim_head, causal, qkv_bias, kv_heads, projections)
         dim_head = self.dim_head
         self.decay = _decays(decay, heads, self.causal)  # fixed rates: a tuple, so no dtype cast ever rounds them
@@ -286,7 +296,18 @@ class LinearRotaryAttention(_Heads):
             self.rotary = self.make_rotary(self.feature_map.nb_features if features else dim_head,
                                            "nb_features" if features else "dim_head", rope, rope_base, interleaved,
                                            rope_scale, rope_scaling, rope_original_length, rotary_fraction)
-        self.rope_learned = bool(rope_learned)
+        self.selective = bool(selective)
+        if self.selective:
+            if rope != "features" or not self.causal:
+                raise ValueError(f"selective: expected False unless rope='features' and causal=True (the clock turns "
+                                 f"learned rotations of the features), got rope={rope!r}, causal={causal}")
+            # a_t = softplus(W x_t + b) > 0, one clock per kv head (like the gate: the heads reading one kv head
+            # share its notion of elapsed time, each with its own frequencies); a = 1 at initialisation
+            self.clock_proj = nn.Linear(dim, self.kv_heads)
+            with torch.no_grad():
+                self.clock_proj.weight.zero_()
+                self.clock_proj.bias.fill_(CLOCK_INIT)
+        self.rope_learned = bool(rope_learned) or self.selective
         if self.rope_learned:
             if rope != "features" or not self.causal:
                 raise ValueError(f"rope_learned: expected False unless rope='features' and causal=True, got "
@@ -312,7 +333,7 @@ class LinearRotaryAttention(_Heads):
         """What the parameters and buffers mean beyond their shapes: a state_dict of another configuration whose
         tensors happen to have the same shapes must not load silently."""
         return dict(feature_map=self.feature_map_name, rope=self.rope, rope_learned=self.rope_learned,
-                    decay=self.decay, causal=self.causal, gate=self.gate)
+                    decay=self.decay, causal=self.causal, gate=self.gate, selective=self.selective)
 
     def get_extra_state(self) -> Tensor:
         # as bytes of JSON in a uint8 tensor: a state_dict stays all tensors (safetensors, code that clones it)
@@ -347,15 +368,19 @@ class LinearRotaryAttention(_Heads):
         q, k, v, key_padding_mask, key_positions, positions = self.inputs(
             x, key_padding_mask, positions, state, return_state, context, context_mask, context_positions,
             cu_seqlens, AttentionState)
-        log_gates = None
-        if self.gate:  # (B, N, kv_heads) -> (B, kv_heads, N), in float32 whatever autocast says
+        log_gates = clock = None
+        if self.gate or self.selective:  # (B, N, kv_heads) -> (B, kv_heads, N), in float32 whatever autocast says
             with torch.autocast(x.device.type, enabled=False) if torch.amp.is_autocast_available(x.device.type) \
                     else contextlib.nullcontext():
                 dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-                w, b = self.gate_proj.weight.to(dt), self.gate_proj.bias.to(dt)
-                log_gates = F.logsigmoid(F.linear(x.to(dt), w, b)).transpose(1, 2) / GATE_TEMPERATURE
+                if self.gate:
+                    w, b = self.gate_proj.weight.to(dt), self.gate_proj.bias.to(dt)
+                    log_gates = F.logsigmoid(F.linear(x.to(dt), w, b)).transpose(1, 2) / GATE_TEMPERATURE
+                if self.selective:
+                    w, b = self.clock_proj.weight.to(dt), self.clock_proj.bias.to(dt)
+                    clock = F.softplus(F.linear(x.to(dt), w, b)).transpose(1, 2)
         out = self.forward_heads(q, k, v, key_padding_mask, positions, state, return_state, key_positions, cu_seqlens,
-                                 log_gates)
+                                 log_gates, clock)
         if return_state:
             return self.merge(out[0].to(x.dtype)), out[1]
         return self.merge(out.to(x.dtype))
@@ -363,15 +388,20 @@ class LinearRotaryAttention(_Heads):
     def forward_heads(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
                       positions: int | Tensor | None = None, state: AttentionState | None = None,
                       return_state: bool = False, key_positions: int | Tensor | None = None,
-                      cu_seqlens: Tensor | None = None, log_gates: Tensor | None = None):
+                      cu_seqlens: Tensor | None = None, log_gates: Tensor | None = None, clock: Tensor | None = None):
         """The attention between the projections: q (B, heads, N, dim_head), k and v (B, kv_heads, M, dim_head)
         -> (B, heads, N, dim_head) in float32 (float64 for float64 input), and the ``AttentionState`` with
         ``return_state``. ``forward`` is ``to_qkv``, this, then ``to_out``; a host model with projections of its
         own (``linrope.hf``) calls it on its q, k, v. Arguments as in ``forward``; ``key_positions`` are the
         context's (cross-attention), None for self-attention; ``log_gates`` (B, kv_heads, N) the gate's log g
-        (a layer built with ``gate=True``; ``forward`` computes them from x)."""
+        (a layer built with ``gate=True``; ``forward`` computes them from x); ``clock`` (B, kv_heads, N) the
+        selective clock's increments a_t > 0 (``selective=True``; ``forward`` computes them from x)."""
         if (log_gates is None) == self.gate:
             raise ValueError(f"log_gates: expected {'(B, kv_heads, N) log gates for this gated layer' if self.gate else 'None (the layer was built with gate=False)'}")
+        if (clock is None) == self.selective:
+            raise ValueError("clock: expected " + ("(B, kv_heads, N) clock increments for this selective layer"
+                                                   if self.selective else
+                                                   "None (the layer was built with selective=False)"))
         if state is not None and not isinstance(state, AttentionState):
             raise TypeError(f"state: expected an AttentionState (returned with return_state=True), got "
                             f"{type(state).__name__}")
@@ -397,6 +427,8 @@ class LinearRotaryAttention(_Heads):
                       group=self.group, decay=self.decay, group_size=self.group_size, kernel=self.kernel)
         if log_gates is not None:
             kwargs["log_gates"] = self.share_kv(log_gates)
+        if clock is not None:
+            kwargs["clock"] = self.share_kv(clock)
         out = self.attend(q, k, v, feature_rotary, kwargs)
         if return_state:
             out, st = out
