@@ -38,7 +38,6 @@ import torch
 from torch import Tensor, nn
 
 try:
-    import transformers
     from transformers.cache_utils import Cache
 except ImportError as err:  # the extra names what to install
     raise ImportError("linrope.hf needs Hugging Face transformers: pip install 'linrope[hf]' "
