@@ -48,6 +48,8 @@ class Variant:
     decay: str | float | None = None  # linear only: the layers' ``decay=`` (RetNet's 'multiscale', or gamma)
     gate: bool = False               # linear only: the layers' ``gate=`` (a data-dependent decay, GLA's gate)
     rope_learned: bool = False       # linear, rope='features': learned frequencies and phases (``LearnedRotary``)
+    selective: bool = False          # linear, rope='features': the layers' ``selective=`` (learned rotations turned
+                                     # by a data-dependent clock, sum of softplus(w.x + b)); models only
     learn_theta: bool = True         # with rope_learned: the frequencies learn (toys only: one without the other)
     learn_phase: bool = True         # with rope_learned: the phases learn
     copy_pairs: bool = False         # toys only: eq. 19 on r/2 features, each paired with a copy of itself
@@ -62,7 +64,7 @@ class Variant:
     @property
     def in_toys(self) -> bool:
         """Whether a one-head toy builds it: positions only through the attention, eq. 19's normalizer unrotated."""
-        return not (self.absolute or self.learned or self.t5 or self.rotate_normalizer)
+        return not (self.absolute or self.learned or self.t5 or self.rotate_normalizer or self.selective)
 
 
 ALL_VARIANTS: dict[str, Variant] = {
@@ -114,6 +116,16 @@ ALL_VARIANTS: dict[str, Variant] = {
                                        "alone: GLA-like)"),
     "linear-rope-inputs-gated": Variant("linear", "inputs", absolute=False, gate=True, label="RoPE before phi + gate",
                                         about="control: RoPE before the feature map plus the forget gate"),
+    "linear-rope-selective": Variant("linear", "features", absolute=False, rope_learned=True, selective=True,
+                                     decay="multiscale", label="selective rotations + decay",
+                                     about="learned rotations turned by a data-dependent clock (sum of "
+                                           "softplus(w.x + b) per kv head, 1 per token at init) with the multiscale "
+                                           "decay: linear-rope-learned-decay plus the clock alone"),
+    "linear-rope-selective-gated": Variant("linear", "features", absolute=False, rope_learned=True, selective=True,
+                                           gate=True, label="selective rotations + gate",
+                                           about="the selective clock with the forget gate (starting at the "
+                                                 "multiscale rates, no fixed decay): linear-rope-learned-gated "
+                                                 "plus the clock"),
     "softmax-t5": Variant("softmax", None, absolute=False, t5=True,
                           about="baseline: softmax attention, T5's bucketed relative bias (no place in linear "
                                 "attention)"),
@@ -320,7 +332,7 @@ def make_attention(config: ModelConfig, layer: int, group=None) -> nn.Module:
                feature_map=config.feature_map, rope=v.rope, rope_base=config.rope_base,
                redraw_interval=config.redraw_interval, seed=config.feature_seed * 1000 + layer,
                chunk_size=config.chunk_size, decay=v.decay, rope_learned=v.rope_learned, group=group,
-               gate=v.gate)
+               gate=v.gate, selective=v.selective)
 
 
 class Block(nn.Module):

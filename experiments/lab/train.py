@@ -103,10 +103,13 @@ def decay_groups(model: nn.Module) -> tuple[list, list]:
 
 
 def position_parameters(model: nn.Module) -> list:
-    """The learned rotations' frequencies and phases and the gates' projections (``TrainConfig.position_lr``)."""
+    """The learned rotations' frequencies and phases, the gates' and the selective clocks' projections
+    (``TrainConfig.position_lr``)."""
     found = [p for m in model.modules() if isinstance(m, LearnedRotary) for p in m.parameters()]
     found += [p for m in model.modules() if isinstance(m, LinearRotaryAttention) and m.gate
               for p in m.gate_proj.parameters()]
+    found += [p for m in model.modules() if isinstance(m, LinearRotaryAttention) and m.selective
+              for p in m.clock_proj.parameters()]
     return found
 
 
