@@ -263,15 +263,13 @@ def _one(features, interleaved, dtype, q, k, v, S0, z0, M0, k_logscale=None, key
     checked = V if features == "favor" else torch.cat((kr, V), -1)
     bad = (checked * 0).sum(-1, keepdim=True)
     e = bad.add_(1) if e is None else bad.add_(e)  # (B, H, 1, 1)
-    num = torch.matmul(qr * e, S0)  # (B, H, 1, dv)
+    one = S0.device.type == "cpu" and torch.equal(e, _ones(e))  # every e is 1: x * e is x
+    num = torch.matmul(qr if one else qr * e, S0)  # (B, H, 1, dv)
     num.addcmul_((fq if pq is None else pq).mul(k0).sum(-1, keepdim=True), V)  # distance 0: unrotated
     z = torch.addcmul(k0, z0.unsqueeze(2), e)  # (B, H, 1, r)
     den = fq.mul(z).sum(-1, keepdim=True)
     krt = kr.transpose(2, 3)
-    if S0.device.type == "cpu" and torch.equal(e, _ones(e)):  # one pass where every e is 1
-        S = torch.addcmul(S0, krt, V)
-    else:
-        S = (S0 * e).addcmul_(krt, V)
+    S = torch.addcmul(S0, krt, V) if one else (S0 * e).addcmul_(krt, V)  # one pass where every e is 1
     empty = den == 0  # a row that sees no key returns 0
     out = num.div_(den).masked_fill_(empty, 0)
     if out.dtype != v.dtype:
