@@ -249,7 +249,7 @@ def _one(features, interleaved, dtype, q, k, v, S0, z0, M0, k_logscale=None, key
         else:  # learned: queries turn by theta p + phase, keys by theta p; pq = R_phase fq
             f, pf = _angle_factors(theta, phase, angle_positions, dtype)
             if pf is not None:
-                pq = torch.view_as_real(_as_complex(fq) * pf).view(B, H, 1, r)
+                pq = torch.view_as_real(_as_complex(pair[0]) * pf).view(B, H, 1, r)  # pair[0]: fq, contiguous
         if interleaved or theta is not None:
             turned = torch.view_as_real(_as_complex(pair) * f).view(2, B, H, 1, r)
         else:  # half-split pairs (i, i + r/2) turned where they are
