@@ -368,8 +368,19 @@ class LinearRotaryAttention(_Heads):
         q, k, v, key_padding_mask, key_positions, positions = self.inputs(
             x, key_padding_mask, positions, state, return_state, context, context_mask, context_positions,
             cu_seqlens, AttentionState)
+        log_gates, clock = self.input_signals(x)
+        out = self.forward_heads(q, k, v, key_padding_mask, positions, state, return_state, key_positions, cu_seqlens,
+                                 log_gates, clock)
+        if return_state:
+            return self.merge(out[0].to(x.dtype)), out[1]
+        return self.merge(out.to(x.dtype))
+
+    def input_signals(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """What the layer reads from x (B, N, dim) beside q, k, v: the gate's log g and the selective clock's
+        increments a > 0, each (B, kv_heads, N), or None where the layer has none. Computed in float32 (float64
+        for float64 x) whatever autocast says."""
         log_gates = clock = None
-        if self.gate or self.selective:  # (B, N, kv_heads) -> (B, kv_heads, N), in float32 whatever autocast says
+        if self.gate or self.selective:
             with torch.autocast(x.device.type, enabled=False) if torch.amp.is_autocast_available(x.device.type) \
                     else contextlib.nullcontext():
                 dt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -379,11 +390,7 @@ class LinearRotaryAttention(_Heads):
                 if self.selective:
                     w, b = self.clock_proj.weight.to(dt), self.clock_proj.bias.to(dt)
                     clock = F.softplus(F.linear(x.to(dt), w, b)).transpose(1, 2)
-        out = self.forward_heads(q, k, v, key_padding_mask, positions, state, return_state, key_positions, cu_seqlens,
-                                 log_gates, clock)
-        if return_state:
-            return self.merge(out[0].to(x.dtype)), out[1]
-        return self.merge(out.to(x.dtype))
+        return log_gates, clock
 
     def forward_heads(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
                       positions: int | Tensor | None = None, state: AttentionState | None = None,

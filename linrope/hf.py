@@ -51,8 +51,8 @@ __all__ = ["linearize", "from_pretrained", "attention_transfer", "LinropeCache",
            "attention_parameters"]
 
 # The LinearRotaryAttention keywords linearize passes on; the others come from the model's config.
-LAYER_OPTIONS = ("nb_features", "feature_map", "decay", "rope_learned", "seed", "orthogonal", "chunk_size",
-                 "group_size", "kernel", "redraw_interval")
+LAYER_OPTIONS = ("nb_features", "feature_map", "decay", "rope_learned", "gate", "selective", "seed", "orthogonal",
+                 "chunk_size", "group_size", "kernel", "redraw_interval")
 FROM_CONFIG = ("dim", "heads", "dim_head", "kv_heads", "causal", "qkv_bias", "rope_base", "interleaved",
                "rope_scale", "rope_scaling", "rope_original_length", "rotary_fraction", "projections")
 
@@ -157,11 +157,13 @@ class _LinearizedAttention(nn.Module):
         if linrope_padding is not None:
             mask = linrope_padding[:, -N:].to(device=q.device, dtype=torch.bool)
         state = None if cache is None else cache.states.get(self.layer_idx)
+        log_gates, clock = self.linrope.input_signals(hidden_states)  # gate and selective clock, if any
+        kw = dict(key_padding_mask=mask, positions=positions, log_gates=log_gates, clock=clock)
         if cache is None:
-            out = self.linrope.forward_heads(q, k, v, key_padding_mask=mask, positions=positions)
+            out = self.linrope.forward_heads(q, k, v, **kw)
         else:
-            out, cache.states[self.layer_idx] = self.linrope.forward_heads(
-                q, k, v, key_padding_mask=mask, positions=positions, state=state, return_state=True)
+            out, cache.states[self.layer_idx] = self.linrope.forward_heads(q, k, v, state=state, return_state=True,
+                                                                           **kw)
         return self.output(out.to(hidden_states.dtype)), None
 
 
@@ -292,7 +294,8 @@ def linearize(model: nn.Module, *, rope: str | None = "features", **options) -> 
         rope: 'features' (eq. 19, default), 'inputs' (the model's RoPE on q and k before the feature map) or None.
         options: ``LinearRotaryAttention`` keywords (``LAYER_OPTIONS``): ``nb_features`` (default 256),
             ``feature_map`` ('favor+' or 'hedgehog', the trained map for attention transfer), ``decay``,
-            ``rope_learned``, ``seed`` (layer i draws from seed + i), ``orthogonal``, ``chunk_size``,
+            ``rope_learned``, ``gate`` (a forget gate read from the layer's input), ``selective`` (rotations
+            turned by a clock read from the input), ``seed`` (layer i draws from seed + i), ``orthogonal``, ``chunk_size``,
             ``group_size``, ``kernel``, ``redraw_interval``. Heads, kv heads, head dim and the RoPE's base,
             scaling and partial rotary come from the model's config.
 
@@ -322,8 +325,9 @@ def linearize(model: nn.Module, *, rope: str | None = "features", **options) -> 
         fixed = [u for u in unknown if u in FROM_CONFIG]
         why = f" ({', '.join(fixed)} come from the model's config)" if fixed else ""
         raise ValueError(f"options: unexpected {unknown}{why}; expected some of {list(LAYER_OPTIONS)}")
-    if options.get("rope_learned") and rope != "features":
-        raise ValueError(f"rope_learned: expected rope='features' with learned rotations, got rope={rope!r}")
+    for name in ("rope_learned", "selective"):
+        if options.get(name) and rope != "features":
+            raise ValueError(f"{name}: expected rope='features' (learned rotations of the features), got rope={rope!r}")
     family = FAMILIES[kind]
     student = copy.deepcopy(model)
     layers = family.layers(student)
@@ -341,8 +345,8 @@ def linearize(model: nn.Module, *, rope: str | None = "features", **options) -> 
 
 
 def attention_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters a linearization adds (trained feature maps, learned rotations): what attention transfer
-    trains."""
+    """The parameters a linearization adds (trained feature maps, learned rotations, gates, clocks): what attention
+    transfer trains."""
     return [p for name, p in model.named_parameters() if ".linrope." in f".{name}"]
 
 

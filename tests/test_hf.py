@@ -278,3 +278,19 @@ def test_beam_search_and_several_sequences_reorder_and_repeat_the_states():
             out.append(s.generate(ids, attention_mask=mask, max_new_tokens=6, use_cache=use_cache, pad_token_id=0,
                                   **kwargs))
         assert torch.equal(*out), kwargs
+
+
+@pytest.mark.parametrize("options", [dict(gate=True), dict(selective=True, gate=True, decay="multiscale")])
+def test_gated_and_selective_linearizations_decode_as_their_full_pass(options):
+    s = linearize(teacher(), nb_features=16, seed=10, **options)
+    names = [n for n, _ in s.named_parameters() if ".linrope." in f".{n}"]
+    assert any("gate_proj" in n for n in names)
+    assert ("selective" not in options) or any("clock_proj" in n for n in names)
+    ids = torch.randint(0, 48, (2, 9))
+    full = s(input_ids=ids, use_cache=False).logits
+    out = s(input_ids=ids[:, :5], use_cache=True)
+    steps, cache = [out.logits], out.cache
+    for t in range(5, 9):
+        out = s(input_ids=ids[:, t:t + 1], cache=cache)
+        steps.append(out.logits)
+    assert_close("stepped", full, torch.cat(steps, 1), rtol=1e-9, atol=1e-11)
