@@ -5,7 +5,7 @@ linear model trained from scratch for as many steps; extrapolation to 4x and 8x;
 teacher's KV cache.
 
     pip install -e ".[experiments,hf]"
-    python experiments/linearize.py                       # quick preset, about 25 minutes on a 2-core CPU
+    python experiments/linearize.py                       # quick preset, under an hour on a 2-core CPU
 
 Writes results.csv, decode.csv, summary.md, linearize.png, attention_error.csv/.md and config.json to --out.
 """
