@@ -294,3 +294,14 @@ def test_gated_and_selective_linearizations_decode_as_their_full_pass(options):
         out = s(input_ids=ids[:, t:t + 1], cache=cache)
         steps.append(out.logits)
     assert_close("stepped", full, torch.cat(steps, 1), rtol=1e-9, atol=1e-11)
+
+
+def test_a_bfloat16_model_keeps_its_dtype_and_float32_attention_parameters():
+    s = linearize(teacher(dtype=torch.bfloat16), nb_features=16, seed=12, feature_map="hedgehog", gate=True)
+    assert all(p.dtype == torch.float32 for p in attention_parameters(s))
+    ids = torch.randint(0, 48, (2, 8))
+    out = s(input_ids=ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None for p in attention_parameters(s))
+    assert s.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (2, 11)
