@@ -442,13 +442,7 @@ def attention_transfer(teacher: nn.Module, student: nn.Module, batches: Iterable
                     out = attn(hidden, position_ids=kwargs.get("position_ids"),
                                position_embeddings=kwargs.get("position_embeddings"))[0]
                     loss = loss + torch.nn.functional.mse_loss(out.float(), target.float())
-                loss = loss / len(captured)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                history["transfer"].append(loss.item())
-                if callback is not None:
-                    callback("transfer", step, loss.item())
+                _step(opt, loss / len(captured), history, "transfer", step, callback)
         finally:
             for p in frozen:
                 p.requires_grad_(True)
@@ -458,15 +452,19 @@ def attention_transfer(teacher: nn.Module, student: nn.Module, batches: Iterable
         student.train()
         for step in range(1, finetune_steps + 1):
             ids = next(ft)
-            loss = student(input_ids=ids, labels=ids, use_cache=False).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            history["finetune"].append(loss.item())
-            if callback is not None:
-                callback("finetune", step, loss.item())
+            _step(opt, student(input_ids=ids, labels=ids, use_cache=False).loss, history, "finetune", step, callback)
     student.eval()
     return history
+
+
+def _step(opt, loss: Tensor, history: dict, stage: str, step: int, callback) -> None:
+    """One optimizer step on ``loss``, recorded under ``stage``."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    history[stage].append(loss.item())
+    if callback is not None:
+        callback(stage, step, history[stage][-1])
 
 
 def _cycle(batches: Iterable):

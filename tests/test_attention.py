@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from lab.models import RotatedNormalizerAttention
 from linrope import LinearRotaryAttention, SoftmaxAttention, redraw_projections
 
-MAPS = ["favor+", "trig", "relu", "elu"]
+MAPS = ["favor+", "hedgehog", "trig", "relu", "elu"]
 ROPES = ["features", "inputs", None]
 
 
@@ -350,7 +350,8 @@ def test_layers_run_packed_documents_as_if_alone(kind, rope):
           suppress_health_check=[HealthCheck.too_slow])
 @given(heads_kv=st.sampled_from([(1, 1), (2, 1), (4, 2), (4, 4)]),
        feature_map=st.sampled_from(MAPS), rope=st.sampled_from(ROPES),
-       options=st.sampled_from(["plain", "decay", "multiscale", "learned", "learned+multiscale", "rotate_normalizer"]),
+       options=st.sampled_from(["plain", "decay", "multiscale", "learned", "learned+multiscale", "rotate_normalizer",
+                                "gate", "selective+gate"]),
        pieces=st.lists(st.integers(1, 9), min_size=1, max_size=5), mask=st.booleans(), seed=st.integers(0, 2**16))
 def test_layer_decoding_in_any_pieces_equals_its_full_pass(heads_kv, feature_map, rope, options, pieces, mask, seed):
     """Every causal option combined (grouped heads, decays, learned rotations, feature maps, masks): the state
@@ -364,6 +365,9 @@ def test_layer_decoding_in_any_pieces_equals_its_full_pass(heads_kv, feature_map
     if "learned" in options or options == "rotate_normalizer":  # options of eq. 19 on FAVOR+ features only
         kw.update(rope="features", feature_map="favor+")
         kw["rope_learned"] = "learned" in options
+    kw["gate"] = "gate" in options
+    if "selective" in options:  # the clock turns learned rotations of the features
+        kw.update(rope="features", selective=True)
     torch.manual_seed(seed)
     # the experiments' rotated-normalizer ablation: the layer with its own attend()
     cls = RotatedNormalizerAttention if options == "rotate_normalizer" else LinearRotaryAttention

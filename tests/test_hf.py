@@ -155,16 +155,21 @@ def test_decoding_state_is_constant_in_the_generated_length():
     assert cache.get_seq_length() == 45
 
 
-def test_each_decoding_step_equals_the_full_pass():
-    s = linearize(teacher(), nb_features=16, seed=4, feature_map="hedgehog", rope_learned=True, decay=0.9)
-    ids = torch.randint(0, 48, (2, 12))
-    full = s(input_ids=ids, use_cache=False).logits
-    out = s(input_ids=ids[:, :7], use_cache=True)
+def assert_steps_are_the_full_pass(model, N: int, prefix: int) -> None:
+    """A prefix with use_cache, then one token at a time through the cache: the logits of one full pass."""
+    ids = torch.randint(0, 48, (2, N))
+    full = model(input_ids=ids, use_cache=False).logits
+    out = model(input_ids=ids[:, :prefix], use_cache=True)
     steps, cache = [out.logits], out.cache
-    for t in range(7, 12):
-        out = s(input_ids=ids[:, t:t + 1], cache=cache)
+    for t in range(prefix, N):
+        out = model(input_ids=ids[:, t:t + 1], cache=cache)
         steps.append(out.logits)
     assert_close("stepped", full, torch.cat(steps, 1), rtol=1e-9, atol=1e-11)
+
+
+def test_each_decoding_step_equals_the_full_pass():
+    s = linearize(teacher(), nb_features=16, seed=4, feature_map="hedgehog", rope_learned=True, decay=0.9)
+    assert_steps_are_the_full_pass(s, 12, 7)
 
 
 def test_save_and_load_restore_the_model_exactly(tmp_path):
@@ -286,14 +291,7 @@ def test_gated_and_selective_linearizations_decode_as_their_full_pass(options):
     names = [n for n, _ in s.named_parameters() if ".linrope." in f".{n}"]
     assert any("gate_proj" in n for n in names)
     assert ("selective" not in options) or any("clock_proj" in n for n in names)
-    ids = torch.randint(0, 48, (2, 9))
-    full = s(input_ids=ids, use_cache=False).logits
-    out = s(input_ids=ids[:, :5], use_cache=True)
-    steps, cache = [out.logits], out.cache
-    for t in range(5, 9):
-        out = s(input_ids=ids[:, t:t + 1], cache=cache)
-        steps.append(out.logits)
-    assert_close("stepped", full, torch.cat(steps, 1), rtol=1e-9, atol=1e-11)
+    assert_steps_are_the_full_pass(s, 9, 5)
 
 
 def test_a_bfloat16_model_keeps_its_dtype_and_float32_attention_parameters():
