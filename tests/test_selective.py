@@ -91,12 +91,16 @@ def test_outputs_and_all_gradients_match_explicit_rotations(favor, mask, tick):
         qf_r, kf_r = ref_t[0], ref_t[1]
     theta, phase = (p.detach().clone().requires_grad_() for p in (rot.theta, rot.phase))
     ref = selective_reference(qf_r, kf_r, ref_t[2], ref_t[3], theta, phase, mask=keep)
-    assert_close("out", ref, out, rtol=1e-10, atol=1e-12)
+    _assert_same_grads(out, ref, mine + [rot.theta, rot.phase], ref_t + [theta, phase],
+                       ("q", "k", "v", "clock", "theta", "phase"), rtol=1e-10, grad_rtol=1e-8, grad_atol=1e-11)
+
+
+def _assert_same_grads(out, ref, mine, theirs, names, rtol, grad_rtol, grad_atol):
+    """Outputs, then the gradients of one random projection of them, the fast path's against the reference's."""
+    assert_close("out", ref, out, rtol=rtol, atol=1e-12)
     w = torch.randn_like(ref)
-    got = _grads((out * w).sum(), mine + [rot.theta, rot.phase])
-    want = _grads((ref * w).sum(), ref_t + [theta, phase])
-    for name, x, y in zip(("q", "k", "v", "clock", "theta", "phase"), want, got):
-        assert_close(f"d {name}", x, y, rtol=1e-8, atol=1e-11)
+    for name, x, y in zip(names, _grads((ref * w).sum(), theirs), _grads((out * w).sum(), mine)):
+        assert_close(f"d {name}", x, y, rtol=grad_rtol, atol=grad_atol)
 
 
 def test_large_clocks_float64_gradients_and_float32_rows():
@@ -112,12 +116,8 @@ def test_large_clocks_float64_gradients_and_float32_rows():
     ref_t = [t.clone().requires_grad_() for t in (qf, kf, v, a)]
     theta, phase = (p.detach().clone().requires_grad_() for p in (rot.theta, rot.phase))
     ref = selective_reference(*ref_t, theta, phase)
-    assert_close("out", ref, out, rtol=1e-9, atol=1e-12)
-    w = torch.randn_like(ref)
-    got = _grads((out * w).sum(), mine + [rot.theta, rot.phase])
-    want = _grads((ref * w).sum(), ref_t + [theta, phase])
-    for name, x, y in zip(("qf", "kf", "v", "clock", "theta", "phase"), want, got):
-        assert_close(f"d {name}", x, y, rtol=1e-7, atol=1e-10)
+    _assert_same_grads(out, ref, mine + [rot.theta, rot.phase], ref_t + [theta, phase],
+                       ("qf", "kf", "v", "clock", "theta", "phase"), rtol=1e-9, grad_rtol=1e-7, grad_atol=1e-10)
 
     g = torch.Generator().manual_seed(12)
     q, k = (5.0 * torch.randn(B, H, N, 16, generator=g) for _ in range(2))
