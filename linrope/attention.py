@@ -439,7 +439,7 @@ class LinearRotaryAttention(_Heads):
         out = self.attend(q, k, v, feature_rotary, kwargs)
         if return_state:
             out, st = out
-            return out, st.map(lambda t: t[:, ::g])
+            return out, (st if g == 1 else st.map(lambda t: t[:, ::g]))
         return out
 
 
