@@ -315,6 +315,23 @@ MUTANTS = [
            "            count += (yb != IGNORE).double().sum(0).cpu()", "            count += yb.shape[0]",
            ("tests/test_lab_values.py",),
            why="the per-position losses behind the extrapolation plots averaged over rows that score nothing there"),
+    Mutant("gate-weighs-the-wrong-way", FUNCTIONAL,
+           "    ks = -G if k_logscale is None else k_logscale.to(LOG_DTYPE) - G",
+           "    ks = G if k_logscale is None else k_logscale.to(LOG_DTYPE) + G",
+           ("tests/test_gates.py",), k="written_out",
+           why="a forget gate multiplies the past by prod g <= 1: the keys get -G, not +G"),
+    Mutant("gate-state-not-referred-to-its-end", FUNCTIONAL,
+           "st.log_ref + end.to(st.log_ref.dtype)", "st.log_ref",
+           ("tests/test_gates.py",), k="streaming",
+           why="a returned gated state must carry the product of the gates so far, or decoding forgets nothing"),
+    Mutant("hedgehog-one-half", "linrope/features.py",
+           "torch.cat((u.softmax(-1), (-u).softmax(-1)), dim=-1)", "torch.cat((u.softmax(-1), u.softmax(-1)), dim=-1)",
+           ("tests/test_hedgehog.py",), k="softmaxes",
+           why="Hedgehog's second half is the softmax of -W x (the antithetic pair), not a copy of the first"),
+    Mutant("hf-rope-inputs-rotates-the-wrong-half", "linrope/hf.py",
+           "cos, sin = cos[..., : rot // 2], sin[..., : rot // 2]", "cos, sin = cos[..., rot // 4:], sin[..., rot // 4:]",
+           ("tests/test_hf.py",), k="conversion_equals",
+           why="HF's cos/sin repeat each half: a linearized model must rotate q, k exactly as the teacher did"),
 ]
 
 
