@@ -8,7 +8,6 @@ switches between linear and softmax attention with one argument.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ._checks import check_group_size, check_int, check_kernel
-from .features import FavorPlus, make_feature_map
+from .features import FavorPlus, _full_precision, compute_dtype, make_feature_map
 from ._engine.parallel import rank_offset
 from .functional import (AttentionState, document_positions, favor_attention, linear_attention, multiscale_decays,
                          resolve_decay, softmax_attention)
@@ -379,17 +378,13 @@ class LinearRotaryAttention(_Heads):
         """What the layer reads from x (B, N, dim) beside q, k, v: the gate's log g and the selective clock's
         increments a > 0, each (B, kv_heads, N), or None where the layer has none. Computed in float32 (float64
         for float64 x) whatever autocast says."""
-        log_gates = clock = None
-        if self.gate or self.selective:
-            with torch.autocast(x.device.type, enabled=False) if torch.amp.is_autocast_available(x.device.type) \
-                    else contextlib.nullcontext():
-                dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-                if self.gate:
-                    w, b = self.gate_proj.weight.to(dt), self.gate_proj.bias.to(dt)
-                    log_gates = F.logsigmoid(F.linear(x.to(dt), w, b)).transpose(1, 2) / GATE_TEMPERATURE
-                if self.selective:
-                    w, b = self.clock_proj.weight.to(dt), self.clock_proj.bias.to(dt)
-                    clock = F.softplus(F.linear(x.to(dt), w, b)).transpose(1, 2)
+        def read(proj: nn.Linear) -> Tensor:  # (B, N, kv_heads) -> (B, kv_heads, N)
+            dt = compute_dtype(x)
+            return F.linear(x.to(dt), proj.weight.to(dt), proj.bias.to(dt)).transpose(1, 2)
+
+        with _full_precision(x):
+            log_gates = F.logsigmoid(read(self.gate_proj)) / GATE_TEMPERATURE if self.gate else None
+            clock = F.softplus(read(self.clock_proj)) if self.selective else None
         return log_gates, clock
 
     def forward_heads(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
@@ -404,7 +399,8 @@ class LinearRotaryAttention(_Heads):
         (a layer built with ``gate=True``; ``forward`` computes them from x); ``clock`` (B, kv_heads, N) the
         selective clock's increments a_t > 0 (``selective=True``; ``forward`` computes them from x)."""
         if (log_gates is None) == self.gate:
-            raise ValueError(f"log_gates: expected {'(B, kv_heads, N) log gates for this gated layer' if self.gate else 'None (the layer was built with gate=False)'}")
+            raise ValueError("log_gates: expected " + ("(B, kv_heads, N) log gates for this gated layer" if self.gate
+                                                       else "None (the layer was built with gate=False)"))
         if (clock is None) == self.selective:
             raise ValueError("clock: expected " + ("(B, kv_heads, N) clock increments for this selective layer"
                                                    if self.selective else
