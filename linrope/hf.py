@@ -47,8 +47,8 @@ from .attention import LinearRotaryAttention
 from .functional import AttentionState
 from .rotary import apply_rotary
 
-__all__ = ["linearize", "from_pretrained", "attention_transfer", "LinropeCache", "SUPPORTED", "LAYER_OPTIONS",
-           "attention_parameters"]
+__all__ = ["linearize", "from_pretrained", "attention_transfer", "attention_pairs", "LinropeCache", "SUPPORTED",
+           "LAYER_OPTIONS", "attention_parameters"]
 
 # The LinearRotaryAttention keywords linearize passes on; the others come from the model's config.
 LAYER_OPTIONS = ("nb_features", "feature_map", "decay", "rope_learned", "gate", "selective", "seed", "orthogonal",
@@ -111,24 +111,23 @@ class _LinearizedAttention(nn.Module):
             setattr(self, name, getattr(attn, name))
         self.family_projections = family.projections
         self.layer_idx = layer_idx
-        self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.dim_head = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.rope = rope
+        heads = config.num_attention_heads
         kwargs = dict(_rope_options(config, rope)) if rope == "features" else {}
         self.linrope = LinearRotaryAttention(
-            config.hidden_size, self.heads, self.dim_head, kv_heads=self.kv_heads, causal=True,
+            config.hidden_size, heads, getattr(config, "head_dim", None) or config.hidden_size // heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads, causal=True,
             rope="features" if rope == "features" else None, projections=False, **kwargs, **options)
 
     def qkv(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q (B, heads, N, d), k and v (B, kv_heads, N, d), as the family projects them."""
         B, N, _ = hidden.shape
+        H, Hkv, d = self.linrope.heads, self.linrope.kv_heads, self.linrope.dim_head
         if len(self.family_projections) == 2:  # GPT-NeoX: per head [q, k, v] in one projection
-            qkv = self.query_key_value(hidden).view(B, N, self.heads, 3 * self.dim_head).transpose(1, 2)
-            return qkv.chunk(3, dim=-1)
-        q = self.q_proj(hidden).view(B, N, self.heads, self.dim_head).transpose(1, 2)
-        k = self.k_proj(hidden).view(B, N, self.kv_heads, self.dim_head).transpose(1, 2)
-        v = self.v_proj(hidden).view(B, N, self.kv_heads, self.dim_head).transpose(1, 2)
+            return self.query_key_value(hidden).view(B, N, H, 3 * d).transpose(1, 2).chunk(3, dim=-1)
+        q = self.q_proj(hidden).view(B, N, H, d).transpose(1, 2)
+        k = self.k_proj(hidden).view(B, N, Hkv, d).transpose(1, 2)
+        v = self.v_proj(hidden).view(B, N, Hkv, d).transpose(1, 2)
         return q, k, v
 
     def output(self, out: Tensor) -> Tensor:
@@ -414,14 +413,7 @@ def attention_transfer(teacher: nn.Module, student: nn.Module, batches: Iterable
         raise ValueError(f"steps: expected an integer >= 0, got {steps!r}")
     if not isinstance(finetune_steps, int) or isinstance(finetune_steps, bool) or finetune_steps < 0:
         raise ValueError(f"finetune_steps: expected an integer >= 0, got {finetune_steps!r}")
-    kind = getattr(getattr(teacher, "config", None), "model_type", None)
-    if kind not in FAMILIES or type(student) not in _CLASSES.values():
-        raise ValueError(f"student: expected linearize(teacher) of a supported teacher, got {type(student).__name__}"
-                         f" for a {type(teacher).__name__}")
-    family = FAMILIES[kind]
-    t_layers, s_layers = family.layers(teacher), family.layers(student)
-    if len(t_layers) != len(s_layers):
-        raise ValueError(f"student: expected {len(t_layers)} layers like the teacher, got {len(s_layers)}")
+    _pair_family(teacher, student)
     history = {"transfer": [], "finetune": []}
     params = attention_parameters(student)
     it = _cycle(batches)
@@ -433,16 +425,9 @@ def attention_transfer(teacher: nn.Module, student: nn.Module, batches: Iterable
         try:
             student.train()
             for step in range(1, steps + 1):
-                ids = next(it)
-                with torch.no_grad():
-                    captured = _capture(teacher, t_layers, family, ids)
-                loss = 0.0
-                for (hidden, kwargs, target), layer in zip(captured, s_layers):
-                    attn = getattr(layer, family.attention)
-                    out = attn(hidden, position_ids=kwargs.get("position_ids"),
-                               position_embeddings=kwargs.get("position_embeddings"))[0]
-                    loss = loss + torch.nn.functional.mse_loss(out.float(), target.float())
-                _step(opt, loss / len(captured), history, "transfer", step, callback)
+                pairs = attention_pairs(teacher, student, next(it))
+                loss = sum(torch.nn.functional.mse_loss(out.float(), target.float()) for out, target in pairs)
+                _step(opt, loss / len(pairs), history, "transfer", step, callback)
         finally:
             for p in frozen:
                 p.requires_grad_(True)
@@ -480,22 +465,40 @@ def _cycle(batches: Iterable):
             raise ValueError("batches: expected at least one batch")
 
 
-def _capture(teacher: nn.Module, layers: nn.ModuleList, family: _Family, ids: Tensor) -> list:
-    """Run the teacher on ``ids``; per layer, its attention's (input, keywords, output)."""
+def _pair_family(teacher: nn.Module, student: nn.Module) -> _Family:
+    """The family of a teacher and its linearized student, checked."""
+    kind = getattr(getattr(teacher, "config", None), "model_type", None)
+    if kind not in FAMILIES or type(student) not in _CLASSES.values():
+        raise ValueError(f"student: expected linearize(teacher) of a supported teacher, got {type(student).__name__}"
+                         f" for a {type(teacher).__name__}")
+    family = FAMILIES[kind]
+    t_layers, s_layers = family.layers(teacher), family.layers(student)
+    if len(t_layers) != len(s_layers):
+        raise ValueError(f"student: expected {len(t_layers)} layers like the teacher, got {len(s_layers)}")
+    return family
+
+
+def attention_pairs(teacher: nn.Module, student: nn.Module, ids: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Per layer, (the student's attention output, the teacher's), both (B, N, D), the student's attention run on
+    the teacher's own input to that layer: what attention transfer matches, and how far a linearization is from
+    its teacher. The teacher runs in eval mode without gradients; the student's outputs keep theirs."""
+    family = _pair_family(teacher, student)
+    layers = family.layers(teacher)
     seen: list = [None] * len(layers)
     hooks = []
     for i, layer in enumerate(layers):
         def hook(module, args, kwargs, out, i=i):
             hidden = args[0] if args else kwargs["hidden_states"]
-            seen[i] = (hidden, {"position_ids": kwargs.get("position_ids"),
-                                "position_embeddings": kwargs.get("position_embeddings")}, out[0])
+            seen[i] = (hidden, kwargs.get("position_ids"), kwargs.get("position_embeddings"), out[0])
         hooks.append(getattr(layer, family.attention).register_forward_hook(hook, with_kwargs=True))
+    was = teacher.training
     try:
-        was = teacher.training
         teacher.eval()
-        teacher(input_ids=ids, use_cache=False)
-        teacher.train(was)
+        with torch.no_grad():
+            teacher(input_ids=ids, use_cache=False)
     finally:
+        teacher.train(was)
         for h in hooks:
             h.remove()
-    return seen
+    return [(getattr(layer, family.attention)(hidden, position_ids=pos, position_embeddings=emb)[0], target)
+            for layer, (hidden, pos, emb, target) in zip(family.layers(student), seen)]

@@ -35,12 +35,14 @@ def test_tiny_run_writes_every_file_and_pairs_seeds(tmp_path):
     assert "| rope-inputs | hedgehog |" in text and "Best after fine-tuning" in text
 
 
-def test_attention_error_is_zero_for_the_teacher_itself():
+def test_attention_errors_shrink_as_favor_features_approach_the_teachers_kernel():
+    from linrope.hf import linearize
     from transformers import LlamaForCausalLM
     torch.manual_seed(0)
     t = LlamaForCausalLM(teacher_config(TINY)).eval()
     ids = torch.randint(0, 256, (2, 16))
-    assert attention_errors(t, t, ids) == [0.0]
+    errs = {r: attention_errors(t, linearize(t, rope="inputs", nb_features=r, seed=1), ids)[0] for r in (8, 4096)}
+    assert 0 < errs[4096] < errs[8] / 3, errs  # RoPE before phi: FAVOR+ estimates the teacher's own softmax
 
 
 def test_script_help(monkeypatch, capsys):

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .data import fixed_windows, load_corpus, random_windows
+from .decode import state_bytes
 from .plots import color, pyplot, write_rows
 from .profiling import cpu_name
 
@@ -114,23 +115,8 @@ def bpb(model, val, length: int, windows: int) -> float:
 def attention_errors(teacher, student, ids) -> list[float]:
     """Per layer: how far the student's attention is from the teacher's on the teacher's own inputs,
     |y_student - y_teacher| / |y_teacher| (Frobenius, over the batch), the quantity attention transfer lowers."""
-    seen = {}
-    hooks = [layer.self_attn.register_forward_hook(
-        lambda m, args, kwargs, out, i=i: seen.__setitem__(i, (kwargs.get("hidden_states", args[0] if args else None),
-                                                               kwargs, out[0])), with_kwargs=True)
-        for i, layer in enumerate(teacher.model.layers)]
-    try:
-        teacher(input_ids=ids, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    errs = []
-    for i, layer in enumerate(student.model.layers):
-        hidden, kwargs, target = seen[i]
-        got = layer.self_attn(hidden, position_ids=kwargs.get("position_ids"),
-                              position_embeddings=kwargs.get("position_embeddings"))[0]
-        errs.append(float((got - target).norm() / target.norm()))
-    return errs
+    from linrope.hf import attention_pairs
+    return [float((got - target).norm() / target.norm()) for got, target in attention_pairs(teacher, student, ids)]
 
 
 def _teacher(p: Preset, data, out: Path, progress: bool):
@@ -275,8 +261,7 @@ def run(preset: str | Preset = "quick", out: str | Path = "results/linearize", p
 def _cache_bytes(cache) -> int:
     from linrope.hf import LinropeCache
     if isinstance(cache, LinropeCache):
-        return sum(t.numel() * t.element_size() for s in cache.states.values()
-                   for t in (s.numerator, s.key_sum, s.log_ref))
+        return sum(state_bytes(s) for s in cache.states.values())
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
