@@ -32,13 +32,13 @@ def check_group_size(value):
     return check_int("group_size", value, 1, 'a positive integer, "auto" or None')
 
 
-KERNELS = ("torch", "triton")
+KERNELS = ("torch", "cpp", "triton")
 
 
 def check_kernel(value) -> str:
     """``value`` if it names one of ``KERNELS`` (the causal chunk products' implementation), else ValueError."""
     if not (isinstance(value, str) and value in KERNELS):
-        raise ValueError(f'kernel: expected "torch" or "triton", got {value!r}')
+        raise ValueError(f'kernel: expected "torch", "cpp" or "triton", got {value!r}')
     return value
 
 

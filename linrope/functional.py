@@ -229,9 +229,10 @@ def _run(features, q, k, k_logscale, v, projection, r, *, causal, rotary, positi
 # ---------------------------------------------------------------------------------------------- decoding steps
 def _decoding_call(causal, initial_state, group, kernel, cross: bool, v: Tensor, inputs: tuple) -> bool:
     """Whether a call is a decoding step for ``_decode``: causal, continuing an ``AttentionState``, at most
-    ``step.MAX_POSITIONS`` positions, nothing to differentiate, one process, the torch kernels, eager. What
-    ``_run`` would refuse or differentiate goes to ``_run`` (the same checks, the same errors)."""
-    if not (causal is True and isinstance(initial_state, AttentionState) and group is None and kernel == "torch"
+    ``step.MAX_POSITIONS`` positions, nothing to differentiate, one process, the torch or cpp kernels, eager.
+    What ``_run`` would refuse or differentiate goes to ``_run`` (the same checks, the same errors)."""
+    if not (causal is True and isinstance(initial_state, AttentionState) and group is None
+            and kernel in ("torch", "cpp")
             and not cross and 0 < v.shape[2] <= step.MAX_POSITIONS and v.shape[0] * v.shape[1] > 0):
         return False
     if torch.is_grad_enabled() and (any(t is not None and t.requires_grad for t in inputs)
@@ -263,7 +264,7 @@ def _step_factor(rotary: RotaryEmbedding, signature: tuple, p: int, device, dtyp
 
 
 def _decode(features, q, k, k_logscale, v, projection, r, rotary, positions, chunk_size, group_size, initial_state,
-            return_state, key_padding_mask, decay):
+            return_state, key_padding_mask, decay, kernel):
     """``_run`` for a call ``_decoding_call`` accepts: its argument checks, then ``step.step`` directly (no
     planning, no autograd Function). A decay is taken relative to the state's last position: its log_ref is
     kept as it is, key n weighs lam (p_n - offset + 1) more, and the returned log_ref is the step's less lam N
@@ -277,6 +278,8 @@ def _decode(features, q, k, k_logscale, v, projection, r, rotary, positions, chu
         v = v.masked_fill(~mask[:, None, :, None], 0)
     F64 = torch.float64
     dtype = F64 if q.dtype == F64 or k.dtype == F64 or v.dtype == F64 else torch.float32  # compute_dtype(q, k, v)
+    if kernel == "cpp":
+        _check_kernel(kernel, chunk_size, dtype, v.device)
     gammas = resolve_decay(decay, H)
     signature = (features, None if rotary is None else rotary.signature(), gammas)
     learned = _check_learned(rotary, True, H, None)
@@ -312,7 +315,8 @@ def _decode(features, q, k, k_logscale, v, projection, r, rotary, positions, chu
         key_bias = (lam[:, None] * rel).expand(B, H, N).reshape(B * H, N)
     out, S, z, M = step.step(features, rotary is not None and rotary.interleaved, dtype, q, k, v, S0, z0, M0,
                              k_logscale=k_logscale, key_bias=key_bias,
-                             projection=None if projection is None else projection.to(dtype), mask=mask, **rot)
+                             projection=None if projection is None else projection.to(dtype), mask=mask,
+                             compiled=kernel == "cpp", **rot)
     if not return_state:
         return out
     return out, AttentionState(S, z, M if lam is None else M - lam * N, offset + N, signature)
@@ -394,8 +398,13 @@ def _describe(signature: tuple) -> str:
 
 
 def _check_kernel(kernel, chunk_size: int, dt: torch.dtype, device: torch.device) -> None:
-    """``kernel``: "torch", or "triton" where it can run (chosen explicitly, never as a silent fallback)."""
+    """``kernel``: "torch", or "cpp" / "triton" where it can run (chosen explicitly, never as a silent fallback)."""
     if check_kernel(kernel) == "torch":
+        return
+    if kernel == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f'kernel="cpp": expected CPU tensors, got {device.type} ones (kernel="torch" runs on '
+                             f'any device)')
         return
     if not triton_kernels.available():
         raise RuntimeError('kernel="triton": the triton package does not import here (pip install triton, on a '
@@ -587,6 +596,11 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
             the ``triton`` package), checked against float64 in Triton's CPU interpreter but slower than "torch"
             on the one GPU measured, and not re-run on a GPU since their last change (see BENCHMARKS.md). The
             normalizer, features and rotations are the same code either way; the bidirectional path ignores it.
+            ``"cpp"`` (CPU tensors): "torch", but a decoding step of one position (continuing ``initial_state``,
+            nothing to differentiate) runs a compiled C++ step (``linrope._engine.step_cpu.cpp``: features,
+            rotation, state update and normalizer in one pass over the state), built on first use with the
+            machine's C++ compiler and ninja (``pip install "linrope[cpp]"``; a minute the first time, cached
+            after) or failing with an error saying what is missing. Same results to float32 rounding.
         log_gates: causal only: (B, H, N) log forget gates log g_t (a data-dependent decay, GLA's gate with one
             value per head): every term of row m, numerator and normalizer alike, is weighted by
             prod_{n < t <= m} g_t = exp(G_m - G_n), G the running sum of ``log_gates`` (float64). Exact as the
@@ -639,7 +653,7 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
     if clock is None and cu_seqlens is None and _decoding_call(causal, initial_state, group, kernel, cross, v,
                                                                (qf, kf, k_logscale, v)):
         return _decode("features", qf, kf, k_logscale, v, None, r, rotary, positions, chunk_size, group_size,
-                       initial_state, return_state, key_padding_mask, decay)
+                       initial_state, return_state, key_padding_mask, decay, kernel)
     call = lambda sl, pos, mask: _run(  # noqa: E731
         "features", qf[:, :, sl], kf[:, :, sl], None if k_logscale is None else k_logscale[:, :, sl],
         v[:, :, sl], None, r, causal=causal, rotary=rotary, positions=pos, chunk_size=chunk_size,
@@ -690,7 +704,7 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
     if clock is None and cu_seqlens is None and _decoding_call(causal, initial_state, group, kernel, cross, v,
                                                                (q, k, v)):
         return _decode("favor", q, k, None, v, projection, r, rotary, positions, chunk_size, group_size,
-                       initial_state, return_state, key_padding_mask, decay)
+                       initial_state, return_state, key_padding_mask, decay, kernel)
     call = lambda sl, pos, mask: _run(  # noqa: E731
         "favor", q[:, :, sl], k[:, :, sl], None, v[:, :, sl], projection, r, causal=causal, rotary=rotary,
         positions=pos, chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,

@@ -40,15 +40,15 @@ def test_profile_skips_caches_over_budget_and_writes_files(tmp_path):
     rows = decode_profile((4, 64), max_cache_gib=1e-6, dim=16, heads=2, dim_head=8, nb_features=8, tokens=1,
                           warmup=0)
     assert [(r["kind"], r["status"].split(":")[0]) for r in rows] == [
-        ("linear", "ok"), ("softmax", "ok"), ("softmax-prealloc", "ok"),
-        ("linear", "ok"), ("softmax", "skipped"), ("softmax-prealloc", "skipped")]
-    assert rows[0]["token_vs_softmax"] > 0 and rows[0]["token_vs_prealloc"] > 0 and rows[3]["token_vs_shortest"] > 0
+        ("linear", "ok"), ("linear-cpp", "ok"), ("softmax", "ok"), ("softmax-prealloc", "ok"),
+        ("linear", "ok"), ("linear-cpp", "ok"), ("softmax", "skipped"), ("softmax-prealloc", "skipped")]
+    assert rows[0]["token_vs_softmax"] > 0 and rows[1]["token_vs_prealloc"] > 0 and rows[4]["token_vs_shortest"] > 0
     write_decode(rows, tmp_path, dict(dim=16, heads=2, nb_features=8))
     assert {p.name for p in tmp_path.iterdir()} == {"decode.csv", "decode.json", "decode.png"}
 
 
 def test_build_layer_rejects_an_unknown_kind():
-    phrase = r"kind: expected one of \('linear', 'softmax', 'softmax-prealloc'\), got 'flash'"
+    phrase = r"kind: expected one of \('linear', 'linear-cpp', 'softmax', 'softmax-prealloc'\), got 'flash'"
     with pytest.raises(ValueError, match=phrase):
         build_layer("flash", 16, 2, 8, 8)
 

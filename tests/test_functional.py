@@ -453,7 +453,7 @@ def test_kernel_argument_errors_name_what_is_needed(monkeypatch):
 
     q, k, v = qkv(N=20, d=8, dtype=torch.float32)
     W = FavorPlus(8, 16, seed=0).projection
-    with pytest.raises(ValueError, match='kernel: expected "torch" or "triton"'):
+    with pytest.raises(ValueError, match='kernel: expected "torch", "cpp" or "triton"'):
         favor_attention(q, k, v, W, causal=True, kernel="flash")
     monkeypatch.setattr(triton_kernels, "available", lambda: False)
     with pytest.raises(RuntimeError, match="triton package does not import"):

@@ -56,6 +56,7 @@ def test_wheel_holds_every_library_module_and_nothing_else(wheel):
             if "__pycache__" not in p.parts}
     assert {"linrope/__init__.py", "linrope/_engine/chunked.py"} <= here
     assert packed == here, (sorted(here - packed), sorted(packed - here))
+    assert "linrope/_engine/step_cpu.cpp" in names  # kernel="cpp" compiles it where the wheel is installed
     assert [n for n in names if n.split("/")[0] != "linrope" and ".dist-info/" not in n] == []
     assert not any("lab" in n.split("/")[:-1] for n in names)
 

@@ -21,6 +21,15 @@ from linrope.rotary import LearnedRotary
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True, params=["torch", "cpp"])
+def one_position(request, monkeypatch):
+    """Every test twice: with the eager step for one position (``step._one``), and with the compiled one
+    (``kernel="cpp"``'s ``step._one_compiled``) in its place, which must meet the same references."""
+    if request.param == "cpp":
+        monkeypatch.setattr(step, "_one", step._one_compiled)
+    return request.param
+
+
 @pytest.fixture
 def steps(monkeypatch):
     """Counts the calls that took the step path."""

@@ -5,6 +5,7 @@ For each context length L one attention layer (B = 1, causal) is brought to posi
 * ``linear``: ``LinearRotaryAttention`` (eq. 19). A prompt of L random inputs runs through the layer in pieces
   (forward, no grad), carrying the state; the ``AttentionState`` it returns (numerator r x dv, key sum r and a
   log reference per head) is all that decoding keeps, whatever L.
+* ``linear-cpp``: the same layer with ``kernel="cpp"``: its decoding steps run the compiled C++ step.
 * ``softmax``: ``SoftmaxAttention`` with its ``KVCache``. The cache holds the layer's own projections (rotated
   keys, values) of L random inputs; attention over the prompt itself is not computed (O(L^2): hours at 1M), since
   the cost of a decoding step depends only on the cache's length, not on its values. The layer's step appends by
@@ -39,7 +40,7 @@ __all__ = ["DEFAULT_LENGTHS", "KINDS", "state_bytes", "build_layer", "decode_poi
            "decode_table", "plot_decode", "write_decode"]
 
 DEFAULT_LENGTHS = (1024, 4096, 16384, 65536, 262144, 1048576)
-KINDS = ("linear", "softmax", "softmax-prealloc")
+KINDS = ("linear", "linear-cpp", "softmax", "softmax-prealloc")
 PIECE = 65536  # prompt positions per forward while building the state: bounds the prompt's activations
 
 
@@ -57,9 +58,9 @@ def state_bytes(state) -> int:
 def build_layer(kind: str, dim: int, heads: int, dim_head: int, nb_features: int, seed: int = 0):
     """The causal layer of ``kind`` ('linear' or 'softmax'), in eval mode, with seeded weights."""
     torch.manual_seed(seed)
-    if kind == "linear":
+    if kind in ("linear", "linear-cpp"):
         layer = LinearRotaryAttention(dim, heads=heads, dim_head=dim_head, nb_features=nb_features, causal=True,
-                                      seed=seed)
+                                      seed=seed, kernel="cpp" if kind == "linear-cpp" else "torch")
     elif kind in ("softmax", "softmax-prealloc"):
         layer = SoftmaxAttention(dim, heads=heads, dim_head=dim_head, causal=True)
     else:
@@ -95,7 +96,7 @@ def decode_point(kind: str, length: int, *, dim: int = 512, heads: int = 8, dim_
     layer = build_layer(kind, dim, heads, dim_head, nb_features, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     t0 = time.perf_counter()
-    state = _state_at(layer, "linear" if kind == "linear" else "softmax", length, gen)
+    state = _state_at(layer, "linear" if kind.startswith("linear") else "softmax", length, gen)
     build_s = time.perf_counter() - t0
     held = state_bytes(state)  # softmax-prealloc: counted before the free slot is added
     step = None
@@ -108,7 +109,7 @@ def decode_point(kind: str, length: int, *, dim: int = 512, heads: int = 8, dim_
         out, new_state = step(x) if step else layer(x, state=state, return_state=True)
         times.append(time.perf_counter() - t0)
         assert torch.isfinite(out).all(), f"{kind} at {length}: non-finite output"
-        if kind == "linear":
+        if kind.startswith("linear"):
             state = new_state  # constant size: keep decoding from it
         # softmax: keep the cache at ``length`` (appending would grow it by one row per step, 1e-6 of it)
     return dict(kind=kind, length=length, token_ms=1e3 * statistics.median(times[warmup:]), state_bytes=held,
@@ -147,7 +148,7 @@ def decode_profile(lengths=DEFAULT_LENGTHS, kinds=KINDS, *, max_cache_gib: float
     for length in sorted(lengths):
         for kind in kinds:
             cache = 2 * length * kwargs.get("heads", 8) * kwargs.get("dim_head", 64) * 4 / 2**30
-            if kind != "linear" and cache > max_cache_gib:
+            if not kind.startswith("linear") and cache > max_cache_gib:
                 row = dict(kind=kind, length=length, status=f"skipped: KV cache {cache:.1f} GiB > {max_cache_gib} GiB")
             else:
                 row = dict(decode_point(kind, length, **kwargs), status="ok")
@@ -160,7 +161,7 @@ def decode_profile(lengths=DEFAULT_LENGTHS, kinds=KINDS, *, max_cache_gib: float
             continue
         b = base[r["kind"]]
         r["token_vs_shortest"] = r["token_ms"] / b["token_ms"]
-        if r["kind"] != "linear":
+        if not r["kind"].startswith("linear"):
             continue
         for other_kind, key in (("softmax", "softmax"), ("softmax-prealloc", "prealloc")):
             other = next((o for o in rows if o["length"] == r["length"] and o["kind"] == other_kind
@@ -185,15 +186,17 @@ def decode_table(rows: list[dict]) -> str:
     def cell(got: dict, kind: str, key: str, fmt: str, unit: str = "") -> str:
         return format(got[kind][key], fmt) + unit if key in got.get(kind, {}) else "—"
 
-    lines = ["| context | linear ms/token | softmax ms/token (concat / prealloc) | linear / softmax time (concat / "
-             "prealloc) | linear state | softmax cache |", "|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| context | linear ms/token (torch / cpp) | softmax ms/token (concat / prealloc) | linear / softmax "
+             "time (concat / prealloc) | linear cpp / softmax prealloc | linear state | softmax cache |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for n in sorted({r["length"] for r in rows}):
         got = {r["kind"]: dict(r, state_mib=r["state_bytes"] / 2**20) for r in rows
                if r["length"] == n and r["status"] == "ok"}
-        lines.append(f"| {n} | {cell(got, 'linear', 'token_ms', '.3f')} | {cell(got, 'softmax', 'token_ms', '.3f')} / "
-                     f"{cell(got, 'softmax-prealloc', 'token_ms', '.3f')} | "
+        lines.append(f"| {n} | {cell(got, 'linear', 'token_ms', '.3f')} / {cell(got, 'linear-cpp', 'token_ms', '.3f')} | "
+                     f"{cell(got, 'softmax', 'token_ms', '.3f')} / {cell(got, 'softmax-prealloc', 'token_ms', '.3f')} | "
                      f"{cell(got, 'linear', 'token_vs_softmax', '.3f')} / "
                      f"{cell(got, 'linear', 'token_vs_prealloc', '.3f')} | "
+                     f"{cell(got, 'linear-cpp', 'token_vs_prealloc', '.3f')} | "
                      f"{cell(got, 'linear', 'state_mib', '.2f', ' MiB')} | "
                      f"{cell(got, 'softmax', 'state_mib', '.1f', ' MiB')} |")
     return "\n".join(lines)
@@ -207,6 +210,7 @@ def plot_decode(rows: list[dict], path: str | Path, title: str = "") -> None:
         ok = [r for r in rows if r["kind"] == kind and r["status"] == "ok"]
         xs = [r["length"] for r in ok]
         label = {"linear": "LinearRotaryAttention (eq. 19 state)",
+                 "linear-cpp": "LinearRotaryAttention, kernel=\"cpp\"",
                  "softmax": "SoftmaxAttention (KVCache, concatenated)",
                  "softmax-prealloc": "softmax, preallocated cache (SDPA only)"}[kind]
         axes[0].plot(xs, [r["token_ms"] for r in ok], "o-", color=plots.color(i), label=label)

@@ -168,6 +168,7 @@ class ModelConfig:
     feature_seed: int = 0            # layer i draws its projection from seed feature_seed * 1000 + i, so every
                                      # DDP rank (and every resumed run) holds the same features
     chunk_size: int = 64             # chunk of the causal linear-attention engine
+    engine_kernel: str = "torch"     # linear variants: LinearRotaryAttention's kernel ('cpp': compiled decoding)
     rope_base: float = 10000.0
     abs_scale: float | None = None   # RMS of the sinusoidal positions; None = the embeddings' init RMS (0.02).
                                      # At unit scale they swamp the std-0.02 embeddings and a small model stays
@@ -332,7 +333,7 @@ def make_attention(config: ModelConfig, layer: int, group=None) -> nn.Module:
                feature_map=config.feature_map, rope=v.rope, rope_base=config.rope_base,
                redraw_interval=config.redraw_interval, seed=config.feature_seed * 1000 + layer,
                chunk_size=config.chunk_size, decay=v.decay, rope_learned=v.rope_learned, group=group,
-               gate=v.gate, selective=v.selective)
+               gate=v.gate, selective=v.selective, kernel=config.engine_kernel)
 
 
 class Block(nn.Module):

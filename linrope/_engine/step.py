@@ -47,9 +47,10 @@ MAX_POSITIONS = 16  # the most positions a call takes this path with: on the Zen
 
 def usable(causal: bool, positions: int, initial_state, needs_grad: bool, group, kernel: str) -> bool:
     """Whether a call runs here: causal, a few positions continuing a state, nothing to differentiate, one
-    process, the torch kernels. Anything else (gradients included) goes through the chunked engine."""
+    process, the torch kernels (or "cpp": the compiled step for one position). Anything else (gradients included)
+    goes through the chunked engine."""
     return (causal and 0 < positions <= MAX_POSITIONS and initial_state is not None and not needs_grad
-            and group is None and kernel == "torch")
+            and group is None and kernel in ("torch", "cpp"))
 
 
 def run(call, x) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -58,7 +59,7 @@ def run(call, x) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return step(call.features, call.interleaved, call.cfg.dtype, x.q, x.k, x.v, x.S0, x.z0, x.M0,
                 k_logscale=x.k_logscale, key_bias=x.key_bias, projection=x.projection, mask=x.mask, cos=x.cos,
                 sin=x.sin, theta=x.theta, phase=x.phase, angle_positions=x.angle_positions,
-                first_position=call.first_position)
+                first_position=call.first_position, compiled=call.cfg.kernel == "cpp")
 
 
 def _no_autocast(device: torch.device):
@@ -96,8 +97,8 @@ def step(features: str, interleaved: bool, dtype: torch.dtype, q: Tensor, k: Ten
          z0: Tensor, M0: Tensor, k_logscale: Tensor | None = None, key_bias: Tensor | None = None,
          projection: Tensor | None = None, mask: Tensor | None = None, cos: Tensor | None = None,
          sin: Tensor | None = None, theta: Tensor | None = None, phase: Tensor | None = None,
-         angle_positions: Tensor | None = None, first_position: int | None = None, factor: Tensor | None = None
-         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+         angle_positions: Tensor | None = None, first_position: int | None = None, factor: Tensor | None = None,
+         compiled: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Causal eq. 19 over N positions continuing the state (S0, z0, M0); what the engine's causal pass returns.
 
     Arguments as the engine takes them: features 'favor' (q, k raw (B, H, N, d), ``projection`` (r, d)) or
@@ -107,13 +108,15 @@ def step(features: str, interleaved: bool, dtype: torch.dtype, q: Tensor, k: Ten
     the pairing ``interleaved``, or learned theta, phase (H, r/2) at ``angle_positions`` ((N,) or (B, N) float64,
     ``first_position`` their first when consecutive); for N = 1 the fixed rotation may come as ``factor`` instead
     of cos, sin: cos + i sin as one complex tensor (1, r/2) or (B, 1, r/2). Nothing is written into the inputs.
+    ``compiled``: one position goes through the compiled step (``_one_compiled``; CPU tensors).
 
     Returns out (B, H, N, dv) in v's dtype, S (B, H, r, dv), z (B, H, r) in ``dtype`` and M (B, H) ``LOG_DTYPE``.
     """
     B, H, N, dv = v.shape
     if N == 1:
-        return _one(features, interleaved, dtype, q, k, v, S0, z0, M0, k_logscale, key_bias, projection, mask, cos,
-                    sin, theta, phase, angle_positions, factor)
+        return (_one_compiled if compiled else _one)(features, interleaved, dtype, q, k, v, S0, z0, M0, k_logscale,
+                                                     key_bias, projection, mask, cos, sin, theta, phase,
+                                                     angle_positions, factor)
     BH, r = B * H, S0.shape[2]
     with _no_autocast(v.device):
         if features == "favor":
@@ -275,6 +278,44 @@ def _one(features, interleaved, dtype, q, k, v, S0, z0, M0, k_logscale=None, key
     if out.dtype != v.dtype:
         out = out.to(v.dtype)
     return out, S, z.view(B, H, r), M.view(B, H)
+
+
+def _one_compiled(features, interleaved, dtype, q, k, v, S0, z0, M0, k_logscale=None, key_bias=None, projection=None,
+                  mask=None, cos=None, sin=None, theta=None, phase=None, angle_positions=None, factor=None):
+    """``_one`` through the compiled step (``step_cpu.cpp``, built by ``compiled.module``): the same arguments and
+    results. Here the inputs are cast and laid out as (B*H, .) rows and the rotation factors made as ``_one`` makes
+    them (as real (cos, sin) pairs); the features, weights, rotation, state pass and division are one call."""
+    if _autocast_on(v.device):  # features, state and normalizer in the compute dtype, as in the engine
+        with torch.autocast(v.device.type, enabled=False):
+            return _one_compiled(features, interleaved, dtype, q, k, v, S0, z0, M0, k_logscale, key_bias,
+                                 projection, mask, cos, sin, theta, phase, angle_positions, factor)
+    from . import compiled
+
+    B, H, _, dv = v.shape
+    BH, r = B * H, S0.shape[2]
+
+    def rows(x, *shape, dt=dtype):  # (B, H, ...) -> (BH, ...) in dt, contiguous (no copy where it is already)
+        return x.to(dt).reshape(BH, *shape).contiguous()
+
+    qf = kf = pf = None
+    if theta is not None:  # learned: queries by theta p + phase, keys by theta p (always interleaved pairs)
+        f, p = _angle_factors(theta, phase, angle_positions, dtype)  # (2, 1 or B, H, 1, r/2), (H, 1, r/2)
+        qf, kf = (torch.view_as_real(x).flatten(2, 3) for x in f.unbind(0))  # (1 or B, H, r/2, 2)
+        pf = None if p is None else torch.view_as_real(p).flatten(1, 2)
+        interleaved = True
+    else:
+        if factor is None and cos is not None:
+            factor = torch.complex(cos, sin)
+        if factor is not None:  # (1, r/2) or (B, 1, r/2): the heads of an example share it
+            qf = kf = torch.view_as_real(factor.reshape(-1, 1, r // 2))
+    d = q.shape[-1]
+    out, S, z, M = compiled.module().step_one(
+        rows(q, d), rows(k, d), rows(v, dv), rows(S0, r, dv), rows(z0, r), rows(M0, dt=LOG_DTYPE),
+        None if projection is None else projection.to(dtype).contiguous(),
+        None if k_logscale is None else rows(k_logscale, dt=LOG_DTYPE),
+        None if key_bias is None else rows(key_bias, dt=LOG_DTYPE),
+        None if mask is None else mask.reshape(B).contiguous(), qf, kf, pf, interleaved, H)
+    return out.view(B, H, 1, dv).to(v.dtype), S.view(B, H, r, dv), z.view(B, H, r), M.view(B, H)
 
 
 _AUTOCAST: dict = {}  # device type -> whether autocast exists there
