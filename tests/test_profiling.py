@@ -101,6 +101,30 @@ def test_variant_rows_are_times_relative_to_eq19_and_their_cases_run():
         assert out.shape == (1, 2, 40, 8) and torch.isfinite(out).all()
 
 
+def test_layer_variants_are_times_relative_to_eq19_with_decay_and_the_cli_stores_them(monkeypatch, capsys, tmp_path):
+    from lab.bench import cli
+    from lab.bench.cases import case_layer
+    from lab.bench.targets import LAYER_VARIANTS, layer_variant_points, layer_variant_rows
+
+    def rec(s, m, status="ok"):
+        return Record("c", {}, status, s, [s], m)
+    rows = layer_variant_rows({"decay": rec(2.0, 100), "gated": rec(2.5, 120), "selective_gated": rec(1, 1, "timeout")})
+    assert [(r["variant"], r["vs_decay"]) for r in rows] == [
+        ("eq. 19 + multiscale decay", 1.0), ("eq. 19 + gate", 1.25), ("selective rotations + gate", None)]
+    points = layer_variant_points(64)
+    assert [key for key, _, _ in points] == [key for key, _, _ in LAYER_VARIANTS]
+    for key, case, params in points:  # each layer builds and runs forward and backward, tiny
+        out = case_layer(**{**params, "n": 12, "dim": 16, "heads": 2, "dim_head": 8, "r": 8})()
+        assert out.shape == (1, 12, 16) and torch.isfinite(out).all(), key
+    monkeypatch.setattr(cli, "machine_info", lambda: machine_info(**TINY))
+    monkeypatch.setattr(cli, "run_point", _fake_run_point)
+    cli.main(["--layer-variants", "--n", "64", "--rounds", "1", "--repeats", "1", "--json", str(tmp_path / "v.json")])
+    out = capsys.readouterr().out
+    assert "| layer variant (N=64) |" in out and "| selective rotations + gate |" in out
+    saved = json.loads((tmp_path / "v.json").read_text())
+    assert [r["vs_decay"] for r in saved["rows"]] == [1.0] * len(LAYER_VARIANTS)
+
+
 def test_flop_count_matches_the_formula_by_hand():
     # d = r = dv = C = 2, one position, one head, no RoPE
     fwd = 4 * 4 + 2 * 4 + 2 * 4 + 4 * 4 + 5 * 2

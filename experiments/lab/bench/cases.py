@@ -93,11 +93,14 @@ def case_naive_softmax(n, b=1, h=8, d=64, causal=True, backward=True, device="cp
     return _run(out, (q, k, v), backward)
 
 
-def case_layer(n, kind="linear", dim=512, heads=8, dim_head=64, r=256, causal=True, backward=True, device="cpu", **_):
-    """The layers users import: ``LinearRotaryAttention`` (eq. 19) or ``SoftmaxAttention`` (SDPA + RoPE)."""
+def case_layer(n, kind="linear", dim=512, heads=8, dim_head=64, r=256, causal=True, backward=True, device="cpu",
+               options=None, **_):
+    """The layers users import: ``LinearRotaryAttention`` (eq. 19; ``options``: its keywords, e.g. decay, gate,
+    rope_learned, selective) or ``SoftmaxAttention`` (SDPA + RoPE)."""
     torch.manual_seed(0)
     if kind == "linear":
-        layer = LinearRotaryAttention(dim, heads=heads, dim_head=dim_head, nb_features=r, causal=causal)
+        layer = LinearRotaryAttention(dim, heads=heads, dim_head=dim_head, nb_features=r, causal=causal,
+                                      **(options or {}))
     else:
         layer = SoftmaxAttention(dim, heads=heads, dim_head=dim_head, causal=causal)
     layer = layer.to(device)

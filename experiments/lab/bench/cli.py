@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..profiling import machine, machine_info, run_point
 from .cases import CASES, peers_available
-from .targets import combine_rounds, evaluate, targets, variant_rows
+from .targets import combine_rounds, evaluate, layer_variant_points, layer_variant_rows, targets, variant_rows
 
 __all__ = ["main"]
 
@@ -39,6 +39,9 @@ def main(argv=None, prog: str | None = None) -> None:
     p.add_argument("--breakdown", action="store_true",
                    help="instead: split the time of causal eq. 19 at --n into matrix products, other tensor ops "
                         "and the rest (torch.profiler)")
+    p.add_argument("--layer-variants", action="store_true",
+                   help="instead: the layer (dim 512, 8 heads, r = 256, forward+backward) with each research "
+                        "variant (decay, gate, learned and selective rotations) at --n, time against eq. 19 + decay")
     p.add_argument("--gpu", action="store_true",
                    help="instead: the CUDA profile (time and memory against N, eq. 19 against SDPA, a group-size "
                         "sweep and the host synchronisations of one call), written under --out")
@@ -57,20 +60,15 @@ def main(argv=None, prog: str | None = None) -> None:
         return _breakdown(p, args)
     if args.rounds < 1 or args.repeats < 1:
         p.error(f"--rounds and --repeats must be >= 1, got {args.rounds} and {args.repeats}")
+    if args.layer_variants:
+        return _layer_variants(args)
     peers = peers_available()
     with_peers = not args.no_peers and all(peers.values())
     if not args.no_peers and not with_peers:
         print(f"peers missing ({', '.join(k for k, v in peers.items() if not v)}): their targets are skipped")
     info = machine_info()  # in this process, before the points (whose subprocesses use the same thread count)
     points = targets(args.n, args.n_mem, with_peers)
-    records = {}
-    with tqdm(total=len(points) * args.rounds, desc="points", unit="pt") as bar:
-        for k in range(args.rounds):  # round-robin, so slow drifts of the machine hit every point alike
-            for key, case, params in points:
-                if k == 0 or records[key].status == "ok":  # a failed or timed-out point is not run again
-                    rec = run_point(CASES[case], params, repeats=args.repeats, timeout=900, memory=True)
-                    records[key] = rec if k == 0 else combine_rounds(records[key], rec)
-                bar.update()
+    records = _measure(points, args.rounds, args.repeats)
     table = evaluate(records, args.n, args.n_mem, sgemm_gflops=info.sgemm_gflops)
     print(f"\n{machine()}, {datetime.date.today()}, float32, B=1 H=8 d=64 r=256, forward+backward, "
           f"median over {args.rounds} fresh processes per point of the median of {args.repeats} runs after a "
@@ -98,6 +96,41 @@ def main(argv=None, prog: str | None = None) -> None:
             json.dump({"machine": machine(), "machine_info": info.to_dict(), "date": str(datetime.date.today()),
                        "records": {k: v.to_dict() for k, v in records.items()},
                        "targets": [dict(t.__dict__, met=t.met) for t in table], "variants": variants}, f,
+                      indent=1)
+
+
+def _measure(points, rounds: int, repeats: int) -> dict:
+    """Records of ``points`` ((key, case, params)), each the median of ``rounds`` fresh processes, run round-robin
+    so that slow drifts of the machine hit every point alike; a failed or timed-out point is not run again."""
+    records = {}
+    with tqdm(total=len(points) * rounds, desc="points", unit="pt") as bar:
+        for k in range(rounds):
+            for key, case, params in points:
+                if k == 0 or records[key].status == "ok":
+                    rec = run_point(CASES[case], params, repeats=repeats, timeout=900, memory=True)
+                    records[key] = rec if k == 0 else combine_rounds(records[key], rec)
+                bar.update()
+    return records
+
+
+def _layer_variants(args) -> None:
+    info = machine_info()
+    records = _measure(layer_variant_points(args.n), args.rounds, args.repeats)
+    rows = layer_variant_rows(records)
+    print(f"\n{machine()}, {datetime.date.today()}, LinearRotaryAttention(512, heads=8, dim_head=64, "
+          f"nb_features=256, causal=True), B=1, N={args.n}, float32, forward+backward, median over {args.rounds} "
+          f"fresh processes per point of the median of {args.repeats} runs after a warm-up")
+    print("\n" + info.markdown())
+    print(f"\n| layer variant (N={args.n}) | options | median s | time vs eq. 19 + decay | peak MiB |\n"
+          "|---|---|---:|---:|---:|")
+    fmt = lambda x, f: "n/a" if x is None else format(x, f)  # noqa: E731
+    for v in rows:
+        print(f"| {v['variant']} | `{v['options']}` | {fmt(v['seconds'], '.3f')} | {fmt(v['vs_decay'], '.2f')} | "
+              f"{fmt(v['peak_mib'], '.0f')} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "machine_info": info.to_dict(), "date": str(datetime.date.today()),
+                       "n": args.n, "records": {k: v.to_dict() for k, v in records.items()}, "rows": rows}, f,
                       indent=1)
 
 

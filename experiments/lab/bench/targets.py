@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 from ..profiling import Record
 from .cases import causal_flops
 
-__all__ = ["Target", "targets", "evaluate", "variant_rows", "VARIANT_POINTS", "combine_rounds"]
+__all__ = ["Target", "targets", "evaluate", "variant_rows", "VARIANT_POINTS", "combine_rounds", "LAYER_VARIANTS",
+           "layer_variant_points", "layer_variant_rows"]
 
 # The speed table of the attention variants (issue 13's new ones beside eq. 19): key of ``targets()``, label
 VARIANT_POINTS = (("ours", "eq. 19 (RoPE on the features)"), ("ours_norope", "no RoPE"),
@@ -23,6 +24,40 @@ VARIANT_POINTS = (("ours", "eq. 19 (RoPE on the features)"), ("ours_norope", "no
                   ("ours_learned_decay", "eq. 19, learned frequencies and phases + multiscale decay"),
                   ("ours_auto", "eq. 19, group_size='auto' (measured once per machine, cached)"),
                   ("ours_g1mib", "eq. 19, group_size=128 (1 MiB buffers: the default where L2 <= 1 MiB or few groups)"))
+
+
+# The layer variants of the research (gates, selective rotations) against eq. 19 + decay, the layer each is
+# meant to replace: key, label, LinearRotaryAttention options (``bench.py --layer-variants``)
+LAYER_VARIANTS = (("decay", "eq. 19 + multiscale decay", dict(decay="multiscale")),
+                  ("eq19", "eq. 19", {}),
+                  ("learned_decay", "learned rotations + decay", dict(rope_learned=True, decay="multiscale")),
+                  ("gated", "eq. 19 + gate", dict(gate=True)),
+                  ("learned_gated", "learned rotations + gate", dict(rope_learned=True, gate=True)),
+                  ("selective_decay", "selective rotations + decay",
+                   dict(rope_learned=True, selective=True, decay="multiscale")),
+                  ("selective_gated", "selective rotations + gate", dict(rope_learned=True, selective=True, gate=True)),
+                  ("inputs_gated", "RoPE before phi + gate", dict(rope="inputs", gate=True)))
+
+
+def layer_variant_points(n: int) -> list[tuple[str, str, dict]]:
+    """The points of ``LAYER_VARIANTS`` at length n: (key, case, params), the layer forward+backward."""
+    return [(key, "layer", dict(n=n, kind="linear", options=options)) for key, _, options in LAYER_VARIANTS]
+
+
+def layer_variant_rows(rec: dict[str, Record]) -> list[dict]:
+    """Per layer variant measured: seconds, peak MiB and time relative to eq. 19 + decay in the same run."""
+    base = rec.get("decay")
+    rows = []
+    for key, label, options in LAYER_VARIANTS:
+        r = rec.get(key)
+        if r is None:
+            continue
+        ok = r.status == "ok"
+        rel = (r.seconds / base.seconds if ok and base is not None and base.status == "ok" and base.seconds
+               else None)
+        rows.append(dict(variant=label, options=options, seconds=r.seconds if ok else None,
+                         peak_mib=r.peak_mib if ok else None, vs_decay=rel, status=r.status))
+    return rows
 
 
 @dataclass
