@@ -97,8 +97,9 @@ class _Heads(nn.Module):
                 raise ValueError("return_state: expected False for a layer built with causal=False "
                                  "(decoding needs causal=True)")
         if context is None and self.kv_heads == self.heads:
-            qkv = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-            q, k, v = qkv.unbind(0)
+            # b n (three h d) -> three b h n d as a view: einops' call costs more than a decoding step's arithmetic
+            B, N = x.shape[:2]
+            q, k, v = self.to_qkv(x).view(B, N, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
         else:  # the same parameters, split: q from x, k and v from the context (or x), kv_heads of them
             hd = self.heads * self.dim_head
             W, b = self.to_qkv.weight, self.to_qkv.bias
@@ -148,7 +149,8 @@ class _Heads(nn.Module):
         return (q, k) if f == 1.0 else (q * f, k * f)
 
     def merge(self, out: Tensor) -> Tensor:
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        B, H, N, d = out.shape  # b h n d -> b n (h d), without einops' per-call cost (see split)
+        return self.to_out(out.transpose(1, 2).reshape(B, N, H * d))
 
 
 def _keys(key_padding_mask, context, context_mask, context_positions):
@@ -384,6 +386,8 @@ class LinearRotaryAttention(_Heads):
             dt = compute_dtype(x)
             return F.linear(x.to(dt), proj.weight.to(dt), proj.bias.to(dt)).transpose(1, 2)
 
+        if not (self.gate or self.selective):  # nothing to read (no autocast context to enter on every token)
+            return None, None
         with _full_precision(x):
             log_gates = F.logsigmoid(read(self.gate_proj)) / GATE_TEMPERATURE if self.gate else None
             clock = F.softplus(read(self.clock_proj)) if self.selective else None
