@@ -326,7 +326,7 @@ class LinearRotaryAttention(_Heads):
         ...). FAVOR+ goes through ``favor_attention`` (features recomputed in the backward), other maps through
         ``linear_attention`` on their features. Returns what the function returns. A subclass may replace it to
         study another attention on the same projections (the experiments' rotated-normalizer ablation does)."""
-        if isinstance(self.feature_map, FavorPlus) and kwargs.get("log_gates") is None:
+        if isinstance(self.feature_map, FavorPlus):
             return favor_attention(q, k, v, self.feature_map.projection, rotary=rotary, **kwargs)
         qf, _ = self.feature_map(q, is_query=True)
         kf, ks = self.feature_map(k, is_query=False)

@@ -672,7 +672,8 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
                     chunk_size: int = 64, initial_state: AttentionState | None = None, return_state: bool = False,
                     key_padding_mask: Tensor | None = None, group_size: int | str | None = None,
                     key_positions: int | Tensor | None = None, cu_seqlens: Tensor | None = None, group=None,
-                    decay: float | Tensor | None = None, kernel: str = "torch", clock: Tensor | None = None):
+                    decay: float | Tensor | None = None, kernel: str = "torch", log_gates: Tensor | None = None,
+                    clock: Tensor | None = None):
     """FAVOR+ attention from raw q, k, v; eq. 19 with ``rotary``. Features are recomputed in the backward.
 
     Equal to ``linear_attention(*favor features of q and k*, v, ...)`` with features ``favor_plus(x, projection)``
@@ -701,15 +702,25 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
     r = projection.shape[0]
     check_rotary(rotary, r, "the number of features r (projection rows)", learned=True)
     _check_clock(clock, k.shape[:3], rotary, causal, group, initial_state)
-    if clock is None and cu_seqlens is None and _decoding_call(causal, initial_state, group, kernel, cross, v,
-                                                               (q, k, v)):
-        return _decode("favor", q, k, None, v, projection, r, rotary, positions, chunk_size, group_size,
-                       initial_state, return_state, key_padding_mask, decay, kernel)
-    call = lambda sl, pos, mask: _run(  # noqa: E731
-        "favor", q[:, :, sl], k[:, :, sl], None, v[:, :, sl], projection, r, causal=causal, rotary=rotary,
-        positions=pos, chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,
-        return_state=return_state, key_padding_mask=mask, key_positions=key_positions, cross=cross, group=group,
-        decay=decay, kernel=kernel, clock=_clock_values(clock, sl, initial_state))
+    if log_gates is not None:
+        _check_gates(log_gates, k.shape[:3], causal)
+    decoding = clock is None and cu_seqlens is None and _decoding_call(causal, initial_state, group, kernel, cross,
+                                                                       v, (q, k, v, log_gates))
+
+    def attend(sl, pos, mask, ks=None):  # ks: the gates' key log-biases (B, H, N), differentiated
+        if decoding:
+            return _decode("favor", q, k, ks, v, projection, r, rotary, pos, chunk_size, group_size, initial_state,
+                           return_state, mask, decay, kernel)
+        return _run("favor", q[:, :, sl], k[:, :, sl], ks, v[:, :, sl], projection, r, causal=causal,
+                    rotary=rotary, positions=pos, chunk_size=chunk_size, group_size=group_size,
+                    initial_state=initial_state, return_state=return_state, key_padding_mask=mask,
+                    key_positions=key_positions, cross=cross, group=group, decay=decay, kernel=kernel,
+                    clock=_clock_values(clock, sl, initial_state))
+
+    call = attend
+    if log_gates is not None:  # the gates as key log-biases (exact, like a decay), through the same fused path
+        call = lambda sl, pos, mask: _gated(lambda ks: attend(sl, pos, mask, ks), log_gates[:, :, sl], None,  # noqa: E731
+                                            group, return_state)
     if cu_seqlens is not None:
         _no_group(group)
         return _per_document(call, cu_seqlens, v.shape[0], v.shape[2], positions, key_padding_mask,

@@ -5,8 +5,11 @@ packed documents, and in the layer (``gate=True``)."""
 import pytest
 import torch
 
-from linrope import LinearRotaryAttention, RotaryEmbedding, linear_attention
+from linrope import LinearRotaryAttention, RotaryEmbedding, favor_attention, linear_attention
+from linrope.features import gaussian_orthogonal_matrix
 from reference import assert_close, eq19_weighted, rotation_matrices
+
+F64 = torch.float64
 
 
 def gate_weights(log_gates, N):
@@ -43,6 +46,58 @@ def test_outputs_and_gradients_match_the_written_out_product(rope):
     want = torch.autograd.grad((ref * w).sum(), ref_t)
     for name, a, b in zip(("qf", "kf", "v", "log_gates"), want, got):
         assert_close(f"d {name}", a, b, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("std", [1.0, 3.0])
+def test_favor_gates_match_the_written_out_product_on_favor_features(rope, std):
+    """favor_attention(log_gates=): the gates as differentiated key log-biases inside the fused FAVOR+ path
+    (features recomputed in the backward), against eq. 19 on phi(x) = exp(x~ W^T - |x~|^2/2) written out."""
+    g = torch.Generator().manual_seed(5)
+    B, H, N, d, r = 2, 3, 23, 8, 16
+    q, k = (std * torch.randn(B, H, N, d, generator=g, dtype=F64) for _ in range(2))
+    v = torch.randn(B, H, N, 5, generator=g, dtype=F64)
+    lg = -0.3 * torch.rand(B, H, N, generator=g, dtype=F64)
+    W = gaussian_orthogonal_matrix(r, d, generator=g).double()
+    rot = RotaryEmbedding(r) if rope else None
+    tensors = [t.clone().requires_grad_() for t in (q, k, v, lg)]
+    out = favor_attention(*tensors[:3], W, causal=True, rotary=rot, log_gates=tensors[3], chunk_size=4,
+                          group_size=8)
+
+    def phi(x):
+        x = x * d ** -0.25
+        return torch.exp(x @ W.t() - 0.5 * x.square().sum(-1, keepdim=True))
+
+    R = rotation_matrices(torch.arange(N), r) if rope else None
+    ref_t = [t.clone().requires_grad_() for t in (q, k, v, lg)]
+    ref = eq19_weighted(phi(ref_t[0]), phi(ref_t[1]), ref_t[2], Rq=R, Rk=R, weights=gate_weights(ref_t[3], N))
+    assert_close("gated favor", ref, out, rtol=1e-10, atol=1e-12)
+    w = torch.randn_like(ref)
+    got = torch.autograd.grad((out * w).sum(), tensors)
+    want = torch.autograd.grad((ref * w).sum(), ref_t)
+    for name, a, b in zip(("q", "k", "v", "log_gates"), want, got):
+        assert_close(f"d {name}", a, b, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "cpp"])
+def test_favor_gates_decode_as_the_full_pass(kernel):
+    g = torch.Generator().manual_seed(6)
+    B, H, N, d, r = 2, 2, 20, 8, 16
+    q, k = (2 * torch.randn(B, H, N, d, generator=g) for _ in range(2))
+    v = torch.randn(B, H, N, 4, generator=g)
+    lg = -torch.rand(B, H, N, generator=g)
+    W = gaussian_orthogonal_matrix(r, d, generator=g).float()
+    kw = dict(causal=True, rotary=RotaryEmbedding(r), decay=0.95, kernel=kernel)
+    with torch.no_grad():
+        full = favor_attention(q, k, v, W, log_gates=lg, **kw)
+        out, st = favor_attention(q[:, :, :8], k[:, :, :8], v[:, :, :8], W, log_gates=lg[:, :, :8],
+                                  return_state=True, **kw)
+        parts = [out]
+        for t in range(8, N):
+            o, st = favor_attention(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], W,
+                                    log_gates=lg[:, :, t:t + 1], initial_state=st, return_state=True, **kw)
+            parts.append(o)
+    assert_close("decoded", full.double(), torch.cat(parts, 2).double(), rtol=1e-5, atol=1e-6)
 
 
 def test_exact_when_the_gates_forget_fast_and_with_a_decay_beside_them():

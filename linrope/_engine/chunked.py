@@ -795,7 +795,8 @@ class Inputs:
     S0: Tensor  # (B, H, r, dv) numerator state, relative to exp(M0)
     z0: Tensor  # (B, H, r) key sum
     M0: Tensor  # (B, H) LOG_DTYPE reference log-scale of both
-    k_logscale: Tensor | None = None  # (B, H, N) log-magnitudes of given key features
+    k_logscale: Tensor | None = None  # (B, H, N) log-magnitudes of given key features; with 'favor', a log-bias
+    # added to the keys' own (a gate's -G), differentiated either way
     key_bias: Tensor | None = None  # (BH, N) LOG_DTYPE added to the keys' log-scales (a decay), not differentiated
     projection: Tensor | None = None  # (r, d) 'favor'
     mask: Tensor | None = None  # (B, N) bool key padding mask, True = keep
@@ -970,7 +971,7 @@ def _prepare(call: Call, x: Inputs, perm: Tensor | None, clock_grad: bool = Fals
         rot_k = AngleRotation(x.theta, None, x.angle_positions, H, dtype, call.first_position, clock_grad)
     if call.features == "favor":
         W = x.projection if perm is None else x.projection[perm]
-        src = FavorFeatures(x.q, x.k, W, x.mask, dtype, x.key_bias)
+        src = FavorFeatures(x.q, x.k, W, x.mask, dtype, x.key_bias, x.k_logscale)
     else:
         src = GivenFeatures(x.q, x.k, x.k_logscale, x.mask, perm, dtype, x.key_bias)
     return src, rot, rot_k

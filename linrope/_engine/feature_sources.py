@@ -276,23 +276,27 @@ class FavorFeatures:
 
     With x~ = x d^(-1/4) and u = x~ W^T: fq = exp(u - max_i u) (a per-row factor that cancels); keys have
     log-scale max_i u - |x~|^2/2 and k0 = exp(u - |x~|^2/2 - P): Performer's exp(u - |x~|^2/2) times the
-    group constant exp(-P). The 1/sqrt(r) of Performer cancels and is dropped.
+    group constant exp(-P). The 1/sqrt(r) of Performer cancels and is dropped. ``ks`` (B, H, M), optional: a
+    log-bias of each key that is differentiated (a gate's -G_n): its gradient sum_i dk0_i k0_i goes to ``dks``.
     """
 
     add_keys = False  # key gradients add to dk instead of being written (a second pass over the same keys)
 
-    def __init__(self, q, k, W, mask, dtype, bias=None):
+    def __init__(self, q, k, W, mask, dtype, bias=None, ks=None):
         B, H, M, d = k.shape
         self.q, self.k, self.mask, self.dtype = q, k, _flat_mask(mask, H), dtype
         self.BH, self.r = B * H, W.shape[0]
         self.Ws = W.to(dtype) * d ** -0.25  # u = x @ Ws^T
         self.scale2 = d ** -0.5
-        # |k~|^2 / 2, less the log-bias: what a key's log-scale subtracts from max_i u
+        # |k~|^2 / 2, less the log-biases: what a key's log-scale subtracts from max_i u
         self.half_sq = ((0.5 * self.scale2) * _square_norms(k, dtype).reshape(B * H, -1)).to(LOG_DTYPE)
         if bias is not None:
             self.half_sq = self.half_sq - bias
+        if ks is not None:
+            self.half_sq = self.half_sq - ks.detach().reshape(B * H, -1).to(LOG_DTYPE)
         self.dq = q.new_empty(B * H, q.shape[2], d)
-        self.dk, self.dks = k.new_empty(B * H, M, d), None
+        self.dk = k.new_empty(B * H, M, d)
+        self.dks = None if ks is None else ks.new_empty(B * H, M)
 
     def query(self, a, b, buf):
         torch.matmul(group_rows(self.q, a, b, dtype=self.dtype), self.Ws.t(), out=buf)
@@ -327,8 +331,11 @@ class FavorFeatures:
     def key_grad(self, a, b, k0, dk0, logscale, ref):
         du = dk0.mul_(k0)  # d/du of exp(u - h - P)
         g = du @ self.Ws
-        g.sub_(du.sum(-1, keepdim=True) * group_rows(self.k, a, b, dtype=self.dtype), alpha=self.scale2)  # -d h/dk
+        total = du.sum(-1, keepdim=True)  # d/d(a log-bias of the key): k0 scales by its exponential
+        g.sub_(total * group_rows(self.k, a, b, dtype=self.dtype), alpha=self.scale2)  # -d h/dk
         _store(self.dk, a, b, g, self.add_keys)
+        if self.dks is not None:
+            _store(self.dks, a, b, total.squeeze(-1), self.add_keys)
 
 
 class GivenFeatures:

@@ -101,8 +101,9 @@ def step(features: str, interleaved: bool, dtype: torch.dtype, q: Tensor, k: Ten
          compiled: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Causal eq. 19 over N positions continuing the state (S0, z0, M0); what the engine's causal pass returns.
 
-    Arguments as the engine takes them: features 'favor' (q, k raw (B, H, N, d), ``projection`` (r, d)) or
-    'features' (q, k features (B, H, N, r), ``k_logscale`` (B, H, N) or None); v (B, H, N, dv) (padded values
+    Arguments as the engine takes them: features 'favor' (q, k raw (B, H, N, d), ``projection`` (r, d), and
+    ``k_logscale`` (B, H, N) a log-bias of the keys or None) or 'features' (q, k features (B, H, N, r),
+    ``k_logscale`` (B, H, N) or None); v (B, H, N, dv) (padded values
     already 0); S0 (B, H, r, dv), z0 (B, H, r) in ``dtype``, M0 (B, H) ``LOG_DTYPE`` (a decay's bias included);
     key_bias (B*H, N) ``LOG_DTYPE`` (a decay); mask (B, N) bool, True = keep; cos, sin (N, r/2) or (B, N, r/2) of
     the pairing ``interleaved``, or learned theta, phase (H, r/2) at ``angle_positions`` ((N,) or (B, N) float64,
@@ -120,7 +121,7 @@ def step(features: str, interleaved: bool, dtype: torch.dtype, q: Tensor, k: Ten
     BH, r = B * H, S0.shape[2]
     with _no_autocast(v.device):
         if features == "favor":
-            src = FavorFeatures(q, k, projection, mask, dtype, key_bias)
+            src = FavorFeatures(q, k, projection, mask, dtype, key_bias, k_logscale)
         else:
             src = GivenFeatures(q, k, k_logscale, mask, None, dtype, key_bias)
         buf = torch.empty(2, BH, N, r, dtype=dtype, device=v.device)
@@ -219,6 +220,8 @@ def _one(features, interleaved, dtype, q, k, v, S0, z0, M0, k_logscale=None, key
         s = torch.sub(top, x.square().sum(-1, keepdim=True), alpha=0.5)  # the key's log-scale in row 1 (float32)
         if key_bias is not None:
             s = s + key_bias.view(B, H, 1, 1)  # float64
+        if k_logscale is not None:  # a log-bias of the key (a gate's -G)
+            s = s + k_logscale.view(B, H, 1, 1).to(LOG_DTYPE)
         ms = torch.where(_first_row(v.device), M0, s)  # (2, B, H, 1, 1) in LOG_DTYPE: the state's, the key's
         fq, kb = u.unbind(0)  # (B, H, 1, r) each: views of u, k0 written in place below
     else:
@@ -386,6 +389,8 @@ def reference(features: str, interleaved: bool, q: Tensor, k: Tensor, v: Tensor,
         qf = torch.exp(uq - uq.amax(-1, keepdim=True))
         kf = torch.exp(uk - uk.amax(-1, keepdim=True))
         s = uk.amax(-1) - 0.5 * xk.square().sum(-1)
+        if k_logscale is not None:  # a log-bias of each key (a gate's -G)
+            s = s + k_logscale.to(F64)
     else:
         qf, kf = q.to(F64), k.to(F64)
         s = None if k_logscale is None else k_logscale.to(F64)

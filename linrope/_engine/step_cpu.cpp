@@ -113,8 +113,9 @@ const at::Tensor* opt(const c10::optional<at::Tensor>& t) { return t.has_value()
 
 // Arguments (contiguous, one dtype T = float32 or float64 but where named): q, k: with a ``projection`` W (r, d),
 // the raw query and key (BH, d), whose FAVOR+ features are made here as step._one makes them (x~ = x d^(-1/4),
-// u = x~ W^T, exp(u - max u), the key's log-scale max u - |x~|^2 / 2); without one, the features (BH, r) and the
-// key's log-scale ``k_logscale`` (BH,) float64 or None (keys without magnitudes). v (BH, dv); S0 (BH, r, dv);
+// u = x~ W^T, exp(u - max u), the key's log-scale max u - |x~|^2 / 2, plus ``k_logscale`` (BH,) float64 if given:
+// a gate's -G); without one, the features (BH, r) and the key's log-scale ``k_logscale`` (BH,) float64 or None
+// (keys without magnitudes). v (BH, dv); S0 (BH, r, dv);
 // z0 (BH, r); M0 (BH,) float64; key_bias (BH,) float64 (a decay) or None; keep (B,) bool or None; qf, kf
 // (Bf, Hf, r/2, 2): the query's and the key's rotation factors (cos, sin), or None; pf (H, r/2, 2): a learned
 // phase's, or None. Returns out (BH, dv), S (BH, r, dv), z (BH, r), M (BH,) float64.
@@ -151,6 +152,7 @@ std::vector<at::Tensor> step_one(const at::Tensor& q, const at::Tensor& k, const
     fq = u.select(0, 0);
     kb = u.select(0, 1);
     s = at::sub(top.select(0, 1), x.select(0, 1).square().sum(-1, true), 0.5).view({BH}).to(at::kDouble);
+    if (ls != nullptr) s = s + *ls;  // a log-bias of the key (a gate's -G)
   } else if (ls != nullptr) {
     s = *ls;
   }
