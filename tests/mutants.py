@@ -332,6 +332,16 @@ MUTANTS = [
            "cos, sin = cos[..., : rot // 2], sin[..., : rot // 2]", "cos, sin = cos[..., rot // 4:], sin[..., rot // 4:]",
            ("tests/test_hf.py",), k="conversion_equals",
            why="HF's cos/sin repeat each half: a linearized model must rotate q, k exactly as the teacher did"),
+    Mutant("cpp-step-state-not-carried-to-the-key", "linrope/_engine/step_cpu.cpp",
+           "s1[j] = s0[j] * e + c * v[j];", "s1[j] = s0[j] + c * v[j];",
+           ("tests/test_step.py",), k="cpp and reference_and_the_engine",
+           why="the compiled step must move the state to the new key's reference (e < 1 when the key raises the "
+               "running max), or old keys keep their weight against it"),
+    Mutant("favor-gate-gradient-dropped", SOURCES,
+           "_store(self.dks, a, b, total.squeeze(-1), self.add_keys)",
+           "_store(self.dks, a, b, 0 * total.squeeze(-1), self.add_keys)",
+           ("tests/test_gates.py",), k="favor_gates_match",
+           why="a gated FAVOR+ layer learns its gate through the keys' log-biases: their gradient must reach it"),
 ]
 
 

@@ -30,6 +30,15 @@ def inputs(B=2, H=3, N=23, r=8, dv=5, scale=1.0, gate_scale=0.3, dtype=torch.flo
     return qf, kf, v, lg
 
 
+def _same_gradients(out, inputs, ref, ref_inputs, names):
+    """The gradients of a random projection of out w.r.t. inputs equal the reference's w.r.t. its own (float64)."""
+    w = torch.randn_like(ref)
+    got = torch.autograd.grad((out * w).sum(), inputs)
+    want = torch.autograd.grad((ref * w).sum(), ref_inputs)
+    for name, a, b in zip(names, want, got):
+        assert_close(f"d {name}", a, b, rtol=1e-8, atol=1e-11)
+
+
 @pytest.mark.parametrize("rope", [False, True])
 def test_outputs_and_gradients_match_the_written_out_product(rope):
     qf, kf, v, lg = inputs()
@@ -41,11 +50,7 @@ def test_outputs_and_gradients_match_the_written_out_product(rope):
     ref_t = [t.clone().requires_grad_() for t in (qf, kf, v, lg)]
     ref = eq19_weighted(*ref_t[:3], Rq=R, Rk=R, weights=gate_weights(ref_t[3], N))
     assert_close("gated", ref, out, rtol=1e-10, atol=1e-12)
-    w = torch.randn_like(ref)
-    got = torch.autograd.grad((out * w).sum(), tensors)
-    want = torch.autograd.grad((ref * w).sum(), ref_t)
-    for name, a, b in zip(("qf", "kf", "v", "log_gates"), want, got):
-        assert_close(f"d {name}", a, b, rtol=1e-8, atol=1e-11)
+    _same_gradients(out, tensors, ref, ref_t, ("qf", "kf", "v", "log_gates"))
 
 
 @pytest.mark.parametrize("rope", [False, True])
@@ -72,11 +77,7 @@ def test_favor_gates_match_the_written_out_product_on_favor_features(rope, std):
     ref_t = [t.clone().requires_grad_() for t in (q, k, v, lg)]
     ref = eq19_weighted(phi(ref_t[0]), phi(ref_t[1]), ref_t[2], Rq=R, Rk=R, weights=gate_weights(ref_t[3], N))
     assert_close("gated favor", ref, out, rtol=1e-10, atol=1e-12)
-    w = torch.randn_like(ref)
-    got = torch.autograd.grad((out * w).sum(), tensors)
-    want = torch.autograd.grad((ref * w).sum(), ref_t)
-    for name, a, b in zip(("q", "k", "v", "log_gates"), want, got):
-        assert_close(f"d {name}", a, b, rtol=1e-8, atol=1e-11)
+    _same_gradients(out, tensors, ref, ref_t, ("q", "k", "v", "log_gates"))
 
 
 @pytest.mark.parametrize("kernel", ["torch", "cpp"])

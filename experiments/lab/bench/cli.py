@@ -92,11 +92,8 @@ def main(argv=None, prog: str | None = None) -> None:
         m = "" if r.peak_mib is None else f"{r.peak_mib:.0f}"
         print(f"| {key} | {case} | {params} | {s} | {m} | {r.status} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "machine_info": info.to_dict(), "date": str(datetime.date.today()),
-                       "records": {k: v.to_dict() for k, v in records.items()},
-                       "targets": [dict(t.__dict__, met=t.met) for t in table], "variants": variants}, f,
-                      indent=1)
+        _write_json(args.json, info, records={k: v.to_dict() for k, v in records.items()},
+                    targets=[dict(t.__dict__, met=t.met) for t in table], variants=variants)
 
 
 def _measure(points, rounds: int, repeats: int) -> dict:
@@ -128,10 +125,14 @@ def _layer_variants(args) -> None:
         print(f"| {v['variant']} | `{v['options']}` | {fmt(v['seconds'], '.3f')} | {fmt(v['vs_decay'], '.2f')} | "
               f"{fmt(v['peak_mib'], '.0f')} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "machine_info": info.to_dict(), "date": str(datetime.date.today()),
-                       "n": args.n, "records": {k: v.to_dict() for k, v in records.items()}, "rows": rows}, f,
-                      indent=1)
+        _write_json(args.json, info, n=args.n, records={k: v.to_dict() for k, v in records.items()}, rows=rows)
+
+
+def _write_json(path: str, info, **payload) -> None:
+    """``payload`` with the machine block and the date, as JSON at ``path``."""
+    with open(path, "w") as f:
+        json.dump({"machine": machine(), "machine_info": info.to_dict(), "date": str(datetime.date.today()),
+                   **payload}, f, indent=1)
 
 
 def _compare(p, args) -> None:
@@ -154,9 +155,7 @@ def _compare(p, args) -> None:
         print(f"| {r['point']} | {secs(r, 'then')} | {secs(r, 'now')} | "
               f"{fmt(r.get('now_over_then'), '.2f')} | {fmt(r['then_mib'], '.0f')} | {fmt(r['now_mib'], '.0f')} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "machine_info": info.to_dict(), "date": str(datetime.date.today()),
-                       "compare": args.compare, "rows": rows}, f, indent=1)
+        _write_json(args.json, info, compare=args.compare, rows=rows)
 
 
 def _probe_report(args, info, heading: str, body: str, key: str, payload: dict) -> None:
@@ -165,9 +164,7 @@ def _probe_report(args, info, heading: str, body: str, key: str, payload: dict) 
     print("\n" + info.markdown())
     print("\n" + body)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "machine_info": info.to_dict(), "date": str(datetime.date.today()),
-                       key: payload}, f, indent=1)
+        _write_json(args.json, info, **{key: payload})
 
 
 def _fusion(args) -> None:

@@ -46,18 +46,7 @@ def layer_variant_points(n: int) -> list[tuple[str, str, dict]]:
 
 def layer_variant_rows(rec: dict[str, Record]) -> list[dict]:
     """Per layer variant measured: seconds, peak MiB and time relative to eq. 19 + decay in the same run."""
-    base = rec.get("decay")
-    rows = []
-    for key, label, options in LAYER_VARIANTS:
-        r = rec.get(key)
-        if r is None:
-            continue
-        ok = r.status == "ok"
-        rel = (r.seconds / base.seconds if ok and base is not None and base.status == "ok" and base.seconds
-               else None)
-        rows.append(dict(variant=label, options=options, seconds=r.seconds if ok else None,
-                         peak_mib=r.peak_mib if ok else None, vs_decay=rel, status=r.status))
-    return rows
+    return _relative_rows(rec, "decay", [(k, label, dict(options=o)) for k, label, o in LAYER_VARIANTS], "vs_decay")
 
 
 @dataclass
@@ -151,17 +140,23 @@ def evaluate(rec: dict[str, Record], n: int = 16384, n_mem: int = 4096, sgemm_gf
 
 def variant_rows(rec: dict[str, Record]) -> list[dict]:
     """Per variant of ``VARIANT_POINTS`` measured: seconds, peak MiB and time relative to eq. 19 in the same run."""
-    base = rec.get("ours")
+    return _relative_rows(rec, "ours", [(k, label, {}) for k, label in VARIANT_POINTS], "vs_eq19")
+
+
+def _relative_rows(rec: dict[str, Record], base_key: str, entries, ratio: str) -> list[dict]:
+    """A row per (key, label, extra fields) entry measured: seconds, peak MiB and, as ``ratio``, its time over
+    ``rec[base_key]``'s (None where either failed)."""
+    base = rec.get(base_key)
+    base_s = base.seconds if base is not None and base.status == "ok" else None
     rows = []
-    for key, label in VARIANT_POINTS:
+    for key, label, extra in entries:
         r = rec.get(key)
         if r is None:
             continue
         ok = r.status == "ok"
-        rel = (r.seconds / base.seconds if ok and base is not None and base.status == "ok" and base.seconds
-               else None)
-        rows.append(dict(variant=label, seconds=r.seconds if ok else None, peak_mib=r.peak_mib if ok else None,
-                         vs_eq19=rel, status=r.status))
+        rows.append(dict(variant=label, **extra, seconds=r.seconds if ok else None,
+                         peak_mib=r.peak_mib if ok else None,
+                         **{ratio: r.seconds / base_s if ok and base_s else None}, status=r.status))
     return rows
 
 
