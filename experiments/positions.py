@@ -24,7 +24,7 @@ def main():
         variants=parse_list(a.variants, str, "variants"), length=a.length, distance=a.distance, symbols=a.symbols,
         seeds=parse_list(a.seeds, int, "seeds"), steps=a.steps, batch_size=a.batch_size, device=a.device,
         out=a.out, resume=a.resume, progress=not a.no_progress, lr=a.lr,
-        features=a.features, rope_base=a.rope_base, position_lr=a.position_lr))
+        features=a.features, rope_base=a.rope_base, position_lr=a.position_lr, gate_lr=a.gate_lr))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def main():
         task=a.task, variants=parse_list(a.variants, str, "variants"), lengths=parse_list(a.lengths, int, "lengths"),
         pairs=a.pairs, seeds=parse_list(a.seeds, int, "seeds"), steps=a.steps, batch_size=a.batch_size,
         device=a.device, out=a.out, resume=a.resume, progress=not a.no_progress, lr=a.lr,
-        features=a.features, rope_base=a.rope_base, position_lr=a.position_lr))
+        features=a.features, rope_base=a.rope_base, position_lr=a.position_lr, gate_lr=a.gate_lr))
 
 
 if __name__ == "__main__":

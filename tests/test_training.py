@@ -393,3 +393,19 @@ def test_position_lr_gives_rotations_and_gates_their_own_rate(tmp_path):
     assert sorted(len(g["params"]) for g in groups)[0] == len(found)
     with pytest.raises(ValueError, match="position_lr"):
         TrainConfig(position_lr=0)
+
+
+def test_gate_lr_takes_the_gates_apart_from_the_rotations():
+    model = ByteLM(ModelConfig(attention="linear-rope-selective-gated", **TINY))
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = train_module.parameter_groups(model, TrainConfig(lr=1e-3, position_lr=3e-2, gate_lr=2e-3))
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(names) and len(seen) == len(set(seen))  # every parameter once
+    gates, rotations = groups[2], groups[3]
+    assert gates["lr_scale"] == pytest.approx(2.0) and rotations["lr_scale"] == pytest.approx(30.0)
+    assert {names[id(p)].split(".")[-2] for p in gates["params"]} == {"gate_proj", "clock_proj"}
+    assert all("rotary" in names[id(p)] for p in rotations["params"])
+    only_gates = train_module.parameter_groups(model, TrainConfig(lr=1e-3, gate_lr=2e-3))
+    assert len(only_gates) == 3 and len(only_gates[2]["params"]) == len(gates["params"])
+    with pytest.raises(ValueError, match="gate_lr"):
+        TrainConfig(gate_lr=-1.0)

@@ -49,7 +49,7 @@ class Preset:
 _SMALL = dict(n_layer=3, dim=128, heads=4, nb_features=64)
 _QUICK_TRAIN = dict(steps=180, lr=2e-3, warmup=30, eval_interval=30, log_interval=10, ckpt_interval=60)
 # the main job: the ceiling, the linear variant eq. 19 is compared with, eq. 19, what fixes it (a decay; learned
-# rotations with it: the recommended configuration) and no positions at all
+# rotations with a forget gate: the recommended configuration) and no positions at all
 QUICK_VARIANTS = ("softmax-rope", "linear-rope-inputs", "linear-rope", "linear-rope-decay", RECOMMENDED, "linear-nope")
 PRESETS: dict[str, Preset] = {
     # 6 runs x 180 steps x 0.23-0.30 s (batch 8 x 512 on the 2-core Zen 4, 1.57 s per step of all six) + 7
@@ -118,6 +118,9 @@ def add_synthetic_arguments(parser, *, out: str, seeds: str, steps: int) -> None
     parser.add_argument("--position-lr", type=float, default=None,
                         help="peak learning rate of learned rotations and gates, a parameter group of their own "
                              "(default: --lr)")
+    parser.add_argument("--gate-lr", type=float, default=None,
+                        help="the gates' and clocks' own peak learning rate, apart from the rotations (default: "
+                             "--position-lr's group, or --lr)")
     parser.add_argument("--features", type=int, default=None,
                         help=f"random features r of the linear variants (default {_TINY['nb_features']})")
     parser.add_argument("--rope-base", type=float, default=None,
@@ -456,18 +459,24 @@ def _tiny(features: int | None, rope_base: float | None) -> dict:
 _SYNTH_TRAIN = dict(lr=3e-3, warmup=20, weight_decay=0.0, log_interval=10, ckpt_interval=100)
 
 
+def _rates(position_lr: float | None, gate_lr: float | None) -> dict:
+    """The TrainConfig fields of the parameter groups' own rates that were given."""
+    return {name: v for name, v in (("position_lr", position_lr), ("gate_lr", gate_lr)) if v is not None}
+
+
 def run_positions(*, variants=CORE_VARIANTS, length: int = 64, distance: int = 8, symbols: int = 16,
                   seeds=(0, 1, 2), steps: int = 300, batch_size: int = 32, device: str = "cpu",
                   out="experiments/results/positions", resume: bool = False, progress: bool = True,
                   lr: float | None = None, features: int | None = None,
-                  rope_base: float | None = None, position_lr: float | None = None) -> list[dict]:
+                  rope_base: float | None = None, position_lr: float | None = None,
+                  gate_lr: float | None = None) -> list[dict]:
     """``lookback``: predict the symbol ``distance`` places back, a task only position can solve. Accuracy per
     variant over seeds; writes ``positions.png`` (accuracy against step)."""
     return _run_synthetic("positions", "lookback", lambda n: {"distance": distance, "symbols": symbols},
                           1 / symbols, variants=variants, lengths=(length,), seeds=seeds, steps=steps,
                           batch_size=batch_size, model=_tiny(features, rope_base),
                           train_cfg={**_SYNTH_TRAIN, "eval_interval": 25, **({} if lr is None else {"lr": lr}),
-                                     **({} if position_lr is None else {"position_lr": position_lr})},
+                                     **_rates(position_lr, gate_lr)},
                           device=device, out=out, resume=resume, progress=progress)
 
 
@@ -500,7 +509,8 @@ def run_recall(*, task: str = "pair-recall", variants=CORE_VARIANTS, lengths=(64
                seeds=(0,), steps: int = 400, batch_size: int = 32, device: str = "cpu",
                out="experiments/results/recall", resume: bool = False, progress: bool = True,
                lr: float | None = None, features: int | None = None,
-               rope_base: float | None = None, position_lr: float | None = None) -> list[dict]:
+               rope_base: float | None = None, position_lr: float | None = None,
+               gate_lr: float | None = None) -> list[dict]:
     """Associative recall at each length with ``pairs`` key-value pairs (default ``length // 8``): ``task`` is
     'pair-recall' (one token per pair, ``lab.data.pair_recall``: learnable in CPU minutes) or 'mqar' (two
     tokens per pair, Zoology's MQAR: needs an induction head, i.e. far more steps). Writes ``recall.png``
@@ -511,7 +521,7 @@ def run_recall(*, task: str = "pair-recall", variants=CORE_VARIANTS, lengths=(64
                           variants=variants, lengths=lengths, seeds=seeds, steps=steps, batch_size=batch_size,
                           model=_tiny(features, rope_base),
                           train_cfg={**_SYNTH_TRAIN, "eval_interval": 50, **({} if lr is None else {"lr": lr}),
-                                     **({} if position_lr is None else {"position_lr": position_lr})},
+                                     **_rates(position_lr, gate_lr)},
                           device=device, out=out,
                           resume=resume, progress=progress)
 

@@ -65,6 +65,7 @@ class TrainConfig:
     sequence_parallel: int = 1    # ranks holding one sequence (each a contiguous 1/P of it); a divisor of the world
     lr: float = 1e-3              # peak learning rate (AdamW)
     position_lr: float | None = None  # peak learning rate of learned rotations and gates (None: lr), same schedule
+    gate_lr: float | None = None      # the gates' and clocks' own peak rate, apart from the rotations (None: as above)
     warmup: int = 50              # linear warmup steps, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.1     # 1.0 keeps the learning rate constant after warmup
     weight_decay: float = 0.1     # on matrices only (embeddings and linear weights), not on norms or biases
@@ -81,8 +82,9 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "sequence_parallel", "log_interval", "eval_interval",
                      "ckpt_interval"):
             check_int(name, getattr(self, name))
-        if self.position_lr is not None:
-            check_number("position_lr", self.position_lr, lambda v: v > 0, "None or a number > 0")
+        for name in ("position_lr", "gate_lr"):
+            if getattr(self, name) is not None:
+                check_number(name, getattr(self, name), lambda v: v > 0, "None or a number > 0")
         checks = (("lr", "a number > 0", lambda v: v > 0),
                   ("min_lr_ratio", "a number in [0, 1]", lambda v: 0 <= v <= 1),
                   ("warmup", "an integer >= 0", lambda v: is_int(v) and v >= 0),
@@ -103,14 +105,38 @@ def decay_groups(model: nn.Module) -> tuple[list, list]:
 
 
 def position_parameters(model: nn.Module) -> list:
-    """The learned rotations' frequencies and phases, the gates' and the selective clocks' projections
-    (``TrainConfig.position_lr``)."""
+    """The learned rotations' frequencies and phases, then ``signal_parameters`` (``TrainConfig.position_lr``)."""
     found = [p for m in model.modules() if isinstance(m, LearnedRotary) for p in m.parameters()]
-    found += [p for m in model.modules() if isinstance(m, LinearRotaryAttention) and m.gate
-              for p in m.gate_proj.parameters()]
+    return found + signal_parameters(model)
+
+
+def signal_parameters(model: nn.Module) -> list:
+    """The gates' and the selective clocks' projections (``TrainConfig.gate_lr``)."""
+    found = [p for m in model.modules() if isinstance(m, LinearRotaryAttention) and m.gate
+             for p in m.gate_proj.parameters()]
     found += [p for m in model.modules() if isinstance(m, LinearRotaryAttention) and m.selective
               for p in m.clock_proj.parameters()]
     return found
+
+
+def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW's groups: matrices with weight decay, the rest without (``decay_groups``); the rotations and signals
+    at ``cfg.position_lr`` and the signals at ``cfg.gate_lr`` in groups of their own (no weight decay), their
+    rate a multiple ``lr_scale`` of the schedule's."""
+    decay, no_decay = decay_groups(model)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    own = []  # (parameters, peak rate): the signals first, so that gate_lr takes them from position_lr
+    if cfg.gate_lr is not None:
+        own.append((signal_parameters(model), cfg.gate_lr))
+    if cfg.position_lr is not None:
+        own.append((position_parameters(model), cfg.position_lr))
+    taken: set = set()
+    for params, lr in own:
+        params = [p for p in params if id(p) not in taken]
+        taken |= {id(p) for p in params}
+        groups.append({"params": params, "weight_decay": 0.0, "lr_scale": lr / cfg.lr})
+    return [{**g, "params": [p for p in g["params"] if id(p) not in taken]} if "lr_scale" not in g else g
+            for g in groups]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -374,13 +400,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, task, run_dir: str | Path
     ckpt_path, metrics_path = run_dir / "ckpt.pt", run_dir / "metrics.jsonl"
     torch.manual_seed(cfg.seed)
     model = ByteLM(model_config, group=sp_group).to(device)
-    decay, no_decay = decay_groups(model)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.position_lr is not None:  # rotations and gates in a group of their own, at their own rate
-        mine = {id(p) for p in position_parameters(model)}
-        groups = [{**g, "params": [p for p in g["params"] if id(p) not in mine]} for g in groups]
-        groups.append({"params": position_parameters(model), "weight_decay": 0.0, "lr_scale": cfg.position_lr / cfg.lr})
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    opt = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, betas=cfg.betas)
     gen = torch.Generator().manual_seed(cfg.seed * 65_537 + replica + 1)  # each replica its own data stream
     step, skipped, elapsed, acc = 0, 0, 0.0, [0.0, 0]  # acc: interval loss sum, finite count
     config = {"model": model_config.to_dict(), "train": asdict(cfg), "task": task.describe(), "world_size": world}
