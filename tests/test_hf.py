@@ -172,6 +172,11 @@ def test_each_decoding_step_equals_the_full_pass():
     assert_steps_are_the_full_pass(s, 12, 7)
 
 
+def test_decoding_with_the_compiled_step_and_a_gate_equals_the_full_pass():
+    s = linearize(teacher(), nb_features=16, seed=4, rope_learned=True, gate=True, kernel="cpp")
+    assert_steps_are_the_full_pass(s, 12, 7)
+
+
 def test_save_and_load_restore_the_model_exactly(tmp_path):
     s = linearize(teacher(dtype=torch.float32), nb_features=16, seed=5, feature_map="hedgehog",
                   rope_learned=True, decay="multiscale")
