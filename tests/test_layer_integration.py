@@ -76,12 +76,12 @@ def forward_backward(layer, x, grad, call=None):
 
 
 # ---------------------------------------------------------------------------------------------- checkpointing
-# the research's recommended configuration: learned rotations, RetNet's decays, grouped kv heads
-RECOMMENDED = dict(causal=True, rope_learned=True, decay="multiscale", kv_heads=1)
+# the research's recommended configuration: learned rotations, a forget gate, grouped kv heads
+RECOMMENDED = dict(causal=True, rope_learned=True, gate=True, kv_heads=1)
 
 
 @pytest.mark.parametrize("feature_map, extra", [("favor+", {}), ("trig", {}), ("favor+", RECOMMENDED)],
-                         ids=["favor+", "trig", "learned+decay+gqa"])
+                         ids=["favor+", "trig", "learned+gate+gqa"])
 def test_checkpointed_training_step_gives_the_same_output_and_gradients(feature_map, extra):
     # a redraw every optimizer step: a forward that redrew would recompute with other features in the backward
     layer = linear(**{"causal": True, **extra}, feature_map=feature_map, redraw_interval=1).train()
@@ -116,7 +116,7 @@ def test_training_forward_and_backward_leave_every_parameter_and_buffer_unchange
 
 # ---------------------------------------------------------------------------------------------- autocast
 @pytest.mark.parametrize("make", [pytest.param(lambda: linear(causal=True), id="linear"),
-                                  pytest.param(lambda: linear(**RECOMMENDED), id="learned+decay+gqa"),
+                                  pytest.param(lambda: linear(**RECOMMENDED), id="learned+gate+gqa"),
                                   pytest.param(lambda: softmax(causal=True), id="softmax")])
 def test_bfloat16_autocast_forward_and_backward_track_float32(make):
     layer = make()
@@ -138,7 +138,7 @@ def test_bfloat16_autocast_forward_and_backward_track_float32(make):
 # must compile into one graph.
 @pytest.mark.parametrize("make, fullgraph", [pytest.param(lambda: linear(causal=True), False, id="linear"),
                                              pytest.param(lambda: linear(**RECOMMENDED), False,
-                                                          id="learned+decay+gqa"),
+                                                          id="learned+gate+gqa"),
                                              pytest.param(lambda: softmax(causal=True), True, id="softmax")])
 def test_compiled_layer_matches_eager_forward_and_backward(make, fullgraph):
     layer = make()
