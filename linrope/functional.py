@@ -278,8 +278,7 @@ def _decode(features, q, k, k_logscale, v, projection, r, rotary, positions, chu
         v = v.masked_fill(~mask[:, None, :, None], 0)
     F64 = torch.float64
     dtype = F64 if q.dtype == F64 or k.dtype == F64 or v.dtype == F64 else torch.float32  # compute_dtype(q, k, v)
-    if kernel == "cpp":
-        _check_kernel(kernel, chunk_size, dtype, v.device)
+    _check_kernel(kernel, chunk_size, dtype, v.device)
     gammas = resolve_decay(decay, H)
     signature = (features, None if rotary is None else rotary.signature(), gammas)
     learned = _check_learned(rotary, True, H, None)
@@ -636,35 +635,11 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
             raise ValueError(f"k_logscale: expected shape (B, H, N) = {tuple(kf.shape[:3])}, "
                              f"got {tuple(k_logscale.shape)}")
     _check_clock(clock, kf.shape[:3], rotary, causal, group, initial_state)
-    if log_gates is not None:
-        _check_gates(log_gates, kf.shape[:3], causal)
-        call = lambda sl, pos, mask: _gated(  # noqa: E731
-            lambda ks: linear_attention(
-                qf[:, :, sl], kf[:, :, sl], v[:, :, sl], causal=True, rotary=rotary, positions=pos,
-                chunk_size=chunk_size, initial_state=initial_state, return_state=return_state,
-                key_padding_mask=mask, k_logscale=ks, group_size=group_size, group=group, decay=decay,
-                kernel=kernel, clock=None if clock is None else clock[:, :, sl]), log_gates[:, :, sl], None if k_logscale is None else k_logscale[:, :, sl], group,
-            return_state)
-        if cu_seqlens is not None:
-            _no_group(group)
-            return _per_document(call, cu_seqlens, v.shape[0], v.shape[2], positions, key_padding_mask,
-                                 initial_state is not None or return_state, cross)
-        return call(slice(None), positions, key_padding_mask)
-    if clock is None and cu_seqlens is None and _decoding_call(causal, initial_state, group, kernel, cross, v,
-                                                               (qf, kf, k_logscale, v)):
-        return _decode("features", qf, kf, k_logscale, v, None, r, rotary, positions, chunk_size, group_size,
-                       initial_state, return_state, key_padding_mask, decay, kernel)
-    call = lambda sl, pos, mask: _run(  # noqa: E731
-        "features", qf[:, :, sl], kf[:, :, sl], None if k_logscale is None else k_logscale[:, :, sl],
-        v[:, :, sl], None, r, causal=causal, rotary=rotary, positions=pos, chunk_size=chunk_size,
-        group_size=group_size, initial_state=initial_state, return_state=return_state, key_padding_mask=mask,
-        key_positions=key_positions, cross=cross, group=group, decay=decay, kernel=kernel,
-        clock=_clock_values(clock, sl, initial_state))
-    if cu_seqlens is not None:
-        _no_group(group)
-        return _per_document(call, cu_seqlens, v.shape[0], v.shape[2], positions, key_padding_mask,
-                             initial_state is not None or return_state, cross)
-    return call(slice(None), positions, key_padding_mask)
+    return _attend("features", qf, kf, k_logscale, v, None, r, causal=causal, rotary=rotary, positions=positions,
+                   chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,
+                   return_state=return_state, key_padding_mask=key_padding_mask, key_positions=key_positions,
+                   cross=cross, cu_seqlens=cu_seqlens, group=group, decay=decay, kernel=kernel, log_gates=log_gates,
+                   clock=clock)
 
 
 def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, causal: bool = False,
@@ -702,25 +677,41 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
     r = projection.shape[0]
     check_rotary(rotary, r, "the number of features r (projection rows)", learned=True)
     _check_clock(clock, k.shape[:3], rotary, causal, group, initial_state)
+    return _attend("favor", q, k, None, v, projection, r, causal=causal, rotary=rotary, positions=positions,
+                   chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,
+                   return_state=return_state, key_padding_mask=key_padding_mask, key_positions=key_positions,
+                   cross=cross, cu_seqlens=cu_seqlens, group=group, decay=decay, kernel=kernel, log_gates=log_gates,
+                   clock=clock)
+
+
+def _attend(features, q, k, k_logscale, v, projection, r, *, causal, rotary, positions, chunk_size, group_size,
+            initial_state, return_state, key_padding_mask, key_positions, cross, cu_seqlens, group, decay, kernel,
+            log_gates, clock):
+    """What ``linear_attention`` ('features') and ``favor_attention`` ('favor') do once their arguments are
+    checked: a decoding step (``_decode``) or the engine (``_run``), with the gates folded into the keys'
+    log-scales (``_gated``; with FAVOR+ they are a log-bias of the keys), document by document with
+    ``cu_seqlens``."""
     if log_gates is not None:
         _check_gates(log_gates, k.shape[:3], causal)
     decoding = clock is None and cu_seqlens is None and _decoding_call(causal, initial_state, group, kernel, cross,
-                                                                       v, (q, k, v, log_gates))
+                                                                       v, (q, k, k_logscale, v, log_gates))
 
-    def attend(sl, pos, mask, ks=None):  # ks: the gates' key log-biases (B, H, N), differentiated
+    def attend(sl, pos, mask, ks):  # ks: the keys' log-scales of positions sl (the gates' included)
         if decoding:
-            return _decode("favor", q, k, ks, v, projection, r, rotary, pos, chunk_size, group_size, initial_state,
+            return _decode(features, q, k, ks, v, projection, r, rotary, pos, chunk_size, group_size, initial_state,
                            return_state, mask, decay, kernel)
-        return _run("favor", q[:, :, sl], k[:, :, sl], ks, v[:, :, sl], projection, r, causal=causal,
+        return _run(features, q[:, :, sl], k[:, :, sl], ks, v[:, :, sl], projection, r, causal=causal,
                     rotary=rotary, positions=pos, chunk_size=chunk_size, group_size=group_size,
                     initial_state=initial_state, return_state=return_state, key_padding_mask=mask,
                     key_positions=key_positions, cross=cross, group=group, decay=decay, kernel=kernel,
                     clock=_clock_values(clock, sl, initial_state))
 
-    call = attend
-    if log_gates is not None:  # the gates as key log-biases (exact, like a decay), through the same fused path
-        call = lambda sl, pos, mask: _gated(lambda ks: attend(sl, pos, mask, ks), log_gates[:, :, sl], None,  # noqa: E731
-                                            group, return_state)
+    def call(sl, pos, mask):
+        ks = None if k_logscale is None else k_logscale[:, :, sl]
+        if log_gates is None:
+            return attend(sl, pos, mask, ks)
+        return _gated(lambda gated: attend(sl, pos, mask, gated), log_gates[:, :, sl], ks, group, return_state)
+
     if cu_seqlens is not None:
         _no_group(group)
         return _per_document(call, cu_seqlens, v.shape[0], v.shape[2], positions, key_padding_mask,

@@ -25,7 +25,7 @@ _MODULE = None
 
 
 def _cpu_tag() -> str:
-    """The CPU's vector extensions (``-march=native`` compiles for them), as a short hash."""
+    """The CPU's flags line (``-march=native`` compiles for its vector extensions); ``_build`` hashes it."""
     flags = ""
     try:
         with open("/proc/cpuinfo") as f:

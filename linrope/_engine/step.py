@@ -64,10 +64,7 @@ def run(call, x) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 def _no_autocast(device: torch.device):
     """Autocast off, as in the engine (features, state and normalizer in the compute dtype); free when it is off."""
-    kind = device.type
-    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
-        return torch.autocast(kind, enabled=False)
-    return nullcontext()
+    return torch.autocast(device.type, enabled=False) if _autocast_on(device) else nullcontext()
 
 
 def _rotate(pair: Tensor, B: int, cos, sin, interleaved: bool, theta, phase, angle_positions, first_position):
@@ -115,9 +112,11 @@ def step(features: str, interleaved: bool, dtype: torch.dtype, q: Tensor, k: Ten
     """
     B, H, N, dv = v.shape
     if N == 1:
-        return (_one_compiled if compiled else _one)(features, interleaved, dtype, q, k, v, S0, z0, M0, k_logscale,
-                                                     key_bias, projection, mask, cos, sin, theta, phase,
-                                                     angle_positions, factor)
+        one = _one_compiled if compiled else _one
+        args = (features, interleaved, dtype, q, k, v, S0, z0, M0, k_logscale, key_bias, projection, mask, cos, sin,
+                theta, phase, angle_positions, factor)
+        with _no_autocast(v.device):  # features, state and normalizer in the compute dtype, as in the engine
+            return one(*args)
     BH, r = B * H, S0.shape[2]
     with _no_autocast(v.device):
         if features == "favor":
@@ -204,10 +203,6 @@ def _one(features, interleaved, dtype, q, k, v, S0, z0, M0, k_logscale=None, key
 
     ``factor``: the fixed rotation as complex numbers cos + i sin, (1, r/2) or (B, 1, r/2), instead of cos, sin.
     """
-    if _autocast_on(v.device):  # features, state and normalizer in the compute dtype, as in the engine
-        with torch.autocast(v.device.type, enabled=False):
-            return _one(features, interleaved, dtype, q, k, v, S0, z0, M0, k_logscale, key_bias, projection, mask,
-                        cos, sin, theta, phase, angle_positions, factor)
     B, H, _, dv = v.shape
     r = S0.shape[2]
     M0 = M0.view(B, H, 1, 1)
@@ -288,10 +283,6 @@ def _one_compiled(features, interleaved, dtype, q, k, v, S0, z0, M0, k_logscale=
     """``_one`` through the compiled step (``step_cpu.cpp``, built by ``compiled.module``): the same arguments and
     results. Here the inputs are cast and laid out as (B*H, .) rows and the rotation factors made as ``_one`` makes
     them (as real (cos, sin) pairs); the features, weights, rotation, state pass and division are one call."""
-    if _autocast_on(v.device):  # features, state and normalizer in the compute dtype, as in the engine
-        with torch.autocast(v.device.type, enabled=False):
-            return _one_compiled(features, interleaved, dtype, q, k, v, S0, z0, M0, k_logscale, key_bias,
-                                 projection, mask, cos, sin, theta, phase, angle_positions, factor)
     from . import compiled
 
     B, H, _, dv = v.shape
