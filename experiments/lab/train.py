@@ -123,20 +123,16 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """AdamW's groups: matrices with weight decay, the rest without (``decay_groups``); the rotations and signals
     at ``cfg.position_lr`` and the signals at ``cfg.gate_lr`` in groups of their own (no weight decay), their
     rate a multiple ``lr_scale`` of the schedule's."""
+    own, taken = [], set()
+    # the signals first, so that gate_lr takes them from position_lr's group
+    for params, lr in ((signal_parameters(model), cfg.gate_lr), (position_parameters(model), cfg.position_lr)):
+        if lr is not None:
+            params = [p for p in params if id(p) not in taken]
+            taken |= {id(p) for p in params}
+            own.append({"params": params, "weight_decay": 0.0, "lr_scale": lr / cfg.lr})
     decay, no_decay = decay_groups(model)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    own = []  # (parameters, peak rate): the signals first, so that gate_lr takes them from position_lr
-    if cfg.gate_lr is not None:
-        own.append((signal_parameters(model), cfg.gate_lr))
-    if cfg.position_lr is not None:
-        own.append((position_parameters(model), cfg.position_lr))
-    taken: set = set()
-    for params, lr in own:
-        params = [p for p in params if id(p) not in taken]
-        taken |= {id(p) for p in params}
-        groups.append({"params": params, "weight_decay": 0.0, "lr_scale": lr / cfg.lr})
-    return [{**g, "params": [p for p in g["params"] if id(p) not in taken]} if "lr_scale" not in g else g
-            for g in groups]
+    return [{"params": [p for p in params if id(p) not in taken], "weight_decay": wd}
+            for params, wd in ((decay, cfg.weight_decay), (no_decay, 0.0))] + own
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
