@@ -54,7 +54,7 @@ def test_outputs_and_gradients_match_the_written_out_product(rope):
 
 
 @pytest.mark.parametrize("rope", [False, True])
-@pytest.mark.parametrize("std", [1.0, 3.0])
+@pytest.mark.parametrize("std", [1.0, 3.0, 10.0])
 def test_favor_gates_match_the_written_out_product_on_favor_features(rope, std):
     """favor_attention(log_gates=): the gates as differentiated key log-biases inside the fused FAVOR+ path
     (features recomputed in the backward), against eq. 19 on phi(x) = exp(x~ W^T - |x~|^2/2) written out."""

@@ -141,7 +141,7 @@ def _engine_inputs(features, rope, N, seed, std=1.0, decay=False, mask=False, pe
 @pytest.mark.parametrize("features", ["favor", "features"])
 @pytest.mark.parametrize("rope", [None, "interleaved", "half", "learned"])
 @pytest.mark.parametrize("N", [1, 2, 5, step.MAX_POSITIONS])
-@pytest.mark.parametrize("std", [1.0, 5.0])
+@pytest.mark.parametrize("std", [1.0, 5.0, 10.0])
 def test_step_equals_the_float64_reference_and_the_engine(features, rope, N, std):
     for i, (decay, mask, per_example, empty) in enumerate([(False, False, False, False), (True, True, False, False),
                                                           (True, False, True, False), (False, True, True, True)]):
