@@ -21,3 +21,19 @@ if not torch.cuda.is_available():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(params=["torch", "cpp"])
+def engine_kernel(request, monkeypatch):
+    """A test twice: with the torch engine, then with the compiled causal pass (``kernel="cpp"``,
+    linrope/_engine/causal_cpu.cpp) in its place for every engine call it covers, which must meet the same
+    references (float64 definitions, the engine's own properties). Use with ``pytestmark``."""
+    if request.param == "cpp":
+        from dataclasses import replace
+
+        from linrope._engine import compiled
+
+        covers = compiled.covers
+        monkeypatch.setattr(compiled, "covers",
+                            lambda call, x: covers(replace(call, cfg=replace(call.cfg, kernel="cpp")), x))
+    return request.param

@@ -12,6 +12,9 @@ from linrope.attention import multiscale_decays
 from linrope.features import favor_plus, gaussian_orthogonal_matrix
 from linrope.reference import favor_attention_naive, favor_attention_recurrent, linear_attention_naive
 
+# every test twice: the torch engine, and the compiled causal pass where it covers the call (conftest.py)
+pytestmark = pytest.mark.usefixtures("engine_kernel")
+
 F64 = torch.float64
 
 

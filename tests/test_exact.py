@@ -23,6 +23,9 @@ from linrope.reference import (favor_attention_naive, favor_attention_recurrent,
 from reference import (assert_close, eq19, eq19_condition, eq19_relative, favor_eq19, favor_log_features,
                        rotation_matrices)
 
+# every test twice: the torch engine, and the compiled causal pass where it covers the call (conftest.py)
+pytestmark = pytest.mark.usefixtures("engine_kernel")
+
 F64 = torch.float64
 ROUNDING = 1e-5  # relative error of float32 FAVOR+ features at std 5, d = 64: eps (6e-8) times |x~| |w| (~110)
 ROTATION = 0.05  # times ROUNDING: 5e-7 |c|, a few float32 eps, for each side rotated by its absolute angle

@@ -5,12 +5,16 @@ argument, or an output equal, row by row, to the float64 quadratic reference (``
 import math
 import re
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from linrope import AttentionState, RotaryEmbedding, favor_attention, linear_attention
 from linrope.reference import favor_attention_naive, linear_attention_naive
+
+# every test twice: the torch engine, and the compiled causal pass where it covers the call (conftest.py)
+pytestmark = pytest.mark.usefixtures("engine_kernel")
 
 ARGUMENTS = ("q", "k", "v", "qf", "kf", "projection", "positions", "key_padding_mask", "chunk_size", "group_size",
              "decay", "initial_state", "rotary", "k_logscale", "cu_seqlens", "return_state", "key_positions")

@@ -9,6 +9,9 @@ from linrope import LinearRotaryAttention, RotaryEmbedding, favor_attention, lin
 from linrope.features import gaussian_orthogonal_matrix
 from reference import assert_close, eq19_weighted, rotation_matrices
 
+# every test twice: the torch engine, and the compiled causal pass where it covers the call (conftest.py)
+pytestmark = pytest.mark.usefixtures("engine_kernel")
+
 F64 = torch.float64
 
 

@@ -10,6 +10,9 @@ import torch
 from linrope import (AttentionState, LinearRotaryAttention, RotaryEmbedding, SoftmaxAttention, favor_attention,
                      linear_attention, softmax_attention)
 
+# every test twice: the torch engine, and the compiled causal pass where it covers the call (conftest.py)
+pytestmark = pytest.mark.usefixtures("engine_kernel")
+
 F64 = torch.float64
 
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from . import parallel, triton_kernels
+from . import compiled, parallel, triton_kernels
 from .feature_sources import (LOG_DTYPE, NEG, AngleRotation, FavorFeatures, GivenFeatures, Rotation, Workspace,
                               group_rows, interleaved_order)
 
@@ -834,11 +834,14 @@ class LinearAttentionFunction(torch.autograd.Function):
         S0 = _to_internal(x.S0, perm).reshape(B * H, r, dv)
         z0, M0 = _to_internal(x.z0, perm).reshape(B * H, r), x.M0.reshape(B * H)
         par, final = call.parallel, None
+        ctx.compiled = None
         with torch.autocast(v.device.type, enabled=False):
             src, rot, rot_k = _prepare(call, x, perm)
             if par is not None:  # the other ranks' keys, as the state this rank starts from (or adds)
                 S0, z0, M0, final, ctx.incoming = _parallel_forward(par, src, rot_k, v, S0, z0, M0, cfg)
-            if cfg.causal:
+            if compiled.covers(call, x):  # kernel="cpp": the whole causal pass in causal_cpu.cpp
+                out, den, S, z, M, ctx.compiled = compiled.causal_forward(src, x, cfg, S0, z0, M0, H)
+            elif cfg.causal:
                 out, den, S, z, M, ctx.plan = causal_forward(src, rot, v, S0, z0, M0, cfg,
                                                              keep_states=cfg.needs_grad, rot_k=rot_k)
             else:  # the state is summed into in place: a copy (S0 may be the caller's, or a view of it)
@@ -880,6 +883,12 @@ class LinearAttentionFunction(torch.autograd.Function):
             if cfg.causal:
                 dS = torch.zeros_like(S) if dS is None else dS
                 dz = torch.zeros_like(z) if dz is None else dz
+            if ctx.compiled is not None:
+                dq, dk, dV, dks, dS0, dz0 = compiled.causal_backward(src, x, cfg, out, den, ctx.compiled, dout, dS,
+                                                                     dz, H)
+                src.dq, src.dk, dV = dq.to(x.q.dtype), dk.to(x.k.dtype), dV.to(v.dtype)
+                src.dks = None if src.dks is None else dks.to(src.dks.dtype)
+            elif cfg.causal:
                 dV, dS0, dz0 = causal_backward(src, rot, v, out, den, dout, dS, dz, ctx.plan, cfg, rot_k)
             else:  # S = S0 exp(M0 - P) + this call's keys (only the outputs are differentiated here)
                 dV, dS0, dz0 = bidirectional_backward(src, rot, rot_k, v, out, den, dout, S, z, ctx.ref, cfg)

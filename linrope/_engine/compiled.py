@@ -1,8 +1,9 @@
-"""The compiled CPU decoding step (``kernel="cpp"``), built from ``step_cpu.cpp`` on first use (private).
+"""The compiled CPU paths (``kernel="cpp"``), built from ``step_cpu.cpp`` and ``causal_cpu.cpp`` on first use
+(private): the one-position decoding step, and the causal pass with FAVOR+ features (forward and backward).
 
 ``torch.utils.cpp_extension.load`` compiles the source with the machine's C++ compiler and ninja into torch's
 extension cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) under a name that carries a hash
-of the source, the torch version and the CPU's vector extensions: a copy built on another CPU kind or torch is
+of the sources, the torch version and the CPU's vector extensions: a copy built on another CPU kind or torch is
 never loaded, and later processes load the cached build in a fraction of a second. The first build takes a minute
 or so. It is asked for explicitly and fails loudly: a machine without a compiler gets an error saying what is
 missing, never the eager step in its place.
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("step_cpu.cpp")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("step_cpu.cpp", "causal_cpu.cpp"))
 _LOCK = threading.Lock()
 _MODULE = None
 
@@ -52,8 +53,11 @@ def module():
 def _build():
     from torch.utils import cpp_extension
 
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + torch.__version__.encode() + _cpu_tag().encode()).hexdigest()[:12]
+    # -fopenmp: at::parallel_for is an OpenMP loop compiled here (without the flag it runs on one thread)
+    flags = ["-O3", "-fopenmp"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
+    source = b"".join(path.read_bytes() for path in SOURCES)
+    digest = hashlib.sha256(source + " ".join(flags).encode() + torch.__version__.encode() +
+                            _cpu_tag().encode()).hexdigest()[:12]
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f'kernel="cpp": no C++ compiler found ({compiler!r} is not on PATH; set CXX or install '
@@ -63,9 +67,71 @@ def _build():
     except RuntimeError:
         raise RuntimeError('kernel="cpp": building the compiled step needs ninja (pip install ninja); '
                            'kernel="torch" runs everywhere') from None
-    flags = ["-O3", "-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-O3"]
     try:
-        return cpp_extension.load(f"linrope_step_{digest}", [str(SOURCE)], extra_cflags=flags, verbose=False)
+        return cpp_extension.load(f"linrope_cpu_{digest}", [str(p) for p in SOURCES], extra_cflags=flags,
+                                  extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # the compiler's own message is in the chained error
-        raise RuntimeError(f'kernel="cpp": building {SOURCE.name} failed ({type(error).__name__}: '
+        raise RuntimeError(f'kernel="cpp": building {" and ".join(p.name for p in SOURCES)} failed ({type(error).__name__}: '
                            f'{str(error)[-400:]}); kernel="torch" runs everywhere') from error
+
+
+# ---------------------------------------------------------------------------------------------- the causal pass
+def covers(call, x) -> bool:
+    """Whether ``kernel="cpp"`` runs this engine call (``chunked.Call``, ``chunked.Inputs``) compiled: causal,
+    FAVOR+ features, float32 compute on the CPU, RoPE from cos/sin tables or none, one process. The other calls
+    (given features, learned or selective angles, float64, sequence parallelism, the bidirectional path) run the
+    torch engine: a rule of the arguments, written in ``linear_attention``'s docstring."""
+    return (call.cfg.kernel == "cpp" and call.cfg.causal and call.features == "favor"
+            and call.cfg.dtype == torch.float32 and call.parallel is None and x.theta is None
+            and x.key_cos is None and x.v.device.type == "cpu")
+
+
+def _rows(t: torch.Tensor, BH: int) -> torch.Tensor:
+    """(B, H, N, D) as contiguous float32 (BH, N, D): a view when it already is one."""
+    return t.reshape(BH, t.shape[2], t.shape[3]).to(torch.float32).contiguous()
+
+
+def _mask(m):
+    """The (BH, N) key padding mask as contiguous bools (a broadcast one is a view with stride 0), or None."""
+    return None if m is None else m.contiguous()
+
+
+def _table(t):
+    """A cos or sin table (N, r/2) or (B, N, r/2) as contiguous float32 (Bc, N, r/2), or None."""
+    return None if t is None else t.reshape(-1, *t.shape[-2:]).to(torch.float32).contiguous()
+
+
+def _save_every(cfg) -> int:
+    """Positions between the states the forward keeps for the backward: two of the engine's groups, as many
+    states as the torch engine keeps (every other group)."""
+    return 2 * cfg.group_size
+
+
+def causal_forward(src, x, cfg, S0, z0, M0, H: int):
+    """Causal eq. 19 over the whole call through ``causal_cpu.cpp``. ``src``: the call's ``FavorFeatures``
+    (its scaled projection, key half-norms less the log-biases, padding mask); S0 (BH, r, dv), z0 (BH, r), M0 (BH,)
+    the engine's state. Returns out (BH, N, dv) in v's dtype, den (BH, N), the final S, z, M and the states
+    ``causal_backward`` replays from (None when nothing is differentiated)."""
+    BH = src.BH
+    q, k, v = _rows(x.q, BH), _rows(x.k, BH), _rows(x.v, BH)
+    args = (q, k, v, src.Ws.contiguous(), src.half_sq.contiguous(), _mask(src.mask), _table(x.cos),
+            _table(x.sin))
+    G = _save_every(cfg)
+    out, den, S, z, M, Ss, zs, Ms, bad = module().causal_forward(
+        *args, S0.to(torch.float32).contiguous(), z0.to(torch.float32).contiguous(), M0.contiguous(), H,
+        cfg.chunk_size, G, cfg.needs_grad)
+    return out.to(x.v.dtype), den, S, z, M, (Ss, zs, Ms, bad) if cfg.needs_grad else None
+
+
+def causal_backward(src, x, cfg, out, den, states, dout, dS, dz, H: int):
+    """Gradients of ``causal_forward`` (its out, den and states) given those of out, S and z: dq, dk (BH, N, d),
+    dv (BH, N, dv) in float32, the keys' log-bias gradient (BH, N) and those of the starting state S0, z0."""
+    BH = src.BH
+    Ss, zs, Ms, bad = states
+    q, k, v = _rows(x.q, BH), _rows(x.k, BH), _rows(x.v, BH)
+    args = (q, k, v, src.Ws.contiguous(), src.half_sq.contiguous(), _mask(src.mask), _table(x.cos),
+            _table(x.sin))
+    return module().causal_backward(*args, out.reshape(BH, -1, out.shape[-1]).to(torch.float32).contiguous(), den,
+                                    dout.reshape(out.shape).to(torch.float32).contiguous(), dS.contiguous(),
+                                    dz.contiguous(), Ss, zs, Ms, bad, H, cfg.chunk_size, _save_every(cfg),
+                                    src.scale2)

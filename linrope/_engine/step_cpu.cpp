@@ -173,6 +173,9 @@ std::vector<at::Tensor> step_one(const at::Tensor& q, const at::Tensor& k, const
   return {out, S, z, M};
 }
 
+void bind_causal(pybind11::module& m);  // causal_cpu.cpp: the full causal pass, built into the same module
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step_one", &step_one, "eq. 19's decoding step for one position (see step_cpu.cpp)");
+  bind_causal(m);
 }
