@@ -218,9 +218,10 @@ class LinearRotaryAttention(_Heads):
         group_size: positions whose features the engine holds at once (see ``linear_attention``): None sizes its
             buffers to 1 MiB (L2-sized for long sequences), ``"auto"`` measures once per shape class and machine and caches the fastest.
         kernel: the causal path's chunk products (see ``linear_attention``): "torch" (any device; the default),
-            "cpp" ("torch" with the decoding step compiled: one token a call continuing ``state``, on a CPU; built
-            on first use) or "triton" (experimental fused kernels on a CUDA GPU, slower than "torch" where
-            measured).
+            "cpp" (on a CPU, built on first use: the causal FAVOR+ pass compiled, forward and backward, with RoPE
+            or none, and the decoding step of one token continuing ``state``; learned angles keep the torch
+            engine but for the step) or "triton" (experimental fused kernels on a CUDA GPU, slower than "torch"
+            where measured).
         qkv_bias: bias in the q/k/v projection.
         projections: False builds the attention without ``to_qkv`` and ``to_out``, for a host model that projects
             q, k, v and the output itself and calls ``forward_heads`` (``linrope.hf`` does).

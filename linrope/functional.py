@@ -595,11 +595,16 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
             the ``triton`` package), checked against float64 in Triton's CPU interpreter but slower than "torch"
             on the one GPU measured, and not re-run on a GPU since their last change (see BENCHMARKS.md). The
             normalizer, features and rotations are the same code either way; the bidirectional path ignores it.
-            ``"cpp"`` (CPU tensors): "torch", but a decoding step of one position (continuing ``initial_state``,
-            nothing to differentiate) runs a compiled C++ step (``linrope._engine.step_cpu.cpp``: features,
-            rotation, state update and normalizer in one pass over the state), built on first use with the
-            machine's C++ compiler and ninja (``pip install "linrope[cpp]"``; a minute the first time, cached
-            after) or failing with an error saying what is missing. Same results to float32 rounding.
+            ``"cpp"`` (CPU tensors): compiled C++ built on first use with the machine's C++ compiler and ninja
+            (``pip install "linrope[cpp]"``; a minute the first time, cached after), or an error saying what is
+            missing. It runs two kinds of call: the causal pass of ``favor_attention`` computing in float32
+            (forward and backward; RoPE tables or none, masks, decay, gates, streaming states, per-example
+            positions), as one loop per (batch, head) over its chunks, the rows shared out between the threads
+            (``linrope._engine.causal_cpu.cpp``: features, rotation and normalizer never leave the core's
+            cache; the fastest CPU path measured); and a decoding step of one position (continuing
+            ``initial_state``, nothing to differentiate; ``step_cpu.cpp``). Every other call (given features,
+            learned or selective angles, float64, sequence parallelism, the bidirectional path) runs the
+            "torch" engine. Same results to float32 rounding.
         log_gates: causal only: (B, H, N) log forget gates log g_t (a data-dependent decay, GLA's gate with one
             value per head): every term of row m, numerator and normalizer alike, is weighted by
             prod_{n < t <= m} g_t = exp(G_m - G_n), G the running sum of ``log_gates`` (float64). Exact as the

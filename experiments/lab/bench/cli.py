@@ -31,6 +31,8 @@ def main(argv=None, prog: str | None = None) -> None:
     p.add_argument("--rounds", type=int, default=3,
                    help="fresh processes per point, interleaved across points; a point's time is the median of "
                         "its processes' medians (a process's time varies more than runs within it)")
+    p.add_argument("--kernel", choices=("torch", "cpp"), default="torch",
+                   help="the kernel of linrope's points (functions and layer); cpp adds eq. 19 with torch as a row")
     p.add_argument("--json", help="write the records and targets here")
     p.add_argument("--compare", metavar="REV", help="instead: time this checkout against git revision REV on the "
                                                      "points of lab.bench.compare, interleaved")
@@ -67,10 +69,11 @@ def main(argv=None, prog: str | None = None) -> None:
     if not args.no_peers and not with_peers:
         print(f"peers missing ({', '.join(k for k, v in peers.items() if not v)}): their targets are skipped")
     info = machine_info()  # in this process, before the points (whose subprocesses use the same thread count)
-    points = targets(args.n, args.n_mem, with_peers)
+    points = targets(args.n, args.n_mem, with_peers, args.kernel)
     records = _measure(points, args.rounds, args.repeats)
     table = evaluate(records, args.n, args.n_mem, sgemm_gflops=info.sgemm_gflops)
-    print(f"\n{machine()}, {datetime.date.today()}, float32, B=1 H=8 d=64 r=256, forward+backward, "
+    print(f"\n{machine()}, {datetime.date.today()}, kernel={args.kernel!r}, float32, B=1 H=8 d=64 r=256, "
+          f"forward+backward, "
           f"median over {args.rounds} fresh processes per point of the median of {args.repeats} runs after a "
           f"warm-up")
     print("\n" + info.markdown())

@@ -23,7 +23,8 @@ VARIANT_POINTS = (("ours", "eq. 19 (RoPE on the features)"), ("ours_norope", "no
                   ("ours_decay", "eq. 19 + multiscale decay (RetNet's gamma per head)"),
                   ("ours_learned_decay", "eq. 19, learned frequencies and phases + multiscale decay"),
                   ("ours_auto", "eq. 19, group_size='auto' (measured once per machine, cached)"),
-                  ("ours_g1mib", "eq. 19, group_size=128 (1 MiB buffers: the default where L2 <= 1 MiB or few groups)"))
+                  ("ours_g1mib", "eq. 19, group_size=128 (1 MiB buffers: the default where L2 <= 1 MiB or few groups)"),
+                  ("ours_torch", "eq. 19, kernel='torch' (the targets ran another kernel)"))
 
 
 # The layer variants of the research (gates, selective rotations) against eq. 19 + decay, the layer each is
@@ -66,8 +67,10 @@ class Target:
         return self.measured <= self.bound if self.op == "<=" else self.measured >= self.bound
 
 
-def targets(n: int = 16384, n_mem: int = 4096, with_peers: bool = True) -> list[tuple[str, str, dict]]:
-    """The points the targets need: (key, case, params)."""
+def targets(n: int = 16384, n_mem: int = 4096, with_peers: bool = True, kernel: str = "torch"
+            ) -> list[tuple[str, str, dict]]:
+    """The points the targets need: (key, case, params). ``kernel``: the one linrope's points (functions and layer)
+    run with; another than "torch" adds eq. 19 with "torch" as a variant row."""
     pts = [
         ("ours", "linrope", dict(n=n, causal=True, rope="features")),
         ("ours_norope", "linrope", dict(n=n, causal=True, rope=None)),
@@ -83,6 +86,11 @@ def targets(n: int = 16384, n_mem: int = 4096, with_peers: bool = True) -> list[
         ("layer_linear", "layer", dict(n=n, kind="linear")),
         ("layer_softmax", "layer", dict(n=n, kind="softmax")),
     ]
+    if kernel != "torch":
+        pts = [(key, case, dict(params, kernel=kernel) if case == "linrope" else
+                dict(params, options={"kernel": kernel}) if key == "layer_linear" else params)
+               for key, case, params in pts]
+        pts.append(("ours_torch", "linrope", dict(n=n, causal=True, rope="features")))
     if with_peers:
         pts += [
             ("ft", "performer", dict(n=n, causal=True, path="ft")),
