@@ -337,6 +337,28 @@ MUTANTS = [
            ("tests/test_step.py",), k="cpp and reference_and_the_engine",
            why="the compiled step must move the state to the new key's reference (e < 1 when the key raises the "
                "running max), or old keys keep their weight against it"),
+    Mutant("cpp-pass-normalizer-before-the-own-key", "linrope/_engine/causal_cpu.cpp",
+           """            axpy(1.f, k0 + (int64_t)t * r, zb, r);
+            const float dn = dot(fq + (int64_t)t * r, zb, r);""",
+           """            const float dn = dot(fq + (int64_t)t * r, zb, r);
+            axpy(1.f, k0 + (int64_t)t * r, zb, r);""",
+           ("tests/test_exact.py",), k="cpp and sees_only_itself",
+           why="the compiled pass's running key sum must hold a row's own key before the row reads it: the "
+               "normalizer is sum_{n<=m}, and a row that sees only itself would divide by 0"),
+    Mutant("cpp-pass-rotated-distance-zero", "linrope/_engine/causal_cpu.cpp",
+           "if (sh.rope) row[t] = dot(fq + (int64_t)t * r, k0 + (int64_t)t * r, r);",
+           "(void)fq, (void)k0;",
+           ("tests/test_exact.py",), k="cpp and (sees_only_itself or large_activations)",
+           why="at distance 0 the rotations cancel: R fq . R k0 in float32 carries eps |fq| |k0|, all of a row's "
+               "digits at large activations; the compiled pass must take fq . k0 unrotated as the engine does"),
+    Mutant("cpp-pass-state-not-rescaled-at-a-new-reference", "linrope/_engine/causal_cpu.cpp",
+           """          const float ein = (float)std::exp(Mb - sb.P);
+          scale(ein, Sb, r * dv), scale(ein, zb, r);""",
+           """          const float ein = 1.f;
+          scale(ein, Sb, r * dv), scale(ein, zb, r);""",
+           ("tests/test_exact.py",), k="cpp and (far_above or exact_at_any_scale)",
+           why="keys of a chunk are exp(. - P): the state of earlier keys must move to P (by exp(M - P)) or its "
+               "keys weigh e^(P - M) times too much against the new ones"),
     Mutant("favor-gate-gradient-dropped", SOURCES,
            "_store(self.dks, a, b, total.squeeze(-1), self.add_keys)",
            "_store(self.dks, a, b, 0 * total.squeeze(-1), self.add_keys)",
