@@ -165,6 +165,33 @@ def test_the_threads_do_not_change_a_bit():
     assert all(torch.equal(a, b) for a, b in zip(*got))
 
 
+def test_strided_inputs_are_read_in_place_and_give_the_same_results():
+    """q, k, v as views (the layer's projections, (B, N, H, d) transposed) and a strided upstream gradient: the
+    compiled pass reads their rows where they are; a view whose rows overlap (stride 0 along positions) is copied."""
+    q, k, v, W = _favor_inputs(B=2, H=3, N=130, r=64)
+    rot = RotaryEmbedding(64)
+    results = []
+    for layout in ("contiguous", "strided", "broadcast-v"):
+        x = [t.clone() for t in (q, k, v)]
+        if layout == "strided":
+            x = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in x]
+        if layout == "broadcast-v":
+            x[2] = x[2][:, :, :1].expand_as(x[2])
+        x = [t.requires_grad_() if t.is_leaf else t for t in x]
+        leaves = [t for t in x if t.is_leaf]
+        out = favor_attention(*x, W, causal=True, rotary=rot, kernel="cpp", chunk_size=32)
+        grad = torch.sin(out).transpose(1, 2).contiguous().transpose(1, 2)  # a strided upstream gradient
+        out.backward(grad)
+        ref = favor_attention(*(t.detach().contiguous().requires_grad_() for t in x), W, causal=True, rotary=rot,
+                              chunk_size=32)
+        results.append((layout, out, [t.grad for t in leaves], ref))
+    for layout, out, grads, ref in results:
+        assert _rel(out, ref) < 1e-5, layout
+    assert _rel(results[1][1], results[0][1]) < 1e-6
+    for a, b in zip(results[1][2], results[0][2]):
+        assert _rel(a, b) < 1e-6
+
+
 def test_a_layer_trains_the_same_with_the_compiled_pass():
     torch.manual_seed(0)
     layers = {kernel: LinearRotaryAttention(64, heads=4, nb_features=32, causal=True, kv_heads=2, gate=True,

@@ -107,25 +107,16 @@ inline bool finite_row(const float* x, int n) {
   return acc == 0.f;
 }
 
-// y = R x on interleaved pairs at the positions of rows [0, L), factors (cos, sin) rows of r/2; R^T with inverse
-inline void rotate(const float* x, float* y, int L, int r, const float* cos, const float* sin, bool inverse) {
+// y = R x for one row of r features, interleaved pairs, factors (cos, sin) of r/2; R^T with inverse. Each caller
+// turns a row right after making it, while it is in L1 (a whole chunk's tile is not).
+inline void rotate_row(const float* x, float* y, int r, const float* c, const float* s, bool inverse) {
   const int h = r / 2;
-  for (int t = 0; t < L; ++t) {
-    const float *c = cos + (int64_t)t * h, *s = sin + (int64_t)t * h, *xt = x + (int64_t)t * r;
-    float* yt = y + (int64_t)t * r;
-    if (inverse) {
-      for (int i = 0; i < h; ++i) {
-        const float a = xt[2 * i], b = xt[2 * i + 1];
-        yt[2 * i] = a * c[i] + b * s[i];
-        yt[2 * i + 1] = b * c[i] - a * s[i];
-      }
-    } else {
-      for (int i = 0; i < h; ++i) {
-        const float a = xt[2 * i], b = xt[2 * i + 1];
-        yt[2 * i] = a * c[i] - b * s[i];
-        yt[2 * i + 1] = a * s[i] + b * c[i];
-      }
-    }
+  const float sign = inverse ? -1.f : 1.f;
+#pragma omp simd
+  for (int i = 0; i < h; ++i) {
+    const float a = x[2 * i], b = x[2 * i + 1], si = sign * s[i];
+    y[2 * i] = a * c[i] - b * si;
+    y[2 * i + 1] = a * si + b * c[i];
   }
 }
 
@@ -135,8 +126,19 @@ struct Shape {
   bool rope;
 };
 
+// Rows of a (B, H, N, D) float32 tensor whose last dim is contiguous (any other strides: the layer's q, k, v are
+// views of one projection, grouped kv heads broadcast): no copy of the inputs is made.
+struct Rows {
+  const float* p;
+  int64_t sb, sh, sn, H;
+  Rows(const at::Tensor& t) : p(t.data_ptr<float>()), sb(t.stride(0)), sh(t.stride(1)), sn(t.stride(2)), H(t.size(1)) {}
+  const float* at(int64_t bh, int64_t n) const { return p + (bh / H) * sb + (bh % H) * sh + n * sn; }
+  int ld() const { return (int)sn; }
+};
+
 struct Ptrs {
-  const float *q, *k, *v, *Ws, *cos, *sin;
+  Rows q, k, v;
+  const float *Ws, *cos, *sin;
   const double* hs;   // (BH, N) |k~|^2/2 less the keys' log-biases
   const bool* keep;   // (BH, N) key padding, or null
 };
@@ -172,20 +174,21 @@ inline const float* sin_rows(const Shape& sh, const Ptrs& p, int64_t bh, int64_t
 // Query features of positions [a, a + L) into fq (and qr = R fq): exp(u - max u) per row.
 void query_features(const Shape& sh, const Ptrs& p, int64_t bh, int64_t a, int L, Scratch& w) {
   const int r = sh.r, d = sh.d;
-  gemm(false, true, L, r, d, 1.f, p.q + (bh * sh.N + a) * d, d, p.Ws, d, 0.f, w.uq.data(), r);
+  gemm(false, true, L, r, d, 1.f, p.q.at(bh, a), p.q.ld(), p.Ws, d, 0.f, w.uq.data(), r);
+  const float *cs = sh.rope ? cos_rows(sh, p, bh, a) : nullptr, *sn = sh.rope ? sin_rows(sh, p, bh, a) : nullptr;
   for (int t = 0; t < L; ++t) {
     float* u = w.uq.data() + (int64_t)t * r;
     float* f = w.fq.data() + (int64_t)t * r;
     exp_row(u, row_max(u, r), f, r);
+    if (sh.rope) rotate_row(f, w.qr.data() + (int64_t)t * r, r, cs + (int64_t)t * (r / 2), sn + (int64_t)t * (r / 2), false);
   }
-  if (sh.rope) rotate(w.fq.data(), w.qr.data(), L, r, cos_rows(sh, p, bh, a), sin_rows(sh, p, bh, a), false);
 }
 
 // Raw key products u (rows [o, o + L) of w.uk) and log-scales of positions [a, a + L); NEG for padded keys.
 void key_logscales(const Shape& sh, const Ptrs& p, int64_t bh, int64_t a, int L, int64_t o, Scratch& w) {
   const int r = sh.r, d = sh.d;
   float* u = w.uk.data() + o * r;
-  gemm(false, true, L, r, d, 1.f, p.k + (bh * sh.N + a) * d, d, p.Ws, d, 0.f, u, r);
+  gemm(false, true, L, r, d, 1.f, p.k.at(bh, a), p.k.ld(), p.Ws, d, 0.f, u, r);
   for (int t = 0; t < L; ++t) {
     const int64_t n = bh * sh.N + a + t;
     if (p.keep != nullptr && !p.keep[n]) {
@@ -205,13 +208,14 @@ void key_finish(const Shape& sh, const Ptrs& p, int64_t bh, int64_t a, int L, in
     float* k = w.k0.data() + (o + t) * r;
     if (p.keep != nullptr && !p.keep[n]) {
       std::fill(k, k + r, 0.f);
+      if (sh.rope) std::fill(w.kr.data() + (o + t) * r, w.kr.data() + (o + t + 1) * r, 0.f);
       continue;
     }
     const float c = (float)(p.hs[n] + P);  // moderate: exact enough in float32 (as key_finish in feature_sources)
     exp_row(u, c, k, r);
+    if (sh.rope)
+      rotate_row(k, w.kr.data() + (o + t) * r, r, cos_rows(sh, p, bh, a + t), sin_rows(sh, p, bh, a + t), false);
   }
-  if (sh.rope)
-    rotate(w.k0.data() + o * r, w.kr.data() + o * r, L, r, cos_rows(sh, p, bh, a), sin_rows(sh, p, bh, a), false);
 }
 
 // The sub-chunk starting at row o of the key buffers (rows [o, end) left, row 0 at position pos0): its reference P,
@@ -244,7 +248,7 @@ int64_t first_bad(const Shape& sh, const Ptrs& p, int64_t bh) {
   for (int64_t n = 0; n < sh.N; ++n) {
     const int64_t i = bh * sh.N + n;
     if (p.keep != nullptr && !p.keep[i]) continue;
-    if (!std::isfinite(p.hs[i]) || !finite_row(p.k + i * sh.d, sh.d) || !finite_row(p.v + i * sh.dv, sh.dv)) return n;
+    if (!std::isfinite(p.hs[i]) || !finite_row(p.k.at(bh, n), sh.d) || !finite_row(p.v.at(bh, n), sh.dv)) return n;
   }
   return sh.N;
 }
@@ -264,13 +268,15 @@ void scores(const Shape& sh, int L, const float* fq, const float* Q, const float
 std::vector<at::Tensor> causal_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor Ws, at::Tensor hs,
                                        c10::optional<at::Tensor> keep, c10::optional<at::Tensor> cos,
                                        c10::optional<at::Tensor> sin, at::Tensor S0, at::Tensor z0, at::Tensor M0,
-                                       int64_t H, int64_t C, int64_t G, bool save) {
-  // q, k (BH, N, d), v (BH, N, dv), Ws (r, d), hs (BH, N) float64, keep (BH, N) bool, cos/sin (Bc, N, r/2);
+                                       int64_t C, int64_t G, bool save) {
+  // q, k (B, H, N, d), v (B, H, N, dv) float32 with contiguous rows, Ws (r, d), hs (BH, N) float64, keep (BH, N)
+  // bool, cos/sin (Bc, N, r/2);
   // S0 (BH, r, dv), z0 (BH, r), M0 (BH,) float64. Returns out, den, S, z, M, the states every G positions
   // (save: (BH, ceil(N / G), r, dv), (.., r), (.., ) float64) and the first non-finite position per row.
-  Shape sh{q.size(0), H, q.size(1), q.size(2), Ws.size(0), v.size(2), C, G, 0, cos.has_value()};
+  const int64_t H = q.size(1);
+  Shape sh{q.size(0) * H, H, q.size(2), q.size(3), Ws.size(0), v.size(3), C, G, 0, cos.has_value()};
   if (sh.rope) sh.cos_b = cos->size(0) > 1;
-  Ptrs p{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), Ws.data_ptr<float>(),
+  Ptrs p{Rows(q), Rows(k), Rows(v), Ws.data_ptr<float>(),
          sh.rope ? cos->data_ptr<float>() : nullptr, sh.rope ? sin->data_ptr<float>() : nullptr,
          hs.data_ptr<double>(), keep.has_value() ? keep->data_ptr<bool>() : nullptr};
   const int64_t BH = sh.BH, N = sh.N, r = sh.r, dv = sh.dv, ng = save ? (N + G - 1) / G : 0;
@@ -285,7 +291,8 @@ std::vector<at::Tensor> causal_forward(at::Tensor q, at::Tensor k, at::Tensor v,
       float *Sb = S.data_ptr<float>() + bh * r * dv, *zb = z.data_ptr<float>() + bh * r;
       double Mb = M.data_ptr<double>()[bh];
       float *ob = out.data_ptr<float>() + bh * N * dv, *db = den.data_ptr<float>() + bh * N;
-      const float* vb = p.v + bh * N * dv;
+      const float* vb = p.v.at(bh, 0);
+      const int vs = p.v.ld();
       const int64_t stop = first_bad(sh, p, bh);
       bad.data_ptr<int64_t>()[bh] = stop;
       for (int64_t a = 0; a < stop; a += C) {
@@ -308,7 +315,7 @@ std::vector<at::Tensor> causal_forward(at::Tensor q, at::Tensor k, at::Tensor v,
           const float *Q = sh.rope ? w.qr.data() + o * r : fq, *K = sh.rope ? w.kr.data() + o * r : k0;
           scores(sh, l, fq, Q, k0, K, w.A.data());
           float* num = w.num.data();
-          gemm(false, false, l, dv, l, 1.f, w.A.data(), l, vb + sb.s * dv, dv, 0.f, num, dv);
+          gemm(false, false, l, dv, l, 1.f, w.A.data(), l, vb + sb.s * vs, vs, 0.f, num, dv);
           gemm(false, false, l, dv, r, 1.f, Q, r, Sb, dv, 1.f, num, dv);
           for (int t = 0; t < l; ++t) {  // den_t = fq_t . (z + keys up to t); z ends as the sum after the chunk
             axpy(1.f, k0 + (int64_t)t * r, zb, r);
@@ -319,7 +326,7 @@ std::vector<at::Tensor> causal_forward(at::Tensor q, at::Tensor k, at::Tensor v,
             if (dn == 0.f) std::fill(orow, orow + dv, 0.f);
             else for (int j = 0; j < dv; ++j) orow[j] = nrow[j] / dn;
           }
-          gemm(true, false, r, dv, l, 1.f, K, r, vb + sb.s * dv, dv, 1.f, Sb, dv);
+          gemm(true, false, r, dv, l, 1.f, K, r, vb + sb.s * vs, vs, 1.f, Sb, dv);
           Mb = sb.M_after;
           const float eo = rescale_out(sb);
           scale(eo, Sb, r * dv), scale(eo, zb, r);
@@ -347,14 +354,15 @@ std::vector<at::Tensor> causal_backward(at::Tensor q, at::Tensor k, at::Tensor v
                                         c10::optional<at::Tensor> keep, c10::optional<at::Tensor> cos,
                                         c10::optional<at::Tensor> sin, at::Tensor out, at::Tensor den,
                                         at::Tensor dout, at::Tensor dS_end, at::Tensor dz_end, at::Tensor Ss,
-                                        at::Tensor zs, at::Tensor Ms, at::Tensor bad, int64_t H, int64_t C,
+                                        at::Tensor zs, at::Tensor Ms, at::Tensor bad, int64_t C,
                                         int64_t G, double scale2) {
-  // Gradients of causal_forward given d out (BH, N, dv) and those of the final S, z. Each group of G positions
+  // Gradients of causal_forward given d out (B, H, N, dv) (contiguous rows) and those of the final S, z. Each group of G positions
   // is replayed from its saved state (keys, references, the state entering each sub-chunk), then its sub-chunks
   // run backwards. Returns dq, dk (BH, N, d), dv (BH, N, dv), dks (BH, N) (the keys' log-bias), dS0, dz0.
-  Shape sh{q.size(0), H, q.size(1), q.size(2), Ws.size(0), v.size(2), C, G, 0, cos.has_value()};
+  const int64_t H = q.size(1);
+  Shape sh{q.size(0) * H, H, q.size(2), q.size(3), Ws.size(0), v.size(3), C, G, 0, cos.has_value()};
   if (sh.rope) sh.cos_b = cos->size(0) > 1;
-  Ptrs p{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), Ws.data_ptr<float>(),
+  Ptrs p{Rows(q), Rows(k), Rows(v), Ws.data_ptr<float>(),
          sh.rope ? cos->data_ptr<float>() : nullptr, sh.rope ? sin->data_ptr<float>() : nullptr,
          hs.data_ptr<double>(), keep.has_value() ? keep->data_ptr<bool>() : nullptr};
   const int64_t BH = sh.BH, N = sh.N, r = sh.r, dv = sh.dv, d = sh.d, ng = (N + G - 1) / G;
@@ -368,9 +376,11 @@ std::vector<at::Tensor> causal_backward(at::Tensor q, at::Tensor k, at::Tensor v
     std::vector<Sub> subs;
     for (int64_t bh = begin; bh < end; ++bh) {
       float *dSb = dS.data_ptr<float>() + bh * r * dv, *dzb = dz.data_ptr<float>() + bh * r;
-      const float* vb = p.v + bh * N * dv;
+      const float* vb = p.v.at(bh, 0);
+      const int vs = p.v.ld();
       const float *ob = out.data_ptr<float>() + bh * N * dv, *db = den.data_ptr<float>() + bh * N;
-      const float* gob = dout.data_ptr<float>() + bh * N * dv;
+      const Rows go(dout);
+      const float* gob = go.at(bh, 0);
       float *dqb = dq.data_ptr<float>() + bh * N * d, *dkb = dk.data_ptr<float>() + bh * N * d;
       float *dvb = dvv.data_ptr<float>() + bh * N * dv, *dksb = dks.data_ptr<float>() + bh * N;
       if (bad.data_ptr<int64_t>()[bh] < N) {  // a non-finite key or value: every gradient of the row is NaN
@@ -397,7 +407,7 @@ std::vector<at::Tensor> causal_backward(at::Tensor q, at::Tensor k, at::Tensor v
             scale(ein, S.data(), r * dv), scale(ein, z.data(), r);
             Sin.insert(Sin.end(), S.begin(), S.end()), zin.insert(zin.end(), z.begin(), z.end());
             const float *k0 = w.k0.data() + o * r, *K = sh.rope ? w.kr.data() + o * r : k0;
-            gemm(true, false, r, dv, l, 1.f, K, r, vb + sb.s * dv, dv, 1.f, S.data(), dv);
+            gemm(true, false, r, dv, l, 1.f, K, r, vb + sb.s * vs, vs, 1.f, S.data(), dv);
             for (int t = 0; t < l; ++t) axpy(1.f, k0 + (int64_t)t * r, z.data(), r);
             Mb = sb.M_after;
             const float eo = rescale_out(sb);
@@ -420,15 +430,15 @@ std::vector<at::Tensor> causal_backward(at::Tensor q, at::Tensor k, at::Tensor v
           scores(sh, l, fq, Q, k0, K, w.A.data());
           for (int t = 0; t < l; ++t) {  // g = d out / den, d den = -(g . out): 0 on rows without keys
             const float dn = db[sb.s + t];
-            const float *orow = ob + (sb.s + t) * dv, *grow = gob + (sb.s + t) * dv;
+            const float *orow = ob + (sb.s + t) * dv, *grow = gob + (sb.s + t) * go.sn;
             float* gt = g.data() + (int64_t)t * dv;
             float acc = 0.f;
             if (dn == 0.f) std::fill(gt, gt + dv, 0.f);
             else for (int j = 0; j < dv; ++j) { gt[j] = grow[j] / dn; acc += gt[j] * orow[j]; }
             dden[t] = -acc;
           }
-          const float* Vc = vb + sb.s * dv;
-          gemm(false, true, l, l, dv, 1.f, g.data(), dv, Vc, dv, 0.f, dA.data(), l);  // dA = G V^T, tril
+          const float* Vc = vb + sb.s * vs;
+          gemm(false, true, l, l, dv, 1.f, g.data(), dv, Vc, vs, 0.f, dA.data(), l);  // dA = G V^T, tril
           for (int t = 0; t < l; ++t) {
             float* row = dA.data() + (int64_t)t * l;
             for (int n = t + 1; n < l; ++n) row[n] = 0.f;
@@ -437,51 +447,60 @@ std::vector<at::Tensor> causal_backward(at::Tensor q, at::Tensor k, at::Tensor v
           gemm(false, false, l, r, l, 1.f, dA.data(), l, K, r, 0.f, dQ.data(), r);
           gemm(false, true, l, r, dv, 1.f, g.data(), dv, S_in, dv, 1.f, dQ.data(), r);
           gemm(true, false, l, r, l, 1.f, dA.data(), l, Q, r, 0.f, dK.data(), r);
-          gemm(false, true, l, r, dv, 1.f, Vc, dv, dSb, dv, 1.f, dK.data(), r);
+          gemm(false, true, l, r, dv, 1.f, Vc, vs, dSb, dv, 1.f, dK.data(), r);
           float* dVc = dvb + sb.s * dv;
           gemm(true, false, l, dv, l, 1.f, w.A.data(), l, g.data(), dv, 0.f, dVc, dv);
           gemm(false, false, l, dv, r, 1.f, K, r, dSb, dv, 1.f, dVc, dv);
           gemm(true, false, r, dv, l, 1.f, Q, r, g.data(), dv, 1.f, dSb, dv);  // dS entering = dS + Qr^T G
-          float* dfq = w.num.data();  // unrotated gradients
+          // per row, while it is in L1: un-rotate the products' gradients, add the distance-0 term's and the
+          // normalizer's (den_t = fq_t . (z_in + sum_{n<=t} k0_n)), and go through the features' exponentials
+          // (fq = exp(u - max u), whose row factor cancels; k0 = exp(u - hs - P))
+          float* dfq = w.num.data();
           float* dk0 = w.tmp.data();
-          if (sh.rope) {
-            rotate(dQ.data(), dfq, l, r, cos_rows(sh, p, bh, sb.s), sin_rows(sh, p, bh, sb.s), true);
-            rotate(dK.data(), dk0, l, r, cos_rows(sh, p, bh, sb.s), sin_rows(sh, p, bh, sb.s), true);
-            for (int t = 0; t < l; ++t) {
-              axpy(ddiag[t], k0 + (int64_t)t * r, dfq + (int64_t)t * r, r);
-              axpy(ddiag[t], fq + (int64_t)t * r, dk0 + (int64_t)t * r, r);
-            }
-          } else {
-            std::copy(dQ.begin(), dQ.begin() + (int64_t)l * r, dfq);
-            std::copy(dK.begin(), dK.begin() + (int64_t)l * r, dk0);
-          }
-          // the normalizer den_t = fq_t . (z_in + sum_{n<=t} k0_n)
+          const float *cs = sh.rope ? cos_rows(sh, p, bh, sb.s) : nullptr;
+          const float *sn = sh.rope ? sin_rows(sh, p, bh, sb.s) : nullptr;
           std::copy(z_in, z_in + r, w.zr.data());
           for (int t = 0; t < l; ++t) {
-            axpy(1.f, k0 + (int64_t)t * r, w.zr.data(), r);
-            axpy(dden[t], w.zr.data(), dfq + (int64_t)t * r, r);
+            float* row = dfq + (int64_t)t * r;
+            const float *ft = fq + (int64_t)t * r, *kt = k0 + (int64_t)t * r;
+            if (sh.rope) {
+              rotate_row(dQ.data() + (int64_t)t * r, row, r, cs + (int64_t)t * (r / 2), sn + (int64_t)t * (r / 2), true);
+              axpy(ddiag[t], kt, row, r);
+            } else {
+              std::copy(dQ.data() + (int64_t)t * r, dQ.data() + (int64_t)(t + 1) * r, row);
+            }
+            axpy(1.f, kt, w.zr.data(), r);
+            const float dd = dden[t];
+            const float* zr = w.zr.data();
+#pragma omp simd
+            for (int i = 0; i < r; ++i) row[i] = (row[i] + dd * zr[i]) * ft[i];
           }
           std::copy(dzb, dzb + r, wsum.data());  // d (key sum after row n) = dz + sum_{t>=n} dden_t fq_t
           for (int t = l - 1; t >= 0; --t) {
-            axpy(dden[t], fq + (int64_t)t * r, wsum.data(), r);
-            axpy(1.f, wsum.data(), dk0 + (int64_t)t * r, r);
-          }
-          std::copy(wsum.begin(), wsum.end(), dzb);
-          // features: fq = exp(u - max u) (the row factor cancels), k0 = exp(u - hs - P)
-          for (int64_t i = 0; i < (int64_t)l * r; ++i) dfq[i] *= fq[i];
-          gemm(false, false, l, d, r, 1.f, dfq, r, p.Ws, d, 0.f, dqb + sb.s * d, d);
-          for (int t = 0; t < l; ++t) {
-            float* du = dk0 + (int64_t)t * r;
-            const float* kt = k0 + (int64_t)t * r;
+            float* row = dk0 + (int64_t)t * r;
+            const float *ft = fq + (int64_t)t * r, *kt = k0 + (int64_t)t * r;
+            if (sh.rope) {
+              rotate_row(dK.data() + (int64_t)t * r, row, r, cs + (int64_t)t * (r / 2), sn + (int64_t)t * (r / 2), true);
+              axpy(ddiag[t], ft, row, r);
+            } else {
+              std::copy(dK.data() + (int64_t)t * r, dK.data() + (int64_t)(t + 1) * r, row);
+            }
+            axpy(dden[t], ft, wsum.data(), r);
+            const float* ws = wsum.data();
             float total = 0.f;
 #pragma omp simd reduction(+ : total)
-            for (int i = 0; i < r; ++i) { du[i] *= kt[i]; total += du[i]; }
+            for (int i = 0; i < r; ++i) {
+              row[i] = (row[i] + ws[i]) * kt[i];
+              total += row[i];
+            }
             dksb[sb.s + t] = total;
           }
+          std::copy(wsum.begin(), wsum.end(), dzb);
+          gemm(false, false, l, d, r, 1.f, dfq, r, p.Ws, d, 0.f, dqb + sb.s * d, d);
           gemm(false, false, l, d, r, 1.f, dk0, r, p.Ws, d, 0.f, dkb + sb.s * d, d);
           for (int t = 0; t < l; ++t) {
             const int64_t n = sb.s + t;
-            axpy(-(float)scale2 * dksb[n], p.k + (bh * N + n) * d, dkb + n * d, d);
+            axpy(-(float)scale2 * dksb[n], p.k.at(bh, n), dkb + n * d, d);
           }
           const float ein = (float)std::exp(sb.M_before - sb.P);
           scale(ein, dSb, r * dv), scale(ein, dzb, r);

@@ -840,7 +840,7 @@ class LinearAttentionFunction(torch.autograd.Function):
             if par is not None:  # the other ranks' keys, as the state this rank starts from (or adds)
                 S0, z0, M0, final, ctx.incoming = _parallel_forward(par, src, rot_k, v, S0, z0, M0, cfg)
             if compiled.covers(call, x):  # kernel="cpp": the whole causal pass in causal_cpu.cpp
-                out, den, S, z, M, ctx.compiled = compiled.causal_forward(src, x, cfg, S0, z0, M0, H)
+                out, den, S, z, M, ctx.compiled = compiled.causal_forward(src, x, cfg, S0, z0, M0)
             elif cfg.causal:
                 out, den, S, z, M, ctx.plan = causal_forward(src, rot, v, S0, z0, M0, cfg,
                                                              keep_states=cfg.needs_grad, rot_k=rot_k)
@@ -885,7 +885,7 @@ class LinearAttentionFunction(torch.autograd.Function):
                 dz = torch.zeros_like(z) if dz is None else dz
             if ctx.compiled is not None:
                 dq, dk, dV, dks, dS0, dz0 = compiled.causal_backward(src, x, cfg, out, den, ctx.compiled, dout, dS,
-                                                                     dz, H)
+                                                                     dz)
                 src.dq, src.dk, dV = dq.to(x.q.dtype), dk.to(x.k.dtype), dV.to(v.dtype)
                 src.dks = None if src.dks is None else dks.to(src.dks.dtype)
             elif cfg.causal:

@@ -86,9 +86,12 @@ def covers(call, x) -> bool:
             and x.key_cos is None and x.v.device.type == "cpu")
 
 
-def _rows(t: torch.Tensor, BH: int) -> torch.Tensor:
-    """(B, H, N, D) as contiguous float32 (BH, N, D): a view when it already is one."""
-    return t.reshape(BH, t.shape[2], t.shape[3]).to(torch.float32).contiguous()
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, D) as float32 with contiguous rows, any other strides (the compiled pass reads views of the
+    layer's projection and broadcast kv heads as they are): the tensor itself when it already is one."""
+    t = t.to(torch.float32)
+    rows = t.stride(-1) == 1 and t.stride(-2) >= t.shape[-1]  # BLAS reads rows at a stride of at least their size
+    return t if rows else t.contiguous()
 
 
 def _mask(m):
@@ -107,31 +110,30 @@ def _save_every(cfg) -> int:
     return 2 * cfg.group_size
 
 
-def causal_forward(src, x, cfg, S0, z0, M0, H: int):
+def causal_forward(src, x, cfg, S0, z0, M0):
     """Causal eq. 19 over the whole call through ``causal_cpu.cpp``. ``src``: the call's ``FavorFeatures``
     (its scaled projection, key half-norms less the log-biases, padding mask); S0 (BH, r, dv), z0 (BH, r), M0 (BH,)
     the engine's state. Returns out (BH, N, dv) in v's dtype, den (BH, N), the final S, z, M and the states
     ``causal_backward`` replays from (None when nothing is differentiated)."""
-    BH = src.BH
-    q, k, v = _rows(x.q, BH), _rows(x.k, BH), _rows(x.v, BH)
+    q, k, v = _rows(x.q), _rows(x.k), _rows(x.v)
     args = (q, k, v, src.Ws.contiguous(), src.half_sq.contiguous(), _mask(src.mask), _table(x.cos),
             _table(x.sin))
     G = _save_every(cfg)
     out, den, S, z, M, Ss, zs, Ms, bad = module().causal_forward(
-        *args, S0.to(torch.float32).contiguous(), z0.to(torch.float32).contiguous(), M0.contiguous(), H,
+        *args, S0.to(torch.float32).contiguous(), z0.to(torch.float32).contiguous(), M0.contiguous(),
         cfg.chunk_size, G, cfg.needs_grad)
     return out.to(x.v.dtype), den, S, z, M, (Ss, zs, Ms, bad) if cfg.needs_grad else None
 
 
-def causal_backward(src, x, cfg, out, den, states, dout, dS, dz, H: int):
+def causal_backward(src, x, cfg, out, den, states, dout, dS, dz):
     """Gradients of ``causal_forward`` (its out, den and states) given those of out, S and z: dq, dk (BH, N, d),
     dv (BH, N, dv) in float32, the keys' log-bias gradient (BH, N) and those of the starting state S0, z0."""
     BH = src.BH
     Ss, zs, Ms, bad = states
-    q, k, v = _rows(x.q, BH), _rows(x.k, BH), _rows(x.v, BH)
+    q, k, v = _rows(x.q), _rows(x.k), _rows(x.v)
     args = (q, k, v, src.Ws.contiguous(), src.half_sq.contiguous(), _mask(src.mask), _table(x.cos),
             _table(x.sin))
     return module().causal_backward(*args, out.reshape(BH, -1, out.shape[-1]).to(torch.float32).contiguous(), den,
-                                    dout.reshape(out.shape).to(torch.float32).contiguous(), dS.contiguous(),
-                                    dz.contiguous(), Ss, zs, Ms, bad, H, cfg.chunk_size, _save_every(cfg),
+                                    _rows(dout.reshape(x.v.shape)), dS.contiguous(), dz.contiguous(), Ss, zs, Ms,
+                                    bad, cfg.chunk_size, _save_every(cfg),
                                     src.scale2)
