@@ -33,12 +33,20 @@ def check_group_size(value):
 
 
 KERNELS = ("torch", "cpp", "triton")
+PRECISIONS = ("float32", "tf32", "bfloat16")  # of the attention products (linrope._engine.products)
 
 
 def check_kernel(value) -> str:
     """``value`` if it names one of ``KERNELS`` (the causal chunk products' implementation), else ValueError."""
     if not (isinstance(value, str) and value in KERNELS):
         raise ValueError(f'kernel: expected "torch", "cpp" or "triton", got {value!r}')
+    return value
+
+
+def check_precision(value) -> str:
+    """``value`` if it names one of ``PRECISIONS``, else ValueError (what a device can do is checked per call)."""
+    if not (isinstance(value, str) and value in PRECISIONS):
+        raise ValueError(f'precision: expected "float32", "tf32" or "bfloat16", got {value!r}')
     return value
 
 

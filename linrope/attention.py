@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ._checks import check_group_size, check_int, check_kernel
+from ._checks import check_group_size, check_int, check_kernel, check_precision
 from .features import FavorPlus, _full_precision, compute_dtype, make_feature_map
 from ._engine.parallel import rank_offset
 from .functional import (AttentionState, document_positions, favor_attention, linear_attention, multiscale_decays,
@@ -222,6 +222,8 @@ class LinearRotaryAttention(_Heads):
             or none, and the decoding step of one token continuing ``state``; learned angles keep the torch
             engine but for the step) or "triton" (experimental fused kernels on a CUDA GPU, slower than "torch"
             where measured).
+        precision: of the attention products (see ``linear_attention``): "float32" (the default), or "tf32" /
+            "bfloat16" on a CUDA GPU with tensor cores (the device is checked at each call).
         qkv_bias: bias in the q/k/v projection.
         projections: False builds the attention without ``to_qkv`` and ``to_out``, for a host model that projects
             q, k, v and the output itself and calls ``forward_heads`` (``linrope.hf`` does).
@@ -271,7 +273,7 @@ class LinearRotaryAttention(_Heads):
                  orthogonal: bool = True, chunk_size: int = 64, qkv_bias: bool = False, kv_heads: int | None = None,
                  decay: float | str | tuple | None = None, rope_learned: bool = False, group=None,
                  group_size: int | str | None = None, kernel: str = "torch", projections: bool = True,
-                 gate: bool = False, selective: bool = False):
+                 gate: bool = False, selective: bool = False, precision: str = "float32"):
         super().__init__(dim, heads, dim_head, causal, qkv_bias, kv_heads, projections)
         dim_head = self.dim_head
         self.decay = _decays(decay, heads, self.causal)  # fixed rates: a tuple, so no dtype cast ever rounds them
@@ -320,6 +322,7 @@ class LinearRotaryAttention(_Heads):
         self.chunk_size = check_int("chunk_size", chunk_size)
         self.group_size = check_group_size(group_size)
         self.kernel = check_kernel(kernel)
+        self.precision = check_precision(precision)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, rotary, kwargs: dict):
         """The heads' attention: q (B, H, N, d), k and v repeated to every query head, ``rotary`` the feature-space
@@ -434,7 +437,8 @@ class LinearRotaryAttention(_Heads):
         kwargs = dict(causal=self.causal, positions=positions, chunk_size=self.chunk_size,
                       initial_state=state, return_state=return_state, key_padding_mask=key_padding_mask,
                       key_positions=None if self.rope == "inputs" else key_positions, cu_seqlens=cu_seqlens,
-                      group=self.group, decay=self.decay, group_size=self.group_size, kernel=self.kernel)
+                      group=self.group, decay=self.decay, group_size=self.group_size, kernel=self.kernel,
+                      precision=self.precision)
         if log_gates is not None:
             kwargs["log_gates"] = self.share_kv(log_gates)
         if clock is not None:

@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_group_size, check_int, check_kernel, check_mask, check_qkv, check_tensor, is_int
+from ._checks import (check_group_size, check_int, check_kernel, check_mask, check_precision, check_qkv, check_tensor,
+                      is_int)
 from ._engine import Call, EngineConfig, Inputs, empty_state, run
-from ._engine import parallel, step, triton_kernels, tuning
+from ._engine import parallel, products, step, triton_kernels, tuning
 from ._engine.feature_sources import LOG_DTYPE
 from .features import compute_dtype
 from .rotary import MAX_POSITION, LearnedRotary, RotaryEmbedding, check_rotary, resolve_positions
@@ -145,7 +146,7 @@ class _Start:
 @torch.compiler.disable  # opaque to dynamo: a compiled model calls the eager engine (a graph break)
 def _run(features, q, k, k_logscale, v, projection, r, *, causal, rotary, positions, chunk_size, group_size,
          initial_state, return_state, key_padding_mask, key_positions=None, cross=False, group=None, decay=None,
-         kernel="torch", clock=None):
+         kernel="torch", clock=None, precision="float32"):
     """The engine call behind ``linear_attention`` ('features') and ``favor_attention`` ('favor'): the argument
     checks, the state the call starts from, positions and rotations, then ``_engine.run``. ``clock``: the
     selective rotation's clock values A (B, H, N) float64 (``_clock_values``), the angles' positions per head."""
@@ -161,6 +162,7 @@ def _run(features, q, k, k_logscale, v, projection, r, *, causal, rotary, positi
         raise ValueError("initial_state/return_state: streaming needs causal=True")
     dtype = compute_dtype(q, k, v)
     _check_kernel(kernel, chunk_size, dtype, v.device)
+    _check_precision(precision, dtype, v.device, kernel)
     gammas = resolve_decay(decay, H)
     decay_rates = _decay_rates(gammas, causal, v.device)
     signature = (features, None if rotary is None else rotary.signature(), gammas)
@@ -206,7 +208,7 @@ def _run(features, q, k, k_logscale, v, projection, r, *, causal, rotary, positi
         pos = resolve_positions(positions, Nq, v.device, B).to(LOG_DTYPE)
         key_bias = (decay_rates[:, None] * pos[..., None, :]).expand(B, H, N).reshape(B * H, N)
     call = Call(EngineConfig(causal=bool(causal), chunk_size=chunk_size, group_size=group_size, dtype=dtype,
-                             needs_grad=needs_grad, kernel=kernel),
+                             needs_grad=needs_grad, kernel=kernel, precision=precision),
                 features, interleaved=rotary is not None and rotary.interleaved,
                 first_position=positions if learned and isinstance(positions, int) and clock is None else None,
                 parallel=None if layout is None else parallel.Parallel(layout, initial_state is not None,
@@ -264,7 +266,7 @@ def _step_factor(rotary: RotaryEmbedding, signature: tuple, p: int, device, dtyp
 
 
 def _decode(features, q, k, k_logscale, v, projection, r, rotary, positions, chunk_size, group_size, initial_state,
-            return_state, key_padding_mask, decay, kernel):
+            return_state, key_padding_mask, decay, kernel, precision):
     """``_run`` for a call ``_decoding_call`` accepts: its argument checks, then ``step.step`` directly (no
     planning, no autograd Function). A decay is taken relative to the state's last position: its log_ref is
     kept as it is, key n weighs lam (p_n - offset + 1) more, and the returned log_ref is the step's less lam N
@@ -279,6 +281,7 @@ def _decode(features, q, k, k_logscale, v, projection, r, rotary, positions, chu
     F64 = torch.float64
     dtype = F64 if q.dtype == F64 or k.dtype == F64 or v.dtype == F64 else torch.float32  # compute_dtype(q, k, v)
     _check_kernel(kernel, chunk_size, dtype, v.device)
+    _check_precision(precision, dtype, v.device, kernel)
     gammas = resolve_decay(decay, H)
     signature = (features, None if rotary is None else rotary.signature(), gammas)
     learned = _check_learned(rotary, True, H, None)
@@ -394,6 +397,26 @@ def _describe(signature: tuple) -> str:
         f"RotaryEmbedding(dim={rotary[1]}, base={rotary[2]:g}, interleaved={rotary[3]}, scale={rotary[4]:g}, " \
         f"scaling={rotary[5]!r})"
     return f"{'favor_attention' if kind == 'favor' else 'linear_attention'}, {rot}, decay={gammas}"
+
+
+def _check_precision(precision, dt: torch.dtype, device: torch.device, kernel: str) -> None:
+    """``precision``: "float32" anywhere; "tf32" / "bfloat16" (tensor-core products) on a CUDA GPU that has them,
+    for float32 compute and the torch kernel."""
+    if check_precision(precision) == "float32":
+        return
+    if dt != torch.float32:
+        raise ValueError(f"precision={precision!r}: lowers the products of float32 compute, but these inputs compute "
+                         f'in {dt} (float64 is the reference: precision="float32")')
+    if kernel != "torch":
+        raise ValueError(f'precision={precision!r}: the "torch" kernel only (kernel={kernel!r} computes its products '
+                         f'in float32)')
+    if device.type == "cuda":
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            raise ValueError(f"precision={precision!r}: needs tensor cores of compute capability >= 8.0 (Ampere), "
+                             f"this GPU has {torch.cuda.get_device_capability(device)}")
+    elif not products.EMULATE:
+        raise ValueError(f"precision={precision!r}: a CUDA tensor-core format; got {device.type} tensors (on a CPU "
+                         f'use "float32": bfloat16 products measured no faster than float32 there)')
 
 
 def _check_kernel(kernel, chunk_size: int, dt: torch.dtype, device: torch.device) -> None:
@@ -545,7 +568,8 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
                      key_padding_mask: Tensor | None = None, k_logscale: Tensor | None = None,
                      group_size: int | str | None = None, key_positions: int | Tensor | None = None,
                      cu_seqlens: Tensor | None = None, group=None, decay: float | Tensor | None = None,
-                     kernel: str = "torch", log_gates: Tensor | None = None, clock: Tensor | None = None):
+                     kernel: str = "torch", log_gates: Tensor | None = None, clock: Tensor | None = None,
+                     precision: str = "float32"):
     """Normalized linear attention on features; RoFormer eq. 19 when ``rotary`` is given.
 
     out_m = sum_n (R_m qf_m).(R_n kf'_n) v_n / sum_n qf_m.kf'_n, with kf'_n = kf_n exp(k_logscale_n), n over all
@@ -623,6 +647,18 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
             with a clock is continued only with one, and the other way round. Decoding steps go through the
             chunked engine (exact; the one-position fast path has no clock). Per document with ``cu_seqlens``
             (the clock restarts); not with ``group`` (it raises). Combines with ``decay`` and ``log_gates``.
+        precision: of the attention products (the chunk scores, the values they weigh, the state's product with
+            the queries and its update, and their gradients; ``linrope._engine.products``): ``"float32"`` (the
+            default, exact against float64 eq. 19 to float32 rounding), or, on a CUDA GPU of compute capability
+            >= 8.0 with the "torch" kernel and float32 compute, ``"tf32"`` or ``"bfloat16"``: tensor-core products
+            of inputs rounded to 10 or 8 mantissa bits, summed in float32. Features, their log-scale references,
+            the normalizer, the distance-0 terms and every running sum stay float32, so a row moves by the rounding
+            of its numerator's products only (tests/test_precision.py holds each row to 4 u times its condition,
+            u = 2^-11 or 2^-8): measured against float64 eq. 19 (emulated on a CPU, q, k of std 1 to 5, N = 200),
+            the median row is off by 3.5e-4 (tf32) or 3e-3 (bfloat16), as without RoPE; with RoPE, rows whose
+            rotated terms cancel lose more, up to 4e-2 (tf32) and 0.6 (bfloat16) at std 5, where "float32" stays
+            within 1e-5. Elsewhere (a CPU, float64, kernel="cpp" or "triton") anything but "float32" raises.
+            Decoding steps of one position compute in float32 whatever the precision.
 
     Returns:
         (B, H, N, dv) in v's dtype; with ``return_state``, also the ``AttentionState`` after the last row.
@@ -644,7 +680,7 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
                    chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,
                    return_state=return_state, key_padding_mask=key_padding_mask, key_positions=key_positions,
                    cross=cross, cu_seqlens=cu_seqlens, group=group, decay=decay, kernel=kernel, log_gates=log_gates,
-                   clock=clock)
+                   clock=clock, precision=precision)
 
 
 def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, causal: bool = False,
@@ -653,7 +689,7 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
                     key_padding_mask: Tensor | None = None, group_size: int | str | None = None,
                     key_positions: int | Tensor | None = None, cu_seqlens: Tensor | None = None, group=None,
                     decay: float | Tensor | None = None, kernel: str = "torch", log_gates: Tensor | None = None,
-                    clock: Tensor | None = None):
+                    clock: Tensor | None = None, precision: str = "float32"):
     """FAVOR+ attention from raw q, k, v; eq. 19 with ``rotary``. Features are recomputed in the backward.
 
     Equal to ``linear_attention(*favor features of q and k*, v, ...)`` with features ``favor_plus(x, projection)``
@@ -686,12 +722,12 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
                    chunk_size=chunk_size, group_size=group_size, initial_state=initial_state,
                    return_state=return_state, key_padding_mask=key_padding_mask, key_positions=key_positions,
                    cross=cross, cu_seqlens=cu_seqlens, group=group, decay=decay, kernel=kernel, log_gates=log_gates,
-                   clock=clock)
+                   clock=clock, precision=precision)
 
 
 def _attend(features, q, k, k_logscale, v, projection, r, *, causal, rotary, positions, chunk_size, group_size,
             initial_state, return_state, key_padding_mask, key_positions, cross, cu_seqlens, group, decay, kernel,
-            log_gates, clock):
+            log_gates, clock, precision):
     """What ``linear_attention`` ('features') and ``favor_attention`` ('favor') do once their arguments are
     checked: a decoding step (``_decode``) or the engine (``_run``), with the gates folded into the keys'
     log-scales (``_gated``; with FAVOR+ they are a log-bias of the keys), document by document with
@@ -704,12 +740,12 @@ def _attend(features, q, k, k_logscale, v, projection, r, *, causal, rotary, pos
     def attend(sl, pos, mask, ks):  # ks: the keys' log-scales of positions sl (the gates' included)
         if decoding:
             return _decode(features, q, k, ks, v, projection, r, rotary, pos, chunk_size, group_size, initial_state,
-                           return_state, mask, decay, kernel)
+                           return_state, mask, decay, kernel, precision)
         return _run(features, q[:, :, sl], k[:, :, sl], ks, v[:, :, sl], projection, r, causal=causal,
                     rotary=rotary, positions=pos, chunk_size=chunk_size, group_size=group_size,
                     initial_state=initial_state, return_state=return_state, key_padding_mask=mask,
                     key_positions=key_positions, cross=cross, group=group, decay=decay, kernel=kernel,
-                    clock=_clock_values(clock, sl, initial_state))
+                    clock=_clock_values(clock, sl, initial_state), precision=precision)
 
     def call(sl, pos, mask):
         ks = None if k_logscale is None else k_logscale[:, :, sl]

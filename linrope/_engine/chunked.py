@@ -49,7 +49,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from . import compiled, parallel, triton_kernels
+from . import compiled, parallel, products, triton_kernels
 from .feature_sources import (LOG_DTYPE, NEG, AngleRotation, FavorFeatures, GivenFeatures, Rotation, Workspace,
                               group_rows, interleaved_order)
 
@@ -65,6 +65,7 @@ class EngineConfig:
     dtype: torch.dtype  # compute dtype of features, states and normalizer
     needs_grad: bool = True  # False: nothing will be differentiated, keep no state for a backward
     kernel: str = "torch"  # the causal chunk products: "torch" (batched matmuls) or "triton" (triton_kernels.py)
+    precision: str = "float32"  # of the attention products (``products.py``): "float32", "tf32" or "bfloat16"
 
 
 @dataclass
@@ -194,7 +195,7 @@ def _normalizer_backward(ws, fq, k0, z, dden, dz, sub: int, dfq, dk0, intra: boo
     return dz_in
 
 
-def _chunk_products(ws, fq, qr, k0, kr, V, S, C: int, end: bool = True):
+def _chunk_products(ws, fq, qr, k0, kr, V, S, C: int, end: bool = True, precision: str = "float32"):
     """What both passes over a group start from: the chunks Qc, Kc (BH*nc, C, r) (rotated with RoPE) and Vc
     (BH*nc, C, dv); Sst (BH, nc, r, dv), the state entering each chunk; A (BH*nc, C, C), the causal scores
     Qc Kc^T within each chunk; and S after the group (None with ``end=False``)."""
@@ -205,11 +206,11 @@ def _chunk_products(ws, fq, qr, k0, kr, V, S, C: int, end: bool = True):
     Kc = (kr if rope else k0).view(BH * nc, C, r)
     Vc = V.view(BH * nc, C, dv)
     KV = ws.get("KV", BH, nc, r, dv)
-    torch.bmm(Kc.transpose(1, 2), Vc, out=KV.view(BH * nc, r, dv))
+    products.bmm(Kc.transpose(1, 2), Vc, precision, out=KV.view(BH * nc, r, dv))
     Sst = ws.get("Sst", BH, nc, r, dv)
     S_end = _exclusive_scan(KV, S, Sst, end)
     A = ws.get("A", BH * nc, C, C)
-    torch.bmm(Qc, Kc.transpose(1, 2), out=A).mul_(_tril(C, A))
+    products.bmm(Qc, Kc.transpose(1, 2), precision, out=A).mul_(_tril(C, A))
     return Qc, Kc, Vc, Sst, A, S_end
 
 
@@ -226,11 +227,13 @@ def _kernel_chunk(C: int) -> int:
     return max(16, 1 << (C - 1).bit_length())
 
 
-def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int, sub: int, pq=None, diag_out=None, kernel="torch"):
+def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int, sub: int, pq=None, diag_out=None, kernel="torch",
+                  precision="float32"):
     """Causal eq. 19 over one group (chunks of C, normalizer sub-chunks of sub | C). qr/kr None without RoPE;
     pq: R_phase fq when queries turn by a learned phase more than keys (their distance-0 product is pq . k0).
     diag_out (BH, G): with RoPE, receives the distance-0 products, which the backward then reads instead of
-    recomputing them (a pass over the group's features). kernel: "torch" or "triton" (``EngineConfig.kernel``).
+    recomputing them (a pass over the group's features). kernel: "torch" or "triton" (``EngineConfig.kernel``);
+    precision: of the attention products (``products.py``).
 
     Returns num (BH, G, dv), den (BH, G), and S, z after the group.
     """
@@ -245,7 +248,7 @@ def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int, sub: int, pq=None, diag_o
         num, S_end, _ = triton_kernels.chunk_forward(qr if rope else fq, kr if rope else k0, V, S, diag,
                                                      _kernel_chunk(C), store_h=False)
         return num, den, S_end, z_end
-    Qc, Kc, Vc, Sst, A, S_end = _chunk_products(ws, fq, qr, k0, kr, V, S, C)
+    Qc, Kc, Vc, Sst, A, S_end = _chunk_products(ws, fq, qr, k0, kr, V, S, C, precision=precision)
     if rope:
         den, z_end, D = _normalizer(ws, fq, k0, z, sub)
         # at distance 0 the rotations cancel: take fq_t . k0_t unrotated (the normalizer's diagonal) instead of
@@ -258,12 +261,12 @@ def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int, sub: int, pq=None, diag_o
     else:
         den, z_end, _ = _normalizer(ws, fq, k0, z, C, D=A)  # no RoPE: A is fq k0^T
     num = ws.get("num", BH * nc, C, dv)
-    torch.bmm(A, Vc, out=num).baddbmm_(Qc, Sst.view(BH * nc, r, dv))
+    products.baddbmm_(products.bmm(A, Vc, precision, out=num), Qc, Sst.view(BH * nc, r, dv), precision)
     return num.view(BH, G, dv), den, S_end, z_end
 
 
 def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, sub: int, unrotate=None, pq=None,
-                   learned=None, diag=None, kernel="torch"):
+                   learned=None, diag=None, kernel="torch", precision="float32"):
     """Gradients of ``group_forward`` given g = d num (BH, G, dv), dden (BH, G) and those of (S, z) after;
     ``diag`` (BH, G): with RoPE, the distance-0 products the forward wrote (``group_forward``'s ``diag_out``).
 
@@ -279,7 +282,7 @@ def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, sub: in
                                                                   _kernel_chunk(C))
         intra, nsub = True, sub
     else:
-        dQ, dK, dVg, dS_in, ddiag = _chunk_backward(ws, fq, qr, k0, kr, V, S, g, dden, dS, C, diag)
+        dQ, dK, dVg, dS_in, ddiag = _chunk_backward(ws, fq, qr, k0, kr, V, S, g, dden, dS, C, diag, precision)
         intra, nsub = rope, sub if rope else C  # no RoPE: the normalizer's within-chunk part went through dA
     if rope:
         if learned is not None:
@@ -296,17 +299,18 @@ def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, sub: in
     return dQ, dK, dVg, dS_in, dz_in
 
 
-def _chunk_backward(ws, fq, qr, k0, kr, V, S, g, dden, dS, C: int, diag):
+def _chunk_backward(ws, fq, qr, k0, kr, V, S, g, dden, dS, C: int, diag, precision="float32"):
     """``group_backward``'s chunk products with batched matmuls: the gradients of the (rotated, with RoPE) query
     and key features, of V and of the state entering the group, and, with RoPE, of the distance-0 products."""
     BH, G, r = fq.shape
     nc, dv = G // C, V.shape[-1]
     rope = qr is not None
-    Qc, Kc, Vc, Sst, A, _ = _chunk_products(ws, fq, qr, k0, kr, V, S, C, end=False)  # as the forward had them
+    Qc, Kc, Vc, Sst, A, _ = _chunk_products(ws, fq, qr, k0, kr, V, S, C, end=False, precision=precision)  # as
+    # the forward had them
     Gc = g.view(BH * nc, C, dv)
     tril = _tril(C, fq)
     dA = ws.get("dA", BH * nc, C, C)
-    torch.bmm(Gc, Vc.transpose(1, 2), out=dA)
+    products.bmm(Gc, Vc.transpose(1, 2), precision, out=dA)
     if not rope:
         dA.add_(dden.view(BH * nc, C, 1))  # den_t = sum_{n<=t} A_tn + ...
     dA.mul_(tril)
@@ -316,15 +320,18 @@ def _chunk_backward(ws, fq, qr, k0, kr, V, S, g, dden, dS, C: int, diag):
         ddiag = dA.diagonal(0, 1, 2).clone().view(BH, G)
         dA.diagonal(0, 1, 2).zero_()
     dQ = ws.get("dQ", BH, G, r)
-    torch.bmm(dA, Kc, out=dQ.view(BH * nc, C, r)).baddbmm_(Gc, Sst.view(BH * nc, r, dv).transpose(1, 2))
+    products.baddbmm_(products.bmm(dA, Kc, precision, out=dQ.view(BH * nc, C, r)), Gc,
+                      Sst.view(BH * nc, r, dv).transpose(1, 2), precision)
     dSst = ws.get("dSst", BH, nc, r, dv)
-    torch.bmm(Qc.transpose(1, 2), Gc, out=dSst.view(BH * nc, r, dv))
+    products.bmm(Qc.transpose(1, 2), Gc, precision, out=dSst.view(BH * nc, r, dv))
     dKV = ws.get("dKV", BH, nc, r, dv)
     dS_in = _reverse_scan(dSst, dS, dKV)
     dK = ws.get("dK", BH, G, r)
-    torch.bmm(dA.transpose(1, 2), Qc, out=dK.view(BH * nc, C, r)).baddbmm_(Vc, dKV.view(BH * nc, r, dv).transpose(1, 2))
+    products.baddbmm_(products.bmm(dA.transpose(1, 2), Qc, precision, out=dK.view(BH * nc, C, r)), Vc,
+                      dKV.view(BH * nc, r, dv).transpose(1, 2), precision)
     dVg = ws.get("dV", BH, G, dv)
-    torch.bmm(A.transpose(1, 2), Gc, out=dVg.view(BH * nc, C, dv)).baddbmm_(Kc, dKV.view(BH * nc, r, dv))
+    products.baddbmm_(products.bmm(A.transpose(1, 2), Gc, precision, out=dVg.view(BH * nc, C, dv)), Kc,
+                      dKV.view(BH * nc, r, dv), precision)
     return dQ, dK, dVg, dS_in, ddiag
 
 
@@ -508,7 +515,7 @@ def _causal_pass(src, rot, V, S, z, M, cfg: EngineConfig, keep_states, rot_k, sp
             Vg = group_rows(V, a, b, ws.get("v", BH, b - a, dv))
         C = min(C0, b - a)
         num, d, S, z = group_forward(ws, fq, qr, k0, kr, Vg, S, z, C, math.gcd(DEN_CHUNK, C),
-                                     _phase_side(rot, fq, ws), group.diag, cfg.kernel)
+                                     _phase_side(rot, fq, ws), group.diag, cfg.kernel, cfg.precision)
         owned = True  # the group's end state is new (stored states are never the one rescaled later)
         den[:, a:b] = d
         _divide(num, d, out[:, a:b])
@@ -551,8 +558,8 @@ def causal_backward(src, rot, V, out, den, dout, dS, dz, plan: list[Group], cfg:
             prev = plan[i - 1]
             ahead = _group_features(src, rot_k, ws, prev.a, prev.b, P=prev.ref, tag=str((i - 1) % 2))[:3]
             pk0, pkr, _ = ahead
-            S0 = torch.baddbmm(prev.S0, (pk0 if pkr is None else pkr).transpose(1, 2),
-                               group_rows(V, prev.a, prev.b, dtype=cfg.dtype))
+            S0 = products.baddbmm(prev.S0, (pk0 if pkr is None else pkr).transpose(1, 2),
+                                  group_rows(V, prev.a, prev.b, dtype=cfg.dtype), cfg.precision)
             z0 = prev.z0 + pk0.sum(1)
             for e in (prev.rescale_out, grp.rescale_in):
                 if e is not None:
@@ -567,7 +574,7 @@ def causal_backward(src, rot, V, out, den, dout, dS, dz, plan: list[Group], cfg:
         grads = None if not learned else _AngleGrads(rot, rot_k, qr, kr, a, b)
         dfq, dk0, dVg, dS, dz = group_backward(ws, fq, qr, k0, kr, Vg, S0, z0, g, dden, dS, dz, C,
                                                math.gcd(DEN_CHUNK, C), unrotate, pq, grads, grp.diag,
-                                               cfg.kernel)
+                                               cfg.kernel, cfg.precision)
         dV[:, a:b] = dVg
         src.query_grad(a, b, fq, dfq)
         src.key_grad(a, b, k0, dk0, logscale, P)
@@ -578,7 +585,7 @@ def causal_backward(src, rot, V, out, den, dout, dS, dz, plan: list[Group], cfg:
 
 
 # ---------------------------------------------------------------------------------------------- bidirectional
-def _add_keys(src, rot_k, V, a, b, S, z, M, ws):
+def _add_keys(src, rot_k, V, a, b, S, z, M, ws, precision="float32"):
     """Add the keys and values of positions [a, b) to the state (S, z) kept relative to M, the running max of
     the key log-scales (rescaled in place when the max grows). Returns S, z, M and P, the reference the state is
     at (M, or 0 while there is no key; None if keys carry no log-scale)."""
@@ -593,7 +600,8 @@ def _add_keys(src, rot_k, V, a, b, S, z, M, ws):
         M = M_new
     k0 = src.key_finish(a, b, u, logscale, P, ws.get("k0", BH, b - a, r))
     kr = _rotated(rot_k, k0, a, b, ws, "kr")
-    S.baddbmm_((k0 if kr is None else kr).transpose(1, 2), group_rows(V, a, b, ws.get("v", BH, b - a, dv)))
+    Vg = group_rows(V, a, b, ws.get("v", BH, b - a, dv))
+    products.baddbmm_(S, (k0 if kr is None else kr).transpose(1, 2), Vg, precision)
     z.add_(k0.sum(1))
     return S, z, M, P
 
@@ -611,7 +619,7 @@ def key_state(src, rot_k, V, S, z, M, cfg: EngineConfig):
     ws = Workspace(V.device, cfg.dtype)
     P = None
     for a, b in _groups(V.shape[2], cfg.group_size):
-        S, z, M, P = _add_keys(src, rot_k, V, a, b, S, z, M, ws)
+        S, z, M, P = _add_keys(src, rot_k, V, a, b, S, z, M, ws, cfg.precision)
     return S, z, M, P
 
 
@@ -661,7 +669,7 @@ def _two_sided_forward(src, rot, V, S, z, M, cfg: EngineConfig):
     for a, b in reversed(segs):
         after.append(S.clone())
         refs.append(M)
-        S, z, M, P = _add_keys(src, rot, V, a, b, S, z, M, ws)
+        S, z, M, P = _add_keys(src, rot, V, a, b, S, z, M, ws, cfg.precision)
     after, refs = after[::-1], refs[::-1]
     if P is not None:  # every state to the final reference (the running max only grew)
         for s, ref in zip(after, refs):
@@ -676,13 +684,14 @@ def _two_sided_forward(src, rot, V, S, z, M, cfg: EngineConfig):
         Qc, Kc = qr.view(BH * nc, C, r), kr.view(BH * nc, C, r)
         Vc = group_rows(V, a, b, ws.get("v", BH, b - a, dv)).view(BH * nc, C, dv)
         KV = ws.get("KV", BH, nc, r, dv)
-        torch.bmm(Kc.transpose(1, 2), Vc, out=KV.view(BH * nc, r, dv))
+        products.bmm(Kc.transpose(1, 2), Vc, cfg.precision, out=KV.view(BH * nc, r, dv))
         Sst = ws.get("Sst", BH, nc, r, dv)
         before.add_(_two_sided_scan(KV, torch.add(before, after[i], out=ws.get("O", BH, r, dv)), Sst))
         after[i] = None
-        A = torch.bmm(Qc, Kc.transpose(1, 2), out=ws.get("A", BH * nc, C, C))
+        A = products.bmm(Qc, Kc.transpose(1, 2), cfg.precision, out=ws.get("A", BH * nc, C, C))
         A.diagonal(0, 1, 2).copy_(torch.linalg.vecdot(fq, k0).view(BH * nc, C))
-        num = torch.bmm(A, Vc, out=ws.get("num", BH * nc, C, dv)).baddbmm_(Qc, Sst.view(BH * nc, r, dv))
+        num = products.baddbmm_(products.bmm(A, Vc, cfg.precision, out=ws.get("num", BH * nc, C, dv)), Qc,
+                                Sst.view(BH * nc, r, dv), cfg.precision)
         d = torch.bmm(fq, z.unsqueeze(-1)).squeeze(-1)
         den[:, a:b] = d
         _divide(num.view(BH, b - a, dv), d, out[:, a:b])
@@ -702,10 +711,10 @@ def key_state_backward(src, rot_k, V, dS, dz, P, cfg: EngineConfig, dV: Tensor |
     for a, b in _groups(N, cfg.group_size):  # keys, at the final reference P
         k0, kr, logscale, _, _ = _group_features(src, rot_k, ws, a, b, P=P)
         if add:
-            dV[:, a:b] += torch.bmm(k0 if kr is None else kr, dS)
+            dV[:, a:b] += products.bmm(k0 if kr is None else kr, dS, cfg.precision)
         else:
-            dV[:, a:b] = torch.bmm(k0 if kr is None else kr, dS)
-        dk0 = torch.bmm(group_rows(V, a, b, ws.get("v", BH, b - a, dv)), dS.transpose(1, 2))
+            dV[:, a:b] = products.bmm(k0 if kr is None else kr, dS, cfg.precision)
+        dk0 = products.bmm(group_rows(V, a, b, ws.get("v", BH, b - a, dv)), dS.transpose(1, 2), cfg.precision)
         if kr is not None:
             dk0 = rot_k(dk0, a, b, ws.get("tmp", *dk0.shape), inverse=True)
         src.key_grad(a, b, k0, dk0.add_(dz.unsqueeze(1)), logscale, P)
@@ -733,7 +742,7 @@ def bidirectional_forward(src, rot, rot_k, V, Nq: int, S, z, M, cfg: EngineConfi
         fq, qr = _query_features(src, rot, ws, a, b, r)
         d = torch.bmm(fq, z.unsqueeze(-1)).squeeze(-1)
         den[:, a:b] = d
-        _divide(torch.bmm(fq if qr is None else qr, S), d, out[:, a:b])
+        _divide(products.bmm(fq if qr is None else qr, S, cfg.precision), d, out[:, a:b])
     return out, den, S, z, M, P
 
 
@@ -751,9 +760,9 @@ def bidirectional_backward(src, rot, rot_k, V, out, den, dout, S, z, P, cfg: Eng
     for a, b in _groups(out.shape[1], cfg.group_size):  # queries: d S, d z, and the query gradients
         fq, qr = _query_features(src, rot, ws, a, b, r)
         g, dden = _output_grads(out[:, a:b], den[:, a:b], dout[:, a:b], ws.get("g", BH, b - a, dv))
-        dS.baddbmm_((fq if qr is None else qr).transpose(1, 2), g)
+        products.baddbmm_(dS, (fq if qr is None else qr).transpose(1, 2), g, cfg.precision)
         dz.add_(torch.bmm(dden.unsqueeze(1), fq).squeeze(1))
-        dfq = torch.bmm(g, S.transpose(1, 2))
+        dfq = products.bmm(g, S.transpose(1, 2), cfg.precision)
         if qr is not None:
             dfq = rot(dfq, a, b, ws.get("tmp", *dfq.shape), inverse=True)
         src.query_grad(a, b, fq, dfq.baddbmm_(dden.unsqueeze(-1), z.unsqueeze(1)))

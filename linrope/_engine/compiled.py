@@ -71,8 +71,9 @@ def _build():
         return cpp_extension.load(f"linrope_cpu_{digest}", [str(p) for p in SOURCES], extra_cflags=flags,
                                   extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # the compiler's own message is in the chained error
-        raise RuntimeError(f'kernel="cpp": building {" and ".join(p.name for p in SOURCES)} failed ({type(error).__name__}: '
-                           f'{str(error)[-400:]}); kernel="torch" runs everywhere') from error
+        names = " and ".join(p.name for p in SOURCES)
+        raise RuntimeError(f'kernel="cpp": building {names} failed ({type(error).__name__}: {str(error)[-400:]}); '
+                           'kernel="torch" runs everywhere') from error
 
 
 # ---------------------------------------------------------------------------------------------- the causal pass
