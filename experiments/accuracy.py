@@ -8,7 +8,8 @@ error. About a minute on 2 cores.
     python experiments/accuracy.py --mask-holes 0.25 --pairing both  # + masked keys, + half-split RoPE
     python experiments/accuracy.py --methods linrope,linrope-naive --sigmas 3,4,5
 
-Methods: linrope, linrope-c16g64 (chunk 16, group 64), linrope-naive (the reference itself: 0 by construction),
+Methods: linrope, linrope-c16g64 (chunk 16, group 64), linrope-tf32 and linrope-bf16 (precision="tf32" /
+"bfloat16": tensor-core products, on a CUDA GPU only), linrope-naive (the reference itself: 0 by construction),
 performer-pytorch (only if installed; without RoPE only). Writes accuracy.csv, summary.json, summary.md
 and accuracy.png to --out.
 """

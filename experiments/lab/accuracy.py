@@ -13,6 +13,9 @@ error (non-finite outputs count as error inf).
 Methods:
   * ``linrope``: ``linrope.favor_attention`` at its default chunk and group sizes;
   * ``linrope-c16g64``: the same with chunk_size=16, group_size=64 (many group boundaries);
+  * ``linrope-tf32``, ``linrope-bf16``: ``favor_attention(precision="tf32" / "bfloat16")`` on the CUDA GPU (its
+    attention products on tensor cores, everything else float32), the outputs compared on the CPU; skipped
+    without a GPU of compute capability >= 8.0;
   * ``linrope-naive``: the library's quadratic reference ``linrope.reference.favor_attention_naive``, which is
     also the reference here (0 by construction: a check that the table's reference is the library's);
   * ``performer-pytorch``: performer-pytorch's ``softmax_kernel`` (same projection) followed by its
@@ -56,7 +59,9 @@ __all__ = ["THRESHOLD", "DEFAULT_SIGMAS", "METHODS", "PAIRINGS", "reference_eq19
 
 THRESHOLD = 1e-3
 DEFAULT_SIGMAS = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)
-METHODS = ("linrope", "linrope-c16g64", "linrope-naive", "performer-pytorch", "performer-pytorch-eps0")
+METHODS = ("linrope", "linrope-c16g64", "linrope-tf32", "linrope-bf16", "linrope-naive", "performer-pytorch",
+           "performer-pytorch-eps0")
+LOWERED = {"linrope-tf32": "tf32", "linrope-bf16": "bfloat16"}  # method: precision (CUDA tensor cores)
 PERFORMER = ("performer-pytorch", "performer-pytorch-eps0")
 PAIRINGS = ("interleaved", "half")
 ROPE_BASE = 10000.0
@@ -165,6 +170,13 @@ def _method_fn(method: str, r: int):
         return lambda q, k, v, W, causal, pairing, mask: favor_attention(
             q, k, v, W, causal=causal, rotary=_rotary(pairing, r), key_padding_mask=mask, chunk_size=16,
             group_size=64)
+    if method in LOWERED:
+        def lowered(q, k, v, W, causal, pairing, mask):
+            mask = None if mask is None else mask.cuda()
+            out = favor_attention(q.cuda(), k.cuda(), v.cuda(), W.cuda(), causal=causal, rotary=_rotary(pairing, r),
+                                  key_padding_mask=mask, precision=LOWERED[method])
+            return out.cpu()
+        return lowered
     if method == "linrope-naive":
         return lambda q, k, v, W, causal, pairing, mask: reference_eq19(
             q, k, v, W, causal=causal, pairing=pairing, key_padding_mask=mask)
@@ -321,6 +333,9 @@ def run_accuracy(*, sigmas=DEFAULT_SIGMAS, n: int = 512, d: int = 64, r: int = 2
             performer_version = info
         else:
             skipped.update({m: f"skipped: {info}" for m in methods if m in PERFORMER})
+    if not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)):
+        skipped.update({m: f"skipped: precision={LOWERED[m]!r} needs a CUDA GPU of compute capability >= 8.0"
+                        for m in methods if m in LOWERED})
     for m, why in skipped.items():
         say(f"{m}: {why}")
     fns = {m: _method_fn(m, r) for m in methods if m not in skipped}

@@ -180,7 +180,8 @@ void query_features(const Shape& sh, const Ptrs& p, int64_t bh, int64_t a, int L
     float* u = w.uq.data() + (int64_t)t * r;
     float* f = w.fq.data() + (int64_t)t * r;
     exp_row(u, row_max(u, r), f, r);
-    if (sh.rope) rotate_row(f, w.qr.data() + (int64_t)t * r, r, cs + (int64_t)t * (r / 2), sn + (int64_t)t * (r / 2), false);
+    if (sh.rope)
+      rotate_row(f, w.qr.data() + (int64_t)t * r, r, cs + (int64_t)t * (r / 2), sn + (int64_t)t * (r / 2), false);
   }
 }
 
@@ -265,6 +266,23 @@ void scores(const Shape& sh, int L, const float* fq, const float* Q, const float
   }
 }
 
+// The sizes and inputs of a call (both passes take the same arguments first).
+Shape shape_of(const at::Tensor& q, const at::Tensor& v, const at::Tensor& Ws, const c10::optional<at::Tensor>& cos,
+               int64_t C, int64_t G) {
+  const int64_t H = q.size(1);
+  Shape sh{q.size(0) * H, H, q.size(2), q.size(3), Ws.size(0), v.size(3), C, G, 0, cos.has_value()};
+  if (sh.rope) sh.cos_b = cos->size(0) > 1;
+  return sh;
+}
+
+Ptrs pointers(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& Ws,
+              const at::Tensor& hs, const c10::optional<at::Tensor>& keep, const c10::optional<at::Tensor>& cos,
+              const c10::optional<at::Tensor>& sin) {
+  return Ptrs{Rows(q), Rows(k), Rows(v), Ws.data_ptr<float>(), cos ? cos->data_ptr<float>() : nullptr,
+              sin ? sin->data_ptr<float>() : nullptr, hs.data_ptr<double>(),
+              keep ? keep->data_ptr<bool>() : nullptr};
+}
+
 std::vector<at::Tensor> causal_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor Ws, at::Tensor hs,
                                        c10::optional<at::Tensor> keep, c10::optional<at::Tensor> cos,
                                        c10::optional<at::Tensor> sin, at::Tensor S0, at::Tensor z0, at::Tensor M0,
@@ -273,12 +291,8 @@ std::vector<at::Tensor> causal_forward(at::Tensor q, at::Tensor k, at::Tensor v,
   // bool, cos/sin (Bc, N, r/2);
   // S0 (BH, r, dv), z0 (BH, r), M0 (BH,) float64. Returns out, den, S, z, M, the states every G positions
   // (save: (BH, ceil(N / G), r, dv), (.., r), (.., ) float64) and the first non-finite position per row.
-  const int64_t H = q.size(1);
-  Shape sh{q.size(0) * H, H, q.size(2), q.size(3), Ws.size(0), v.size(3), C, G, 0, cos.has_value()};
-  if (sh.rope) sh.cos_b = cos->size(0) > 1;
-  Ptrs p{Rows(q), Rows(k), Rows(v), Ws.data_ptr<float>(),
-         sh.rope ? cos->data_ptr<float>() : nullptr, sh.rope ? sin->data_ptr<float>() : nullptr,
-         hs.data_ptr<double>(), keep.has_value() ? keep->data_ptr<bool>() : nullptr};
+  const Shape sh = shape_of(q, v, Ws, cos, C, G);
+  const Ptrs p = pointers(q, k, v, Ws, hs, keep, cos, sin);
   const int64_t BH = sh.BH, N = sh.N, r = sh.r, dv = sh.dv, ng = save ? (N + G - 1) / G : 0;
   auto f32 = q.options();
   auto out = at::empty({BH, N, dv}, f32), den = at::empty({BH, N}, f32);
@@ -339,7 +353,8 @@ std::vector<at::Tensor> causal_forward(at::Tensor q, at::Tensor k, at::Tensor v,
         std::fill(Sb, Sb + r * dv, NaN), std::fill(zb, zb + r, NaN);
         if (save)
           for (int64_t g = (stop + G - 1) / G; g < ng; ++g) {  // groups the loop never reached (never replayed)
-            std::fill(Ss.data_ptr<float>() + (bh * ng + g) * r * dv, Ss.data_ptr<float>() + (bh * ng + g + 1) * r * dv, NaN);
+            float* Sg = Ss.data_ptr<float>() + (bh * ng + g) * r * dv;
+            std::fill(Sg, Sg + r * dv, NaN);
             std::fill(zs.data_ptr<float>() + (bh * ng + g) * r, zs.data_ptr<float>() + (bh * ng + g + 1) * r, NaN);
             Ms.data_ptr<double>()[bh * ng + g] = NEG;
           }
@@ -350,21 +365,31 @@ std::vector<at::Tensor> causal_forward(at::Tensor q, at::Tensor k, at::Tensor v,
   return {out, den, S, z, M, Ss, zs, Ms, bad};
 }
 
+// Row t's gradient w.r.t. unrotated features from g, its gradient w.r.t. the rotated ones: R^T g, plus the distance-0
+// product's share dd * (the other side's feature), which bypasses the rotation; g itself without RoPE.
+inline void unrotated_grad(const Shape& sh, const float* g, float* row, float dd, const float* other, const float* cs,
+                           const float* sn, int t) {
+  const int r = (int)sh.r;
+  if (!sh.rope) {
+    std::copy(g, g + r, row);
+    return;
+  }
+  rotate_row(g, row, r, cs + (int64_t)t * (r / 2), sn + (int64_t)t * (r / 2), true);
+  axpy(dd, other, row, r);
+}
+
 std::vector<at::Tensor> causal_backward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor Ws, at::Tensor hs,
                                         c10::optional<at::Tensor> keep, c10::optional<at::Tensor> cos,
                                         c10::optional<at::Tensor> sin, at::Tensor out, at::Tensor den,
                                         at::Tensor dout, at::Tensor dS_end, at::Tensor dz_end, at::Tensor Ss,
                                         at::Tensor zs, at::Tensor Ms, at::Tensor bad, int64_t C,
                                         int64_t G, double scale2) {
-  // Gradients of causal_forward given d out (B, H, N, dv) (contiguous rows) and those of the final S, z. Each group of G positions
-  // is replayed from its saved state (keys, references, the state entering each sub-chunk), then its sub-chunks
-  // run backwards. Returns dq, dk (BH, N, d), dv (BH, N, dv), dks (BH, N) (the keys' log-bias), dS0, dz0.
-  const int64_t H = q.size(1);
-  Shape sh{q.size(0) * H, H, q.size(2), q.size(3), Ws.size(0), v.size(3), C, G, 0, cos.has_value()};
-  if (sh.rope) sh.cos_b = cos->size(0) > 1;
-  Ptrs p{Rows(q), Rows(k), Rows(v), Ws.data_ptr<float>(),
-         sh.rope ? cos->data_ptr<float>() : nullptr, sh.rope ? sin->data_ptr<float>() : nullptr,
-         hs.data_ptr<double>(), keep.has_value() ? keep->data_ptr<bool>() : nullptr};
+  // Gradients of causal_forward given d out (B, H, N, dv) (contiguous rows) and those of the final S, z. Each group
+  // of G positions is replayed from its saved state (keys, references, the state entering each sub-chunk), then its
+  // sub-chunks run backwards. Returns dq, dk (BH, N, d), dv (BH, N, dv), dks (BH, N) (the keys' log-bias), dS0,
+  // dz0.
+  const Shape sh = shape_of(q, v, Ws, cos, C, G);
+  const Ptrs p = pointers(q, k, v, Ws, hs, keep, cos, sin);
   const int64_t BH = sh.BH, N = sh.N, r = sh.r, dv = sh.dv, d = sh.d, ng = (N + G - 1) / G;
   auto f32 = q.options();
   auto dq = at::empty({BH, N, d}, f32), dk = at::empty({BH, N, d}, f32), dvv = at::empty({BH, N, dv}, f32);
@@ -463,12 +488,7 @@ std::vector<at::Tensor> causal_backward(at::Tensor q, at::Tensor k, at::Tensor v
           for (int t = 0; t < l; ++t) {
             float* row = dfq + (int64_t)t * r;
             const float *ft = fq + (int64_t)t * r, *kt = k0 + (int64_t)t * r;
-            if (sh.rope) {
-              rotate_row(dQ.data() + (int64_t)t * r, row, r, cs + (int64_t)t * (r / 2), sn + (int64_t)t * (r / 2), true);
-              axpy(ddiag[t], kt, row, r);
-            } else {
-              std::copy(dQ.data() + (int64_t)t * r, dQ.data() + (int64_t)(t + 1) * r, row);
-            }
+            unrotated_grad(sh, dQ.data() + (int64_t)t * r, row, ddiag[t], kt, cs, sn, t);
             axpy(1.f, kt, w.zr.data(), r);
             const float dd = dden[t];
             const float* zr = w.zr.data();
@@ -479,12 +499,7 @@ std::vector<at::Tensor> causal_backward(at::Tensor q, at::Tensor k, at::Tensor v
           for (int t = l - 1; t >= 0; --t) {
             float* row = dk0 + (int64_t)t * r;
             const float *ft = fq + (int64_t)t * r, *kt = k0 + (int64_t)t * r;
-            if (sh.rope) {
-              rotate_row(dK.data() + (int64_t)t * r, row, r, cs + (int64_t)t * (r / 2), sn + (int64_t)t * (r / 2), true);
-              axpy(ddiag[t], ft, row, r);
-            } else {
-              std::copy(dK.data() + (int64_t)t * r, dK.data() + (int64_t)(t + 1) * r, row);
-            }
+            unrotated_grad(sh, dK.data() + (int64_t)t * r, row, ddiag[t], ft, cs, sn, t);
             axpy(dden[t], ft, wsum.data(), r);
             const float* ws = wsum.data();
             float total = 0.f;

@@ -47,11 +47,12 @@ def _run(make_out, inputs, backward):
 
 
 def case_linrope(n, b=1, h=8, d=64, r=256, causal=True, rope="features", backward=True, device="cpu", decay=None,
-                 group_size=None, kernel=None, **_):
+                 group_size=None, kernel=None, precision=None, **_):
     """``favor_attention``: eq. 19 (rope='features'), learned rotations ('learned': ``LearnedRotary``, its
     angles differentiated too), RoPE before the features ('inputs') or none (None); ``decay``: a gamma, or
     'multiscale' (RetNet's per head); ``group_size`` as in the function (an 'auto' tuning runs in the untimed
-    warm-up of the first process, later ones read the cache); ``kernel`` as in the function (None: its default).
+    warm-up of the first process, later ones read the cache); ``kernel`` and ``precision`` as in the function
+    (None: its default).
     Keywords beyond n, causal and rope need a library that has them."""
     q, k, v = _qkv(n, b, h, d, device)
     W = FavorPlus(d, r, seed=0).projection.to(device)
@@ -63,6 +64,8 @@ def case_linrope(n, b=1, h=8, d=64, r=256, causal=True, rope="features", backwar
     kw = {} if group_size is None else {"group_size": group_size}
     if kernel is not None:
         kw["kernel"] = kernel
+    if precision is not None:
+        kw["precision"] = precision
     if decay is not None:
         from linrope.attention import multiscale_decays
         kw["decay"] = multiscale_decays(h) if decay == "multiscale" else decay
