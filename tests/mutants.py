@@ -146,9 +146,9 @@ MUTANTS = [
            why="a group's log-scale reference taken from a later key: rows before it are scaled by a key they "
                "cannot see, and underflow to 0 in float32"),
     Mutant("padded-key-sets-the-reference", SOURCES,
-           "        logscale = buf.amax(-1).to(LOG_DTYPE).sub_(self.half_sq[:, a:b])\n"
+           "        logscale = u.amax(-1).to(LOG_DTYPE).sub_(self.half_sq[:, a:b])\n"
            "        if self.mask is not None:\n            logscale.masked_fill_(~self.mask[:, a:b], NEG)\n",
-           "        logscale = buf.amax(-1).to(LOG_DTYPE).sub_(self.half_sq[:, a:b])\n",
+           "        logscale = u.amax(-1).to(LOG_DTYPE).sub_(self.half_sq[:, a:b])\n",
            ("tests/test_exact.py",), k="padding or any_scale",
            why="a padded key's log-scale still counts for the reference: a large padded key scales the real "
                "ones to 0"),
@@ -163,8 +163,8 @@ MUTANTS = [
            why="the carried state stays at the old reference when a group's keys raise it (decay: not decayed "
                "across groups)"),
     Mutant("query-features-without-row-max", SOURCES,
-           "        return buf.sub_(buf.amax(-1, keepdim=True)).exp_()",
-           "        return buf.exp_()",
+           "    return u.sub_(u.amax(-1, keepdim=True)).exp_()",
+           "    return u.exp_()",
            ("tests/test_independent.py",), k="float32",
            why="FAVOR+ query features exponentiated without their row max: equal after division, inf at large "
                "activations"),
@@ -179,7 +179,8 @@ MUTANTS = [
            why="given key features at padded positions are only weighted by exp(NEG - P) = 0: inf or NaN "
                "features there (garbage in padding) turn into NaN everywhere"),
     Mutant("padded-value-not-masked", FUNCTIONAL,
-           "        v = v.masked_fill(~mask[:, None, :, None], 0)", "        pass",
+           "        v = v.masked_fill(~mask[:, None, :, None], 0)\n    if not causal and",
+           "        pass\n    if not causal and",
            ("tests/test_independent.py",), k="padded",
            why="a padded value is multiplied by a zero weight: NaN or inf there (an uninitialised buffer) makes "
                "0 * nan = nan in every row that sums it"),
@@ -227,8 +228,8 @@ MUTANTS = [
            why="NTK-aware scaling raises the base by s^(d/(d-2)), so the lowest frequency is divided by s exactly"),
     # ------------------------------------------------------------------------------------ decay
     Mutant("decay-off-by-one-head", FUNCTIONAL,
-           "kb = (lam[:, None] * pos[..., None, :]).expand(B, H, N).reshape(B * H, N)",
-           "kb = (lam.roll(1)[:, None] * pos[..., None, :]).expand(B, H, N).reshape(B * H, N)",
+           "key_bias = (decay_rates[:, None] * pos[..., None, :]).expand(B, H, N).reshape(B * H, N)",
+           "key_bias = (decay_rates.roll(1)[:, None] * pos[..., None, :]).expand(B, H, N).reshape(B * H, N)",
            ("tests/test_decay.py",),
            why="head h decays at head h-1's rate"),
     Mutant("multiscale-decays-2h", (ATTENTION, FUNCTIONAL),
@@ -240,7 +241,7 @@ MUTANTS = [
            ("tests/test_independent.py", "tests/test_decay.py"), k="multiscale",
            why="the multiscale rates shifted by one head (head 0 at 1 - 2^-6)"),
     Mutant("state-not-decayed-when-carried", FUNCTIONAL,
-           "            M0 = M0 + lam * (offset - 1)", "            M0 = M0 + lam * offset",
+           "        M0 = M0 + decay_rates * (offset - 1)", "        M0 = M0 + decay_rates * offset",
            ("tests/test_decay.py",), k="streaming or decodes",
            why="a state handed to the next call is not decayed by the step from its last position to the next"),
     Mutant("decay-reference-not-relative", FUNCTIONAL,
@@ -249,8 +250,8 @@ MUTANTS = [
            why="a returned state's log_ref left in the engine's frame (keys weighted by e^(lam n)): the next call "
                "weighs it as if it were lam (offset - 1) nats larger"),
     Mutant("cross-attention-keys-at-default-positions", FUNCTIONAL,
-           "            kcos, ksin = rotary.cos_sin(key_positions, N, v.device, dt, batch=B)",
-           "            kcos, ksin = rotary.cos_sin(None, N, v.device, dt, batch=B)",
+           "out[\"key_cos\"], out[\"key_sin\"] = rotary.cos_sin(key_positions, N, device, dtype, batch=B)",
+           "out[\"key_cos\"], out[\"key_sin\"] = rotary.cos_sin(None, N, device, dtype, batch=B)",
            ("tests/test_exact.py",), k="cross_attention",
            why="cross-attention keys rotated at 0..M-1 whatever key_positions says"),
     Mutant("positions-offset-ignored", "linrope/rotary.py",

@@ -249,7 +249,9 @@ def group_forward(ws, fq, qr, k0, kr, V, S, z, C: int, sub: int, pq=None, diag_o
                                                      _kernel_chunk(C), store_h=False)
         return num, den, S_end, z_end
     Qc, Kc, Vc, Sst, A, S_end = _chunk_products(ws, fq, qr, k0, kr, V, S, C, precision=precision)
-    if rope:
+    if not rope and precision != "float32":  # the normalizer stays float32: its own products, not A's
+        den, z_end, _ = _normalizer(ws, fq, k0, z, sub)
+    elif rope:
         den, z_end, D = _normalizer(ws, fq, k0, z, sub)
         # at distance 0 the rotations cancel: take fq_t . k0_t unrotated (the normalizer's diagonal) instead of
         # R_t fq_t . R_t k0_t, whose float32 rounding is eps |fq_t| |k0_t|, far above fq_t . k0_t when a query's
@@ -283,7 +285,9 @@ def group_backward(ws, fq, qr, k0, kr, V, S, z, g, dden, dS, dz, C: int, sub: in
         intra, nsub = True, sub
     else:
         dQ, dK, dVg, dS_in, ddiag = _chunk_backward(ws, fq, qr, k0, kr, V, S, g, dden, dS, C, diag, precision)
-        intra, nsub = rope, sub if rope else C  # no RoPE: the normalizer's within-chunk part went through dA
+        # no RoPE in float32: the normalizer's within-chunk part went through dA
+        intra = rope or precision != "float32"
+        nsub = sub if intra else C
     if rope:
         if learned is not None:
             learned.rotated(dQ, dK)
@@ -305,13 +309,13 @@ def _chunk_backward(ws, fq, qr, k0, kr, V, S, g, dden, dS, C: int, diag, precisi
     BH, G, r = fq.shape
     nc, dv = G // C, V.shape[-1]
     rope = qr is not None
-    Qc, Kc, Vc, Sst, A, _ = _chunk_products(ws, fq, qr, k0, kr, V, S, C, end=False, precision=precision)  # as
-    # the forward had them
+    # as the forward had them
+    Qc, Kc, Vc, Sst, A, _ = _chunk_products(ws, fq, qr, k0, kr, V, S, C, end=False, precision=precision)
     Gc = g.view(BH * nc, C, dv)
     tril = _tril(C, fq)
     dA = ws.get("dA", BH * nc, C, C)
     products.bmm(Gc, Vc.transpose(1, 2), precision, out=dA)
-    if not rope:
+    if not rope and precision == "float32":
         dA.add_(dden.view(BH * nc, C, 1))  # den_t = sum_{n<=t} A_tn + ...
     dA.mul_(tril)
     ddiag = None
