@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from linrope import (AttentionState, LinearRotaryAttention, RotaryEmbedding, SoftmaxAttention, favor_attention,
-                     linear_attention, softmax_attention)
+from linrope import (LinearRotaryAttention, RotaryEmbedding, SoftmaxAttention, favor_attention, linear_attention,
+                     softmax_attention)
 
 # every test twice: the torch engine, and the compiled causal pass where it covers the call (conftest.py)
 pytestmark = pytest.mark.usefixtures("engine_kernel")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from linrope import AttentionState, LearnedRotary, LinearRotaryAttention, RotaryEmbedding, favor_attention
+from linrope import LearnedRotary, LinearRotaryAttention, RotaryEmbedding, favor_attention
 from linrope import linear_attention
 from linrope.features import gaussian_orthogonal_matrix
 from reference import assert_close, eq19_weighted, favor_features, rotation_from_angles

@@ -14,8 +14,7 @@ from linrope import AttentionState, LinearRotaryAttention, RotaryEmbedding, favo
 from linrope._engine import Call, EngineConfig, Inputs, run, step
 from linrope._engine.feature_sources import LOG_DTYPE, NEG
 from linrope.features import favor_plus, gaussian_orthogonal_matrix
-from linrope.reference import (favor_attention_naive, favor_attention_recurrent, linear_attention_naive,
-                               linear_attention_recurrent)
+from linrope.reference import favor_attention_naive, favor_attention_recurrent, linear_attention_naive
 from linrope.rotary import LearnedRotary
 
 F64 = torch.float64
