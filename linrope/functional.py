@@ -613,8 +613,8 @@ def linear_attention(qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool = False,
             decays as it is carried (streaming and decoding included). Computed exactly as a key log-scale
             log(1/gamma) p_n, kept in float64: the row's factor gamma^(p_m) cancels between the two sums.
         kernel: what computes the causal path's chunk products (the scores within chunks, the state entering
-            each chunk, their gradients): ``"torch"`` (batched matrix products; any device and dtype; the default
-            and the one to use) or ``"triton"``, experimental: fused Triton kernels
+            each chunk, their gradients): ``"torch"`` (batched matrix products; any device and dtype; the default;
+            on a GPU the one to use) or ``"triton"``, experimental: fused Triton kernels
             (``linrope._engine.triton_kernels``: CUDA, float32 compute, ``chunk_size`` a power of two >= 16; needs
             the ``triton`` package), checked against float64 in Triton's CPU interpreter but slower than "torch"
             on the one GPU measured, and not re-run on a GPU since their last change (see BENCHMARKS.md). The
