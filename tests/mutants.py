@@ -354,9 +354,9 @@ MUTANTS = [
                "digits at large activations; the compiled pass must take fq . k0 unrotated as the engine does"),
     Mutant("cpp-pass-state-not-rescaled-at-a-new-reference", "linrope/_engine/causal_cpu.cpp",
            """          const float ein = (float)std::exp(Mb - sb.P);
-          scale(ein, Sb, r * dv), scale(ein, zb, r);""",
+          scale_state(ein, Sb, zb, r, dv);""",
            """          const float ein = 1.f;
-          scale(ein, Sb, r * dv), scale(ein, zb, r);""",
+          scale_state(ein, Sb, zb, r, dv);""",
            ("tests/test_exact.py",), k="cpp and (far_above or exact_at_any_scale)",
            why="keys of a chunk are exp(. - P): the state of earlier keys must move to P (by exp(M - P)) or its "
                "keys weigh e^(P - M) times too much against the new ones"),

@@ -100,6 +100,12 @@ inline void scale(float a, float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= a;
 }
 
+// A state (S (r, dv), z (r)) moved to another reference: both times e.
+inline void scale_state(float e, float* S, float* z, int64_t r, int64_t dv) {
+  scale(e, S, r * dv);
+  scale(e, z, r);
+}
+
 inline bool finite_row(const float* x, int n) {
   float acc = 0.f;  // x * 0 is 0 unless x is not finite
 #pragma omp simd reduction(+ : acc)
@@ -324,7 +330,7 @@ std::vector<at::Tensor> causal_forward(at::Tensor q, at::Tensor k, at::Tensor v,
           const int l = (int)(sb.e - sb.s);
           key_finish(sh, p, bh, sb.s, l, o, sb.P, w);
           const float ein = (float)std::exp(Mb - sb.P);
-          scale(ein, Sb, r * dv), scale(ein, zb, r);
+          scale_state(ein, Sb, zb, r, dv);
           const float *fq = w.fq.data() + o * r, *k0 = w.k0.data() + o * r;
           const float *Q = sh.rope ? w.qr.data() + o * r : fq, *K = sh.rope ? w.kr.data() + o * r : k0;
           scores(sh, l, fq, Q, k0, K, w.A.data());
@@ -343,7 +349,7 @@ std::vector<at::Tensor> causal_forward(at::Tensor q, at::Tensor k, at::Tensor v,
           gemm(true, false, r, dv, l, 1.f, K, r, vb + sb.s * vs, vs, 1.f, Sb, dv);
           Mb = sb.M_after;
           const float eo = rescale_out(sb);
-          scale(eo, Sb, r * dv), scale(eo, zb, r);
+          scale_state(eo, Sb, zb, r, dv);
           o += l;
         }
       }
@@ -429,14 +435,14 @@ std::vector<at::Tensor> causal_backward(at::Tensor q, at::Tensor k, at::Tensor v
             const int l = (int)(sb.e - sb.s);
             key_finish(sh, p, bh, sb.s, l, o, sb.P, w);
             const float ein = (float)std::exp(Mb - sb.P);
-            scale(ein, S.data(), r * dv), scale(ein, z.data(), r);
+            scale_state(ein, S.data(), z.data(), r, dv);
             Sin.insert(Sin.end(), S.begin(), S.end()), zin.insert(zin.end(), z.begin(), z.end());
             const float *k0 = w.k0.data() + o * r, *K = sh.rope ? w.kr.data() + o * r : k0;
             gemm(true, false, r, dv, l, 1.f, K, r, vb + sb.s * vs, vs, 1.f, S.data(), dv);
             for (int t = 0; t < l; ++t) axpy(1.f, k0 + (int64_t)t * r, z.data(), r);
             Mb = sb.M_after;
             const float eo = rescale_out(sb);
-            scale(eo, S.data(), r * dv), scale(eo, z.data(), r);
+            scale_state(eo, S.data(), z.data(), r, dv);
             subs.push_back(sb);
             o += l;
           }
@@ -448,7 +454,7 @@ std::vector<at::Tensor> causal_backward(at::Tensor q, at::Tensor k, at::Tensor v
           const float* S_in = Sin.data() + si * r * dv;
           const float* z_in = zin.data() + si * r;
           const float eo = rescale_out(sb);
-          scale(eo, dSb, r * dv), scale(eo, dzb, r);
+          scale_state(eo, dSb, dzb, r, dv);
           query_features(sh, p, bh, sb.s, l, w);
           const float *fq = w.fq.data(), *Q = sh.rope ? w.qr.data() : fq;
           const float *k0 = w.k0.data() + o * r, *K = sh.rope ? w.kr.data() + o * r : k0;
@@ -518,7 +524,7 @@ std::vector<at::Tensor> causal_backward(at::Tensor q, at::Tensor k, at::Tensor v
             axpy(-(float)scale2 * dksb[n], p.k.at(bh, n), dkb + n * d, d);
           }
           const float ein = (float)std::exp(sb.M_before - sb.P);
-          scale(ein, dSb, r * dv), scale(ein, dzb, r);
+          scale_state(ein, dSb, dzb, r, dv);
         }
       }
     }

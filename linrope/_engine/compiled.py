@@ -105,6 +105,13 @@ def _table(t):
     return None if t is None else t.reshape(-1, *t.shape[-2:]).to(torch.float32).contiguous()
 
 
+def _inputs(src, x) -> tuple:
+    """The arguments both passes start with: q, k, v, the scaled projection, the keys' half-norms less their
+    log-biases, the padding mask and the cos/sin tables."""
+    return (_rows(x.q), _rows(x.k), _rows(x.v), src.Ws.contiguous(), src.half_sq.contiguous(), _mask(src.mask),
+            _table(x.cos), _table(x.sin))
+
+
 def _save_every(cfg) -> int:
     """Positions between the states the forward keeps for the backward: two of the engine's groups, as many
     states as the torch engine keeps (every other group)."""
@@ -116,13 +123,9 @@ def causal_forward(src, x, cfg, S0, z0, M0):
     (its scaled projection, key half-norms less the log-biases, padding mask); S0 (BH, r, dv), z0 (BH, r), M0 (BH,)
     the engine's state. Returns out (BH, N, dv) in v's dtype, den (BH, N), the final S, z, M and the states
     ``causal_backward`` replays from (None when nothing is differentiated)."""
-    q, k, v = _rows(x.q), _rows(x.k), _rows(x.v)
-    args = (q, k, v, src.Ws.contiguous(), src.half_sq.contiguous(), _mask(src.mask), _table(x.cos),
-            _table(x.sin))
-    G = _save_every(cfg)
     out, den, S, z, M, Ss, zs, Ms, bad = module().causal_forward(
-        *args, S0.to(torch.float32).contiguous(), z0.to(torch.float32).contiguous(), M0.contiguous(),
-        cfg.chunk_size, G, cfg.needs_grad)
+        *_inputs(src, x), S0.to(torch.float32).contiguous(), z0.to(torch.float32).contiguous(), M0.contiguous(),
+        cfg.chunk_size, _save_every(cfg), cfg.needs_grad)
     return out.to(x.v.dtype), den, S, z, M, (Ss, zs, Ms, bad) if cfg.needs_grad else None
 
 
@@ -131,10 +134,6 @@ def causal_backward(src, x, cfg, out, den, states, dout, dS, dz):
     dv (BH, N, dv) in float32, the keys' log-bias gradient (BH, N) and those of the starting state S0, z0."""
     BH = src.BH
     Ss, zs, Ms, bad = states
-    q, k, v = _rows(x.q), _rows(x.k), _rows(x.v)
-    args = (q, k, v, src.Ws.contiguous(), src.half_sq.contiguous(), _mask(src.mask), _table(x.cos),
-            _table(x.sin))
-    return module().causal_backward(*args, out.reshape(BH, -1, out.shape[-1]).to(torch.float32).contiguous(), den,
-                                    _rows(dout.reshape(x.v.shape)), dS.contiguous(), dz.contiguous(), Ss, zs, Ms,
-                                    bad, cfg.chunk_size, _save_every(cfg),
-                                    src.scale2)
+    return module().causal_backward(*_inputs(src, x), out.reshape(BH, -1, out.shape[-1]).to(torch.float32).contiguous(),
+                                    den, _rows(dout.reshape(x.v.shape)), dS.contiguous(), dz.contiguous(), Ss, zs,
+                                    Ms, bad, cfg.chunk_size, _save_every(cfg), src.scale2)
